@@ -1,0 +1,74 @@
+"""The contract between a KV codec and the cache / attention code that stores and reads its records.
+
+A codec turns vectors x[..., H, d] (H = KV heads of one layer, d = head_dim) into fixed-size byte
+records rec[..., H, record_bytes] (uint8) and back. Attention never needs x itself: it works in the
+codec's *rotated space*, where <q, x_hat> == <rotate(q), decode_rotated(rec)> exactly, because
+`rotate` is orthogonal (a per-head channel permutation followed by block rotations). Values are
+accumulated in that space and `unrotate`d once. QJL-carrying codecs (prod types, qjl) add an
+estimator term: gamma * qjl_scale * <qjl_project(rotate(q)), signs>.
+
+Record layout (what a kernel reads): packed code planes first, then the fp16 norms, little-endian,
+`record_bytes` even so the record can also be viewed as fp16. Each codec documents its exact layout.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCodec:
+    """One layer's K or V codec. Subclasses set the attributes and implement the methods."""
+
+    name: str  # registry name, e.g. "tq3.5"
+    dim: int  # head_dim
+    heads: int  # KV heads of the layer (per-head state such as outlier channel sets)
+    record_bytes: int  # exact bytes stored per (token, head)
+    has_qjl: bool = False  # scores need the QJL estimator term
+    needs_calibration: bool = False  # split types choose outlier channels from data
+
+    @property
+    def bits_per_value(self) -> float:
+        """Bits stored per coordinate, norms and scales included."""
+        return self.record_bytes * 8 / self.dim
+
+    def calibrate(self, x: torch.Tensor) -> None:
+        """Choose data-dependent state (outlier channels) from x[N, H, d]; no-op for most codecs."""
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x[..., H, d] (any float dtype) -> uint8 rec[..., H, record_bytes]."""
+        raise NotImplementedError
+
+    def decode(self, rec: torch.Tensor) -> torch.Tensor:
+        """rec -> x_hat[..., H, d] float32 in the original space."""
+        return self.unrotate(self.decode_rotated(rec))
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """x[..., H, d] -> float32 rotated coordinates (queries go through this once per step)."""
+        raise NotImplementedError
+
+    def unrotate(self, y: torch.Tensor) -> torch.Tensor:
+        """Inverse of rotate."""
+        raise NotImplementedError
+
+    def decode_rotated(self, rec: torch.Tensor) -> torch.Tensor:
+        """rec -> rotate(x_hat)[..., H, d] float32, norms applied (the MSE part for prod types)."""
+        raise NotImplementedError
+
+    # QJL part, only where has_qjl
+    qjl_dim: int = 0  # m, number of sign bits per vector
+
+    def qjl_project(self, q_rot: torch.Tensor) -> torch.Tensor:
+        """rotated queries [..., H, d] -> S q_rot [..., H, m] float32."""
+        raise NotImplementedError
+
+    def qjl_signs(self, rec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """rec -> (signs [..., H, m] as +-1 float32, gamma [..., H] float32 already times the
+        estimator constant, so the score term is gamma * <S q_rot, signs>)."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Data-dependent state to save with a cache (outlier channels); seeds rebuild the rest."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        pass
