@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+
+import torch
+
+from tqinfer.errors import ContextError
+from tqinfer.sampling import Sampler, SamplingParams
 
 
 @dataclass
@@ -40,3 +48,319 @@ class StreamEvent:
     token: int | None = None
     stats: Stats = field(default_factory=Stats)
     finish_reason: str | None = None
+
+
+@dataclass
+class Result:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    stats: Stats
+
+
+def pick_device(device=None) -> torch.device:
+    """CUDA (NVIDIA or ROCm), else MPS, else CPU; an explicit choice wins."""
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        # CPU: fp32 measured faster than bf16 matmuls on the 2-core reference machine (BENCHMARKS.md)
+        return torch.bfloat16 if device.type in ("cuda", "mps") else torch.float32
+    if isinstance(dtype, str):
+        names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+                 "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+        if dtype not in names:
+            raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(names)}")
+        return names[dtype]
+    return dtype
+
+
+def peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class LLM:
+    """A loaded model with its tokenizer and KV cache. Sessions hold sequences in the cache."""
+
+    def __init__(self, model: str | None = None, *, device=None, dtype=None, cache=None,
+                 cache_type_k: str | None = None, cache_type_v: str | None = None,
+                 max_context: int | None = None, max_seqs: int = 4, prefill_chunk: int = 512,
+                 progress: Callable[[str, float | None], None] | None = None):
+        from tqinfer import hub
+        from tqinfer.cache.config import CacheConfig, build_cache
+        from tqinfer.engine.engine import LLMEngine
+        from tqinfer.loader import load_weights
+        from tqinfer.models import build_model
+        from tqinfer.tokenizer import load_tokenizer
+
+        report = progress or (lambda stage, fraction: None)
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        report("resolving model", None)
+        self.files = hub.resolve(model, progress=progress is None)
+        self.model_name = self.files.name
+        report("loading tokenizer", None)
+        self.tokenizer = load_tokenizer(self.files.folder)
+        report("loading weights", None)
+        weights = load_weights(self.files, self.dtype, progress=progress is None)
+        self.config = weights.config
+        self.generation_config = weights.generation_config or {}
+        model_cls, self.args = build_model(self.config)
+        with torch.device("meta"):
+            net = model_cls(self.args)
+        tensors = model_cls.sanitize(weights.tensors, self.args)
+        net.load_state_dict(tensors, strict=True, assign=True)
+        if self.args.tie_word_embeddings:
+            net.lm_head.weight = net.model.embed_tokens.weight
+        self.model = net.to(self.device, self.dtype).eval()
+        report("allocating cache", None)
+        self.max_context = min(max_context or min(self.args.max_position_embeddings, 8192),
+                               self.args.max_position_embeddings)
+        if cache is None:
+            cache = CacheConfig(k_type=cache_type_k, v_type=cache_type_v)
+        elif cache_type_k or cache_type_v:
+            raise ValueError("pass either cache=CacheConfig(...) or cache_type_k/cache_type_v, not both")
+        self.cache_config = cache
+        self.cache = build_cache(cache, self.args, max_seqs=max_seqs, max_len=self.max_context,
+                                 dtype=self.dtype, device=self.device)
+        self.engine = LLMEngine(self.model, self.cache, self.device)
+        self.prefill_chunk = prefill_chunk
+        self._free_slots = list(range(max_seqs))[::-1]
+        report("ready", 1.0)
+
+    # --- descriptions used by the UIs -------------------------------------------------------
+    @property
+    def cache_label(self) -> str:
+        return self.cache_config.label
+
+    def bytes_per_token(self) -> tuple[int, int]:
+        """(this cache, a bf16 cache) bytes per token of context, all layers, K and V."""
+        from tqinfer.cache.config import bytes_per_token
+
+        return (bytes_per_token(self.args, self.cache_config),
+                bytes_per_token(self.args, self.cache_config.dense_twin()))
+
+    # --- sessions and generation ------------------------------------------------------------
+    def session(self) -> "Session":
+        if not self._free_slots:
+            raise RuntimeError(f"all {self.cache.max_seqs} cache sequences are in use; close a session first")
+        return Session(self, self._free_slots.pop())
+
+    def _release(self, slot: int) -> None:
+        self.cache.set_len(slot, 0)
+        self._free_slots.append(slot)
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if prompt and isinstance(prompt[0], dict):
+            return self.chat_ids(prompt)
+        return [int(t) for t in prompt]
+
+    def stream(self, prompt, params: SamplingParams | None = None,
+               cancel: threading.Event | None = None) -> Iterator[StreamEvent]:
+        with self.session() as s:
+            yield from s.stream(self._prompt_ids(prompt), params or SamplingParams(), cancel)
+
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[Result]:
+        """Prompts (strings, token-id lists or chats) -> results in input order."""
+        single = isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, dict)))
+        if single:
+            prompts = [prompts]
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+        return [collect(self.stream(p, sp)) for p, sp in zip(prompts, params)]
+
+    def chat(self, messages: list[dict], params: SamplingParams | None = None) -> Result:
+        return collect(self.stream(messages, params))
+
+    @torch.inference_mode()
+    def logits(self, token_ids: list[int], chunk: int | None = None) -> torch.Tensor:
+        """Next-token logits at every position [len, vocab] (fp32), prefilled in chunks."""
+        with self.session() as s:
+            return s.append(list(token_ids), all_logits=True, chunk=chunk)
+
+
+def collect(events: Iterator[StreamEvent]) -> Result:
+    text, tokens, last = [], [], StreamEvent()
+    for ev in events:
+        text.append(ev.text)
+        if ev.token is not None:
+            tokens.append(ev.token)
+        last = ev
+    return Result("".join(text), tokens, last.finish_reason or "stop", last.stats)
+
+
+class Session:
+    """One sequence in the cache: its token ids (those whose K/V are cached) and operations on them."""
+
+    def __init__(self, llm: LLM, slot: int):
+        self.llm = llm
+        self.slot = slot
+        self.tokens: list[int] = []
+        self.closed = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.llm._release(self.slot)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.llm.cache.seq_nbytes(self.slot)
+
+    @property
+    def kv_bytes_bf16(self) -> int:
+        return self.llm.bytes_per_token()[1] * len(self.tokens)
+
+    def truncate(self, n: int) -> None:
+        """Roll the sequence back to its first n tokens."""
+        n = max(0, min(n, len(self.tokens)))
+        self.llm.cache.truncate(self.slot, n) if hasattr(self.llm.cache, "truncate") else self.llm.cache.set_len(self.slot, n)
+        del self.tokens[n:]
+
+    def append(self, ids: list[int], all_logits: bool = False, chunk: int | None = None,
+               on_chunk: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Prefill ids after the cached tokens in chunks; returns the last token's logits [vocab]
+        (or every token's [len(ids), vocab] when all_logits)."""
+        if not ids:
+            raise ValueError("nothing to append")
+        if len(self.tokens) + len(ids) > self.llm.max_context:
+            raise ContextError(
+                f"{len(self.tokens) + len(ids)} tokens do not fit the context of {self.llm.max_context} "
+                f"(model maximum {self.llm.args.max_position_embeddings}); use a larger -c or a shorter prompt"
+            )
+        chunk = chunk or self.llm.prefill_chunk
+        outs = []
+        for i in range(0, len(ids), chunk):
+            piece = ids[i:i + chunk]
+            logits = self.llm.engine.forward([self.slot], [len(self.tokens)], [piece], all_logits=all_logits)
+            self.tokens.extend(piece)
+            outs.append(logits)
+            if on_chunk:
+                on_chunk(i + len(piece), len(ids))
+        return torch.cat(outs) if all_logits else outs[-1][-1]
+
+    def stream(self, prompt_ids: list[int], params: SamplingParams | None = None,
+               cancel: threading.Event | None = None) -> Iterator[StreamEvent]:
+        """Reuse the longest cached prefix of prompt_ids, prefill the rest, then generate."""
+        llm = self.llm
+        params = (params or SamplingParams()).resolve(llm.generation_config)
+        prompt_ids = list(prompt_ids)
+        if not prompt_ids:
+            raise ValueError("empty prompt")
+        if len(prompt_ids) > llm.max_context:
+            raise ContextError(
+                f"the prompt has {len(prompt_ids)} tokens but the context holds {llm.max_context} "
+                f"(model maximum {llm.args.max_position_embeddings}); use a larger -c or a shorter prompt"
+            )
+        stats = Stats(context_max=llm.max_context)
+        reuse = min(common_prefix(self.tokens, prompt_ids), len(prompt_ids) - 1)
+        self.truncate(reuse)
+        stats.reused_tokens = reuse
+        t0 = time.perf_counter()
+        logits = self.append(prompt_ids[reuse:])
+        self._sync()
+        stats.prompt_tokens = len(prompt_ids) - reuse
+        stats.prompt_seconds = time.perf_counter() - t0
+
+        sampler = Sampler(params, logits.shape[-1], logits.device)
+        sampler.observe(prompt_ids)
+        eos = set() if params.ignore_eos else set(llm.tokenizer.eos_ids)
+        stop_ids = set(params.stop_token_ids) | eos
+        decoder = llm.tokenizer.stream_decoder()
+        holdback = max((len(s) for s in params.stop), default=1) - 1
+        text, emitted = "", 0
+        t1 = time.perf_counter()
+        finish, by_string = None, False
+        while finish is None:
+            if cancel is not None and cancel.is_set():
+                finish = "cancelled"
+                break
+            if params.max_tokens is not None and stats.generation_tokens >= params.max_tokens:
+                finish = "length"
+                break
+            if len(self.tokens) >= llm.max_context:
+                finish = "context"
+                break
+            token = sampler(logits)
+            stats.generation_tokens += 1
+            delta = ""
+            if token in stop_ids:
+                finish = "stop"
+            else:
+                text += decoder.push(token)
+                hit = first_stop(text, params.stop, max(0, emitted - holdback))
+                if hit is not None:
+                    text, finish, by_string = text[:hit], "stop", True
+                    delta = text[emitted:]
+                else:
+                    safe = len(text) - holdback if params.stop else len(text)
+                    delta = text[emitted:max(emitted, safe)]
+                emitted += len(delta)
+            stats.generation_seconds = time.perf_counter() - t1
+            if finish is None:
+                sampler.observe([token])
+                logits = self.append([token])
+            self._fill(stats)
+            yield StreamEvent(text=delta, token=token, stats=stats)
+        if not by_string:
+            text += decoder.flush()
+        yield StreamEvent(text=text[emitted:], stats=self._fill(stats), finish_reason=finish)
+
+    def _sync(self) -> None:
+        if self.llm.device.type == "cuda":
+            torch.cuda.synchronize(self.llm.device)
+
+    def _fill(self, stats: Stats) -> Stats:
+        stats.context_tokens = len(self.tokens)
+        stats.kv_bytes = self.kv_bytes
+        stats.kv_bytes_bf16 = self.kv_bytes_bf16
+        stats.peak_memory = peak_memory(self.llm.device)
+        return stats
+
+
+def first_stop(text: str, stops: list[str], start: int) -> int | None:
+    """Index of the earliest stop string in text[start:], or None."""
+    hits = [i for i in (text.find(s, start) for s in stops if s) if i >= 0]
+    return min(hits) if hits else None

@@ -1,0 +1,70 @@
+"""Dense KV cache in the model's own dtype: the numerical reference, and the fast CPU path for bf16.
+
+Static and preallocated: per layer K and V of shape [max_seqs, H, max_len, d], so one sequence's
+tokens are contiguous and attention is one SDPA call per sequence with no gather.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def causal_mask(prefix: int, n: int, window: int | None, device) -> torch.Tensor | None:
+    """Boolean [n, prefix + n]: query i (position prefix + i) sees key j iff j <= prefix + i
+    (and j > prefix + i - window for a sliding-window layer). None when every key is visible."""
+    if n == 1 and (window is None or prefix < window):
+        return None
+    qpos = torch.arange(prefix, prefix + n, device=device)[:, None]
+    kpos = torch.arange(prefix + n, device=device)[None, :]
+    mask = kpos <= qpos
+    if window is not None:
+        mask &= kpos > qpos - window
+    return mask
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float) -> torch.Tensor:
+    """q [n, Hq, d], k/v [H, L, d] -> [n, Hq, d] with grouped-query heads."""
+    groups = q.shape[1] // k.shape[0]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=0)
+        v = v.repeat_interleave(groups, dim=0)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=mask, scale=scale)
+    return out.transpose(0, 1)
+
+
+class DenseCache:
+    kind = "dense"
+
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, max_seqs: int, max_len: int,
+                 dtype: torch.dtype, device):
+        shape = (max_seqs, kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.max_len = max_len
+        self.max_seqs = max_seqs
+        self.lens = [0] * max_seqs
+
+    def attend(self, layer, q, k, v, ctx, scale, window):
+        out = torch.empty_like(q)
+        K, V = self.k[layer], self.v[layer]
+        start = 0
+        for slot, prefix, n in zip(ctx.slots, ctx.prefix_lens, ctx.chunk_lens):
+            end = prefix + n
+            K[slot, :, prefix:end] = k[start:start + n].transpose(0, 1)
+            V[slot, :, prefix:end] = v[start:start + n].transpose(0, 1)
+            mask = causal_mask(prefix, n, window, q.device)
+            out[start:start + n] = sdpa(q[start:start + n], K[slot, :, :end], V[slot, :, :end], mask, scale)
+            start += n
+        return out
+
+    # sequence bookkeeping shared with the paged cache
+    def set_len(self, slot: int, n: int) -> None:
+        self.lens[slot] = n
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def seq_nbytes(self, slot: int) -> int:
+        per_token = sum(t.shape[1] * t.shape[3] * t.element_size() for t in self.k + self.v)
+        return per_token * self.lens[slot]

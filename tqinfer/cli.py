@@ -1,0 +1,179 @@
+"""`tqinfer <command>`: run, chat, pull, list (and the commands built on them)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None, help="model: alias (smollm2), HF id, folder or .gguf (default: smollm2)")
+    p.add_argument("-m", "--model", dest="model_opt", default=None, help="same as the positional MODEL")
+    p.add_argument("-c", "--ctx-size", type=int, default=None, help="context size in tokens (default: model maximum, at most 8192)")
+    p.add_argument("--device", default=None, help="cuda, cpu, mps (default: automatic)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("-ctk", "--cache-type-k", default=None, help="K cache type (tqinfer estimate --types lists them)")
+    p.add_argument("-ctv", "--cache-type-v", default=None, help="V cache type")
+    p.add_argument("--kv-cache", default=None, help="one cache type for both K and V")
+    p.add_argument("--sinks", type=int, default=None, help="first tokens kept full precision")
+    p.add_argument("--window", type=int, default=None, help="most recent tokens kept full precision")
+    p.add_argument("--protected-layers", type=int, default=None, help="first/last N layers kept dense")
+    p.add_argument("-v", "--verbose", action="store_true", help="timings and tracebacks")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-n", "--n-predict", type=int, default=None, help="max tokens to generate")
+    p.add_argument("--temp", type=float, default=None, help="temperature (0 = greedy)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repeat-penalty", type=float, default=None)
+    p.add_argument("-s", "--seed", type=int, default=None)
+    p.add_argument("-sys", "--system-prompt", dest="system", default=None, help="system message (implies --chat)")
+
+
+def cache_config_from_args(args):
+    from tqinfer.cache.config import CacheConfig
+
+    k = args.cache_type_k or args.kv_cache
+    v = args.cache_type_v or args.kv_cache
+    knobs = {name: getattr(args, name) for name in ("sinks", "window", "protected_layers")
+             if getattr(args, name, None) is not None}
+    return CacheConfig(k_type=k, v_type=v, **knobs)
+
+
+def llm_from_args(args, progress=None):
+    from tqinfer.llm import LLM
+
+    return LLM(args.model_opt or args.model, device=args.device, dtype=args.dtype,
+               cache=cache_config_from_args(args), max_context=args.ctx_size, progress=progress)
+
+
+def sampling_from_args(args):
+    from tqinfer.sampling import SamplingParams
+
+    return SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                          repetition_penalty=args.repeat_penalty, seed=args.seed,
+                          max_tokens=args.n_predict if args.n_predict is not None else 512)
+
+
+def read_prompt(args) -> str:
+    if args.file:
+        if args.file == "-":
+            return sys.stdin.read()
+        with open(args.file, encoding="utf-8") as f:
+            return f.read()
+    if args.prompt is None:
+        if not sys.stdin.isatty():
+            return sys.stdin.read()
+        raise ValueError("no prompt: give -p PROMPT, -f FILE or pipe text on stdin")
+    return args.prompt
+
+
+def cmd_run(args) -> int:
+    t0 = time.perf_counter()
+    prompt = read_prompt(args)
+    llm = llm_from_args(args)
+    load = time.perf_counter() - t0
+    if args.chat or args.system:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append({"role": "user", "content": prompt})
+        ids = llm.chat_ids(messages)
+    else:
+        ids = llm.tokenizer.encode(prompt)
+    last = None
+    with llm.session() as session:
+        for ev in session.stream(ids, sampling_from_args(args)):
+            if ev.text:
+                sys.stdout.write(ev.text)
+                sys.stdout.flush()
+            last = ev
+    sys.stdout.write("\n")
+    if args.verbose and last is not None:
+        s = last.stats
+        total = time.perf_counter() - t0
+        print(f"total duration:       {total:.3f}s\n"
+              f"load duration:        {load:.3f}s\n"
+              f"prompt eval count:    {s.prompt_tokens} token(s)\n"
+              f"prompt eval duration: {s.prompt_seconds:.3f}s\n"
+              f"prompt eval rate:     {s.prompt_tps:.2f} tokens/s\n"
+              f"eval count:           {s.generation_tokens} token(s)\n"
+              f"eval duration:        {s.generation_seconds:.3f}s\n"
+              f"eval rate:            {s.generation_tps:.2f} tokens/s\n"
+              f"kv cache:             {s.kv_bytes / 2**20:.2f} MiB ({llm.cache_label}; bf16 would be {s.kv_bytes_bf16 / 2**20:.2f} MiB)\n"
+              f"finish reason:        {last.finish_reason}", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from tqinfer.tui.app import run_chat
+
+    return run_chat(args)
+
+
+def cmd_pull(args) -> int:
+    from tqinfer import hub
+
+    files = hub.pull(args.name or hub.DEFAULT_MODEL)
+    print(f"{files.name}: {files.folder}")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from tqinfer import hub
+
+    rows = hub.list_local()
+    if not rows:
+        print("no local models (tqinfer pull NAME fetches one)")
+    for name, path, size in rows:
+        print(f"{name:40s} {size / 2**20:10.1f} MiB  {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tqinfer", description="Local LLM inference with a TurboQuant KV cache")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="generate from a prompt, streaming to stdout")
+    add_model_args(p)
+    add_sampling_args(p)
+    p.add_argument("-p", "--prompt", default=None)
+    p.add_argument("-f", "--file", default=None, help="read the prompt from FILE (- for stdin)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("chat", help="terminal chat (Textual); --plain for a line REPL")
+    add_model_args(p)
+    add_sampling_args(p)
+    p.add_argument("--plain", action="store_true", help="line REPL instead of the full-screen UI")
+    p.add_argument("--resume", action="store_true", help="reopen the last conversation")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("pull", help="fetch a model into the local cache")
+    p.add_argument("name", nargs="?", default=None)
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("list", help="models in the local cache, with sizes")
+    p.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    verbose = getattr(args, "verbose", False) or os.environ.get("TQINFER_DEBUG")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # the boundary: one clear message, no traceback unless asked
+        if verbose:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

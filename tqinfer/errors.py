@@ -1,0 +1,13 @@
+"""Errors a user can act on; the CLI prints their message without a traceback."""
+
+
+class TqinferError(Exception):
+    """Base of the errors tqinfer raises at its boundaries."""
+
+
+class ContextError(TqinferError, ValueError):
+    """A prompt or document does not fit the context."""
+
+
+class CacheMemoryError(TqinferError, MemoryError):
+    """A cache that would not fit in memory, refused before allocating."""

@@ -1,0 +1,214 @@
+"""Llama-family decoder (llama 2/3, SmolLM2, mistral, qwen2, qwen3): the math only.
+
+Tokens of all sequences in a step are flattened into one [T] batch; attention goes through
+`tqinfer.attention.attention`, which reads the step context, so this file never sees a cache.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tqinfer.attention import attention
+
+
+@dataclass
+class ModelArgs:
+    model_type: str
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    head_dim: int = 0
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+    hidden_act: str = "silu"
+
+    @classmethod
+    def from_dict(cls, config: dict) -> "ModelArgs":
+        known = {f.name for f in fields(cls)}
+        args = cls(**{k: v for k, v in config.items() if k in known})
+        if "rope_parameters" in config and not args.rope_scaling:  # transformers >= 5 naming
+            rp = config["rope_parameters"] or {}
+            args.rope_theta = rp.get("rope_theta", args.rope_theta)
+            if rp.get("rope_type", "default") != "default":
+                args.rope_scaling = rp
+        if args.model_type == "qwen2":
+            args.attention_bias = True
+        if args.model_type == "qwen3":
+            args.qk_norm = True
+        if args.model_type in ("qwen2", "qwen3") and not config.get("use_sliding_window", False):
+            args.sliding_window = None
+        args.num_key_value_heads = args.num_key_value_heads or args.num_attention_heads
+        args.head_dim = args.head_dim or args.hidden_size // args.num_attention_heads
+        if args.hidden_act not in ("silu", "swish"):
+            raise ValueError(f"unsupported hidden_act {args.hidden_act!r} (supported: silu)")
+        return args
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """Inverse frequencies with the config's rope scaling (default, linear, llama3)."""
+    d = args.head_dim
+    inv = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    scaling = args.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv
+    if kind == "linear":
+        return inv / scaling["factor"]
+    if kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_ctx = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        mid = (1 - smooth) * scaled / factor + smooth * scaled
+        is_mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(is_mid, mid, scaled)
+    raise ValueError(f"unsupported rope scaling {kind!r} (supported: default, linear, llama3)")
+
+
+class RotaryEmbedding(nn.Module):
+    """rotate_half RoPE with a precomputed cos/sin table."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.inv_freq = rope_inv_freq(args)
+        self.max_len = 0
+        self.cos = self.sin = None
+
+    def table(self, n: int, device, dtype):
+        if self.cos is None or n > self.max_len or self.cos.device != torch.device(device) or self.cos.dtype != dtype:
+            n = max(n, self.max_len, 4096)
+            t = torch.arange(n, dtype=torch.float64)
+            freqs = torch.outer(t, self.inv_freq)
+            emb = torch.cat([freqs, freqs], dim=-1)
+            self.cos, self.sin = emb.cos().to(device, dtype), emb.sin().to(device, dtype)
+            self.max_len = n
+        return self.cos, self.sin
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x [T, heads, d] rotated by positions [T]."""
+        cos, sin = self.table(int(positions.max()) + 1, x.device, x.dtype)
+        cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int, rope: RotaryEmbedding):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv, self.head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
+        d, hd, bias = args.hidden_size, args.head_dim, args.attention_bias
+        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=bias)
+        self.k_proj = nn.Linear(d, self.n_kv * hd, bias=bias)
+        self.v_proj = nn.Linear(d, self.n_kv * hd, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=False)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(hd, args.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, args.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+        self.rope = rope
+        self.scale = hd**-0.5
+        self.window = args.sliding_window
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        T = x.shape[0]
+        q = self.q_proj(x).view(T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(T, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(T, self.n_kv, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rope(positions, q), self.rope(positions, k)
+        out = attention(q, k, v, self.layer, self.scale, self.window)
+        return self.o_proj(out.reshape(T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        d, h, bias = args.hidden_size, args.intermediate_size, args.mlp_bias
+        self.gate_proj = nn.Linear(d, h, bias=bias)
+        self.up_proj = nn.Linear(d, h, bias=bias)
+        self.down_proj = nn.Linear(h, d, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int, rope: RotaryEmbedding):
+        super().__init__()
+        self.self_attn = Attention(args, layer, rope)
+        self.mlp = MLP(args)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        rope = RotaryEmbedding(args)
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args, i, rope) for i in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Parameter names follow Hugging Face, so a safetensors state dict loads as it is."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = Backbone(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, logits_index: torch.Tensor | None = None):
+        """input_ids, positions [T] -> logits [len(logits_index) or T, vocab] (fp32)."""
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x = layer(x, positions)
+        if logits_index is not None:
+            x = x[logits_index]
+        return self.lm_head(self.model.norm(x)).float()
+
+    @staticmethod
+    def sanitize(tensors: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+        """Drop what the model does not hold (rotary buffers); a tied head shares the embedding."""
+        out = {k: v for k, v in tensors.items() if "rotary_emb" not in k}
+        if args.tie_word_embeddings:
+            out["lm_head.weight"] = out["model.embed_tokens.weight"]
+        return out
