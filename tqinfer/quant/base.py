@@ -66,9 +66,34 @@ class KVCodec:
         estimator constant, so the score term is gamma * <S q_rot, signs>)."""
         raise NotImplementedError
 
+    def qjl_unproject(self, signs: torch.Tensor) -> torch.Tensor:
+        """signs [..., H, m] -> Sᵀ signs [..., H, d] float32 (the QJL term as a vector, for reconstruct)."""
+        raise NotImplementedError
+
+    def reconstruct(self, rec: torch.Tensor) -> torch.Tensor:
+        """rec -> the full estimate of x[..., H, d] float32: decode plus, where has_qjl, the QJL term.
+        <q, reconstruct(rec)> equals reference_scores(self, q, rec); for prod types it is unbiased."""
+        y = self.decode_rotated(rec)
+        if self.has_qjl:
+            signs, gamma = self.qjl_signs(rec)
+            y = y + gamma.unsqueeze(-1) * self.qjl_unproject(signs)
+        return self.unrotate(y)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Data-dependent state to save with a cache (outlier channels); seeds rebuild the rest."""
         return {}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         pass
+
+
+def reference_scores(codec: KVCodec, q: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
+    """The score formula attention kernels implement, in plain torch: q[..., H, d] against
+    rec[..., H, record_bytes] (broadcast over leading dims) -> [..., H] float32.
+    <rotate(q), decode_rotated(rec)> + gamma * <qjl_project(rotate(q)), signs> where has_qjl."""
+    q_rot = codec.rotate(q)
+    s = (q_rot * codec.decode_rotated(rec)).sum(-1)
+    if codec.has_qjl:
+        signs, gamma = codec.qjl_signs(rec)
+        s = s + gamma * (codec.qjl_project(q_rot) * signs).sum(-1)
+    return s

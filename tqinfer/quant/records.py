@@ -45,11 +45,15 @@ def read_fp16(rec: torch.Tensor, offset: int, count: int) -> torch.Tensor:
     return rec[..., offset : offset + 2 * count].contiguous().view(torch.float16).float()
 
 
+def pad_to(t: torch.Tensor, nbytes: int) -> torch.Tensor:
+    """Zero-pad uint8 [..., k] to [..., nbytes]."""
+    pad = nbytes - t.shape[-1]
+    return torch.nn.functional.pad(t, (0, pad)) if pad else t
+
+
 def assemble(parts: list[torch.Tensor], record_bytes: int) -> torch.Tensor:
     """Concatenate uint8 record parts and zero-pad to record_bytes."""
-    rec = torch.cat(parts, -1)
-    pad = record_bytes - rec.shape[-1]
-    return torch.nn.functional.pad(rec, (0, pad)) if pad else rec
+    return pad_to(torch.cat(parts, -1), record_bytes)
 
 
 def check_record(rec: torch.Tensor, record_bytes: int, name: str) -> None:

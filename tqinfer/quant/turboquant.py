@@ -1,0 +1,311 @@
+"""TurboQuant (Zandieh et al. 2025): rotate, quantize every coordinate with one Lloyd-Max codebook.
+
+TurboQuantMSE minimizes ||x - x̂||²; TurboQuantProd adds a 1-bit QJL sketch of the residual so that
+<q, x̂> is an unbiased estimate of <q, x>; TurboQuantSplit reaches fractional bit widths by giving an
+outlier channel set more bits than the rest. All three are KVCodecs: `quantize` / `dequantize` work
+on vectors [..., d], `encode` / `decode` on the cache's byte records [..., H, record_bytes].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import KVCodec
+from .codebook import codebook
+from .packing import pack, packed_bytes, unpack
+from .qjl import QJLSketch
+from .records import assemble, check_input, check_norms, check_record, even, fp16_bytes, pad_to, read_fp16
+from .rotation import Rotation, derive_seed
+
+
+@dataclass
+class QuantizedVectors:
+    """A batch [...] of quantized vectors, as stored (packed codes, fp16 norms)."""
+
+    codes: torch.Tensor  # uint8 [..., code bytes], planes per packing.py
+    norms: torch.Tensor  # fp16 [...]; TurboQuantSplit: [..., 2] (outlier part, rest)
+    signs: torch.Tensor | None = None  # TurboQuantProd: QJL sign plane uint8 [..., m / 8]
+    gamma: torch.Tensor | None = None  # TurboQuantProd: residual norm ||x - x̂_mse|| fp16 [...]
+
+
+def _unit(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validated float x, its norms, and x / ||x|| (zero vectors stay zero)."""
+    x = check_input(x, dim)
+    n = torch.linalg.vector_norm(x, dim=-1)
+    check_norms(x, n)
+    return x, n, x / n.clamp_min(1e-30).unsqueeze(-1)
+
+
+def _float(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float64 else t.float()
+
+
+class TurboQuantMSE(KVCodec):
+    """b-bit TurboQuant-mse: x̂ = ||x|| Πᵀ c[idx], c the Lloyd-Max codebook of the sphere density in R^d.
+
+    Record [code planes: packed_bytes(d, b) bytes, zero-padded to even][norm ||x|| fp16]
+    (d = 128: b = 1..4 -> 18, 34, 50, 66 bytes). Rotated space: Π x.
+    """
+
+    def __init__(self, dim: int, bits: int, *, seed: int = 0, rotation: str = "hadamard",
+                 heads: int = 1, name: str | None = None):
+        self.name, self.dim, self.bits, self.heads = name or f"tq{bits}", dim, bits, heads
+        self.rot = Rotation(dim, derive_seed(seed, 0), rotation)
+        self.centroids64, self.boundaries64 = codebook(bits, dim)
+        self.code_bytes = packed_bytes(dim, bits)
+        self.norm_at = even(self.code_bytes)
+        self.record_bytes = self.norm_at + 2
+        self._books: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _book(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (like.device, like.dtype)
+        if key not in self._books:
+            self._books[key] = (self.centroids64.to(like.device, like.dtype),
+                                self.boundaries64.to(like.device, like.dtype))
+        return self._books[key]
+
+    # the pieces prod and split reuse
+    def codes_of(self, y_unit: torch.Tensor) -> torch.Tensor:
+        """Rotated unit coordinates [..., d] -> code indices uint8 [..., d] (nearest centroid)."""
+        return torch.bucketize(y_unit, self._book(y_unit)[1]).to(torch.uint8)
+
+    def centroids_of(self, idx: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+        c = self._book(like if like is not None else torch.empty(0, device=idx.device))[0]
+        return c[idx.long()]
+
+    def values(self, codes: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+        """Packed codes [..., code_bytes] and norms [...] -> rotated x̂ [..., d] float32."""
+        idx = unpack(codes, self.bits, self.dim)
+        return self.centroids_of(idx) * norms.float().unsqueeze(-1)
+
+    def quantize(self, x: torch.Tensor) -> QuantizedVectors:
+        _, n, u = _unit(x, self.dim)
+        return QuantizedVectors(pack(self.codes_of(self.rot.apply(u)), self.bits), n.half())
+
+    def dequantize(self, q: QuantizedVectors) -> torch.Tensor:
+        return self.rot.inverse(self.values(q.codes, q.norms))
+
+    def inner_product(self, queries: torch.Tensor, q: QuantizedVectors) -> torch.Tensor:
+        """<queries, x̂> over the last dim, queries [..., d] broadcast against the batch."""
+        return (_float(queries) * self.dequantize(q)).sum(-1)
+
+    # KVCodec
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.quantize(x)
+        return assemble([pad_to(q.codes, self.norm_at), fp16_bytes(q.norms.unsqueeze(-1))],
+                        self.record_bytes)
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rot.apply(check_input(x, self.dim))
+
+    def unrotate(self, y: torch.Tensor) -> torch.Tensor:
+        return self.rot.inverse(_float(y))
+
+    def decode_rotated(self, rec: torch.Tensor) -> torch.Tensor:
+        check_record(rec, self.record_bytes, self.name)
+        return self.values(rec[..., : self.code_bytes], read_fp16(rec, self.norm_at, 1).squeeze(-1))
+
+
+class TurboQuantProd(KVCodec):
+    """b-bit TurboQuant-prod: (b-1)-bit TurboQuant-mse codes plus QJL signs of the rotated residual
+    r = Πx/||x|| - c[idx] (m = d signs), so <q, x> ≈ <q, x̂_mse> + γ √(π/2)/m <S Π q, sign(S r)>,
+    γ = ||x||·||r||: unbiased over the draw of S. b = 1 is QJL alone (after the rotation).
+
+    Record [(b-1)-bit code planes][1-bit sign plane, m/8 bytes][zero pad to even][norm fp16][γ fp16]
+    (d = 128: b = 2..4 -> 36, 52, 68 bytes). Rotated space: Π x; the sketch acts there.
+    """
+
+    has_qjl = True
+
+    def __init__(self, dim: int, bits: int, *, seed: int = 0, rotation: str = "hadamard",
+                 sketch: str = "gaussian", heads: int = 1, name: str | None = None):
+        if bits < 1:
+            raise ValueError(f"TurboQuantProd needs bits >= 1, got {bits}")
+        self.name, self.dim, self.bits, self.heads = name or f"tqp{bits}", dim, bits, heads
+        self.mse = TurboQuantMSE(dim, bits - 1, seed=seed, rotation=rotation) if bits > 1 else None
+        self.rot = self.mse.rot if self.mse else Rotation(dim, derive_seed(seed, 0), rotation)
+        self.sketch = QJLSketch(dim, dim, derive_seed(seed, 3), sketch)
+        self.qjl_dim = dim
+        self.code_bytes = self.mse.code_bytes if self.mse else 0
+        self.sign_bytes = packed_bytes(dim, 1)
+        self.norm_at = even(self.code_bytes + self.sign_bytes)
+        self.record_bytes = self.norm_at + 4
+
+    def quantize(self, x: torch.Tensor) -> QuantizedVectors:
+        _, n, u = _unit(x, self.dim)
+        y = self.rot.apply(u)
+        if self.mse:
+            idx = self.mse.codes_of(y)
+            codes, r = pack(idx, self.mse.bits), y - self.mse.centroids_of(idx, y)
+        else:
+            codes, r = torch.empty(*y.shape[:-1], 0, dtype=torch.uint8, device=y.device), y
+        gamma = n * torch.linalg.vector_norm(r, dim=-1)
+        return QuantizedVectors(codes, n.half(), self.sketch.sign_bits(r), gamma.half())
+
+    def _mse_values(self, codes: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+        if self.mse:
+            return self.mse.values(codes, norms)
+        return torch.zeros(*norms.shape, self.dim, device=norms.device)
+
+    def dequantize(self, q: QuantizedVectors) -> torch.Tensor:
+        """The full estimate Πᵀ(x̂_mse + γ √(π/2)/m Sᵀ signs): unbiased, not minimum-MSE."""
+        y = self._mse_values(q.codes, q.norms)
+        qjl = self.sketch.unproject(self.sketch.signs(q.signs)) * self.sketch.scale
+        return self.rot.inverse(y + q.gamma.float().unsqueeze(-1) * qjl)
+
+    def inner_product(self, queries: torch.Tensor, q: QuantizedVectors) -> torch.Tensor:
+        """Unbiased estimate of <queries, x> over the last dim, queries broadcast against the batch."""
+        return (_float(queries) * self.dequantize(q)).sum(-1)
+
+    # KVCodec
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.quantize(x)
+        head = pad_to(torch.cat([q.codes, q.signs], -1), self.norm_at)
+        return assemble([head, fp16_bytes(torch.stack([q.norms, q.gamma], -1))], self.record_bytes)
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rot.apply(check_input(x, self.dim))
+
+    def unrotate(self, y: torch.Tensor) -> torch.Tensor:
+        return self.rot.inverse(_float(y))
+
+    def decode_rotated(self, rec: torch.Tensor) -> torch.Tensor:
+        check_record(rec, self.record_bytes, self.name)
+        return self._mse_values(rec[..., : self.code_bytes], read_fp16(rec, self.norm_at, 1).squeeze(-1))
+
+    def qjl_project(self, q_rot: torch.Tensor) -> torch.Tensor:
+        return self.sketch.project(q_rot)
+
+    def qjl_unproject(self, signs: torch.Tensor) -> torch.Tensor:
+        return self.sketch.unproject(signs)
+
+    def qjl_signs(self, rec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        check_record(rec, self.record_bytes, self.name)
+        signs = self.sketch.signs(rec[..., self.code_bytes : self.code_bytes + self.sign_bytes])
+        return signs, read_fp16(rec, self.norm_at + 2, 1).squeeze(-1) * self.sketch.scale
+
+
+def _permute(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """x[..., H, d] gathered per head by perm [H, d]; x[..., d] by perm [1, d]."""
+    if perm.shape[0] == 1:
+        return x[..., perm[0]]
+    if x.dim() < 2 or x.shape[-2] != perm.shape[0]:
+        raise ValueError(f"codec for {perm.shape[0]} heads got input of shape {tuple(x.shape)}")
+    return torch.gather(x, -1, perm.expand(x.shape))
+
+
+class TurboQuantSplit(KVCodec):
+    """Fractional bits: per head, `outliers` channels at `bits_outlier` and the other d - outliers at
+    `bits_rest`, two independent TurboQuant-mse quantizers (own rotation, own norm). Code bits per
+    coordinate: (outliers·bits_outlier + (d - outliers)·bits_rest) / d (norms counted separately, in
+    bits_per_value). The outlier set is chosen per head from calibration data (largest mean square);
+    with rope_pairs, in pairs (i, i + d/2), the pairs the half-split rotate_half RoPE rotates together,
+    so the set does not depend on position. Uncalibrated, the outliers are the first channels
+    (first pairs).
+
+    Rotated space, per head: concat(R_A x[perm_A], R_B x[perm_B]) with perm = state_dict()["perm"].
+    Record [part A planes][part B planes][zero pad to even][norm A fp16][norm B fp16]
+    (d = 128, 64@3 + 64@2: 24 + 16 + 4 = 44 bytes).
+    """
+
+    needs_calibration = True
+
+    def __init__(self, dim: int, outliers: int, bits_outlier: int, bits_rest: int, *, heads: int = 1,
+                 seed: int = 0, rotation: str = "hadamard", rope_pairs: bool = True,
+                 calibration: torch.Tensor | None = None, name: str | None = None):
+        if not 3 <= outliers <= dim - 3:
+            raise ValueError(f"outlier count must be in 3..{dim - 3} for head_dim {dim}, got {outliers}")
+        if rope_pairs and (dim % 2 or outliers % 2):
+            raise ValueError(f"rope_pairs needs even head_dim and outlier count, got {dim}, {outliers}")
+        self.name = name or f"tq{outliers}x{bits_outlier}+{dim - outliers}x{bits_rest}"
+        self.dim, self.heads, self.outliers, self.rope_pairs = dim, heads, outliers, rope_pairs
+        self.a = TurboQuantMSE(outliers, bits_outlier, seed=derive_seed(seed, 1), rotation=rotation)
+        self.b = TurboQuantMSE(dim - outliers, bits_rest, seed=derive_seed(seed, 2), rotation=rotation)
+        self.code_bits = (outliers * bits_outlier + (dim - outliers) * bits_rest) / dim
+        self.norm_at = even(self.a.code_bytes + self.b.code_bytes)
+        self.record_bytes = self.norm_at + 4
+        k = outliers // 2 if rope_pairs else outliers
+        first = torch.cat([torch.arange(k), torch.arange(k) + dim // 2]) if rope_pairs else torch.arange(k)
+        self._set_outliers(first.expand(heads, -1))
+        if calibration is not None:
+            self.calibrate(calibration)
+
+    def _set_outliers(self, outl: torch.Tensor) -> None:
+        outl = outl.sort(-1).values
+        rest = torch.ones(self.heads, self.dim, dtype=torch.bool).scatter(-1, outl, False)
+        rest = torch.arange(self.dim).expand(self.heads, -1)[rest].reshape(self.heads, -1)
+        self.perm = torch.cat([outl, rest], -1).contiguous()
+        self.inv_perm = self.perm.argsort(-1)
+        self._dev: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _perms(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._dev:
+            self._dev[device] = (self.perm.to(device), self.inv_perm.to(device))
+        return self._dev[device]
+
+    def calibrate(self, x: torch.Tensor) -> None:
+        """Choose each head's outlier channels from x[N, H, d] (or [N, d] with one head)."""
+        x = check_input(x, self.dim)
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("calibration data contains NaN or Inf")
+        x = x.reshape(-1, self.heads, self.dim)
+        energy = x.double().pow(2).mean(0).cpu()  # [H, d]
+        if self.rope_pairs:
+            half = self.dim // 2
+            top = (energy[:, :half] + energy[:, half:]).topk(self.outliers // 2, -1).indices
+            self._set_outliers(torch.cat([top, top + half], -1))
+        else:
+            self._set_outliers(energy.topk(self.outliers, -1).indices)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"perm": self.perm.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        perm = state["perm"].to("cpu", torch.int64)
+        ok = perm.shape == (self.heads, self.dim) and bool(
+            (perm.sort(-1).values == torch.arange(self.dim)).all())
+        if not ok:
+            raise ValueError(f"{self.name}: state 'perm' must be a per-head permutation [{self.heads}, {self.dim}]")
+        self._set_outliers(perm[:, : self.outliers])
+
+    def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        xp = _permute(x, self._perms(x.device)[0])
+        return xp[..., : self.outliers], xp[..., self.outliers :]
+
+    def quantize(self, x: torch.Tensor) -> QuantizedVectors:
+        xa, xb = self._split(check_input(x, self.dim))
+        qa, qb = self.a.quantize(xa), self.b.quantize(xb)
+        return QuantizedVectors(torch.cat([qa.codes, qb.codes], -1), torch.stack([qa.norms, qb.norms], -1))
+
+    def _values(self, codes: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+        na = self.a.code_bytes
+        ya = self.a.values(codes[..., :na], norms[..., 0])
+        yb = self.b.values(codes[..., na : na + self.b.code_bytes], norms[..., 1])
+        return torch.cat([ya, yb], -1)
+
+    def dequantize(self, q: QuantizedVectors) -> torch.Tensor:
+        return self.unrotate(self._values(q.codes, q.norms))
+
+    def inner_product(self, queries: torch.Tensor, q: QuantizedVectors) -> torch.Tensor:
+        return (_float(queries) * self.dequantize(q)).sum(-1)
+
+    # KVCodec
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.quantize(x)
+        return assemble([pad_to(q.codes, self.norm_at), fp16_bytes(q.norms)], self.record_bytes)
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        xa, xb = self._split(check_input(x, self.dim))
+        return torch.cat([self.a.rot.apply(xa), self.b.rot.apply(xb)], -1)
+
+    def unrotate(self, y: torch.Tensor) -> torch.Tensor:
+        y = _float(y)
+        k = self.outliers
+        z = torch.cat([self.a.rot.inverse(y[..., :k]), self.b.rot.inverse(y[..., k:])], -1)
+        return _permute(z, self._perms(z.device)[1])
+
+    def decode_rotated(self, rec: torch.Tensor) -> torch.Tensor:
+        check_record(rec, self.record_bytes, self.name)
+        return self._values(rec[..., : self.norm_at], read_fp16(rec, self.norm_at, 2))
