@@ -62,7 +62,7 @@ class ModelArgs:
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     """Inverse frequencies with the config's rope scaling (default, linear, llama3)."""
     d = args.head_dim
-    inv = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    inv = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64, device="cpu") / d))
     scaling = args.rope_scaling or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
@@ -95,7 +95,7 @@ class RotaryEmbedding(nn.Module):
     def table(self, n: int, device, dtype):
         if self.cos is None or n > self.max_len or self.cos.device != torch.device(device) or self.cos.dtype != dtype:
             n = max(n, self.max_len, 4096)
-            t = torch.arange(n, dtype=torch.float64)
+            t = torch.arange(n, dtype=torch.float64, device="cpu")
             freqs = torch.outer(t, self.inv_freq)
             emb = torch.cat([freqs, freqs], dim=-1)
             self.cos, self.sin = emb.cos().to(device, dtype), emb.sin().to(device, dtype)

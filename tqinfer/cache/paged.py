@@ -1,0 +1,255 @@
+"""PagedCache: a static block pool of compressed records per layer, block tables per sequence,
+and full-precision sinks + recent window per sequence.
+
+Layout (the kernels read exactly this):
+- k_pool[layer]: uint8 [num_blocks, H, BS, rec_k] (dense layers: model dtype [num_blocks, H, BS, d]);
+  token t of sequence slot s lives in block block_table[s, t // BS] at offset t % BS.
+- k_hot[layer]: model dtype [max_seqs, H, S + W, d]; token t < S at hot slot t, t >= S at
+  S + (t - S) % W. A sequence of L tokens keeps [S, L - W) compressed in the pool, the rest hot.
+- Records of a token are written once, when it leaves the window (quantize-on-write); `compressed`
+  per sequence says how many leading tokens already have records, so a rollback never re-encodes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tqinfer.cache.config import DENSE, CacheConfig, bytes_per_token, fixed_bytes
+from tqinfer.errors import CacheMemoryError
+
+
+@dataclass
+class LayerCacheView:
+    """What attention over one layer's cache needs (shared by the torch twin and the kernels)."""
+
+    k_pool: torch.Tensor
+    v_pool: torch.Tensor
+    k_hot: torch.Tensor | None
+    v_hot: torch.Tensor | None
+    block_table: torch.Tensor  # int32 [B, max_blocks] rows of the step's sequences
+    seq_slot: torch.Tensor  # int32 [B] hot-buffer row of each sequence
+    sinks: int
+    window: int
+    block_size: int
+    k_codec: object | None  # KVCodec, None for a dense layer
+    v_codec: object | None
+
+    @property
+    def dense(self) -> bool:
+        return self.k_codec is None
+
+
+def codec_seed(seed: int, layer: int, which: str) -> int:
+    """One rotation per (seed, layer, K|V), shared by the layer's KV heads."""
+    return (seed * 1_000_003 + layer * 2 + (which == "v")) & 0x7FFFFFFF
+
+
+def available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+class PagedCache:
+    kind = "paged"
+
+    def __init__(self, config: CacheConfig, args, *, max_seqs: int, max_len: int, dtype, device,
+                 num_blocks: int | None = None):
+        from tqinfer.quant.registry import make_codec
+
+        self.config, self.args = config, args
+        self.device, self.dtype = torch.device(device), dtype
+        self.max_seqs, self.max_len = max_seqs, max_len
+        L, H, d, BS = args.num_hidden_layers, args.num_key_value_heads, args.head_dim, config.block_size
+        self.block_size = BS
+        self.blocks_per_seq = -(-max_len // BS)
+        self.num_blocks = num_blocks or max_seqs * self.blocks_per_seq
+        self.sinks, self.window = config.sinks, config.window
+        need = self.num_blocks * BS * bytes_per_token(args, config, dtype) + max_seqs * fixed_bytes(args, config, dtype)
+        free = available_memory(self.device)
+        if need > free:
+            raise CacheMemoryError(
+                f"the KV cache for {max_seqs} x {max_len} tokens ({config.label}) needs "
+                f"{need / 2**20:.1f} MiB but only {free / 2**20:.1f} MiB is free on {self.device}; "
+                f"use a smaller -c or a smaller cache type (tqinfer estimate shows the options)"
+            )
+        self.k_codec, self.v_codec, self.k_pool, self.v_pool, self.k_hot, self.v_hot = [], [], [], [], [], []
+        hot = config.sinks + config.window
+        for layer in range(L):
+            kt, vt = config.layer_types(layer, L)
+            for which, name, codecs, pools in (("k", kt, self.k_codec, self.k_pool), ("v", vt, self.v_codec, self.v_pool)):
+                if name == DENSE:
+                    codecs.append(None)
+                    pools.append(torch.zeros(self.num_blocks, H, BS, d, dtype=dtype, device=self.device))
+                else:
+                    codec = make_codec(name, d, H, seed=codec_seed(config.seed, layer, which),
+                                       rotation=config.rotation)
+                    if hasattr(codec, "to"):
+                        codec = codec.to(self.device)
+                    codecs.append(codec)
+                    pools.append(torch.zeros(self.num_blocks, H, BS, codec.record_bytes, dtype=torch.uint8,
+                                             device=self.device))
+            compressed = (kt, vt) != (DENSE, DENSE)
+            self.k_hot.append(torch.zeros(max_seqs, H, hot, d, dtype=dtype, device=self.device) if compressed else None)
+            self.v_hot.append(torch.zeros(max_seqs, H, hot, d, dtype=dtype, device=self.device) if compressed else None)
+        self.block_table = torch.zeros(max_seqs, self.blocks_per_seq, dtype=torch.int32, device=self.device)
+        self.tables: list[list[int]] = [[] for _ in range(max_seqs)]
+        self.free_blocks = list(range(self.num_blocks))[::-1]
+        self.lens = [0] * max_seqs
+        self.compressed = [0] * max_seqs  # leading tokens that already have records
+        self.calibrated = [False] * L
+
+    # --- blocks -----------------------------------------------------------------------------
+    def reserve(self, slot: int, n: int) -> None:
+        """Make sure sequence `slot` has blocks for n tokens."""
+        if n > self.max_len:
+            raise CacheMemoryError(f"{n} tokens exceed the cache's context of {self.max_len}")
+        table = self.tables[slot]
+        need = -(-n // self.block_size)
+        if need - len(table) > len(self.free_blocks):
+            raise CacheMemoryError(
+                f"out of cache blocks: sequence needs {need - len(table)} more, {len(self.free_blocks)} free"
+            )
+        while len(table) < need:
+            block = self.free_blocks.pop()
+            self.block_table[slot, len(table)] = block
+            table.append(block)
+
+    def set_len(self, slot: int, n: int) -> None:
+        if n == 0:
+            self.free_blocks.extend(reversed(self.tables[slot]))
+            self.tables[slot] = []
+            self.compressed[slot] = 0
+        self.lens[slot] = n
+
+    def truncate(self, slot: int, n: int) -> None:
+        """Roll a sequence back to n tokens. Window tokens that had already left it are restored to
+        the hot buffer from their records (their exact values are gone)."""
+        old = self.lens[slot]
+        if n >= old:
+            return
+        if n == 0:
+            return self.set_len(slot, 0)
+        S, W = self.sinks, self.window
+        lost = range(max(S, n - W), min(n, max(S, old - W)))
+        if len(lost) and W > 0:
+            t = torch.tensor(list(lost), device=self.device)
+            flat = self.block_table[slot, t // self.block_size].long() * self.block_size + t % self.block_size
+            hot_idx = S + (t - S) % W
+            for layer in range(self.args.num_hidden_layers):
+                for codec, pool, hot in ((self.k_codec[layer], self.k_pool[layer], self.k_hot[layer]),
+                                         (self.v_codec[layer], self.v_pool[layer], self.v_hot[layer])):
+                    if hot is None:
+                        continue
+                    x = read_tokens(pool, flat, self.block_size)  # [N, H, rec | d]
+                    x = x.to(torch.float32) if codec is None else codec.decode(x)
+                    hot[slot, :, hot_idx] = x.transpose(0, 1).to(hot.dtype)
+        keep = -(-n // self.block_size)
+        self.free_blocks.extend(reversed(self.tables[slot][keep:]))
+        del self.tables[slot][keep:]
+        self.compressed[slot] = min(self.compressed[slot], n)
+        self.lens[slot] = n
+
+    # --- attention and writes -----------------------------------------------------------------
+    def view(self, layer: int, slots: list[int]) -> LayerCacheView:
+        idx = torch.tensor(slots, dtype=torch.int32, device=self.device)
+        return LayerCacheView(self.k_pool[layer], self.v_pool[layer], self.k_hot[layer], self.v_hot[layer],
+                              self.block_table[idx.long()], idx, self.sinks, self.window, self.block_size,
+                              self.k_codec[layer], self.v_codec[layer])
+
+    def attend(self, layer, q, k, v, ctx, scale, window):
+        from tqinfer.kernels import dispatch
+
+        for slot, prefix, n in zip(ctx.slots, ctx.prefix_lens, ctx.chunk_lens):
+            self.reserve(slot, prefix + n)
+        if not self.calibrated[layer]:
+            self._calibrate(layer, k, v)
+        view = self.view(layer, ctx.slots)
+        out = dispatch.paged_attention(q, k, v, ctx.cu_q, ctx.prefix_lens_t, view, scale, window,
+                                       prefix_list=ctx.prefix_lens, chunk_list=ctx.chunk_lens)
+        self._write(layer, k, v, ctx)
+        return out
+
+    def _calibrate(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Split types choose their outlier channels per KV head from the first prefill chunk."""
+        for codec, x in ((self.k_codec[layer], k), (self.v_codec[layer], v)):
+            if codec is not None and getattr(codec, "needs_calibration", False):
+                codec.calibrate(x.float())
+        self.calibrated[layer] = True
+
+    def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor, ctx) -> None:
+        from tqinfer.kernels import dispatch
+
+        S, W, BS = self.sinks, self.window, self.block_size
+        khot, vhot = self.k_hot[layer], self.v_hot[layer]
+        start = 0
+        for slot, p, n in zip(ctx.slots, ctx.prefix_lens, ctx.chunk_lens):
+            end = p + n
+            kc, vc = k[start:start + n], v[start:start + n]
+            start += n
+            table = self.block_table[slot]
+            if khot is None:  # dense layer: every token to the pool
+                t = torch.arange(p, end, device=self.device)
+                flat = table[t // BS].long() * BS + t % BS
+                write_dense(self.k_pool[layer], kc, flat, BS)
+                write_dense(self.v_pool[layer], vc, flat, BS)
+                continue
+            # tokens that get records now: those leaving (or never entering) the window
+            first = max(S, self.compressed[slot])
+            upto = max(first, end - W)
+            if upto > first:
+                t = torch.arange(first, upto, device=self.device)
+                from_hot = t < p
+                xs_k, xs_v = [], []
+                if bool(from_hot.any()):
+                    th = t[from_hot]
+                    hidx = S + (th - S) % W
+                    xs_k.append(khot[slot, :, hidx].transpose(0, 1))
+                    xs_v.append(vhot[slot, :, hidx].transpose(0, 1))
+                tc = t[~from_hot] - p
+                if len(tc):
+                    xs_k.append(kc[tc])
+                    xs_v.append(vc[tc])
+                flat = table[t // BS].long() * BS + t % BS
+                dispatch.write_tokens(self.k_codec[layer], torch.cat(xs_k), self.k_pool[layer], flat)
+                dispatch.write_tokens(self.v_codec[layer], torch.cat(xs_v), self.v_pool[layer], flat)
+            # the chunk's tokens that stay full precision: sinks and the last W
+            t = torch.arange(p, end, device=self.device)
+            keep = (t < S) | (t >= end - W)
+            if bool(keep.any()):
+                tk = t[keep]
+                hidx = torch.where(tk < S, tk, S + (tk - S) % max(W, 1))
+                khot[slot, :, hidx] = kc[tk - p].transpose(0, 1).to(khot.dtype)
+                vhot[slot, :, hidx] = vc[tk - p].transpose(0, 1).to(vhot.dtype)
+        for slot, p, n in zip(ctx.slots, ctx.prefix_lens, ctx.chunk_lens):
+            if layer == self.args.num_hidden_layers - 1:
+                self.compressed[slot] = max(self.compressed[slot], p + n - W)
+
+    # --- accounting -------------------------------------------------------------------------
+    def nbytes(self) -> int:
+        tensors = self.k_pool + self.v_pool + [t for t in self.k_hot + self.v_hot if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def seq_nbytes(self, slot: int) -> int:
+        """Bytes this sequence's tokens take: records of compressed tokens, full precision of the rest."""
+        n = self.lens[slot]
+        return n * bytes_per_token(self.args, self.config, self.dtype) + (
+            fixed_bytes(self.args, self.config, self.dtype) if n else 0)
+
+
+def read_tokens(pool: torch.Tensor, flat: torch.Tensor, block_size: int) -> torch.Tensor:
+    """pool [NB, H, BS, r] at flat token indices [N] -> [N, H, r]."""
+    return pool[flat // block_size, :, flat % block_size]
+
+
+def write_dense(pool: torch.Tensor, x: torch.Tensor, flat: torch.Tensor, block_size: int) -> None:
+    pool[flat // block_size, :, flat % block_size] = x.to(pool.dtype)

@@ -1,0 +1,134 @@
+"""Torch twins of the Triton kernels: the CPU path and the kernels' oracle.
+
+Attention is computed from codes the way the kernels do it: the query is rotated once per KV head,
+scores are n_k * <q_rot, c[idx]> (+ the QJL term), values are accumulated in V's rotated space and
+un-rotated once; compressed tokens are read tile by tile (never a full-precision copy of the cache)
+and merged with the full-precision parts (sinks, recent window, the chunk itself) by log-sum-exp.
+"""
+
+from __future__ import annotations
+
+import torch
+
+TILE_TOKENS = 1024
+
+
+def write_tokens(codec, x: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor) -> None:
+    """Quantize-on-write: x [N, H, d] -> records at flat token slots [N] of pool [NB, H, BS, rec]."""
+    bs = pool.shape[2]
+    slots = slots.long()
+    pool[slots // bs, :, slots % bs] = codec.encode(x)
+
+
+def _softmax_part(scores: torch.Tensor):
+    """scores [..., N] -> (max [...], sum of exp [...], probs [..., N]) with -inf rows handled."""
+    m = scores.amax(-1)
+    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(scores - m_safe.unsqueeze(-1))
+    return m, p.sum(-1), p
+
+
+class _Merger:
+    """Online softmax over parts: each part adds (max, sum, unnormalized output)."""
+
+    def __init__(self):
+        self.m = self.l = self.o = None
+
+    def add(self, m, l, o):
+        if self.m is None:
+            self.m, self.l, self.o = m, l, o
+            return
+        new = torch.maximum(self.m, m)
+        new_safe = torch.where(torch.isfinite(new), new, torch.zeros_like(new))
+        a, b = torch.exp(self.m - new_safe), torch.exp(m - new_safe)
+        self.l = self.l * a + l * b
+        self.o = self.o * a.unsqueeze(-1) + o * b.unsqueeze(-1)
+        self.m = new
+
+    def result(self):
+        return self.o / self.l.unsqueeze(-1)
+
+
+def _dense_part(qg, keys, values, qpos, kpos, scale, window, merger):
+    """qg [n, G, H, d] fp32; keys/values [N, H, d]; positions qpos [n], kpos [N]."""
+    if keys.shape[0] == 0:
+        return
+    s = torch.einsum("nghd,khd->nghk", qg, keys.float()) * scale
+    mask = kpos[None, :] <= qpos[:, None]
+    if window is not None:
+        mask &= kpos[None, :] > qpos[:, None] - window
+    s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
+    m, l, p = _softmax_part(s)
+    merger.add(m, l, torch.einsum("nghk,khd->nghd", p, values.float()))
+
+
+def _compressed_part(qg, view, row, lo, hi, qpos, scale, window, merger):
+    """Tokens [lo, hi) of the sequence in table row `row`, read tile by tile from the pools."""
+    if hi <= lo:
+        return
+    kc, vc, bs = view.k_codec, view.v_codec, view.block_size
+    table = view.block_table[row].long()
+    q_rot = kc.rotate(qg)  # [n, G, H, d], once per step
+    sq = kc.qjl_project(q_rot) if kc.has_qjl else None
+    part = _Merger()
+    for t0 in range(lo, hi, TILE_TOKENS):
+        t = torch.arange(t0, min(hi, t0 + TILE_TOKENS), device=qg.device)
+        flat = table[t // bs] * bs + t % bs
+        krec = view.k_pool[flat // bs, :, flat % bs]  # [N, H, rec]
+        s = torch.einsum("nghd,khd->nghk", q_rot, kc.decode_rotated(krec))
+        if sq is not None:
+            signs, gamma = kc.qjl_signs(krec)
+            s = s + torch.einsum("nghm,khm->nghk", sq, signs) * gamma.T[None, None]
+        s = s * scale
+        mask = t[None, :] <= qpos[:, None]
+        if window is not None:
+            mask &= t[None, :] > qpos[:, None] - window
+        s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
+        m, l, p = _softmax_part(s)
+        vrec = view.v_pool[flat // bs, :, flat % bs]
+        part.add(m, l, torch.einsum("nghk,khd->nghd", p, vc.decode_rotated(vrec)))
+    merger.add(part.m, part.l, vc.unrotate(part.o))  # un-rotate once per step
+
+
+def paged_attention(q, k, v, cu_q, prefix_lens, view, scale: float, window: int | None = None,
+                    prefix_list: list[int] | None = None, chunk_list: list[int] | None = None) -> torch.Tensor:
+    """q [T, Hq, d], k/v [T, H, d] (the chunks' own tokens) -> [T, Hq, d] in q's dtype.
+
+    Each chunk attends causally to itself and to its sequence's cached prefix (LayerCacheView)."""
+    T, Hq, d = q.shape
+    H = k.shape[1]
+    G = Hq // H
+    out = torch.empty_like(q)
+    cu = cu_q.tolist()
+    prefixes = prefix_list if prefix_list is not None else prefix_lens.tolist()
+    slots = view.seq_slot.tolist()
+    S, W = view.sinks, view.window
+    for row, (s0, s1, p) in enumerate(zip(cu[:-1], cu[1:], prefixes)):
+        n = s1 - s0
+        qpos = torch.arange(p, p + n, device=q.device)
+        qg = q[s0:s1].float().view(n, H, G, d).transpose(1, 2)  # [n, G, H, d]: head h = kv * G + g
+        merger = _Merger()
+        _dense_part(qg, k[s0:s1], v[s0:s1], qpos, qpos, scale, window, merger)
+        if view.dense:
+            t = torch.arange(p, device=q.device)
+            if window is not None:
+                t = t[t > p - window]
+            table = view.block_table[row].long()
+            flat = table[t // view.block_size] * view.block_size + t % view.block_size
+            bs = view.block_size
+            _dense_part(qg, view.k_pool[flat // bs, :, flat % bs], view.v_pool[flat // bs, :, flat % bs],
+                        qpos, t, scale, window, merger)
+        else:
+            hot_t = torch.cat([torch.arange(min(S, p)), torch.arange(max(S, p - W), p)]).to(q.device)
+            if window is not None:
+                hot_t = hot_t[hot_t > p - window]
+            hidx = torch.where(hot_t < S, hot_t, S + (hot_t - S) % max(W, 1))
+            slot = slots[row]
+            _dense_part(qg, view.k_hot[slot, :, hidx].transpose(0, 1), view.v_hot[slot, :, hidx].transpose(0, 1),
+                        qpos, hot_t, scale, window, merger)
+            lo, hi = S, max(S, p - W)
+            if window is not None:
+                lo = max(lo, p - window + 1)
+            _compressed_part(qg, view, row, lo, hi, qpos, scale, window, merger)
+        out[s0:s1] = merger.result().transpose(1, 2).reshape(n, Hq, d).to(q.dtype)
+    return out
