@@ -1,0 +1,63 @@
+"""Exact-bit packing: identity, exact sizes, and the byte layout the kernels read."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tqinfer.quant.packing import pack, packed_bytes, planes, unpack
+
+
+def layout_oracle(codes: list[int], bits: int) -> list[int]:
+    """The documented layout, written out bit by bit."""
+    out = []
+    shift = 0
+    for p in planes(bits):
+        plane = [0] * ((len(codes) * p + 7) // 8)
+        per = 8 // p
+        for j, c in enumerate(codes):
+            field = (c >> shift) & ((1 << p) - 1)
+            plane[j // per] |= field << ((j % per) * p)
+        out += plane
+        shift += p
+    return out
+
+
+def test_plane_decomposition():
+    assert [planes(b) for b in range(1, 9)] == [[1], [2], [2, 1], [4], [4, 1], [4, 2], [4, 2, 1], [8]]
+    assert all(sum(planes(b)) == b for b in range(1, 9))
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("n", [1, 3, 7, 8, 13, 31, 64, 127, 128])
+def test_identity_and_layout(bits, n):
+    g = torch.Generator().manual_seed(bits * 1000 + n)
+    codes = torch.randint(0, 1 << bits, (3, n), generator=g, dtype=torch.uint8)
+    packed = pack(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, packed_bytes(n, bits))
+    assert torch.equal(unpack(packed, bits, n), codes)
+    assert packed[1].tolist() == layout_oracle(codes[1].tolist(), bits)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_exact_bits_per_code(bits):
+    for n in (8, 64, 128, 256):
+        assert packed_bytes(n, bits) * 8 == n * bits
+
+
+def test_bad_inputs():
+    with pytest.raises(TypeError):
+        pack(torch.zeros(8, dtype=torch.int64), 2)
+    with pytest.raises(ValueError, match="bits"):
+        pack(torch.zeros(8, dtype=torch.uint8), 9)
+    with pytest.raises(ValueError, match="take"):
+        unpack(torch.zeros(3, dtype=torch.uint8), 2, 16)
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.integers(1, 8), lead=st.lists(st.integers(1, 4), max_size=3), n=st.integers(1, 70),
+       seed=st.integers(0, 2**31))
+def test_identity_any_shape(bits, lead, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 1 << bits, (*lead, n), generator=g, dtype=torch.uint8)
+    assert torch.equal(unpack(pack(codes, bits), bits, n), codes)
