@@ -1,0 +1,380 @@
+"""Split-KV decode attention over a paged cache of packed codes (or dense pages), GQA-grouped, plus the
+merge stage that adds the full-precision sink / recent tokens and the new token and un-rotates once.
+
+Stage 1 (grid B x H x splits): one program per KV head and split; all G query heads of the group share
+each tile's codes. Scores come from the rotated query against centroids (tl.dot), times the token's
+norm (+ the QJL term); softmax is online in fp32 (base 2, the scale folded into q); values accumulate
+in the codec's rotated space. Stage 2 (grid B x H): log-sum-exp merge of the splits, un-rotation, then
+the hot tokens and the token itself in the original space. The grid depends only on the batch size
+and head count, so a decode step can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .quantize import CodePart, RecordLayout, record_layout
+
+LOG2E = 1.4426950408889634
+NEG = -1.0e30  # finite "minus infinity" for running maxima, so empty splits merge without NaN
+
+
+@triton.jit
+def _sub_codes(b2, b1, S: tl.constexpr, BITS: tl.constexpr):
+    """Codes of sub-tile S (channels 4j + S) from the 2-bit plane bytes b2 and the 1-bit plane bytes
+    b1 (already shifted so bit S is channel 4j + S)."""
+    if BITS == 1:
+        code = (b1 >> S) & 1
+    elif BITS == 2:
+        code = (b2 >> (2 * S)) & 3
+    else:
+        code = ((b2 >> (2 * S)) & 3) | (((b1 >> S) & 1) << 2)
+    return code
+
+
+@triton.jit
+def centroid_tile(row, tmask, tab_ptr, D: tl.constexpr, BITS: tl.constexpr, PLANE: tl.constexpr,
+                  TAB: tl.constexpr, BLOCK_N: tl.constexpr):
+    """row[N] record pointers -> [N, D] float32 centroids of one part's codes, channel order natural.
+    Plane bytes are loaded once each (contiguous), split into sub-tiles by shift, and interleaved back."""
+    if BITS == 4:
+        j = tl.arange(0, D // 2)
+        b = tl.load(row[:, None] + PLANE + j[None, :], mask=tmask[:, None], other=0).to(tl.int32)
+        c0 = tl.load(tab_ptr + TAB + (b & 15))
+        c1 = tl.load(tab_ptr + TAB + (b >> 4))
+        out = tl.interleave(c0, c1)
+    else:
+        j = tl.arange(0, D // 4)
+        if BITS >= 2:
+            b2 = tl.load(row[:, None] + PLANE + j[None, :], mask=tmask[:, None], other=0).to(tl.int32)
+        else:
+            b2 = tl.zeros([BLOCK_N, D // 4], dtype=tl.int32)
+        if BITS % 2 == 1:
+            OFF1: tl.constexpr = PLANE + (BITS // 2) * (D // 4)
+            b1 = tl.load(row[:, None] + OFF1 + (j // 2)[None, :], mask=tmask[:, None], other=0)
+            b1 = b1.to(tl.int32) >> ((j % 2) * 4)[None, :]
+        else:
+            b1 = tl.zeros([BLOCK_N, D // 4], dtype=tl.int32)
+        c0 = tl.load(tab_ptr + TAB + _sub_codes(b2, b1, 0, BITS))
+        c1 = tl.load(tab_ptr + TAB + _sub_codes(b2, b1, 1, BITS))
+        c2 = tl.load(tab_ptr + TAB + _sub_codes(b2, b1, 2, BITS))
+        c3 = tl.load(tab_ptr + TAB + _sub_codes(b2, b1, 3, BITS))
+        out = tl.interleave(tl.interleave(c0, c2), tl.interleave(c1, c3))
+    return out
+
+
+@triton.jit
+def record_scale(row, tmask, OFF: tl.constexpr):
+    """The fp16 scale (norm or gamma) at byte OFF of each record -> float32 [N]."""
+    return tl.load((row + OFF).to(tl.pointer_type(tl.float16)), mask=tmask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def tile_scores(q_a, q_b, q_q, k_pool, tab_k, tok_base, tmask, h,
+                H: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                K_DENSE: tl.constexpr, REC_K: tl.constexpr,
+                DKA: tl.constexpr, BKA: tl.constexpr, PKA: tl.constexpr, SKA: tl.constexpr, TKA: tl.constexpr,
+                DKB: tl.constexpr, BKB: tl.constexpr, PKB: tl.constexpr, SKB: tl.constexpr, TKB: tl.constexpr,
+                DKQ: tl.constexpr, PKQ: tl.constexpr, SKQ: tl.constexpr, TKQ: tl.constexpr):
+    """Scores [rows, BLOCK_N] (log2 units) of the prepared queries against one tile of cached keys;
+    tok_base[N] is the slot index (block * H + h) * BS + offset of each token."""
+    if K_DENSE:
+        d = tl.arange(0, D)
+        k = tl.load(k_pool + tok_base[:, None] * D + d[None, :], mask=tmask[:, None], other=0.0)
+        qk = tl.dot(q_a, tl.trans(k))
+    else:
+        row = k_pool + tok_base * REC_K
+        c = centroid_tile(row, tmask, tab_k, DKA, BKA, PKA, TKA, BLOCK_N).to(tl.float16)
+        qk = tl.dot(q_a, tl.trans(c)) * record_scale(row, tmask, SKA)[None, :]
+        if DKB > 0:
+            c = centroid_tile(row, tmask, tab_k, DKB, BKB, PKB, TKB, BLOCK_N).to(tl.float16)
+            qk += tl.dot(q_b, tl.trans(c)) * record_scale(row, tmask, SKB)[None, :]
+        if DKQ > 0:
+            c = centroid_tile(row, tmask, tab_k, DKQ, 1, PKQ, TKQ, BLOCK_N).to(tl.float16)
+            qk += tl.dot(q_q, tl.trans(c)) * record_scale(row, tmask, SKQ)[None, :]
+    return qk
+
+
+@triton.jit
+def tile_values(p, acc, v_pool, tab_v, tok_base, tmask,
+                D: tl.constexpr, BLOCK_N: tl.constexpr, V_DENSE: tl.constexpr, REC_V: tl.constexpr,
+                DV: tl.constexpr, BV: tl.constexpr, PV: tl.constexpr, SV: tl.constexpr, TV: tl.constexpr):
+    """acc[rows, DV] += p[rows, N] @ (one part of) the tile's values, in the codec's rotated space."""
+    if V_DENSE:
+        d = tl.arange(0, D)
+        v = tl.load(v_pool + tok_base[:, None] * D + d[None, :], mask=tmask[:, None], other=0.0)
+        acc += tl.dot(p.to(v.dtype), v)
+    else:
+        row = v_pool + tok_base * REC_V
+        c = centroid_tile(row, tmask, tab_v, DV, BV, PV, TV, BLOCK_N).to(tl.float16)
+        pn = p * record_scale(row, tmask, SV)[None, :]
+        acc += tl.dot(pn.to(tl.float16), c)
+    return acc
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_pool, v_pool, tab_k, tab_v, bt_ptr, prefix_ptr, ws_m, ws_l, ws_acc,
+    sinks, window, s_bt, s_qb, s_qh,
+    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+    BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr,
+    K_DENSE: tl.constexpr, REC_K: tl.constexpr,
+    CKA: tl.constexpr, DKA: tl.constexpr, BKA: tl.constexpr, PKA: tl.constexpr, SKA: tl.constexpr, TKA: tl.constexpr,
+    CKB: tl.constexpr, DKB: tl.constexpr, BKB: tl.constexpr, PKB: tl.constexpr, SKB: tl.constexpr, TKB: tl.constexpr,
+    CKQ: tl.constexpr, DKQ: tl.constexpr, PKQ: tl.constexpr, SKQ: tl.constexpr, TKQ: tl.constexpr,
+    V_DENSE: tl.constexpr, REC_V: tl.constexpr,
+    CVA: tl.constexpr, DVA: tl.constexpr, BVA: tl.constexpr, PVA: tl.constexpr, SVA: tl.constexpr, TVA: tl.constexpr,
+    CVB: tl.constexpr, DVB: tl.constexpr, BVB: tl.constexpr, PVB: tl.constexpr, SVB: tl.constexpr, TVB: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.program_id(2)
+    L = tl.load(prefix_ptr + b)
+    c_end = tl.where(window > 0, L - window, L)
+    n_tiles_lo = sinks // BLOCK_N
+    n_tiles_hi = tl.where(c_end > sinks, (c_end + BLOCK_N - 1) // BLOCK_N, n_tiles_lo)
+    per = (n_tiles_hi - n_tiles_lo + NSPLIT - 1) // NSPLIT
+    t_start = n_tiles_lo + s * per
+    t_end = tl.minimum(t_start + per, n_tiles_hi)
+
+    g = tl.arange(0, GP)
+    qrow = q_ptr + b * s_qb + (h * G + tl.minimum(g, G - 1)) * s_qh
+    q_a = tl.load(qrow[:, None] + CKA + tl.arange(0, DKA)[None, :])
+    q_b = q_a
+    q_q = q_a
+    if DKB > 0:
+        q_b = tl.load(qrow[:, None] + CKB + tl.arange(0, DKB)[None, :])
+    if DKQ > 0:
+        q_q = tl.load(qrow[:, None] + CKQ + tl.arange(0, DKQ)[None, :])
+
+    m_i = tl.full([GP], NEG, dtype=tl.float32)
+    l_i = tl.zeros([GP], dtype=tl.float32)
+    acc_a = tl.zeros([GP, DVA], dtype=tl.float32)
+    acc_b = tl.zeros([GP, DVB if DVB > 0 else 16], dtype=tl.float32)
+    n = tl.arange(0, BLOCK_N)
+    for ti in range(t_start, t_end):
+        tok = ti * BLOCK_N + n
+        tmask = (tok >= sinks) & (tok < c_end)
+        blk = tl.load(bt_ptr + b * s_bt + (ti * BLOCK_N) // BS).to(tl.int64)
+        tok_base = (blk * H + h) * BS + (ti * BLOCK_N) % BS + n
+        qk = tile_scores(q_a, q_b, q_q, k_pool, tab_k, tok_base, tmask, h, H, BS, D, BLOCK_N,
+                         K_DENSE, REC_K, DKA, BKA, PKA, SKA, TKA, DKB, BKB, PKB, SKB, TKB,
+                         DKQ, PKQ, SKQ, TKQ)
+        qk = tl.where(tmask[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc_a = tile_values(p, acc_a * alpha[:, None], v_pool, tab_v, tok_base, tmask, D, BLOCK_N,
+                            V_DENSE, REC_V, DVA, BVA, PVA, SVA, TVA)
+        if DVB > 0:
+            acc_b = tile_values(p, acc_b * alpha[:, None], v_pool, tab_v, tok_base, tmask, D, BLOCK_N,
+                                V_DENSE, REC_V, DVB, BVB, PVB, SVB, TVB)
+        m_i = m_new
+
+    ws = (b * H + h) * NSPLIT + s
+    tl.store(ws_m + ws * GP + g, m_i)
+    tl.store(ws_l + ws * GP + g, l_i)
+    acc_row = ws_acc + (ws * GP + g) * D
+    tl.store(acc_row[:, None] + CVA + tl.arange(0, DVA)[None, :], acc_a)
+    if DVB > 0:
+        tl.store(acc_row[:, None] + CVB + tl.arange(0, DVB)[None, :], acc_b)
+
+
+@triton.jit
+def hot_attention(q, m_i, l_i, acc, k_hot, v_hot, hot_base, s_hh, s_hs, L, sinks, window,
+                  D: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Fold the full-precision sink and recent-window tokens of one sequence (prefix length L) into the
+    running softmax of q[rows, D] (fp32, log2-scaled); hot_base points at this sequence's KV head."""
+    n_sink = tl.minimum(sinks, L)
+    w_lo = tl.where(window > 0, tl.maximum(sinks, L - window), L)
+    n_hot = n_sink + tl.maximum(L - w_lo, 0)
+    w_safe = tl.maximum(window, 1)
+    d = tl.arange(0, D)
+    for i0 in range(0, n_hot, BLOCK_H):
+        i = i0 + tl.arange(0, BLOCK_H)
+        hmask = i < n_hot
+        t = tl.where(i < n_sink, i, w_lo + i - n_sink)
+        slot = tl.where(i < n_sink, i, sinks + (t - sinks) % w_safe)
+        ptr = hot_base + slot[:, None] * s_hs + d[None, :]
+        kh = tl.load(k_hot + ptr, mask=hmask[:, None], other=0.0).to(tl.float32)
+        vh = tl.load(v_hot + ptr, mask=hmask[:, None], other=0.0).to(tl.float32)
+        sc = tl.dot(q, tl.trans(kh), input_precision="ieee")
+        sc = tl.where(hmask[None, :], sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(sc - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p, vh, input_precision="ieee")
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _decode_merge_kernel(
+    q_ptr, k_ptr, v_ptr, k_hot, v_hot, slot_ptr, prefix_ptr, ws_m, ws_l, ws_acc, rot_v, out_ptr,
+    sinks, window, s_qt, s_qh, s_kt, s_kh, s_hb, s_hh, s_hs, s_ot, s_oh,
+    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, NSPLIT: tl.constexpr,
+    BLOCK_H: tl.constexpr, V_ROTATED: tl.constexpr, HAS_HOT: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    g = tl.arange(0, GP)
+    d = tl.arange(0, D)
+    ws = (b * H + h) * NSPLIT
+    m_i = tl.full([GP], NEG, dtype=tl.float32)
+    l_i = tl.zeros([GP], dtype=tl.float32)
+    acc = tl.zeros([GP, D], dtype=tl.float32)
+    for s in range(NSPLIT):
+        m_s = tl.load(ws_m + (ws + s) * GP + g)
+        l_s = tl.load(ws_l + (ws + s) * GP + g)
+        a_s = tl.load(ws_acc + ((ws + s) * GP + g)[:, None] * D + d[None, :])
+        m_new = tl.maximum(m_i, m_s)
+        alpha = tl.exp2(m_i - m_new)
+        beta = tl.exp2(m_s - m_new)
+        l_i = l_i * alpha + l_s * beta
+        acc = acc * alpha[:, None] + a_s * beta[:, None]
+        m_i = m_new
+    if V_ROTATED:  # x = Πᵀ y, as rows: acc @ Π
+        rot = tl.load(rot_v + h * D * D + d[:, None] * D + d[None, :])
+        acc = tl.dot(acc, rot, input_precision="ieee")
+
+    gq = tl.minimum(g, G - 1)
+    q = tl.load(q_ptr + b * s_qt + (h * G + gq)[:, None] * s_qh + d[None, :])
+    if HAS_HOT:
+        L = tl.load(prefix_ptr + b)
+        seq = tl.load(slot_ptr + b).to(tl.int64)
+        m_i, l_i, acc = hot_attention(q, m_i, l_i, acc, k_hot, v_hot, seq * s_hb + h * s_hh, s_hh, s_hs,
+                                      L, sinks, window, D, BLOCK_H)
+    kn = tl.load(k_ptr + b * s_kt + h * s_kh + d).to(tl.float32)
+    vn = tl.load(v_ptr + b * s_kt + h * s_kh + d).to(tl.float32)
+    sc = tl.sum(q * kn[None, :], axis=1)
+    m_new = tl.maximum(m_i, sc)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(sc - m_new)
+    l_i = l_i * alpha + p
+    acc = acc * alpha[:, None] + p[:, None] * vn[None, :]
+    o = acc / l_i[:, None]
+    tl.store(out_ptr + b * s_ot + (h * G + g)[:, None] * s_oh + d[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=(g < G)[:, None])
+
+
+# ----------------------------------------------------------------------------------------------------
+# host side
+
+
+def _k_args(layout: RecordLayout | None, d: int) -> dict:
+    """Kernel constants for the key side: dense, or parts A/B (+ QJL) of a layout."""
+    none = CodePart(0, 0, 1, 0, 0, 0, 0)
+    if layout is None:
+        return dict(K_DENSE=True, REC_K=0, CKA=0, DKA=d, BKA=1, PKA=0, SKA=0, TKA=0,
+                    CKB=0, DKB=0, BKB=1, PKB=0, SKB=0, TKB=0, CKQ=0, DKQ=0, PKQ=0, SKQ=0, TKQ=0)
+    a = layout.parts[0]
+    bb = layout.parts[1] if len(layout.parts) > 1 else none
+    qq = layout.qjl or none
+    return dict(K_DENSE=False, REC_K=layout.record_bytes,
+                CKA=a.channel, DKA=a.dim, BKA=a.bits, PKA=a.planes, SKA=a.scale, TKA=a.table,
+                CKB=bb.channel, DKB=bb.dim, BKB=bb.bits, PKB=bb.planes, SKB=bb.scale, TKB=bb.table,
+                CKQ=qq.channel, DKQ=qq.dim, PKQ=qq.planes, SKQ=qq.scale, TKQ=qq.table)
+
+
+def _v_args(layout: RecordLayout | None, d: int) -> dict:
+    none = CodePart(0, 0, 1, 0, 0, 0, 0)
+    if layout is None:
+        return dict(V_DENSE=True, REC_V=0, CVA=0, DVA=d, BVA=1, PVA=0, SVA=0, TVA=0,
+                    CVB=0, DVB=0, BVB=1, PVB=0, SVB=0, TVB=0)
+    a = layout.parts[0]
+    bb = layout.parts[1] if len(layout.parts) > 1 else none
+    return dict(V_DENSE=False, REC_V=layout.record_bytes,
+                CVA=a.channel, DVA=a.dim, BVA=a.bits, PVA=a.planes, SVA=a.scale, TVA=a.table,
+                CVB=bb.channel, DVB=bb.dim, BVB=bb.bits, PVB=bb.planes, SVB=bb.scale, TVB=bb.table)
+
+
+def prepare_queries(q: torch.Tensor, kv_heads: int, scale: float, k_layout: RecordLayout | None,
+                    dense_dtype: torch.dtype) -> torch.Tensor:
+    """q[T, Hq, d] -> the queries the compressed-key tiles read: scaled by scale·log2(e), rotated by
+    the key codec (with S q_rot appended for QJL keys), fp16; or in the dense pool's dtype."""
+    t, hq, d = q.shape
+    qs = q.float() * (scale * LOG2E)
+    if k_layout is None:
+        return qs.to(dense_dtype).contiguous()
+    g = hq // kv_heads
+    q_rot = torch.einsum("thgi,hoi->thgo", qs.view(t, kv_heads, g, d), k_layout.rotation)
+    if k_layout.qjl is not None:
+        qq = torch.einsum("thgi,hmi->thgm", q_rot, k_layout.qjl_matrix) * k_layout.qjl_scale
+        q_rot = torch.cat([q_rot, qq], -1)
+    return q_rot.reshape(t, hq, -1).to(torch.float16).contiguous()
+
+
+def _layouts(view, device):
+    k_lay = None if view.k_codec is None else record_layout(view.k_codec, device)
+    v_lay = None if view.v_codec is None else record_layout(view.v_codec, device)
+    if v_lay is not None and v_lay.qjl is not None:
+        v_lay = RecordLayout(v_lay.dim, v_lay.heads, v_lay.record_bytes, v_lay.parts, v_lay.rotation,
+                             v_lay.tables, v_lay.boundaries)  # values read only the MSE part
+    return k_lay, v_lay
+
+
+def default_splits(batch: int, kv_heads: int, sms: int = 132) -> int:
+    """Splits per (sequence, KV head): about four programs per SM in total, fixed per batch size."""
+    return max(1, min(64, -(-4 * sms // (batch * kv_heads))))
+
+
+def _hot(view, like):
+    if view.k_hot is None or (view.sinks == 0 and view.window == 0):
+        return False, like, like, (0, 0, 0)
+    kh = view.k_hot
+    if kh.stride(3) != 1 or view.v_hot.stride() != kh.stride():
+        raise ValueError("k_hot and v_hot must share strides with a contiguous head_dim")
+    return True, kh, view.v_hot, (kh.stride(0), kh.stride(1), kh.stride(2))
+
+
+def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_splits: int | None = None,
+                           block_n: int | None = None) -> torch.Tensor:
+    """Decode attention (every chunk one token: cu_q == arange(B + 1)) over a paged, possibly compressed
+    cache: q[B, Hq, d], k/v[B, H, d] the new tokens -> [B, Hq, d] in q's dtype. See kernels/reference.py."""
+    bsz, hq, d = q.shape
+    h = k.shape[1]
+    if hq % h:
+        raise ValueError(f"{hq} query heads do not group over {h} KV heads")
+    if prefix_lens.shape[0] != bsz:
+        raise ValueError(f"decode takes one token per sequence: {bsz} queries, {prefix_lens.shape[0]} sequences")
+    g = hq // h
+    gp = max(16, triton.next_power_of_2(g))
+    bs = view.block_size
+    block_n = block_n or min(bs, 64)
+    if bs % block_n:
+        raise ValueError(f"block_n {block_n} must divide the block size {bs}")
+    k_lay, v_lay = _layouts(view, q.device)
+    nsplit = num_splits or default_splits(bsz, h)
+    qk = prepare_queries(q, h, scale, k_lay, view.k_pool.dtype)
+    dev = q.device
+    ws_m = torch.empty(bsz * h * nsplit * gp, device=dev, dtype=torch.float32)
+    ws_l = torch.empty_like(ws_m)
+    ws_acc = torch.empty(bsz * h * nsplit * gp * d, device=dev, dtype=torch.float32)
+    bt = view.block_table
+    tab_k = k_lay.tables if k_lay is not None else ws_m
+    tab_v = v_lay.tables if v_lay is not None else ws_m
+    _decode_split_kernel[(bsz, h, nsplit)](
+        qk, view.k_pool, view.v_pool, tab_k, tab_v, bt, prefix_lens, ws_m, ws_l, ws_acc,
+        view.sinks, view.window, bt.stride(0), qk.stride(0), qk.stride(1),
+        H=h, G=g, GP=gp, D=d, BS=bs, BLOCK_N=block_n, NSPLIT=nsplit,
+        **_k_args(k_lay, d), **_v_args(v_lay, d), num_warps=4)
+    if v.stride() != k.stride() or k.stride(2) != 1:
+        k, v = k.contiguous(), v.contiguous()
+    out = torch.empty_like(q)
+    qs = (q.float() * (scale * LOG2E)).contiguous()
+    has_hot, k_hot, v_hot, hs = _hot(view, k)
+    rot_v = v_lay.rotation if v_lay is not None else ws_m
+    seq_slot = view.seq_slot if has_hot else prefix_lens
+    _decode_merge_kernel[(bsz, h)](
+        qs, k, v, k_hot, v_hot, seq_slot, prefix_lens, ws_m, ws_l, ws_acc, rot_v, out,
+        view.sinks, view.window, qs.stride(0), qs.stride(1), k.stride(0), k.stride(1), *hs,
+        out.stride(0), out.stride(1),
+        H=h, G=g, GP=gp, D=d, NSPLIT=nsplit, BLOCK_H=32, V_ROTATED=v_lay is not None, HAS_HOT=has_hot,
+        num_warps=4)
+    return out

@@ -1,0 +1,240 @@
+"""Quantize-on-write: one fused Triton kernel normalizes, rotates, bucketizes, packs and stores the K or
+V records of many tokens straight into their paged slots; plus `RecordLayout`, a codec's record as
+the kernels read it.
+
+A record (tqinfer/quant/packing.py) holds code planes and fp16 scales at fixed byte offsets. The
+kernels see a codec as: one dense rotation matrix per head (rotate(x)_h = rotation[h] @ x_h, so a
+split codec's channel permutation and per-part rotations are one matrix), up to two MSE parts over
+consecutive rotated channels (each with its own bits, centroids, boundaries and norm), and for prod
+types a QJL part: a 1-bit sign plane whose "centroids" are ±1 and whose scale is gamma.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@dataclass(frozen=True)
+class CodePart:
+    """One quantizer inside a record: `dim` codes of `bits` bits over rotated channels
+    [channel, channel + dim), planes at byte `planes`, fp16 scale at byte `scale`, centroids at
+    `table` in RecordLayout.tables and inner boundaries at `bounds` in RecordLayout.boundaries."""
+
+    channel: int
+    dim: int
+    bits: int
+    planes: int
+    scale: int
+    table: int
+    bounds: int
+
+
+@dataclass
+class RecordLayout:
+    """A codec's record as kernels read it (see the module docstring). Tensors live on one device."""
+
+    dim: int
+    heads: int
+    record_bytes: int
+    parts: tuple[CodePart, ...]  # MSE parts, 1 or 2
+    rotation: torch.Tensor  # [H, d, d] float32
+    tables: torch.Tensor  # float32: every part's centroids, then [-1, 1] for the QJL signs
+    boundaries: torch.Tensor  # float32: every part's inner boundaries
+    qjl: CodePart | None = None  # channel counts in the extended query [q_rot | S q_rot]
+    qjl_matrix: torch.Tensor | None = None  # S [H, m, d] float32 (rotated space)
+    qjl_scale: float = 1.0  # score term = qjl_scale * stored gamma * <S q_rot, signs>
+
+    def to(self, device) -> "RecordLayout":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return RecordLayout(self.dim, self.heads, self.record_bytes, self.parts, move(self.rotation),
+                            move(self.tables), move(self.boundaries), self.qjl, move(self.qjl_matrix),
+                            self.qjl_scale)
+
+    def check(self) -> None:
+        for p in self.parts + ((self.qjl,) if self.qjl else ()):
+            if not 1 <= p.bits <= 4:
+                raise ValueError(f"kernels read 1..4-bit code planes, got a {p.bits}-bit part")
+            if p.dim < 16 or p.dim & (p.dim - 1):
+                raise ValueError(f"kernels need parts of a power-of-two width >= 16, got {p.dim}")
+        if len(self.parts) not in (1, 2):
+            raise ValueError(f"kernels read records of one or two MSE parts, got {len(self.parts)}")
+
+
+def _codec_parts(codec) -> tuple[list[dict], dict | None]:
+    """The MSE parts (and QJL part) of a tqinfer.quant codec, in record order."""
+    from tqinfer.quant.turboquant import TurboQuantMSE, TurboQuantProd, TurboQuantSplit
+
+    def mse(q, channel, planes, scale):
+        return dict(channel=channel, dim=q.dim, bits=q.bits, planes=planes, scale=scale,
+                    centroids=q.centroids64, boundaries=q.boundaries64)
+
+    if type(codec) is TurboQuantMSE:
+        return [mse(codec, 0, 0, codec.norm_at)], None
+    if type(codec) is TurboQuantSplit:
+        return [mse(codec.a, 0, 0, codec.norm_at),
+                mse(codec.b, codec.outliers, codec.a.code_bytes, codec.norm_at + 2)], None
+    if type(codec) is TurboQuantProd and codec.mse is not None:
+        qjl = dict(dim=codec.sketch.m, planes=codec.code_bytes, scale=codec.norm_at + 2,
+                   matrix=codec.sketch.matrix64, gamma_scale=codec.sketch.scale)
+        return [mse(codec.mse, 0, 0, codec.norm_at)], qjl
+    raise NotImplementedError(f"no fused kernel reads {getattr(codec, 'name', codec)!r} records")
+
+
+def supports(codec) -> bool:
+    """Whether the fused kernels read this codec's records (None, the dense type, always)."""
+    if codec is None:
+        return True
+    try:
+        parts, qjl = _codec_parts(codec)
+    except NotImplementedError:
+        return False
+    return all(1 <= p["bits"] <= 4 and p["dim"] >= 16 and p["dim"] & (p["dim"] - 1) == 0
+               for p in parts + ([dict(qjl, bits=1)] if qjl else []))
+
+
+def record_layout(codec, device) -> RecordLayout:
+    """The RecordLayout of a tqinfer.quant codec on `device`, kept on the codec until its state (a
+    split codec's calibrated channel permutation) changes."""
+    cache = codec.__dict__.setdefault("_kernel_layouts", {})
+    key = str(torch.device(device))
+    state = getattr(codec, "perm", None)
+    if key not in cache or cache[key][0] is not state:
+        cache[key] = (state, _build_layout(codec).to(device))
+    return cache[key][1]
+
+
+def _build_layout(codec) -> RecordLayout:
+    d, h = codec.dim, codec.heads
+    eye = torch.eye(d, dtype=torch.float64).unsqueeze(1).expand(d, h, d).contiguous()
+    rotation = codec.rotate(eye).float().permute(1, 2, 0).contiguous()  # [H, d_out, d_in]
+    mse_parts, qjl_info = _codec_parts(codec)
+    parts, tables, bounds, t_off, b_off = [], [], [], 0, 0
+    for p in mse_parts:
+        c, b = p["centroids"].float().flatten(), p["boundaries"].float().flatten()
+        parts.append(CodePart(p["channel"], p["dim"], p["bits"], p["planes"], p["scale"], t_off, b_off))
+        tables.append(c)
+        bounds.append(b)
+        t_off += c.numel()
+        b_off += b.numel()
+    qjl, qjl_matrix, qjl_scale = None, None, 1.0
+    if qjl_info is not None:
+        qjl = CodePart(d, qjl_info["dim"], 1, qjl_info["planes"], qjl_info["scale"], t_off, b_off)
+        tables.append(torch.tensor([-1.0, 1.0]))
+        s = qjl_info["matrix"].float()
+        qjl_matrix = s.unsqueeze(0).expand(h, *s.shape).contiguous()
+        qjl_scale = float(qjl_info["gamma_scale"])
+    layout = RecordLayout(d, h, codec.record_bytes, tuple(parts), rotation, torch.cat(tables),
+                          torch.cat(bounds), qjl, qjl_matrix, qjl_scale)
+    layout.check()
+    return layout
+
+
+# ----------------------------------------------------------------------------------------------------
+# kernel
+
+
+@triton.jit
+def _pack_plane(code, out_row, tmask, POS: tl.constexpr, W: tl.constexpr, OFF: tl.constexpr,
+                BT: tl.constexpr, DP: tl.constexpr):
+    """Store bits [POS, POS + W) of code[BT, DP] as a plane of width W at byte OFF of each record."""
+    PB: tl.constexpr = 8 // W
+    f = (code >> POS) & ((1 << W) - 1)
+    f3 = tl.reshape(f, [BT, DP // PB, PB])
+    sh = tl.arange(0, PB) * W
+    byte = tl.sum(f3 << sh[None, None, :], axis=2)  # disjoint bit fields: the sum is an OR
+    j = tl.arange(0, DP // PB)
+    tl.store(out_row[:, None] + OFF + j[None, :], byte.to(tl.uint8), mask=tmask[:, None])
+
+
+@triton.jit
+def _quantize_part(x, rot_ptr, bnd_ptr, out_row, tmask, CH: tl.constexpr, DP: tl.constexpr,
+                   BITS: tl.constexpr, PLANE: tl.constexpr, SCALE: tl.constexpr, BND: tl.constexpr,
+                   D: tl.constexpr, BT: tl.constexpr):
+    rows = CH + tl.arange(0, DP)
+    cols = tl.arange(0, D)
+    m = tl.load(rot_ptr + rows[:, None] * D + cols[None, :])  # [DP, D]
+    y = tl.dot(x, tl.trans(m), input_precision="ieee")  # [BT, DP] rotated coordinates
+    n = tl.sqrt(tl.sum(y * y, axis=1))
+    u = y / tl.where(n > 0, n, 1.0)[:, None]
+    code = tl.zeros([BT, DP], dtype=tl.int32)
+    for k in tl.static_range((1 << BITS) - 1):
+        code += (u > tl.load(bnd_ptr + BND + k)).to(tl.int32)
+    # planes: widths 4, 2, 1 present in BITS, lowest code bits first
+    POS2: tl.constexpr = (BITS // 4) * 4
+    POS1: tl.constexpr = POS2 + ((BITS // 2) % 2) * 2
+    OFF2: tl.constexpr = PLANE + (BITS // 4) * (DP // 2)
+    OFF1: tl.constexpr = OFF2 + ((BITS // 2) % 2) * (DP // 4)
+    if BITS // 4 == 1:
+        _pack_plane(code, out_row, tmask, 0, 4, PLANE, BT, DP)
+    if (BITS // 2) % 2 == 1:
+        _pack_plane(code, out_row, tmask, POS2, 2, OFF2, BT, DP)
+    if BITS % 2 == 1:
+        _pack_plane(code, out_row, tmask, POS1, 1, OFF1, BT, DP)
+    tl.store((out_row + SCALE).to(tl.pointer_type(tl.float16)), n.to(tl.float16), mask=tmask)
+
+
+@triton.jit
+def _quantize_kernel(x_ptr, slot_ptr, pool_ptr, rot_ptr, bnd_ptr, N, sx_t, sx_h,
+                     H: tl.constexpr, BS: tl.constexpr, REC: tl.constexpr, D: tl.constexpr,
+                     BT: tl.constexpr,
+                     CH_A: tl.constexpr, D_A: tl.constexpr, BITS_A: tl.constexpr, PL_A: tl.constexpr,
+                     SC_A: tl.constexpr, BND_A: tl.constexpr,
+                     CH_B: tl.constexpr, D_B: tl.constexpr, BITS_B: tl.constexpr, PL_B: tl.constexpr,
+                     SC_B: tl.constexpr, BND_B: tl.constexpr):
+    pid_t = tl.program_id(0)
+    h = tl.program_id(1)
+    t = pid_t * BT + tl.arange(0, BT)
+    tmask = t < N
+    cols = tl.arange(0, D)
+    x = tl.load(x_ptr + t[:, None] * sx_t + h * sx_h + cols[None, :], mask=tmask[:, None], other=0.0)
+    x = x.to(tl.float32)
+    slot = tl.load(slot_ptr + t, mask=tmask, other=0)
+    blk = slot // BS
+    off = slot % BS
+    out_row = pool_ptr + ((blk * H + h) * BS + off) * REC
+    rot_h = rot_ptr + h * D * D
+    _quantize_part(x, rot_h, bnd_ptr, out_row, tmask, CH_A, D_A, BITS_A, PL_A, SC_A, BND_A, D, BT)
+    if D_B > 0:
+        _quantize_part(x, rot_h, bnd_ptr, out_row, tmask, CH_B, D_B, BITS_B, PL_B, SC_B, BND_B, D, BT)
+
+
+def _part_args(parts: tuple[CodePart, ...]) -> dict[str, int]:
+    """Kernel constants of parts A and B (B of width 0 when absent)."""
+    a = parts[0]
+    b = parts[1] if len(parts) > 1 else CodePart(0, 0, 1, 0, 0, 0, 0)
+    return dict(CH_A=a.channel, D_A=a.dim, BITS_A=a.bits, PL_A=a.planes, SC_A=a.scale, BND_A=a.bounds,
+                CH_B=b.channel, D_B=b.dim, BITS_B=b.bits, PL_B=b.planes, SC_B=b.scale, BND_B=b.bounds)
+
+
+def write_tokens(codec, x: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor) -> None:
+    """Quantize x[N, H, d] and store each token's records at pool slot `slots[i]` (block * BS + offset;
+    pool [num_blocks, H, BS, record_bytes] uint8). A dense pool (codec None) takes x as it is."""
+    n, h, d = x.shape
+    if pool.shape[1] != h:
+        raise ValueError(f"pool has {pool.shape[1]} heads, tokens have {h}")
+    bs = pool.shape[2]
+    slots = slots.to(device=x.device, dtype=torch.int64)
+    if codec is None:
+        if pool.shape[3] != d:
+            raise ValueError(f"dense pool holds head_dim {pool.shape[3]}, tokens have {d}")
+        pool[slots // bs, :, slots % bs] = x.to(pool.dtype)
+        return
+    if n == 0:
+        return
+    if codec.has_qjl:
+        raise NotImplementedError(f"fused quantize for {codec.name} (QJL records) is not written yet")
+    layout = record_layout(codec, x.device)
+    if pool.dtype != torch.uint8 or pool.shape[3] != layout.record_bytes or not pool.is_contiguous():
+        raise ValueError(f"{codec.name} pool must be contiguous uint8 [blocks, H, BS, "
+                         f"{layout.record_bytes}], got {pool.dtype} {list(pool.shape)}")
+    if x.stride(2) != 1:
+        x = x.contiguous()
+    bt = 16
+    grid = (triton.cdiv(n, bt), h)
+    _quantize_kernel[grid](x, slots, pool, layout.rotation, layout.boundaries, n, x.stride(0),
+                           x.stride(1), H=h, BS=bs, REC=layout.record_bytes, D=d, BT=bt,
+                           **_part_args(layout.parts))
