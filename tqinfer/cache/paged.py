@@ -38,7 +38,8 @@ class LayerCacheView:
 
     @property
     def dense(self) -> bool:
-        return self.k_codec is None
+        """Both pools dense and no hot buffers (a protected layer)."""
+        return self.k_hot is None
 
 
 def codec_seed(seed: int, layer: int, which: str) -> int:
@@ -92,7 +93,7 @@ class PagedCache:
                     pools.append(torch.zeros(self.num_blocks, H, BS, d, dtype=dtype, device=self.device))
                 else:
                     codec = make_codec(name, d, H, seed=codec_seed(config.seed, layer, which),
-                                       rotation=config.rotation)
+                                       rotation=config.rotation, rope_pairs=which == "k")
                     if hasattr(codec, "to"):
                         codec = codec.to(self.device)
                     codecs.append(codec)

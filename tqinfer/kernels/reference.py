@@ -17,7 +17,7 @@ def write_tokens(codec, x: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor
     """Quantize-on-write: x [N, H, d] -> records at flat token slots [N] of pool [NB, H, BS, rec]."""
     bs = pool.shape[2]
     slots = slots.long()
-    pool[slots // bs, :, slots % bs] = codec.encode(x)
+    pool[slots // bs, :, slots % bs] = x.to(pool.dtype) if codec is None else codec.encode(x)
 
 
 def _softmax_part(scores: torch.Tensor):
@@ -62,20 +62,32 @@ def _dense_part(qg, keys, values, qpos, kpos, scale, window, merger):
     merger.add(m, l, torch.einsum("nghk,khd->nghd", p, values.float()))
 
 
+def _values_rotated(codec, rec: torch.Tensor) -> torch.Tensor:
+    """Values in the codec's rotated space; QJL-carrying types add their unbiased residual term."""
+    if codec is None:  # a dense pool beside a compressed one
+        return rec.float()
+    y = codec.decode_rotated(rec)
+    if codec.has_qjl:
+        signs, gamma = codec.qjl_signs(rec)
+        y = y + gamma.unsqueeze(-1) * codec.qjl_unproject(signs)
+    return y
+
+
 def _compressed_part(qg, view, row, lo, hi, qpos, scale, window, merger):
     """Tokens [lo, hi) of the sequence in table row `row`, read tile by tile from the pools."""
     if hi <= lo:
         return
     kc, vc, bs = view.k_codec, view.v_codec, view.block_size
     table = view.block_table[row].long()
-    q_rot = kc.rotate(qg)  # [n, G, H, d], once per step
-    sq = kc.qjl_project(q_rot) if kc.has_qjl else None
+    q_rot = qg if kc is None else kc.rotate(qg)  # [n, G, H, d], once per step
+    sq = kc.qjl_project(q_rot) if kc is not None and kc.has_qjl else None
     part = _Merger()
     for t0 in range(lo, hi, TILE_TOKENS):
         t = torch.arange(t0, min(hi, t0 + TILE_TOKENS), device=qg.device)
         flat = table[t // bs] * bs + t % bs
         krec = view.k_pool[flat // bs, :, flat % bs]  # [N, H, rec]
-        s = torch.einsum("nghd,khd->nghk", q_rot, kc.decode_rotated(krec))
+        keys = krec.float() if kc is None else kc.decode_rotated(krec)
+        s = torch.einsum("nghd,khd->nghk", q_rot, keys)
         if sq is not None:
             signs, gamma = kc.qjl_signs(krec)
             s = s + torch.einsum("nghm,khm->nghk", sq, signs) * gamma.T[None, None]
@@ -86,8 +98,8 @@ def _compressed_part(qg, view, row, lo, hi, qpos, scale, window, merger):
         s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
         m, l, p = _softmax_part(s)
         vrec = view.v_pool[flat // bs, :, flat % bs]
-        part.add(m, l, torch.einsum("nghk,khd->nghd", p, vc.decode_rotated(vrec)))
-    merger.add(part.m, part.l, vc.unrotate(part.o))  # un-rotate once per step
+        part.add(m, l, torch.einsum("nghk,khd->nghd", p, _values_rotated(vc, vrec)))
+    merger.add(part.m, part.l, part.o if vc is None else vc.unrotate(part.o))  # un-rotate once per step
 
 
 def paged_attention(q, k, v, cu_q, prefix_lens, view, scale: float, window: int | None = None,
@@ -109,7 +121,7 @@ def paged_attention(q, k, v, cu_q, prefix_lens, view, scale: float, window: int 
         qg = q[s0:s1].float().view(n, H, G, d).transpose(1, 2)  # [n, G, H, d]: head h = kv * G + g
         merger = _Merger()
         _dense_part(qg, k[s0:s1], v[s0:s1], qpos, qpos, scale, window, merger)
-        if view.dense:
+        if view.k_hot is None:
             t = torch.arange(p, device=q.device)
             if window is not None:
                 t = t[t > p - window]
@@ -119,7 +131,8 @@ def paged_attention(q, k, v, cu_q, prefix_lens, view, scale: float, window: int 
             _dense_part(qg, view.k_pool[flat // bs, :, flat % bs], view.v_pool[flat // bs, :, flat % bs],
                         qpos, t, scale, window, merger)
         else:
-            hot_t = torch.cat([torch.arange(min(S, p)), torch.arange(max(S, p - W), p)]).to(q.device)
+            lo_w = max(S, p - W)
+            hot_t = torch.cat([torch.arange(min(S, p)), torch.arange(lo_w, max(lo_w, p))]).to(q.device)
             if window is not None:
                 hot_t = hot_t[hot_t > p - window]
             hidx = torch.where(hot_t < S, hot_t, S + (hot_t - S) % max(W, 1))
