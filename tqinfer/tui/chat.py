@@ -260,7 +260,9 @@ class Chat:
 
     def _cmd_new(self, arg: str) -> CommandResult:
         self._autosave()
+        old = self.conversation.name
         self.conversation = Conversation.new(system=self.conversation.system, model=self.llm.model_name)
+        self.conversation.name = self.store.unused_name(self.conversation.name, taken=(old,))
         self._forget_cache()
         return CommandResult(f"New conversation {self.conversation.name}.", reload=True)
 
@@ -339,14 +341,19 @@ class Chat:
 def open_conversation(store: ConversationStore, *, resume: bool, system: str | None,
                       model: str | None) -> tuple[Conversation, str | None]:
     """The conversation a chat starts with, and a notice for the user (or None)."""
-    if resume:
-        try:
-            conv = store.last()
-        except ConversationError as e:
-            return Conversation.new(system=system, model=model), f"Could not resume: {e}"
-        if conv is None:
-            return Conversation.new(system=system, model=model), "No saved conversation to resume; this is a new one."
-        if system:
-            conv.system = system
-        return conv, f"Resumed {conv.name}: {len(conv.messages)} messages."
-    return Conversation.new(system=system, model=model), None
+    def new() -> Conversation:
+        conv = Conversation.new(system=system, model=model)
+        conv.name = store.unused_name(conv.name)
+        return conv
+
+    if not resume:
+        return new(), None
+    try:
+        conv = store.last()
+    except ConversationError as e:
+        return new(), f"Could not resume: {e}"
+    if conv is None:
+        return new(), "No saved conversation to resume; this is a new one."
+    if system:
+        conv.system = system
+    return conv, f"Resumed {conv.name}: {len(conv.messages)} messages."

@@ -133,6 +133,14 @@ class ConversationStore:
         except (ValueError, KeyError, TypeError) as e:
             raise ConversationError(f"{path} is not a readable conversation: {e}") from e
 
+    def unused_name(self, name: str, taken: tuple[str, ...] = ()) -> str:
+        """name, or name-2, name-3 … : the first that no saved conversation (nor one in taken) has."""
+        candidate, n = name, 1
+        while candidate in taken or self.path(candidate).exists():
+            n += 1
+            candidate = f"{name}-{n}"
+        return candidate
+
     def delete(self, name: str) -> None:
         self.path(name).unlink(missing_ok=True)
 
