@@ -232,7 +232,8 @@ def load_tokenizer(folder: Path) -> Tokenizer:
     gen_config = _read_json(folder / "generation_config.json")
     for key, value in special_map.items():
         tok_config.setdefault(key, value)
-    tok_config = {k: (_token_text(v) if k.endswith("_token") else v) for k, v in tok_config.items()}
+    tok_config = {k: (_token_text(v) if k.endswith("_token") and not k.startswith("add_") else v)
+                  for k, v in tok_config.items()}
 
     if (folder / "tokenizer.json").is_file():
         backend = _TokenizersBackend(folder / "tokenizer.json")
