@@ -11,7 +11,7 @@ and head count, so a decode step can be captured in a CUDA graph.
 
 from __future__ import annotations
 
-import math
+import os
 
 import torch
 import triton
@@ -20,6 +20,8 @@ import triton.language as tl
 from .quantize import CodePart, RecordLayout, record_layout
 
 LOG2E = 1.4426950408889634
+# the interpreter's tl.dot mishandles bf16 operands (triton 3.9): it multiplies dense tiles in fp32
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 NEG = -1.0e30  # finite "minus infinity" for running maxima, so empty splits merge without NaN
 
 
@@ -79,13 +81,17 @@ def tile_scores(q_a, q_b, q_q, k_pool, tab_k, tok_base, tmask, h,
                 K_DENSE: tl.constexpr, REC_K: tl.constexpr,
                 DKA: tl.constexpr, BKA: tl.constexpr, PKA: tl.constexpr, SKA: tl.constexpr, TKA: tl.constexpr,
                 DKB: tl.constexpr, BKB: tl.constexpr, PKB: tl.constexpr, SKB: tl.constexpr, TKB: tl.constexpr,
-                DKQ: tl.constexpr, PKQ: tl.constexpr, SKQ: tl.constexpr, TKQ: tl.constexpr):
+                DKQ: tl.constexpr, PKQ: tl.constexpr, SKQ: tl.constexpr, TKQ: tl.constexpr,
+                DOT_F32: tl.constexpr):
     """Scores [rows, BLOCK_N] (log2 units) of the prepared queries against one tile of cached keys;
     tok_base[N] is the slot index (block * H + h) * BS + offset of each token."""
     if K_DENSE:
         d = tl.arange(0, D)
         k = tl.load(k_pool + tok_base[:, None] * D + d[None, :], mask=tmask[:, None], other=0.0)
-        qk = tl.dot(q_a, tl.trans(k))
+        if DOT_F32:
+            qk = tl.dot(q_a.to(tl.float32), tl.trans(k.to(tl.float32)))
+        else:
+            qk = tl.dot(q_a, tl.trans(k))
     else:
         row = k_pool + tok_base * REC_K
         c = centroid_tile(row, tmask, tab_k, DKA, BKA, PKA, TKA, BLOCK_N).to(tl.float16)
@@ -102,12 +108,16 @@ def tile_scores(q_a, q_b, q_q, k_pool, tab_k, tok_base, tmask, h,
 @triton.jit
 def tile_values(p, acc, v_pool, tab_v, tok_base, tmask,
                 D: tl.constexpr, BLOCK_N: tl.constexpr, V_DENSE: tl.constexpr, REC_V: tl.constexpr,
-                DV: tl.constexpr, BV: tl.constexpr, PV: tl.constexpr, SV: tl.constexpr, TV: tl.constexpr):
+                DV: tl.constexpr, BV: tl.constexpr, PV: tl.constexpr, SV: tl.constexpr, TV: tl.constexpr,
+                DOT_F32: tl.constexpr):
     """acc[rows, DV] += p[rows, N] @ (one part of) the tile's values, in the codec's rotated space."""
     if V_DENSE:
         d = tl.arange(0, D)
         v = tl.load(v_pool + tok_base[:, None] * D + d[None, :], mask=tmask[:, None], other=0.0)
-        acc += tl.dot(p.to(v.dtype), v)
+        if DOT_F32:
+            acc += tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
+        else:
+            acc += tl.dot(p.to(v.dtype), v)
     else:
         row = v_pool + tok_base * REC_V
         c = centroid_tile(row, tmask, tab_v, DV, BV, PV, TV, BLOCK_N).to(tl.float16)
@@ -129,6 +139,7 @@ def _decode_split_kernel(
     V_DENSE: tl.constexpr, REC_V: tl.constexpr,
     CVA: tl.constexpr, DVA: tl.constexpr, BVA: tl.constexpr, PVA: tl.constexpr, SVA: tl.constexpr, TVA: tl.constexpr,
     CVB: tl.constexpr, DVB: tl.constexpr, BVB: tl.constexpr, PVB: tl.constexpr, SVB: tl.constexpr, TVB: tl.constexpr,
+    DOT_F32: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -163,17 +174,17 @@ def _decode_split_kernel(
         tok_base = (blk * H + h) * BS + (ti * BLOCK_N) % BS + n
         qk = tile_scores(q_a, q_b, q_q, k_pool, tab_k, tok_base, tmask, h, H, BS, D, BLOCK_N,
                          K_DENSE, REC_K, DKA, BKA, PKA, SKA, TKA, DKB, BKB, PKB, SKB, TKB,
-                         DKQ, PKQ, SKQ, TKQ)
+                         DKQ, PKQ, SKQ, TKQ, DOT_F32)
         qk = tl.where(tmask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc_a = tile_values(p, acc_a * alpha[:, None], v_pool, tab_v, tok_base, tmask, D, BLOCK_N,
-                            V_DENSE, REC_V, DVA, BVA, PVA, SVA, TVA)
+                            V_DENSE, REC_V, DVA, BVA, PVA, SVA, TVA, DOT_F32)
         if DVB > 0:
             acc_b = tile_values(p, acc_b * alpha[:, None], v_pool, tab_v, tok_base, tmask, D, BLOCK_N,
-                                V_DENSE, REC_V, DVB, BVB, PVB, SVB, TVB)
+                                V_DENSE, REC_V, DVB, BVB, PVB, SVB, TVB, DOT_F32)
         m_i = m_new
 
     ws = (b * H + h) * NSPLIT + s
@@ -334,9 +345,10 @@ def _hot(view, like):
 
 
 def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_splits: int | None = None,
-                           block_n: int | None = None) -> torch.Tensor:
+                           block_n: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention (every chunk one token: cu_q == arange(B + 1)) over a paged, possibly compressed
-    cache: q[B, Hq, d], k/v[B, H, d] the new tokens -> [B, Hq, d] in q's dtype. See kernels/reference.py."""
+    cache: q[B, Hq, d], k/v[B, H, d] the new tokens -> [B, Hq, d] in q's dtype. See kernels/reference.py.
+    num_splits fixes the grid (default: by batch size); `out` may be given (written, never read)."""
     bsz, hq, d = q.shape
     h = k.shape[1]
     if hq % h:
@@ -363,10 +375,10 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
         qk, view.k_pool, view.v_pool, tab_k, tab_v, bt, prefix_lens, ws_m, ws_l, ws_acc,
         view.sinks, view.window, bt.stride(0), qk.stride(0), qk.stride(1),
         H=h, G=g, GP=gp, D=d, BS=bs, BLOCK_N=block_n, NSPLIT=nsplit,
-        **_k_args(k_lay, d), **_v_args(v_lay, d), num_warps=4)
+        **_k_args(k_lay, d), **_v_args(v_lay, d), DOT_F32=INTERPRET, num_warps=4)
     if v.stride() != k.stride() or k.stride(2) != 1:
         k, v = k.contiguous(), v.contiguous()
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     qs = (q.float() * (scale * LOG2E)).contiguous()
     has_hot, k_hot, v_hot, hs = _hot(view, k)
     rot_v = v_lay.rotation if v_lay is not None else ws_m

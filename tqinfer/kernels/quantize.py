@@ -175,16 +175,33 @@ def _quantize_part(x, rot_ptr, bnd_ptr, out_row, tmask, CH: tl.constexpr, DP: tl
     if BITS % 2 == 1:
         _pack_plane(code, out_row, tmask, POS1, 1, OFF1, BT, DP)
     tl.store((out_row + SCALE).to(tl.pointer_type(tl.float16)), n.to(tl.float16), mask=tmask)
+    return u, code, n
 
 
 @triton.jit
-def _quantize_kernel(x_ptr, slot_ptr, pool_ptr, rot_ptr, bnd_ptr, N, sx_t, sx_h,
+def _quantize_residual(u, code, n, tab_ptr, s_ptr, out_row, tmask, TAB: tl.constexpr, M: tl.constexpr,
+                       PLANE: tl.constexpr, SCALE: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
+    """TurboQuant-prod: QJL signs of the rotated unit residual r = u - c[code] (bit set where
+    <s_i, r> >= 0) and gamma = ||x|| * ||r||."""
+    r = u - tl.load(tab_ptr + TAB + code)
+    rows = tl.arange(0, M)
+    cols = tl.arange(0, D)
+    sm = tl.load(s_ptr + rows[:, None] * D + cols[None, :])  # [M, D]
+    proj = tl.dot(r, tl.trans(sm), input_precision="ieee")  # [BT, M]
+    _pack_plane((proj >= 0).to(tl.int32), out_row, tmask, 0, 1, PLANE, BT, M)
+    gamma = n * tl.sqrt(tl.sum(r * r, axis=1))
+    tl.store((out_row + SCALE).to(tl.pointer_type(tl.float16)), gamma.to(tl.float16), mask=tmask)
+
+
+@triton.jit
+def _quantize_kernel(x_ptr, slot_ptr, pool_ptr, rot_ptr, bnd_ptr, tab_ptr, s_ptr, N, sx_t, sx_h,
                      H: tl.constexpr, BS: tl.constexpr, REC: tl.constexpr, D: tl.constexpr,
                      BT: tl.constexpr,
                      CH_A: tl.constexpr, D_A: tl.constexpr, BITS_A: tl.constexpr, PL_A: tl.constexpr,
-                     SC_A: tl.constexpr, BND_A: tl.constexpr,
+                     SC_A: tl.constexpr, BND_A: tl.constexpr, TAB_A: tl.constexpr,
                      CH_B: tl.constexpr, D_B: tl.constexpr, BITS_B: tl.constexpr, PL_B: tl.constexpr,
-                     SC_B: tl.constexpr, BND_B: tl.constexpr):
+                     SC_B: tl.constexpr, BND_B: tl.constexpr,
+                     M_Q: tl.constexpr, PL_Q: tl.constexpr, SC_Q: tl.constexpr):
     pid_t = tl.program_id(0)
     h = tl.program_id(1)
     t = pid_t * BT + tl.arange(0, BT)
@@ -197,17 +214,24 @@ def _quantize_kernel(x_ptr, slot_ptr, pool_ptr, rot_ptr, bnd_ptr, N, sx_t, sx_h,
     off = slot % BS
     out_row = pool_ptr + ((blk * H + h) * BS + off) * REC
     rot_h = rot_ptr + h * D * D
-    _quantize_part(x, rot_h, bnd_ptr, out_row, tmask, CH_A, D_A, BITS_A, PL_A, SC_A, BND_A, D, BT)
+    u, code, n = _quantize_part(x, rot_h, bnd_ptr, out_row, tmask, CH_A, D_A, BITS_A, PL_A, SC_A, BND_A,
+                                D, BT)
     if D_B > 0:
         _quantize_part(x, rot_h, bnd_ptr, out_row, tmask, CH_B, D_B, BITS_B, PL_B, SC_B, BND_B, D, BT)
+    if M_Q > 0:
+        _quantize_residual(u, code, n, tab_ptr, s_ptr + h * M_Q * D, out_row, tmask, TAB_A, M_Q, PL_Q,
+                           SC_Q, D, BT)
 
 
-def _part_args(parts: tuple[CodePart, ...]) -> dict[str, int]:
-    """Kernel constants of parts A and B (B of width 0 when absent)."""
-    a = parts[0]
-    b = parts[1] if len(parts) > 1 else CodePart(0, 0, 1, 0, 0, 0, 0)
+def _part_args(layout: RecordLayout) -> dict[str, int]:
+    """Kernel constants of parts A and B (B of width 0 when absent) and the QJL part (M_Q 0 if none)."""
+    a = layout.parts[0]
+    b = layout.parts[1] if len(layout.parts) > 1 else CodePart(0, 0, 1, 0, 0, 0, 0)
+    q = layout.qjl or CodePart(0, 0, 1, 0, 0, 0, 0)
     return dict(CH_A=a.channel, D_A=a.dim, BITS_A=a.bits, PL_A=a.planes, SC_A=a.scale, BND_A=a.bounds,
-                CH_B=b.channel, D_B=b.dim, BITS_B=b.bits, PL_B=b.planes, SC_B=b.scale, BND_B=b.bounds)
+                TAB_A=a.table,
+                CH_B=b.channel, D_B=b.dim, BITS_B=b.bits, PL_B=b.planes, SC_B=b.scale, BND_B=b.bounds,
+                M_Q=q.dim, PL_Q=q.planes, SC_Q=q.scale)
 
 
 def write_tokens(codec, x: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor) -> None:
@@ -225,8 +249,6 @@ def write_tokens(codec, x: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor
         return
     if n == 0:
         return
-    if codec.has_qjl:
-        raise NotImplementedError(f"fused quantize for {codec.name} (QJL records) is not written yet")
     layout = record_layout(codec, x.device)
     if pool.dtype != torch.uint8 or pool.shape[3] != layout.record_bytes or not pool.is_contiguous():
         raise ValueError(f"{codec.name} pool must be contiguous uint8 [blocks, H, BS, "
@@ -235,6 +257,7 @@ def write_tokens(codec, x: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor
         x = x.contiguous()
     bt = 16
     grid = (triton.cdiv(n, bt), h)
-    _quantize_kernel[grid](x, slots, pool, layout.rotation, layout.boundaries, n, x.stride(0),
-                           x.stride(1), H=h, BS=bs, REC=layout.record_bytes, D=d, BT=bt,
-                           **_part_args(layout.parts))
+    s_mat = layout.qjl_matrix if layout.qjl is not None else layout.tables
+    _quantize_kernel[grid](x, slots, pool, layout.rotation, layout.boundaries, layout.tables, s_mat, n,
+                           x.stride(0), x.stride(1), H=h, BS=bs, REC=layout.record_bytes, D=d, BT=bt,
+                           **_part_args(layout))

@@ -1,0 +1,101 @@
+"""Split-KV decode kernel == float64 attention over what the cache holds (== the torch twin), every
+kernel-read type, ragged batches around block and window edges, GQA 1/3/4/8, head_dim 64/128/256."""
+
+import math
+import zlib
+
+import pytest
+import torch
+
+from tqinfer.kernels import reference
+from tqinfer.kernels.decode_attention import paged_decode_attention
+
+from .cachegen import attention64, build_cache, rel_err
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+BS = 16
+# lengths 1, 17, BS - 1, BS + 1, and ones whose window has moved past sinks and compressed tokens
+LENS = [1, 17, BS - 1, BS + 1, 45]
+
+CASES = [  # k type, v type, head_dim, KV heads, group size
+    ("bf16", "bf16", 64, 2, 4),
+    ("bf16", "bf16", 128, 1, 8),
+    ("tq4", "tq4", 128, 2, 4),
+    ("tq4", "tq4", 64, 3, 3),
+    ("tq3", "tq3", 64, 2, 1),
+    ("tq3", "tq3", 128, 1, 8),
+    ("tq3.5", "tq3.5", 128, 2, 4),
+    ("tq3.5", "tq3.5", 64, 3, 3),
+    ("tq3.5", "tq3.5", 256, 1, 4),
+    ("tq2.5", "tq2.5", 64, 2, 4),
+    ("tq2", "tq1", 64, 1, 4),
+    ("tq4", "tq2", 64, 2, 2),
+    ("tqp3", "tq3", 64, 2, 4),
+    ("tqp4", "tq4", 128, 1, 4),
+    ("tqp2", "tq2", 64, 1, 1),
+    ("bf16", "tq3.5", 64, 1, 4),
+    ("tq3.5", "bf16", 64, 1, 4),
+]
+
+
+def _run(kt, vt, d, h, g, lens, sinks, window, dtype, splits, seed):
+    view, kd, vd = build_cache(kt, vt, lens, heads=h, d=d, sinks=sinks, window=window, block_size=BS,
+                               dtype=dtype, device=DEV, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    b = len(lens)
+    q = torch.randn(b, h * g, d, generator=gen).to(dtype).to(DEV)
+    k = (torch.randn(b, h, d, generator=gen) * 2).to(dtype).to(DEV)
+    v = torch.randn(b, h, d, generator=gen).to(dtype).to(DEV)
+    cu = torch.arange(b + 1, dtype=torch.int32, device=DEV)
+    pl = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    out = torch.full_like(q, float("nan"))
+    scale = 1 / math.sqrt(d)
+    paged_decode_attention(q, k, v, cu, pl, view, scale, num_splits=splits, out=out)
+    ref = attention64(q, k, v, cu, lens, kd, vd, scale)
+    return out, ref, (q, k, v, cu, pl, view, scale)
+
+
+@pytest.mark.parametrize("kt,vt,d,h,g", CASES, ids=[f"{c[0]}-{c[1]}-d{c[2]}-h{c[3]}-g{c[4]}" for c in CASES])
+def test_decode_matches_float64(kt, vt, d, h, g):
+    out, ref, args = _run(kt, vt, d, h, g, LENS, sinks=4, window=8, dtype=torch.float32, splits=3,
+                          seed=zlib.crc32(f"{kt}{vt}{d}{h}{g}".encode()) % 1000)
+    assert torch.isfinite(out).all(), "unwritten or non-finite outputs"
+    # fp16 centroids and queries in the dot products: ~1e-4; fp32 dense: ~1e-6
+    tol = 1e-5 if (kt, vt) == ("bf16", "bf16") else 2e-3
+    assert rel_err(out, ref) < tol
+    if (kt == "bf16") == (vt == "bf16"):  # the twin reads mixed dense/compressed layers differently
+        twin = reference.paged_attention(*args)
+        assert rel_err(twin, ref) < 1e-5
+        assert rel_err(out, twin) < tol
+
+
+@pytest.mark.parametrize("sinks,window", [(0, 0), (4, 0), (0, 8), (3, 20)])
+def test_decode_hot_layouts(sinks, window):
+    lens = [1, 3, 4, 5, 23, 40]
+    out, ref, _ = _run("tq3.5", "tq4", 64, 2, 4, lens, sinks, window, torch.float32, splits=2, seed=window)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < 2e-3
+
+
+@pytest.mark.parametrize("splits", [1, 4, 16])
+def test_decode_split_counts(splits):
+    """More splits than tiles leaves some empty: they must merge as nothing."""
+    out, ref, _ = _run("tq4", "tq3", 64, 1, 4, [70, 2], 4, 8, torch.float32, splits=splits, seed=splits)
+    assert rel_err(out, ref) < 2e-3
+
+
+def test_decode_bf16_inputs():
+    out, ref, _ = _run("tq3.5", "tq3.5", 128, 2, 4, LENS, 4, 8, torch.bfloat16, splits=2, seed=5)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert rel_err(out, ref) < 1e-2
+    out, ref, _ = _run("bf16", "bf16", 64, 2, 4, LENS, 4, 8, torch.bfloat16, splits=2, seed=6)
+    assert rel_err(out, ref) < 1e-2
+
+
+def test_decode_is_not_blind():
+    """A corrupted record must move the output: the test above can fail."""
+    out, ref, args = _run("tq4", "tq4", 64, 1, 4, [40], 0, 0, torch.float32, splits=1, seed=9)
+    q, k, v, cu, pl, view, scale = args
+    view.v_pool.view(-1)[: view.v_pool[0].numel()] ^= 0x55
+    out2 = paged_decode_attention(q, k, v, cu, pl, view, scale, num_splits=1)
+    assert rel_err(out2, ref) > 1e-2
