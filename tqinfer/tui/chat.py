@@ -19,18 +19,18 @@ class ChatError(ValueError):
 
 HELP = """\
 Commands:
-  /system TEXT     set the system prompt (/system alone shows it, /system - removes it)
+  /system TEXT     set the system prompt (alone: show it; /system - removes it)
   /reset           clear this conversation (the system prompt stays)
   /new             start a new conversation (this one stays saved)
-  /doc PATH        put a text or markdown file into the context with your next message
-  /save NAME       save this conversation as NAME (it is also saved after every answer)
-  /load [NAME]     open a saved conversation (/load alone lists them)
-  /set NAME VALUE  change a sampling setting: temp, top_k, top_p, min_p, repeat_penalty,
-                   presence_penalty, frequency_penalty, seed, max_tokens (/set alone lists them)
+  /doc PATH        put a text or markdown file into the context with the next message
+  /save NAME       save this conversation as NAME (it is saved after every answer)
+  /load [NAME]     open a saved conversation (alone: list them)
+  /set NAME VALUE  sampling: temp, top_k, top_p, min_p, repeat_penalty, seed,
+                   presence_penalty, frequency_penalty, max_tokens (alone: show)
   /stats           context, KV cache memory and speed of the last answer
   /help            this text
   /quit            leave
-Start a message with // to send a text that begins with /."""
+Start a message with // to send text that begins with /."""
 
 # /set NAME -> (SamplingParams field, parser)
 def _optional_int(value: str) -> int | None:
