@@ -1,0 +1,252 @@
+"""Benchmark the fused attention kernels on the GPU: decode attention over the paged compressed cache
+(tq3.5, tq4) and the paged bf16 kernel next to torch SDPA on contiguous bf16 and "dequantize, then
+SDPA"; the quantize-on-write cost per decode step; chunked-prefill attention over a compressed prefix
+vs SDPA bf16. Checks correctness first (kernels vs the torch twin), prints the tables last.
+
+    PYTHONPATH=. python scripts/bench_attention.py            # the full table (one GPU call, < 10 min)
+    PYTHONPATH=. python scripts/bench_attention.py --quick    # a few rows
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+from tqinfer.cache.paged import LayerCacheView
+from tqinfer.kernels import reference
+from tqinfer.kernels.decode_attention import paged_decode_attention
+from tqinfer.kernels.quantize import write_tokens
+from tqinfer.quant.registry import make_codec
+
+SHAPES = {"llama3-8b": (32, 8, 128), "smollm2-135m": (9, 3, 64)}  # query heads, KV heads, head_dim
+SINKS, WINDOW, BS = 4, 128, 64
+DEV = "cuda"
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def graph_time(fn) -> float:
+    """Median µs of one call, replayed from a CUDA graph (launch gaps out), L2 flushed by do_bench."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return do_bench(g.replay, warmup=25, rep=150, return_mode="median") * 1e3
+
+
+def make_cache(kind: str, b: int, t: int, h: int, d: int, seed: int = 0):
+    """A paged cache of b sequences holding t tokens each, random K/V written through write_tokens."""
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    nb_seq = -(-t // BS)
+    nblocks = b * nb_seq
+    table = torch.randperm(nblocks, device=DEV, generator=gen).to(torch.int32).view(b, nb_seq)
+    if kind == "bf16":
+        k_pool = torch.randn(nblocks, h, BS, d, device=DEV, dtype=torch.bfloat16, generator=gen)
+        v_pool = torch.randn(nblocks, h, BS, d, device=DEV, dtype=torch.bfloat16, generator=gen)
+        return LayerCacheView(k_pool, v_pool, None, None, table, torch.arange(b, device=DEV, dtype=torch.int32),
+                              0, 0, BS, None, None)
+    kc = make_codec(kind, d, h, seed=2 * seed + 1)
+    vc = make_codec(kind, d, h, seed=2 * seed + 2)
+    k_pool = torch.zeros(nblocks, h, BS, kc.record_bytes, device=DEV, dtype=torch.uint8)
+    v_pool = torch.zeros(nblocks, h, BS, vc.record_bytes, device=DEV, dtype=torch.uint8)
+    pos = torch.arange(SINKS, t - WINDOW, device=DEV)
+    for s in range(b):
+        for c0 in range(0, pos.numel(), 1 << 18):
+            p = pos[c0:c0 + (1 << 18)]
+            slots = table[s, p // BS].long() * BS + p % BS
+            for codec, pool in ((kc, k_pool), (vc, v_pool)):
+                x = torch.randn(p.numel(), h, d, device=DEV, dtype=torch.bfloat16, generator=gen)
+                write_tokens(codec, x, pool, slots)
+    hot = torch.randn(b, h, SINKS + WINDOW, d, device=DEV, dtype=torch.bfloat16, generator=gen)
+    return LayerCacheView(k_pool, v_pool, hot, torch.randn_like(hot), table,
+                          torch.arange(b, device=DEV, dtype=torch.int32), SINKS, WINDOW, BS, kc, vc)
+
+
+def kv_bytes(view, b, t, h, d) -> int:
+    """Bytes a decode step must read from the cache."""
+    if view.k_codec is None:
+        return b * t * h * d * 2 * 2
+    comp = t - SINKS - WINDOW
+    return b * h * (comp * (view.k_codec.record_bytes + view.v_codec.record_bytes) + (SINKS + WINDOW) * d * 4)
+
+
+def dequant_then_sdpa(view, q, b, t, h, d):
+    """The naive path: decode every compressed token to bf16 in HBM, then SDPA over a contiguous cache."""
+    pos = torch.arange(SINKS, t - WINDOW, device=DEV)
+    flat = view.block_table[:, pos // BS].long() * BS + pos % BS  # [b, Tc]
+
+    def fn():
+        kr = view.k_pool[flat // BS, :, flat % BS]  # [b, Tc, H, rec]
+        vr = view.v_pool[flat // BS, :, flat % BS]
+        kx = view.k_codec.decode(kr).to(torch.bfloat16).transpose(1, 2)
+        vx = view.v_codec.decode(vr).to(torch.bfloat16).transpose(1, 2)
+        k = torch.cat([view.k_hot[:, :, :SINKS], kx, view.k_hot[:, :, SINKS:]], 2)
+        v = torch.cat([view.v_hot[:, :, :SINKS], vx, view.v_hot[:, :, SINKS:]], 2)
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    return fn
+
+
+def check_decode(shape: str, kinds, t=5000, b=3):
+    """Kernel vs torch twin on the GPU at one ragged batch, every kind: relative error."""
+    hq, h, d = SHAPES[shape]
+    rows = []
+    for kind in kinds:
+        view = make_cache(kind, b, t, h, d, seed=7)
+        lens = torch.tensor([t, t - 1000, 1], dtype=torch.int32, device=DEV)
+        q = torch.randn(b, hq, d, device=DEV, dtype=torch.bfloat16)
+        k = torch.randn(b, h, d, device=DEV, dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        cu = torch.arange(b + 1, device=DEV, dtype=torch.int32)
+        scale = 1 / math.sqrt(d)
+        out = torch.full_like(q, float("nan"))
+        paged_decode_attention(q, k, v, cu, lens, view, scale, out=out)
+        twin = reference.paged_attention(q, k, v, cu, lens, view, scale)
+        err = float((out.float() - twin.float()).norm() / twin.float().norm())
+        rows.append((kind, err, bool(torch.isfinite(out).all())))
+    return rows
+
+
+def bench_decode(shape, b, t, kinds, results, dequant_limit=1 << 20):
+    hq, h, d = SHAPES[shape]
+    scale = 1 / math.sqrt(d)
+    q = torch.randn(b, hq, d, device=DEV, dtype=torch.bfloat16)
+    knew = torch.randn(b, h, d, device=DEV, dtype=torch.bfloat16)
+    vnew = torch.randn_like(knew)
+    cu = torch.arange(b + 1, device=DEV, dtype=torch.int32)
+    lens = torch.full((b,), t, device=DEV, dtype=torch.int32)
+    row = dict(shape=shape, B=b, T=t)
+    # SDPA bf16 on a contiguous cache
+    kk = torch.randn(b, h, t, d, device=DEV, dtype=torch.bfloat16)
+    vv = torch.randn_like(kk)
+    q4 = q.unsqueeze(2)
+    row["sdpa_us"] = graph_time(lambda: F.scaled_dot_product_attention(q4, kk, vv, enable_gqa=True))
+    row["sdpa_GBs"] = b * t * h * d * 4 / row["sdpa_us"] / 1e3
+    del kk, vv
+    for kind in kinds:
+        view = make_cache(kind, b, t, h, d)
+        out = torch.empty_like(q)
+        us = graph_time(lambda: paged_decode_attention(q, knew, vnew, cu, lens, view, scale, out=out))
+        row[f"{kind}_us"] = us
+        row[f"{kind}_GBs"] = kv_bytes(view, b, t, h, d) / us / 1e3
+        if kind != "bf16":
+            if b * t <= dequant_limit:
+                row[f"{kind}_deq_us"] = graph_time(dequant_then_sdpa(view, q4, b, t, h, d))
+            slots = torch.arange(b, device=DEV) * BS  # one token per sequence leaves the window
+            x = torch.randn(b, h, d, device=DEV, dtype=torch.bfloat16)
+            row[f"{kind}_write_us"] = graph_time(lambda: (write_tokens(view.k_codec, x, view.k_pool, slots),
+                                                          write_tokens(view.v_codec, x, view.v_pool, slots)))
+        del view
+        torch.cuda.empty_cache()
+    results.append(row)
+    log(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}))
+
+
+def sweep(shape, b, t, kind, configs):
+    """Decode kernel variants (block_n, num_splits) at one size, same run."""
+    hq, h, d = SHAPES[shape]
+    view = make_cache(kind, b, t, h, d)
+    q = torch.randn(b, hq, d, device=DEV, dtype=torch.bfloat16)
+    knew = torch.randn(b, h, d, device=DEV, dtype=torch.bfloat16)
+    cu = torch.arange(b + 1, device=DEV, dtype=torch.int32)
+    lens = torch.full((b,), t, device=DEV, dtype=torch.int32)
+    out = torch.empty_like(q)
+    rows = []
+    for cfg in configs:
+        us = graph_time(lambda: paged_decode_attention(q, knew, knew, cu, lens, view, 1 / math.sqrt(d),
+                                                       out=out, **cfg))
+        rows.append((cfg, us, kv_bytes(view, b, t, h, d) / us / 1e3))
+    return rows
+
+
+def fmt(v, nd=1):
+    return "—" if v is None else f"{v:.{nd}f}"
+
+
+def decode_table(results, kinds):
+    lines = ["| shape | B | T | SDPA bf16 µs | " + " | ".join(
+        f"{k} µs (GB/s, × SDPA)" for k in kinds) + " | " + " | ".join(
+        f"{k} deq+SDPA µs" for k in kinds if k != "bf16") + " | " + " | ".join(
+        f"{k} write µs (% step)" for k in kinds if k != "bf16") + " |"]
+    lines.append("|" + "---|" * (4 + len(kinds) + 2 * sum(k != "bf16" for k in kinds)))
+    for r in results:
+        cells = [r["shape"], str(r["B"]), f"{r['T'] // 1024}k", f"{r['sdpa_us']:.1f} ({r['sdpa_GBs']:.0f} GB/s)"]
+        for k in kinds:
+            cells.append(f"{r[k + '_us']:.1f} ({r[k + '_GBs']:.0f}, {r['sdpa_us'] / r[k + '_us']:.2f}×)")
+        for k in kinds:
+            if k != "bf16":
+                cells.append(fmt(r.get(k + "_deq_us")))
+        for k in kinds:
+            if k != "bf16":
+                w = r[k + "_write_us"]
+                cells.append(f"{w:.1f} ({100 * w / r[k + '_us']:.0f}%)")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    t0 = time.time()
+    kinds = ["tq3.5", "tq4", "bf16"]
+    log("correctness (kernel vs torch twin, GPU):")
+    checks = []
+    for shape in SHAPES:
+        for kind, err, finite in check_decode(shape, kinds + ["tq3", "tq2.5", "tqp3"]):
+            checks.append((shape, kind, err, finite))
+            log(f"  decode {shape} {kind}: rel err {err:.2e} finite={finite}")
+    bad = [c for c in checks if not (c[3] and c[2] < 2e-2)]
+    if bad:
+        log("CORRECTNESS FAILED:", bad)
+        sys.exit(1)
+
+    results = []
+    if args.quick:
+        grid = [("llama3-8b", 1, 128 * 1024), ("llama3-8b", 8, 32 * 1024)]
+    else:
+        grid = [(s, b, t * 1024) for s in SHAPES for b in (1, 8, 32) for t in (4, 16, 64, 128)]
+    for shape, b, t in grid:
+        hq, h, d = SHAPES[shape]
+        if b * t * h * d * 2 * 2 * 2.5 > 100e9:  # contiguous + paged bf16 copies must fit
+            continue
+        bench_decode(shape, b, t, kinds, results)
+    sw = sweep("llama3-8b", 1, 128 * 1024, "tq3.5",
+               [dict(block_n=64), dict(block_n=32), dict(block_n=64, num_splits=132),
+                dict(block_n=64, num_splits=33), dict(block_n=32, num_splits=132)])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(results=results, checks=checks, sweep=[(c, u, g) for c, u, g in sw]), f, indent=1)
+
+    props = torch.cuda.get_device_properties(0)
+    print(f"\n{datetime.date.today()} · {props.name} · torch {torch.__version__} · triton {triton.__version__}"
+          f" · `PYTHONPATH=. python scripts/bench_attention.py{' --quick' if args.quick else ''}`"
+          f" · {time.time() - t0:.0f} s")
+    print(f"\ncorrectness: max rel err kernel vs twin {max(c[2] for c in checks):.1e} over "
+          f"{len(checks)} (shape, type) pairs")
+    print("\nDecode attention, one query token per sequence; sinks 4 + window 128 bf16; block 64; CUDA-graph "
+          "replay, median, L2 flushed; GB/s on the bytes the kernel must read; × = speedup over SDPA\n")
+    print(decode_table(results, kinds))
+    print("\nSplit/tile sweep, tq3.5, llama3-8b, B=1, T=128k:")
+    for cfg, us, gbs in sw:
+        print(f"  {cfg}: {us:.1f} µs, {gbs:.0f} GB/s")
+
+
+if __name__ == "__main__":
+    main()
