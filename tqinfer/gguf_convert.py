@@ -84,8 +84,15 @@ def open_gguf(path: Path):
     size = path.stat().st_size
     try:
         reader = gguf.GGUFReader(path)
-    except Exception as e:  # the reader fails in many ways on a cut-off header
-        raise ModelError(f"{path} is truncated or corrupt: cannot read its GGUF header ({e})") from None
+    except Exception as e:  # the reader fails in many ways on a cut-off file
+        expected = gguf_expected_size(path)
+        if expected is None:
+            raise ModelError(f"{path} is truncated or corrupt: its GGUF header cannot be read ({e})") from None
+        if expected > size:
+            raise ModelError(
+                f"{path} is truncated: expected {format_bytes(expected)}, found {format_bytes(size)}"
+            ) from None
+        raise ModelError(f"{path} is corrupt: {e}") from None
     if reader.tensors:
         end = max(t.data_offset + t.n_bytes for t in reader.tensors)
         if end > size:
@@ -93,6 +100,81 @@ def open_gguf(path: Path):
                 f"{path} is truncated: expected {format_bytes(end)}, found {format_bytes(size)}"
             )
     return reader
+
+
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUFValueType -> bytes
+_STRING, _ARRAY = 8, 9
+
+
+def gguf_expected_size(path: Path) -> int | None:
+    """The file size a GGUF's header promises (end of its last tensor), or None if the header itself
+    is cut off or unreadable. A small parser of its own, because gguf's reader needs the whole file."""
+    import struct
+
+    import gguf
+
+    try:
+        with open(path, "rb") as f:
+            buf = f.read(64 * 1024 * 1024)
+        pos = 0
+
+        def take(fmt):
+            nonlocal pos
+            values = struct.unpack_from("<" + fmt, buf, pos)
+            pos += struct.calcsize("<" + fmt)
+            return values[0] if len(values) == 1 else values
+
+        def string():
+            nonlocal pos
+            n = take("Q")
+            if pos + n > len(buf):
+                raise struct.error("string past the end")
+            out = buf[pos : pos + n]
+            pos += n
+            return out.decode("utf-8", "replace")
+
+        def value(kind):
+            nonlocal pos
+            if kind == _STRING:
+                return string()
+            if kind == _ARRAY:
+                sub, n = take("I"), take("Q")
+                if sub in _SCALAR_SIZES:
+                    pos += _SCALAR_SIZES[sub] * n
+                    return None
+                for _ in range(n):
+                    value(sub)
+                return None
+            fmt = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}[kind]
+            return take(fmt)
+
+        if buf[:4] != GGUF_MAGIC:
+            return None
+        pos = 4
+        take("I")  # version
+        n_tensors, n_kv = take("Q"), take("Q")
+        alignment = 32
+        for _ in range(n_kv):
+            key = string()
+            v = value(take("I"))
+            if key == "general.alignment" and isinstance(v, int):
+                alignment = v
+        end = 0
+        for _ in range(n_tensors):
+            string()
+            dims = [take("Q") for _ in range(take("I"))]
+            qtype, offset = take("I"), take("Q")
+            block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
+            n = 1
+            for d in dims:
+                n *= d
+            end = max(end, offset + n // block * type_size)
+        if pos > len(buf):
+            return None
+        start = (pos + alignment - 1) // alignment * alignment
+        return start + end
+    except (struct.error, KeyError, ValueError, OSError):
+        return None
 
 
 def read_metadata(reader) -> dict:
