@@ -241,10 +241,23 @@ class PagedCache:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def seq_nbytes(self, slot: int) -> int:
-        """Bytes this sequence's tokens take: records of compressed tokens, full precision of the rest."""
+        """Bytes this sequence's tokens take: records of compressed tokens, full precision for the
+        sinks and the recent window (and for every token of a protected layer)."""
         n = self.lens[slot]
-        return n * bytes_per_token(self.args, self.config, self.dtype) + (
-            fixed_bytes(self.args, self.config, self.dtype) if n else 0)
+        n_hot = min(n, self.sinks) + max(0, min(self.window, n - self.sinks))
+        n_comp = n - n_hot
+        H, d = self.args.num_key_value_heads, self.args.head_dim
+        dense_vec = d * torch.finfo(self.dtype).bits // 8
+        total = 0
+        for layer in range(self.args.num_hidden_layers):
+            kc, vc = self.k_codec[layer], self.v_codec[layer]
+            rk = dense_vec if kc is None else kc.record_bytes
+            rv = dense_vec if vc is None else vc.record_bytes
+            if self.k_hot[layer] is None:
+                total += H * n * (rk + rv)
+            else:
+                total += H * (n_comp * (rk + rv) + n_hot * 2 * dense_vec)
+        return total
 
 
 def read_tokens(pool: torch.Tensor, flat: torch.Tensor, block_size: int) -> torch.Tensor:
