@@ -12,6 +12,7 @@ from pathlib import Path
 from fakes import FakeLLM, FakeSamplingParams
 
 from tqinfer.tui.chat import Chat
+from tqinfer.tui.conversation import Conversation, ConversationStore, Message
 from tqinfer.tui.repl import run_repl
 
 TESTS = Path(__file__).parent
@@ -48,10 +49,19 @@ def test_plain_mode_through_a_pipe(data_home):
     assert out.returncode == 0, out.stderr
     assert out.stdout == "1 messages seen\n2 messages seen\n"  # only answers on stdout
     assert "loading: loading weights" in out.stderr and "temperature = 0.1" in out.stderr
-    # the conversation was saved, and --resume goes on with it in a new process
-    out = run_child("third\n", data_home, resume=True)
+    saved = ConversationStore().last()
+    assert [m.content for m in saved.messages] == ["hello", "1 messages seen", "and again", "2 messages seen"]
+
+
+def test_plain_mode_resume_goes_on_with_the_last_conversation(store, data_home):
+    conv = Conversation.new()
+    conv.name = "earlier"
+    conv.messages = [Message("user", "one"), Message("assistant", "two")]
+    store.save(conv)
+    out = run_child("three\n", data_home, resume=True)
     assert out.returncode == 0, out.stderr
-    assert out.stdout == "3 messages seen\n" and "Resumed chat-" in out.stderr
+    assert out.stdout == "2 messages seen\n" and "Resumed earlier: 2 messages." in out.stderr
+    assert len(store.load("earlier").messages) == 4
 
 
 def test_plain_mode_load_error_is_one_line(data_home):
