@@ -377,9 +377,9 @@ def list_local() -> list[tuple[str, str, int]]:
                     name = json.loads((folder / "tqinfer_source.json").read_text())["name"]
             out.append((name or folder.name, str(folder), _folder_bytes(folder)))
     try:
-        from huggingface_hub import scan_cache_dir
+        from huggingface_hub import constants, scan_cache_dir
 
-        info = scan_cache_dir()
+        info = scan_cache_dir(constants.HF_HUB_CACHE)
     except Exception:
         return out
     for repo in sorted(info.repos, key=lambda r: r.repo_id):
