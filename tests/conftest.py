@@ -162,6 +162,30 @@ def llama_cpp_permute(w, n_head: int):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def llama_cpp_rope_factors(rope: dict, head_dim: int):
+    """llama.cpp convert_hf_to_gguf.py's rope_freqs for llama3 rope scaling, loop for loop."""
+    import math
+
+    import numpy as np
+
+    base, factor = rope["rope_theta"], rope["factor"]
+    low, high = rope["low_freq_factor"], rope["high_freq_factor"]
+    old_context_len = rope["original_max_position_embeddings"]
+    low_freq_wavelen, high_freq_wavelen = old_context_len / low, old_context_len / high
+    factors = []
+    for i in range(0, head_dim, 2):
+        freq = 1.0 / (base ** (i / head_dim))
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_freq_wavelen:
+            factors.append(1)
+        elif wavelen > low_freq_wavelen:
+            factors.append(factor)
+        else:
+            smooth = (old_context_len / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
 def write_gguf(path: Path, config: dict, tensors: dict, *, qtype=None, arch: str = "llama",
                tokens: list[str] | None = None, permute: bool = True) -> Path:
     """Write a GGUF the way llama.cpp's converter would, for a tiny HF model (gpt2-style byte vocab)."""
@@ -183,7 +207,9 @@ def write_gguf(path: Path, config: dict, tensors: dict, *, qtype=None, arch: str
     w.add_head_count_kv(n_kv)
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
-    w.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
+    theta = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    w.add_rope_freq_base(float(theta))
+    w.add_rope_dimension_count(head_dim)
     w.add_layer_norm_rms_eps(config["rms_norm_eps"])
     w.add_vocab_size(config["vocab_size"])
     if tokens is None:
@@ -198,6 +224,9 @@ def write_gguf(path: Path, config: dict, tensors: dict, *, qtype=None, arch: str
     w.add_eos_token_id(2)
     w.add_add_bos_token(False)
     w.add_chat_template(CHATML_TEMPLATE)
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if rope.get("rope_type") == "llama3":  # llama.cpp stores llama3 scaling only as this tensor
+        w.add_tensor("rope_freqs.weight", llama_cpp_rope_factors(rope, head_dim))
     for name, t in tensors.items():
         if name == "lm_head.weight" and config.get("tie_word_embeddings"):
             continue

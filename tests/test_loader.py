@@ -122,6 +122,25 @@ def test_tiny_gguf_round_trip(tiny_gguf, isolated_cache, model_type):
     assert got.config["model_type"] == ("llama" if model_type == "mistral" else model_type)
 
 
+def test_llama3_rope_scaling_recovered_from_rope_freqs(tiny_gguf, isolated_cache):
+    path, folder = tiny_gguf("llama3")
+    assert any(t.name == "rope_freqs.weight" for t in open_gguf(path).tensors)
+    got = load_weights(hub.resolve(str(path), progress=False), torch.float32, progress=False)
+    rope = json.loads((folder / "config.json").read_text())["rope_parameters"]
+    assert got.config["rope_theta"] == rope["rope_theta"] == 500000.0
+    expected = {k: v for k, v in rope.items() if k != "rope_theta"}
+    assert got.config["rope_scaling"] == expected
+    assert expected["original_max_position_embeddings"] == 64 and expected["factor"] == 8.0
+    assert "rope_freqs.weight" not in got.tensors
+    # the recovered config reproduces transformers' inverse frequencies
+    ref_cfg = transformers.LlamaConfig(**{k: v for k, v in got.config.items() if k != "torch_dtype"})
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    inv, _ = ROPE_INIT_FUNCTIONS["llama3"](ref_cfg, "cpu")
+    ref_inv, _ = ROPE_INIT_FUNCTIONS["llama3"](transformers.AutoConfig.from_pretrained(str(folder)), "cpu")
+    torch.testing.assert_close(inv, ref_inv)
+
+
 @pytest.mark.parametrize("qtype_name", ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
 def test_quantized_gguf_dequantizes_like_gguf_package(tiny_gguf, isolated_cache, qtype_name):
     import gguf
@@ -203,6 +222,7 @@ def test_bad_magic_and_truncated_gguf(tiny_gguf, isolated_cache, tmp_path):
 @pytest.mark.slow
 def test_default_model_weights_equal_transformers_gguf_load(default_model_files, default_gguf):
     """Converted SmolLM2 GGUF == the state dict transformers builds from the same GGUF, name by name."""
+    pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF model")
     got = load_weights(default_model_files, torch.float32, progress=False)
     ref_model = transformers.AutoModelForCausalLM.from_pretrained(
         str(default_gguf.parent), gguf_file=default_gguf.name, dtype=torch.float32)

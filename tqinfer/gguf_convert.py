@@ -58,7 +58,7 @@ _GEMMA_LAYER_NAMES = dict(
     ffn_norm="pre_feedforward_layernorm",
     post_ffw_norm="post_feedforward_layernorm",
 )
-# Tensors a GGUF may carry that have no HF parameter (rope_freqs is folded into rope_scaling).
+# Tensors a GGUF may carry that have no HF parameter (rope_freqs becomes config rope_scaling).
 _SKIPPED = {"rope_freqs.weight"}
 
 
@@ -298,15 +298,51 @@ def gguf_config(meta: dict, reader) -> dict:
 def _rope_scaling(meta: dict, arch: str, reader) -> dict | None:
     kind = meta.get(f"{arch}.rope.scaling.type")
     if kind in (None, "none"):
-        if any(t.name == "rope_freqs.weight" for t in reader.tensors):
-            # llama3-style scaling is baked into a rope_freqs tensor that has no HF config equivalent.
-            warnings.warn("GGUF has a rope_freqs tensor (llama3 rope scaling); it is ignored", stacklevel=3)
-        return None
+        freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+        if freqs is None:
+            return None
+        return llama3_scaling_from_rope_freqs(
+            dequantize_tensor(freqs).reshape(-1),
+            float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+            int(meta.get(f"{arch}.rope.dimension_count") or 2 * freqs.n_elements),
+        )
     scaling = {"rope_type": kind, "type": kind, "factor": float(meta.get(f"{arch}.rope.scaling.factor", 1.0))}
     orig = meta.get(f"{arch}.rope.scaling.original_context_length")
     if orig:
         scaling["original_max_position_embeddings"] = int(orig)
     return scaling
+
+
+def llama3_rope_factors(rope_theta: float, dim: int, factor: float, low_freq_factor: float,
+                        high_freq_factor: float, original: int) -> np.ndarray:
+    """Per-frequency divisors as llama.cpp's converter writes them into `rope_freqs.weight`."""
+    freqs = 1.0 / rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    wavelen = 2 * np.pi / freqs
+    smooth = (original / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    mid = 1.0 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelen < original / high_freq_factor, 1.0,
+                    np.where(wavelen > original / low_freq_factor, factor, mid))
+
+
+def llama3_scaling_from_rope_freqs(factors: np.ndarray, rope_theta: float, dim: int) -> dict | None:
+    """Llama 3.x GGUFs keep rope scaling only as a `rope_freqs` tensor: recover the HF `rope_scaling`
+    by matching it against the parameters every Llama 3.1/3.2 release uses."""
+    factor = float(factors.max())
+    if factor == 1.0 and float(factors.min()) == 1.0:
+        return None
+    # Llama 3.1/3.2 use (1, 4, 8192); the search also covers other sizes and frequency bands.
+    originals = [8192] + [2**k for k in range(5, 21) if 2**k != 8192]
+    bands = [(1.0, 4.0), (1.0, 2.0), (1.0, 8.0), (2.0, 4.0), (0.5, 4.0), (1.0, 32.0)]
+    for original in originals:
+        for low, high in bands:
+            expected = llama3_rope_factors(rope_theta, dim, factor, low, high, original)
+            if expected.shape == factors.shape and np.allclose(expected, factors, rtol=1e-4):
+                return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                        "high_freq_factor": high, "original_max_position_embeddings": original}
+    raise ModelError(
+        "GGUF has a rope_freqs tensor (llama3 rope scaling) that matches no known Llama 3 parameters; "
+        "use the model's Hugging Face safetensors instead"
+    )
 
 
 def generation_config(meta: dict) -> dict:
