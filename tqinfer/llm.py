@@ -106,8 +106,7 @@ class LLM:
                  max_context: int | None = None, max_seqs: int = 4, prefill_chunk: int = 512,
                  progress: Callable[[str, float | None], None] | None = None):
         from tqinfer import hub
-        from tqinfer.cache.config import CacheConfig, build_cache
-        from tqinfer.engine.engine import LLMEngine
+        from tqinfer.cache.config import CacheConfig
         from tqinfer.loader import load_weights
         from tqinfer.models import build_model
         from tqinfer.tokenizer import load_tokenizer
@@ -139,13 +138,24 @@ class LLM:
             cache = CacheConfig(k_type=cache_type_k, v_type=cache_type_v)
         elif cache_type_k or cache_type_v:
             raise ValueError("pass either cache=CacheConfig(...) or cache_type_k/cache_type_v, not both")
+        self.max_seqs = max_seqs
+        self.set_cache(cache)
+        self.prefill_chunk = prefill_chunk
+        report("ready", 1.0)
+
+    def set_cache(self, cache) -> None:
+        """(Re)build the KV cache with another CacheConfig; the weights stay loaded."""
+        from tqinfer.cache.config import build_cache
+        from tqinfer.engine.engine import LLMEngine
+
+        if getattr(self, "_free_slots", None) is not None and len(self._free_slots) != self.max_seqs:
+            raise RuntimeError("close every session before changing the cache")
+        self.cache = None  # free the old pool before allocating the new one
         self.cache_config = cache
-        self.cache = build_cache(cache, self.args, max_seqs=max_seqs, max_len=self.max_context,
+        self.cache = build_cache(cache, self.args, max_seqs=self.max_seqs, max_len=self.max_context,
                                  dtype=self.dtype, device=self.device)
         self.engine = LLMEngine(self.model, self.cache, self.device)
-        self.prefill_chunk = prefill_chunk
-        self._free_slots = list(range(max_seqs))[::-1]
-        report("ready", 1.0)
+        self._free_slots = list(range(self.max_seqs))[::-1]
 
     # --- descriptions used by the UIs -------------------------------------------------------
     @property
