@@ -334,8 +334,11 @@ class Chat:
         return CommandResult(f"{field_name} = {parsed}")
 
     def _cmd_stats(self, arg: str) -> CommandResult:
-        s = self.status()
-        return CommandResult(f"{s.model} · {s.cache} · {s.conversation}\n{s.numbers()}")
+        s, st = self.status(), self.stats
+        return CommandResult(
+            f"{s.model} · {s.cache} · conversation {s.conversation}\n{s.context_text()} · {s.memory_text()}\n"
+            f"last answer: prefilled {st.prompt_tokens:,} tokens ({st.reused_tokens:,} reused from the cache) "
+            f"at {tps(s.prompt_tps)} tok/s, generated {st.generation_tokens:,} at {tps(s.generation_tps)} tok/s")
 
 
 def open_conversation(store: ConversationStore, *, resume: bool, system: str | None,

@@ -117,6 +117,10 @@ class ChatScreen(Screen):
         prompt = self.query_one(PromptInput)
         prompt.sent = [m.content for m in self.chat.conversation.messages if m.role == "user"]
         await self._rebuild()
+        s = self.chat.status()
+        await self._add_notice(f"{s.model} is ready: {s.cache} cache, {s.context_max:,} tokens of context. "
+                               "Enter sends, Ctrl+J adds a line, /help lists the commands.",
+                               before=0 if self.query_one("#messages").children else None)
         if self._notice:
             await self._add_notice(self._notice)
         self.query_one("#messages").anchor()  # follow the answer until the user scrolls up
