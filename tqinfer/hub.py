@@ -191,9 +191,17 @@ def _resolve_folder(name: str, folder: Path) -> ModelFiles:
 
 
 def _safetensors_id(folder: Path, weights: list[Path], revision: str = "") -> str:
+    """Names, sizes and sampled content (the first and last MiB of each file): cheap for large
+    checkpoints, yet two checkpoints of the same shapes (a fine-tune, a re-init) get different ids."""
     h = hashlib.sha256(revision.encode())
     for p in weights:
-        h.update(f"{p.name}:{p.stat().st_size};".encode())
+        size = p.stat().st_size
+        h.update(f"{p.name}:{size};".encode())
+        with open(p, "rb") as f:
+            h.update(f.read(1 << 20))
+            if size > 2 << 20:
+                f.seek(size - (1 << 20))
+                h.update(f.read())
     return h.hexdigest()
 
 

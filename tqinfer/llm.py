@@ -169,7 +169,29 @@ class LLM:
         return (bytes_per_token(self.args, self.cache_config),
                 bytes_per_token(self.args, self.cache_config.dense_twin()))
 
+    def cache_identity(self) -> dict:
+        """What a saved cache must match to be reused: the weights, the cache setup, the dtype."""
+        import tqinfer
+
+        c = self.cache_config
+        return {"weights_id": self.files.weights_id, "dtype": str(self.dtype),
+                "k_type": c.k_type, "v_type": c.v_type, "sinks": c.sinks, "window": c.window,
+                "protected_layers": c.protected_layers, "rotation": c.rotation, "seed": c.seed,
+                "tqinfer": tqinfer.__version__}
+
     # --- sessions and generation ------------------------------------------------------------
+    def load_session(self, path) -> "Session":
+        """A new session holding a sequence saved by Session.save (refused if the setup differs)."""
+        from tqinfer.cache.store import load_sequence
+
+        s = self.session()
+        try:
+            s.tokens = load_sequence(self.cache, s.slot, path, self.cache_identity())
+        except BaseException:
+            s.close()
+            raise
+        return s
+
     def session(self) -> "Session":
         if not self._free_slots:
             raise RuntimeError(f"all {self.cache.max_seqs} cache sequences are in use; close a session first")
@@ -262,6 +284,13 @@ class Session:
     @property
     def kv_bytes_bf16(self) -> int:
         return self.llm.bytes_per_token()[1] * len(self.tokens)
+
+    def save(self, path, **extra) -> None:
+        """Save this sequence's cache (safetensors + metadata: model, cache setup, token ids)."""
+        from tqinfer.cache.store import save_sequence
+
+        meta = {"model": self.llm.model_name, **self.llm.cache_identity(), **extra}
+        save_sequence(self.llm.cache, self.slot, self.tokens, path, meta)
 
     def truncate(self, n: int) -> None:
         """Roll the sequence back to its first n tokens."""

@@ -1,0 +1,103 @@
+"""Sessions over the compressed cache: save -> load continues exactly, refusals, chunk boundaries."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tqinfer.cache.config import CacheConfig
+from tqinfer.cache.store import CacheFileError, CacheMismatch
+from tqinfer.llm import LLM
+from tqinfer.sampling import SamplingParams
+
+
+@pytest.fixture
+def folder(tiny_hf_folder):
+    return tiny_hf_folder("llama", tokenizer="bytes")
+
+
+def make(folder, **cache):
+    cfg = CacheConfig(**{"k_type": "tq3.5", "v_type": "tq3", "sinks": 2, "window": 8, "block_size": 16, **cache})
+    return LLM(str(folder), device="cpu", dtype="float32", cache=cfg, max_context=256, prefill_chunk=32)
+
+
+def test_saved_session_continues_exactly_like_the_uninterrupted_one(folder, tmp_path):
+    llm = make(folder)
+    ids = list(range(3, 90))
+    with llm.session() as s:
+        s.append(ids)
+        s.save(tmp_path / "s.safetensors")
+        cont = s.append([5, 6, 7], all_logits=True)
+    with llm.load_session(tmp_path / "s.safetensors") as r:
+        assert r.tokens == ids
+        again = r.append([5, 6, 7], all_logits=True)
+    assert torch.equal(cont, again)
+    # and into a fresh LLM (a new process would do the same)
+    with make(folder).load_session(tmp_path / "s.safetensors") as r2:
+        assert torch.equal(r2.append([5, 6, 7], all_logits=True), cont)
+
+
+def test_greedy_generation_after_load_equals_uncached(folder, tmp_path):
+    llm = make(folder, k_type="tq4", v_type="tq4")
+    prompt = list(range(10, 70))
+    with llm.session() as s:
+        s.append(prompt)
+        s.save(tmp_path / "p.safetensors")
+    with llm.load_session(tmp_path / "p.safetensors") as s:
+        loaded = [ev.token for ev in s.stream(prompt + [71], SamplingParams.greedy(max_tokens=8, ignore_eos=True))]
+    with llm.session() as s:
+        s.append(prompt)  # same chunk boundary at the end of the prompt
+        uncached = [ev.token for ev in s.stream(prompt + [71], SamplingParams.greedy(max_tokens=8, ignore_eos=True))]
+    assert loaded == uncached
+
+
+def test_mismatched_cache_type_or_model_is_refused(folder, tiny_hf_folder, tmp_path):
+    llm = make(folder)
+    with llm.session() as s:
+        s.append(list(range(3, 40)))
+        s.save(tmp_path / "s.safetensors")
+    with pytest.raises(CacheMismatch, match="k_type: file has 'tq3.5', this run has 'tq4'"):
+        make(folder, k_type="tq4").load_session(tmp_path / "s.safetensors")
+    other = tiny_hf_folder("llama", tokenizer="bytes", seed=1)
+    with pytest.raises(CacheMismatch, match="weights_id"):
+        make(other).load_session(tmp_path / "s.safetensors")
+
+
+def test_corrupt_or_truncated_file_is_detected(folder, tmp_path):
+    llm = make(folder)
+    with llm.session() as s:
+        s.append(list(range(3, 60)))
+        s.save(tmp_path / "s.safetensors")
+    data = bytearray((tmp_path / "s.safetensors").read_bytes())
+    data[-100] ^= 0xFF
+    (tmp_path / "bad.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CacheFileError, match="checksum"):
+        llm.load_session(tmp_path / "bad.safetensors")
+    (tmp_path / "short.safetensors").write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(CacheFileError):
+        llm.load_session(tmp_path / "short.safetensors")
+    assert len(llm._free_slots) == llm.max_seqs  # failed loads give their slot back
+
+
+def test_rollback_then_continue_matches_the_window_restored_from_records(folder):
+    llm = make(folder)
+    with llm.session() as s:
+        s.append(list(range(3, 50)))
+        s.truncate(40)
+        assert s.tokens == list(range(3, 43))
+        out = s.append([1, 2], all_logits=True)
+        assert torch.isfinite(out).all()
+        assert llm.cache.lens[s.slot] == 42
+
+
+def test_engine_chunked_prefill_equals_reference_with_same_boundaries(folder):
+    """The engine's chunked prefill over compressed types equals the torch twin run chunk by chunk
+    (on CPU both are the twin, so this pins chunk scheduling: boundaries decide what is compressed)."""
+    llm = make(folder, k_type="tq3", v_type="tq3")
+    ids = list(range(3, 100))
+    a = llm.logits(ids, chunk=32)
+    with llm.session() as s:
+        parts = [s.append(ids[i:i + 32], all_logits=True) for i in range(0, len(ids), 32)]
+    assert torch.equal(a, torch.cat(parts))
+    b = llm.logits(ids, chunk=16)
+    assert not torch.equal(a, b)  # other boundaries compress other tokens before they are attended

@@ -1,0 +1,147 @@
+"""Save and load one sequence's cache: safetensors tensors + JSON metadata with a payload checksum.
+
+Per layer: the sequence's records (or dense K/V) in token order, its full-precision sinks + window
+buffer, and the codecs' data-dependent state (outlier channels); rotations are rebuilt from the seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from tqinfer.errors import TqinferError
+
+FORMAT = "tqinfer-session-1"
+
+
+class CacheFileError(TqinferError):
+    """A saved cache that is corrupt, truncated or of another format."""
+
+
+class CacheMismatch(TqinferError):
+    """A saved cache made by another model or cache configuration."""
+
+
+def payload_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _gather(pool: torch.Tensor, table: torch.Tensor, n: int, block_size: int) -> torch.Tensor:
+    t = torch.arange(n, device=pool.device)
+    flat = table[t // block_size].long() * block_size + t % block_size
+    return pool[flat // block_size, :, flat % block_size]
+
+
+def save_sequence(cache, slot: int, tokens: list[int], path: str | Path, meta: dict) -> None:
+    """Write sequence `slot` of a PagedCache or DenseCache to `path` atomically."""
+    n = len(tokens)
+    tensors: dict[str, torch.Tensor] = {"tokens": torch.tensor(tokens, dtype=torch.int64)}
+    if cache.kind == "dense":
+        for layer, (k, v) in enumerate(zip(cache.k, cache.v)):
+            tensors[f"{layer}.k"] = k[slot, :, :n].cpu().contiguous()
+            tensors[f"{layer}.v"] = v[slot, :, :n].cpu().contiguous()
+        compressed = 0
+    else:
+        table = cache.block_table[slot]
+        for layer in range(cache.args.num_hidden_layers):
+            tensors[f"{layer}.k"] = _gather(cache.k_pool[layer], table, n, cache.block_size).cpu().contiguous()
+            tensors[f"{layer}.v"] = _gather(cache.v_pool[layer], table, n, cache.block_size).cpu().contiguous()
+            if cache.k_hot[layer] is not None:
+                tensors[f"{layer}.k_hot"] = cache.k_hot[layer][slot].cpu().contiguous()
+                tensors[f"{layer}.v_hot"] = cache.v_hot[layer][slot].cpu().contiguous()
+            for which, codec in (("k", cache.k_codec[layer]), ("v", cache.v_codec[layer])):
+                for key, value in (codec.state_dict() if codec is not None else {}).items():
+                    tensors[f"{layer}.{which}_codec.{key}"] = value.cpu().contiguous()
+        compressed = cache.compressed[slot]
+    header = {"format": FORMAT, "compressed": compressed, "tokens": n, **meta,
+              "checksum": payload_checksum(tensors)}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    save_file(tensors, str(tmp), metadata={"tqinfer": json.dumps(header, sort_keys=True)})
+    os.replace(tmp, path)
+
+
+def read_header(path: str | Path) -> dict:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CacheFileError(f"{path} is not a readable tqinfer cache file ({e})") from e
+    if "tqinfer" not in meta:
+        raise CacheFileError(f"{path} has no tqinfer metadata")
+    header = json.loads(meta["tqinfer"])
+    if header.get("format") != FORMAT:
+        raise CacheFileError(f"{path} is format {header.get('format')!r}, this tqinfer reads {FORMAT!r}")
+    return header
+
+
+def check_header(header: dict, expected: dict, path) -> None:
+    """Refuse a file whose model or cache configuration differs, naming what differs."""
+    diffs = [f"{k}: file has {header.get(k)!r}, this run has {v!r}" for k, v in expected.items() if header.get(k) != v]
+    if diffs:
+        raise CacheMismatch(f"{path} was saved with another setup; " + "; ".join(diffs))
+
+
+def load_sequence(cache, slot: int, path: str | Path, expected: dict) -> list[int]:
+    """Load a saved sequence into slot (emptied first); returns its token ids."""
+    header = read_header(path)
+    check_header(header, expected, path)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CacheFileError(f"{path} is corrupt or truncated ({e})") from e
+    if payload_checksum(tensors) != header["checksum"]:
+        raise CacheFileError(f"{path} failed its checksum: the file is corrupt")
+    tokens = tensors["tokens"].tolist()
+    n = len(tokens)
+    cache.set_len(slot, 0)
+    if cache.kind == "dense":
+        for layer, (k, v) in enumerate(zip(cache.k, cache.v)):
+            k[slot, :, :n] = tensors[f"{layer}.k"].to(k.device)
+            v[slot, :, :n] = tensors[f"{layer}.v"].to(v.device)
+        cache.set_len(slot, n)
+        return tokens
+    for layer in range(cache.args.num_hidden_layers):
+        for which, codec in (("k", cache.k_codec[layer]), ("v", cache.v_codec[layer])):
+            prefix = f"{layer}.{which}_codec."
+            state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if codec is not None and state:
+                others = any(cache.lens[s] for s in range(cache.max_seqs) if s != slot)
+                current = codec.state_dict()
+                same = current.keys() == state.keys() and all(torch.equal(current[k].cpu(), state[k]) for k in state)
+                if others and cache.calibrated[layer] and not same:
+                    raise CacheMismatch(
+                        f"{path}: layer {layer} was calibrated on other data than the sequences now in "
+                        "the cache; close the other sessions first")
+                codec.load_state_dict({k: v.to(cache.device) for k, v in state.items()})
+        cache.calibrated[layer] = True
+    cache.reserve(slot, n)
+    table = cache.block_table[slot]
+    t = torch.arange(n, device=cache.device)
+    flat = table[t // cache.block_size].long() * cache.block_size + t % cache.block_size
+    bs = cache.block_size
+    for layer in range(cache.args.num_hidden_layers):
+        cache.k_pool[layer][flat // bs, :, flat % bs] = tensors[f"{layer}.k"].to(cache.device)
+        cache.v_pool[layer][flat // bs, :, flat % bs] = tensors[f"{layer}.v"].to(cache.device)
+        if cache.k_hot[layer] is not None:
+            cache.k_hot[layer][slot] = tensors[f"{layer}.k_hot"].to(cache.device)
+            cache.v_hot[layer][slot] = tensors[f"{layer}.v_hot"].to(cache.device)
+    cache.compressed[slot] = header["compressed"]
+    cache.set_len(slot, n)
+    return tokens
