@@ -69,7 +69,8 @@ def build_cache(k_type, v_type, lens, *, heads, d, sinks, window, block_size, dt
                 else:
                     rec = codec.encode(x[comp].float())
                     pl[blk, :, off] = rec
-                    est = codec.reconstruct(rec) if (codec is kc and codec.has_qjl) else codec.decode(rec)
+                    # QJL-carrying types: the unbiased estimate (keys' scores and values alike)
+                    est = codec.reconstruct(rec)
                     eff[comp] = est.double()
         if not dense:
             th = t[~comp]

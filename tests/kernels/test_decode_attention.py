@@ -33,6 +33,8 @@ CASES = [  # k type, v type, head_dim, KV heads, group size
     ("tqp3", "tq3", 64, 2, 4),
     ("tqp4", "tq4", 128, 1, 4),
     ("tqp2", "tq2", 64, 1, 1),
+    ("tq3", "tqp3", 64, 2, 4),
+    ("tqp4", "tqp4", 128, 1, 2),
     ("bf16", "tq3.5", 64, 1, 4),
     ("tq3.5", "bf16", 64, 1, 4),
 ]
@@ -60,13 +62,12 @@ def test_decode_matches_float64(kt, vt, d, h, g):
     out, ref, args = _run(kt, vt, d, h, g, LENS, sinks=4, window=8, dtype=torch.float32, splits=3,
                           seed=zlib.crc32(f"{kt}{vt}{d}{h}{g}".encode()) % 1000)
     assert torch.isfinite(out).all(), "unwritten or non-finite outputs"
-    # fp16 centroids and queries in the dot products: ~1e-4; fp32 dense: ~1e-6
-    tol = 1e-5 if (kt, vt) == ("bf16", "bf16") else 2e-3
+    # fp16 centroids and queries in the dot products: ~1e-4; fp32 dense: ~1e-6 (tf32 on a GPU: ~1e-3)
+    tol = 1e-5 if (kt, vt) == ("bf16", "bf16") and DEV == "cpu" else 2e-3
     assert rel_err(out, ref) < tol
-    if (kt == "bf16") == (vt == "bf16"):  # the twin reads mixed dense/compressed layers differently
-        twin = reference.paged_attention(*args)
-        assert rel_err(twin, ref) < 1e-5
-        assert rel_err(out, twin) < tol
+    twin = reference.paged_attention(*args)
+    assert rel_err(twin, ref) < 1e-5
+    assert rel_err(out, twin) < tol
 
 
 @pytest.mark.parametrize("sinks,window", [(0, 0), (4, 0), (0, 8), (3, 20)])

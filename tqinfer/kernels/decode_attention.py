@@ -22,7 +22,7 @@ from .quantize import CodePart, RecordLayout, record_layout
 LOG2E = 1.4426950408889634
 # the interpreter's tl.dot mishandles bf16 operands (triton 3.9): it multiplies dense tiles in fp32
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-NEG = -1.0e30  # finite "minus infinity" for running maxima, so empty splits merge without NaN
+NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima, so empty splits merge without NaN
 
 
 @triton.jit
@@ -139,6 +139,7 @@ def _decode_split_kernel(
     V_DENSE: tl.constexpr, REC_V: tl.constexpr,
     CVA: tl.constexpr, DVA: tl.constexpr, BVA: tl.constexpr, PVA: tl.constexpr, SVA: tl.constexpr, TVA: tl.constexpr,
     CVB: tl.constexpr, DVB: tl.constexpr, BVB: tl.constexpr, PVB: tl.constexpr, SVB: tl.constexpr, TVB: tl.constexpr,
+    DVQ: tl.constexpr, PVQ: tl.constexpr, SVQ: tl.constexpr, TVQ: tl.constexpr,
     DOT_F32: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -166,6 +167,7 @@ def _decode_split_kernel(
     l_i = tl.zeros([GP], dtype=tl.float32)
     acc_a = tl.zeros([GP, DVA], dtype=tl.float32)
     acc_b = tl.zeros([GP, DVB if DVB > 0 else 16], dtype=tl.float32)
+    acc_q = tl.zeros([GP, DVQ if DVQ > 0 else 16], dtype=tl.float32)
     n = tl.arange(0, BLOCK_N)
     for ti in range(t_start, t_end):
         tok = ti * BLOCK_N + n
@@ -185,15 +187,20 @@ def _decode_split_kernel(
         if DVB > 0:
             acc_b = tile_values(p, acc_b * alpha[:, None], v_pool, tab_v, tok_base, tmask, D, BLOCK_N,
                                 V_DENSE, REC_V, DVB, BVB, PVB, SVB, TVB, DOT_F32)
+        if DVQ > 0:  # prod-type values: the QJL residual term, sign space, scaled by gamma
+            acc_q = tile_values(p, acc_q * alpha[:, None], v_pool, tab_v, tok_base, tmask, D, BLOCK_N,
+                                V_DENSE, REC_V, DVQ, 1, PVQ, SVQ, TVQ, DOT_F32)
         m_i = m_new
 
     ws = (b * H + h) * NSPLIT + s
     tl.store(ws_m + ws * GP + g, m_i)
     tl.store(ws_l + ws * GP + g, l_i)
-    acc_row = ws_acc + (ws * GP + g) * D
+    acc_row = ws_acc + (ws * GP + g) * (D + DVQ)
     tl.store(acc_row[:, None] + CVA + tl.arange(0, DVA)[None, :], acc_a)
     if DVB > 0:
         tl.store(acc_row[:, None] + CVB + tl.arange(0, DVB)[None, :], acc_b)
+    if DVQ > 0:
+        tl.store(acc_row[:, None] + D + tl.arange(0, DVQ)[None, :], acc_q)
 
 
 @triton.jit
@@ -227,10 +234,10 @@ def hot_attention(q, m_i, l_i, acc, k_hot, v_hot, hot_base, s_hh, s_hs, L, sinks
 
 @triton.jit
 def _decode_merge_kernel(
-    q_ptr, k_ptr, v_ptr, k_hot, v_hot, slot_ptr, prefix_ptr, ws_m, ws_l, ws_acc, rot_v, out_ptr,
+    q_ptr, k_ptr, v_ptr, k_hot, v_hot, slot_ptr, prefix_ptr, ws_m, ws_l, ws_acc, rot_v, qjl_v, out_ptr,
     sinks, window, s_qt, s_qh, s_kt, s_kh, s_hb, s_hh, s_hs, s_ot, s_oh,
     H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, NSPLIT: tl.constexpr,
-    BLOCK_H: tl.constexpr, V_ROTATED: tl.constexpr, HAS_HOT: tl.constexpr,
+    BLOCK_H: tl.constexpr, V_ROTATED: tl.constexpr, HAS_HOT: tl.constexpr, DVQ: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -240,16 +247,26 @@ def _decode_merge_kernel(
     m_i = tl.full([GP], NEG, dtype=tl.float32)
     l_i = tl.zeros([GP], dtype=tl.float32)
     acc = tl.zeros([GP, D], dtype=tl.float32)
+    DQ: tl.constexpr = DVQ if DVQ > 0 else 16
+    dq = tl.arange(0, DQ)
+    acc_q = tl.zeros([GP, DQ], dtype=tl.float32)
     for s in range(NSPLIT):
         m_s = tl.load(ws_m + (ws + s) * GP + g)
         l_s = tl.load(ws_l + (ws + s) * GP + g)
-        a_s = tl.load(ws_acc + ((ws + s) * GP + g)[:, None] * D + d[None, :])
+        row = ws_acc + ((ws + s) * GP + g) * (D + DVQ)
+        a_s = tl.load(row[:, None] + d[None, :])
         m_new = tl.maximum(m_i, m_s)
         alpha = tl.exp2(m_i - m_new)
         beta = tl.exp2(m_s - m_new)
         l_i = l_i * alpha + l_s * beta
         acc = acc * alpha[:, None] + a_s * beta[:, None]
+        if DVQ > 0:
+            q_s = tl.load(row[:, None] + D + dq[None, :])
+            acc_q = acc_q * alpha[:, None] + q_s * beta[:, None]
         m_i = m_new
+    if DVQ > 0:  # QJL residual of prod-type values: + scale * Sᵀ (Σ p gamma signs), rotated space
+        sv = tl.load(qjl_v + h * DVQ * D + dq[:, None] * D + d[None, :])
+        acc += tl.dot(acc_q, sv, input_precision="ieee")
     if V_ROTATED:  # x = Πᵀ y, as rows: acc @ Π
         rot = tl.load(rot_v + h * D * D + d[:, None] * D + d[None, :])
         acc = tl.dot(acc, rot, input_precision="ieee")
@@ -297,12 +314,14 @@ def _v_args(layout: RecordLayout | None, d: int) -> dict:
     none = CodePart(0, 0, 1, 0, 0, 0, 0)
     if layout is None:
         return dict(V_DENSE=True, REC_V=0, CVA=0, DVA=d, BVA=1, PVA=0, SVA=0, TVA=0,
-                    CVB=0, DVB=0, BVB=1, PVB=0, SVB=0, TVB=0)
+                    CVB=0, DVB=0, BVB=1, PVB=0, SVB=0, TVB=0, DVQ=0, PVQ=0, SVQ=0, TVQ=0)
     a = layout.parts[0]
     bb = layout.parts[1] if len(layout.parts) > 1 else none
+    qq = layout.qjl or none
     return dict(V_DENSE=False, REC_V=layout.record_bytes,
                 CVA=a.channel, DVA=a.dim, BVA=a.bits, PVA=a.planes, SVA=a.scale, TVA=a.table,
-                CVB=bb.channel, DVB=bb.dim, BVB=bb.bits, PVB=bb.planes, SVB=bb.scale, TVB=bb.table)
+                CVB=bb.channel, DVB=bb.dim, BVB=bb.bits, PVB=bb.planes, SVB=bb.scale, TVB=bb.table,
+                DVQ=qq.dim, PVQ=qq.planes, SVQ=qq.scale, TVQ=qq.table)
 
 
 def prepare_queries(q: torch.Tensor, kv_heads: int, scale: float, k_layout: RecordLayout | None,
@@ -324,9 +343,6 @@ def prepare_queries(q: torch.Tensor, kv_heads: int, scale: float, k_layout: Reco
 def _layouts(view, device):
     k_lay = None if view.k_codec is None else record_layout(view.k_codec, device)
     v_lay = None if view.v_codec is None else record_layout(view.v_codec, device)
-    if v_lay is not None and v_lay.qjl is not None:
-        v_lay = RecordLayout(v_lay.dim, v_lay.heads, v_lay.record_bytes, v_lay.parts, v_lay.rotation,
-                             v_lay.tables, v_lay.boundaries)  # values read only the MSE part
     return k_lay, v_lay
 
 
@@ -345,7 +361,8 @@ def _hot(view, like):
 
 
 def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_splits: int | None = None,
-                           block_n: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                           block_n: int | None = None, out: torch.Tensor | None = None,
+                           num_warps: int = 4) -> torch.Tensor:
     """Decode attention (every chunk one token: cu_q == arange(B + 1)) over a paged, possibly compressed
     cache: q[B, Hq, d], k/v[B, H, d] the new tokens -> [B, Hq, d] in q's dtype. See kernels/reference.py.
     num_splits fixes the grid (default: by batch size); `out` may be given (written, never read)."""
@@ -367,7 +384,8 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
     dev = q.device
     ws_m = torch.empty(bsz * h * nsplit * gp, device=dev, dtype=torch.float32)
     ws_l = torch.empty_like(ws_m)
-    ws_acc = torch.empty(bsz * h * nsplit * gp * d, device=dev, dtype=torch.float32)
+    dvq = v_lay.qjl.dim if v_lay is not None and v_lay.qjl is not None else 0
+    ws_acc = torch.empty(bsz * h * nsplit * gp * (d + dvq), device=dev, dtype=torch.float32)
     bt = view.block_table
     tab_k = k_lay.tables if k_lay is not None else ws_m
     tab_v = v_lay.tables if v_lay is not None else ws_m
@@ -375,18 +393,20 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
         qk, view.k_pool, view.v_pool, tab_k, tab_v, bt, prefix_lens, ws_m, ws_l, ws_acc,
         view.sinks, view.window, bt.stride(0), qk.stride(0), qk.stride(1),
         H=h, G=g, GP=gp, D=d, BS=bs, BLOCK_N=block_n, NSPLIT=nsplit,
-        **_k_args(k_lay, d), **_v_args(v_lay, d), DOT_F32=INTERPRET, num_warps=4)
+        **_k_args(k_lay, d), **_v_args(v_lay, d), DOT_F32=INTERPRET, num_warps=num_warps,
+        num_stages=1)  # software pipelining turns the centroid gathers into 4-byte cp.async copies
     if v.stride() != k.stride() or k.stride(2) != 1:
         k, v = k.contiguous(), v.contiguous()
     out = torch.empty_like(q) if out is None else out
     qs = (q.float() * (scale * LOG2E)).contiguous()
     has_hot, k_hot, v_hot, hs = _hot(view, k)
     rot_v = v_lay.rotation if v_lay is not None else ws_m
+    qjl_v = v_lay.qjl_matrix * v_lay.qjl_scale if dvq else ws_m  # tiny: [H, m, d]
     seq_slot = view.seq_slot if has_hot else prefix_lens
     _decode_merge_kernel[(bsz, h)](
-        qs, k, v, k_hot, v_hot, seq_slot, prefix_lens, ws_m, ws_l, ws_acc, rot_v, out,
+        qs, k, v, k_hot, v_hot, seq_slot, prefix_lens, ws_m, ws_l, ws_acc, rot_v, qjl_v, out,
         view.sinks, view.window, qs.stride(0), qs.stride(1), k.stride(0), k.stride(1), *hs,
         out.stride(0), out.stride(1),
-        H=h, G=g, GP=gp, D=d, NSPLIT=nsplit, BLOCK_H=32, V_ROTATED=v_lay is not None, HAS_HOT=has_hot,
+        H=h, G=g, GP=gp, D=d, NSPLIT=nsplit, BLOCK_H=32, V_ROTATED=v_lay is not None, HAS_HOT=has_hot, DVQ=dvq,
         num_warps=4)
     return out

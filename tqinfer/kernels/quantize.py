@@ -17,6 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
+# fp32-accurate products on tensor cores (three tf32 passes): codes must match the codec's bucketize
+PREC = tl.constexpr("tf32x3")
+
 
 @dataclass(frozen=True)
 class CodePart:
@@ -157,7 +160,7 @@ def _quantize_part(x, rot_ptr, bnd_ptr, out_row, tmask, CH: tl.constexpr, DP: tl
     rows = CH + tl.arange(0, DP)
     cols = tl.arange(0, D)
     m = tl.load(rot_ptr + rows[:, None] * D + cols[None, :])  # [DP, D]
-    y = tl.dot(x, tl.trans(m), input_precision="ieee")  # [BT, DP] rotated coordinates
+    y = tl.dot(x, tl.trans(m), input_precision=PREC)  # [BT, DP] rotated coordinates
     n = tl.sqrt(tl.sum(y * y, axis=1))
     u = y / tl.where(n > 0, n, 1.0)[:, None]
     code = tl.zeros([BT, DP], dtype=tl.int32)
@@ -187,7 +190,7 @@ def _quantize_residual(u, code, n, tab_ptr, s_ptr, out_row, tmask, TAB: tl.const
     rows = tl.arange(0, M)
     cols = tl.arange(0, D)
     sm = tl.load(s_ptr + rows[:, None] * D + cols[None, :])  # [M, D]
-    proj = tl.dot(r, tl.trans(sm), input_precision="ieee")  # [BT, M]
+    proj = tl.dot(r, tl.trans(sm), input_precision=PREC)  # [BT, M]
     _pack_plane((proj >= 0).to(tl.int32), out_row, tmask, 0, 1, PLANE, BT, M)
     gamma = n * tl.sqrt(tl.sum(r * r, axis=1))
     tl.store((out_row + SCALE).to(tl.pointer_type(tl.float16)), gamma.to(tl.float16), mask=tmask)
