@@ -228,8 +228,9 @@ def main():
             continue
         bench_decode(shape, b, t, kinds, results)
     sw = sweep("llama3-8b", 1, 128 * 1024, "tq3.5",
-               [dict(block_n=64), dict(block_n=32), dict(block_n=64, num_splits=132),
-                dict(block_n=64, num_splits=33), dict(block_n=32, num_splits=132)])
+               [dict(block_n=64), dict(block_n=32), dict(block_n=64, num_warps=8), dict(block_n=32, num_warps=2),
+                dict(block_n=64, num_splits=132), dict(block_n=32, num_splits=132),
+                dict(block_n=64, num_splits=33), dict(block_n=16, num_splits=66)])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(results=results, checks=checks, sweep=[(c, u, g) for c, u, g in sw]), f, indent=1)
