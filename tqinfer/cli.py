@@ -132,6 +132,52 @@ def cmd_list(args) -> int:
     return 0
 
 
+def cmd_estimate(args) -> int:
+    import json
+
+    import torch
+
+    from tqinfer import hub
+    from tqinfer.cache.config import CacheConfig, cache_type_names
+    from tqinfer.cache.paged import available_memory
+    from tqinfer.estimate import estimate, largest_context
+    from tqinfer.llm import pick_device, pick_dtype
+    from tqinfer.models import build_model
+
+    if args.types:
+        from tqinfer.quant.registry import CACHE_TYPES, make_codec
+
+        print(f"{'type':14s} {'bits/value d=64':>16s} {'d=128':>7s}  summary")
+        for name in cache_type_names():
+            bits = [make_codec(name, d, 1, seed=0).bits_per_value for d in (64, 128)]
+            print(f"{name:14s} {bits[0]:16.3f} {bits[1]:7.3f}  {CACHE_TYPES[name].summary}")
+        return 0
+    files = hub.resolve(args.model_opt or args.model)
+    config = json.loads((files.folder / "config.json").read_text())
+    _, margs = build_model(config)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    memory = int(args.memory * 2**30) if args.memory else available_memory(device)
+    cache = cache_config_from_args(args)
+    context = args.ctx_size or min(margs.max_position_embeddings, 8192)
+    e = estimate(config, cache, context, dtype, memory, max_seqs=args.parallel)
+    mib = lambda b: f"{b / 2**20:,.1f} MiB"  # noqa: E731
+    print(f"model            {files.name} ({margs.model_type}, {margs.num_hidden_layers} layers, "
+          f"{margs.num_key_value_heads} KV heads x {margs.head_dim}), weights as {str(dtype).replace('torch.', '')}")
+    print(f"context          {context:,} tokens x {args.parallel} sequence(s), cache {cache.label} "
+          f"(sinks {cache.sinks}, window {cache.window}, protected layers {cache.protected_layers})")
+    print(f"weights          {mib(e.weights)}")
+    print(f"KV cache         {mib(e.kv_cache)}   (bf16 would be {mib(e.kv_cache_bf16)})")
+    print(f"activations      {mib(e.activations)}")
+    print(f"total            {mib(e.total)}   of {mib(memory)} available on {device.type}: "
+          f"{'fits' if e.fits else 'does NOT fit'}")
+    limit = margs.max_position_embeddings
+    most = largest_context(config, cache, dtype, memory)
+    print(f"largest context  {most:,} tokens fit in that memory with {cache.label}"
+          + (f" (the model's maximum is {limit:,})" if most > limit else ""))
+    return 0 if e.fits else 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tqinfer", description="Local LLM inference with a TurboQuant KV cache")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -150,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plain", action="store_true", help="line REPL instead of the full-screen UI")
     p.add_argument("--resume", action="store_true", help="reopen the last conversation")
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("estimate", help="memory for a context: weights, KV cache, activations; largest context")
+    add_model_args(p)
+    p.add_argument("--memory", type=float, default=None, help="GiB to fit into (default: free GPU memory or RAM)")
+    p.add_argument("--parallel", type=int, default=1, help="sequences held at once")
+    p.add_argument("--types", action="store_true", help="list the cache types with their bits per value")
+    p.set_defaults(func=cmd_estimate)
 
     p = sub.add_parser("pull", help="fetch a model into the local cache")
     p.add_argument("name", nargs="?", default=None)

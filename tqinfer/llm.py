@@ -132,8 +132,10 @@ class LLM:
             net.lm_head.weight = net.model.embed_tokens.weight
         self.model = net.to(self.device, self.dtype).eval()
         report("allocating cache", None)
-        self.max_context = min(max_context or min(self.args.max_position_embeddings, 8192),
-                               self.args.max_position_embeddings)
+        limit = self.args.max_position_embeddings
+        if max_context is not None and max_context > limit:
+            raise ContextError(f"context {max_context} exceeds the model's maximum of {limit} tokens")
+        self.max_context = max_context or min(limit, 8192)
         if cache is None:
             cache = CacheConfig(k_type=cache_type_k, v_type=cache_type_v)
         elif cache_type_k or cache_type_v:

@@ -39,6 +39,17 @@ class DenseCache:
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, max_seqs: int, max_len: int,
                  dtype: torch.dtype, device):
         shape = (max_seqs, kv_heads, max_len, head_dim)
+        need = 2 * num_layers * max_seqs * kv_heads * max_len * head_dim * torch.finfo(dtype).bits // 8
+        from tqinfer.cache.paged import available_memory
+
+        free = available_memory(torch.device(device))
+        if need > free:
+            from tqinfer.errors import CacheMemoryError
+
+            raise CacheMemoryError(
+                f"the dense KV cache for {max_seqs} x {max_len} tokens needs {need / 2**20:.1f} MiB but only "
+                f"{free / 2**20:.1f} MiB is free on {device}; use a smaller -c or a compressed cache type "
+                "(-ctk/-ctv; tqinfer estimate shows the options)")
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.max_len = max_len
