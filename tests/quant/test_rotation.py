@@ -14,7 +14,7 @@ def test_orthogonal_fp32(kind, dim):
 
 
 @pytest.mark.parametrize("kind", ["hadamard", "orthogonal"])
-@pytest.mark.parametrize("dim", [64, 96, 128])
+@pytest.mark.parametrize("dim", [64, 96, 128, 1024])  # 1024: the FWHT path
 def test_apply_matches_matrix_and_inverts(kind, dim):
     rot = Rotation(dim, seed=11, kind=kind)
     x = torch.randn(5, 2, dim, dtype=torch.float64)

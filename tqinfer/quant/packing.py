@@ -45,9 +45,10 @@ def _pack_plane(fields: torch.Tensor, width: int) -> torch.Tensor:
     if pad:
         fields = torch.nn.functional.pad(fields, (0, pad))
     fields = fields.reshape(*fields.shape[:-1], -1, per)
-    shifts = torch.arange(0, 8, width, dtype=torch.uint8, device=fields.device)
-    # disjoint bit fields: a sum is an OR, and stays below 256
-    return (fields.to(torch.int32) << shifts.to(torch.int32)).sum(-1).to(torch.uint8)
+    out = fields[..., 0].clone()
+    for i in range(1, per):  # uint8 throughout: fields < 2**width, so the shifted value still fits
+        out |= fields[..., i] << (i * width)
+    return out
 
 
 def _unpack_plane(packed: torch.Tensor, width: int, n: int) -> torch.Tensor:
