@@ -1,0 +1,192 @@
+"""Chunked-prefill attention: a chunk of new tokens attends to its sequence's compressed prefix (codes
+dequantized tile by tile in registers/SRAM and multiplied on tensor cores, never a dequantized copy in
+HBM), to the full-precision sink / recent tokens, and causally to itself; one online softmax (fp32,
+base 2) across the three parts, so the merge is a log-sum-exp by construction.
+
+One program per (sequence, tile of BLOCK_M chunk tokens, KV head): its rows are the BLOCK_M tokens x
+G query heads of the group, so each tile of codes is read and dequantized once for all of them.
+Values of the compressed prefix accumulate in the codec's rotated space and are un-rotated once at
+the end of that part.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .decode_attention import (INTERPRET, LOG2E, NEG, _hot, _k_args, _layouts, _v_args, hot_attention,
+                               prepare_queries, tile_scores, tile_values)
+
+
+@triton.jit
+def _unrotate_part(acc, rot_ptr, h, CH: tl.constexpr, DP: tl.constexpr, D: tl.constexpr):
+    """acc[rows, DP] over rotated channels [CH, CH + DP) -> its share of x = Πᵀ y, [rows, D]."""
+    rows = CH + tl.arange(0, DP)
+    m = tl.load(rot_ptr + h * D * D + rows[:, None] * D + tl.arange(0, D)[None, :])
+    return tl.dot(acc, m, input_precision="ieee")
+
+
+@triton.jit
+def _prefill_kernel(
+    qk_ptr, q_ptr, k_ptr, v_ptr, k_pool, v_pool, tab_k, tab_v, bt_ptr, cu_ptr, prefix_ptr,
+    k_hot, v_hot, slot_ptr, rot_v, qjl_v, out_ptr,
+    sinks, window, s_bt, s_kb, s_kh, s_qt, s_qh, s_kt, s_kth, s_hb, s_hh, s_hs, s_ot, s_oh,
+    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, HAS_HOT: tl.constexpr,
+    K_DENSE: tl.constexpr, REC_K: tl.constexpr,
+    CKA: tl.constexpr, DKA: tl.constexpr, BKA: tl.constexpr, PKA: tl.constexpr, SKA: tl.constexpr, TKA: tl.constexpr,
+    CKB: tl.constexpr, DKB: tl.constexpr, BKB: tl.constexpr, PKB: tl.constexpr, SKB: tl.constexpr, TKB: tl.constexpr,
+    CKQ: tl.constexpr, DKQ: tl.constexpr, PKQ: tl.constexpr, SKQ: tl.constexpr, TKQ: tl.constexpr,
+    V_DENSE: tl.constexpr, REC_V: tl.constexpr,
+    CVA: tl.constexpr, DVA: tl.constexpr, BVA: tl.constexpr, PVA: tl.constexpr, SVA: tl.constexpr, TVA: tl.constexpr,
+    CVB: tl.constexpr, DVB: tl.constexpr, BVB: tl.constexpr, PVB: tl.constexpr, SVB: tl.constexpr, TVB: tl.constexpr,
+    DVQ: tl.constexpr, PVQ: tl.constexpr, SVQ: tl.constexpr, TVQ: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    b = tl.program_id(0)
+    mt = tl.program_id(1)
+    h = tl.program_id(2)
+    s0 = tl.load(cu_ptr + b)
+    n_chunk = tl.load(cu_ptr + b + 1) - s0
+    if mt * BLOCK_M >= n_chunk:
+        return
+    L = tl.load(prefix_ptr + b)
+    R: tl.constexpr = BLOCK_M * GP
+    r = tl.arange(0, R)
+    i = mt * BLOCK_M + r // GP  # chunk token of each row
+    g = r % GP
+    rmask = (i < n_chunk) & (g < G)
+    tok = s0 + tl.minimum(i, n_chunk - 1)
+    head = h * G + tl.minimum(g, G - 1)
+    d = tl.arange(0, D)
+
+    # part 1: the compressed prefix [sinks, c_end), rotated space
+    qrow = qk_ptr + tok.to(tl.int64) * s_kb + head * s_kh
+    q_a = tl.load(qrow[:, None] + CKA + tl.arange(0, DKA)[None, :])
+    q_b = q_a
+    q_q = q_a
+    if DKB > 0:
+        q_b = tl.load(qrow[:, None] + CKB + tl.arange(0, DKB)[None, :])
+    if DKQ > 0:
+        q_q = tl.load(qrow[:, None] + CKQ + tl.arange(0, DKQ)[None, :])
+    m_i = tl.full([R], NEG, dtype=tl.float32)
+    l_i = tl.zeros([R], dtype=tl.float32)
+    acc_a = tl.zeros([R, DVA], dtype=tl.float32)
+    acc_b = tl.zeros([R, DVB if DVB > 0 else 16], dtype=tl.float32)
+    acc_q = tl.zeros([R, DVQ if DVQ > 0 else 16], dtype=tl.float32)
+    c_end = tl.where(window > 0, L - window, L)
+    t_lo = sinks // BLOCK_N
+    t_hi = tl.where(c_end > sinks, (c_end + BLOCK_N - 1) // BLOCK_N, t_lo)
+    n = tl.arange(0, BLOCK_N)
+    for ti in range(t_lo, t_hi):
+        t = ti * BLOCK_N + n
+        tmask = (t >= sinks) & (t < c_end)
+        blk = tl.load(bt_ptr + b * s_bt + (ti * BLOCK_N) // BS).to(tl.int64)
+        tok_base = (blk * H + h) * BS + (ti * BLOCK_N) % BS + n
+        qk = tile_scores(q_a, q_b, q_q, k_pool, tab_k, tok_base, tmask, h, H, BS, D, BLOCK_N,
+                         K_DENSE, REC_K, DKA, BKA, PKA, SKA, TKA, DKB, BKB, PKB, SKB, TKB,
+                         DKQ, PKQ, SKQ, TKQ, DOT_F32)
+        qk = tl.where(tmask[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc_a = tile_values(p, acc_a * alpha[:, None], v_pool, tab_v, tok_base, tmask, D, BLOCK_N,
+                            V_DENSE, REC_V, DVA, BVA, PVA, SVA, TVA, DOT_F32)
+        if DVB > 0:
+            acc_b = tile_values(p, acc_b * alpha[:, None], v_pool, tab_v, tok_base, tmask, D, BLOCK_N,
+                                V_DENSE, REC_V, DVB, BVB, PVB, SVB, TVB, DOT_F32)
+        if DVQ > 0:
+            acc_q = tile_values(p, acc_q * alpha[:, None], v_pool, tab_v, tok_base, tmask, D, BLOCK_N,
+                                V_DENSE, REC_V, DVQ, 1, PVQ, SVQ, TVQ, DOT_F32)
+        m_i = m_new
+    if V_DENSE:
+        acc = acc_a
+    else:
+        acc = _unrotate_part(acc_a, rot_v, h, CVA, DVA, D)
+        if DVB > 0:
+            acc += _unrotate_part(acc_b, rot_v, h, CVB, DVB, D)
+        if DVQ > 0:  # QJL residual: Sᵀ in rotated space, then un-rotate
+            dq = tl.arange(0, DVQ)
+            sv = tl.load(qjl_v + h * DVQ * D + dq[:, None] * D + d[None, :])
+            yq = tl.dot(acc_q, sv, input_precision="ieee")
+            acc += _unrotate_part(yq, rot_v, h, 0, D, D)
+
+    # part 2: full-precision sinks and recent window, original space
+    qo = tl.load(q_ptr + tok.to(tl.int64)[:, None] * s_qt + head[:, None] * s_qh + d[None, :]).to(tl.float32)
+    qs = qo
+    if HAS_HOT:
+        seq = tl.load(slot_ptr + b).to(tl.int64)
+        m_i, l_i, acc = hot_attention(qs, m_i, l_i, acc, k_hot, v_hot, seq * s_hb + h * s_hh, s_hh, s_hs,
+                                      L, sinks, window, D, BLOCK_H)
+
+    # part 3: the chunk itself, causal
+    j_hi = tl.minimum((mt + 1) * BLOCK_M, n_chunk)
+    for j0 in range(0, j_hi, BLOCK_N):
+        j = j0 + n
+        jmask = j < j_hi
+        kv_off = (s0 + j).to(tl.int64)[:, None] * s_kt + h * s_kth + d[None, :]
+        kc = tl.load(k_ptr + kv_off, mask=jmask[:, None], other=0.0)
+        vc = tl.load(v_ptr + kv_off, mask=jmask[:, None], other=0.0)
+        if DOT_F32:
+            sc = tl.dot(qs, tl.trans(kc.to(tl.float32)), input_precision="ieee")
+        else:  # tensor cores in the model dtype, like flash attention
+            sc = tl.dot(qs.to(kc.dtype), tl.trans(kc))
+        causal = (j[None, :] <= i[:, None]) & jmask[None, :]
+        sc = tl.where(causal, sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(sc - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if DOT_F32:
+            acc = acc * alpha[:, None] + tl.dot(p, vc.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(vc.dtype), vc)
+        m_i = m_new
+
+    o = acc / l_i[:, None]
+    tl.store(out_ptr + tok.to(tl.int64)[:, None] * s_ot + head[:, None] * s_oh + d[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+
+
+def paged_prefill_attention(q, k, v, cu_q, prefix_lens, view, scale: float, block_m: int | None = None,
+                            block_n: int | None = None, out: torch.Tensor | None = None,
+                            num_warps: int = 4) -> torch.Tensor:
+    """Chunked-prefill attention with the paged_attention signature (kernels/reference.py):
+    q[T, Hq, d], k/v[T, H, d] the chunks' own tokens, cu_q[B + 1] chunk bounds, prefix_lens[B]."""
+    t, hq, d = q.shape
+    h = k.shape[1]
+    if hq % h:
+        raise ValueError(f"{hq} query heads do not group over {h} KV heads")
+    bsz = prefix_lens.shape[0]
+    g = hq // h
+    gp = triton.next_power_of_2(g)
+    block_m = block_m or max(16, 64 // gp)
+    bs = view.block_size
+    block_n = block_n or min(bs, 64)
+    if bs % block_n:
+        raise ValueError(f"block_n {block_n} must divide the block size {bs}")
+    k_lay, v_lay = _layouts(view, q.device)
+    qk = prepare_queries(q, h, scale, k_lay, view.k_pool.dtype)
+    qs = (q.float() * (scale * LOG2E)).contiguous()
+    if v.stride() != k.stride() or k.stride(2) != 1:
+        k, v = k.contiguous(), v.contiguous()
+    out = torch.empty_like(q) if out is None else out
+    has_hot, k_hot, v_hot, hs = _hot(view, k)
+    dvq = v_lay.qjl.dim if v_lay is not None and v_lay.qjl is not None else 0
+    rot_v = v_lay.rotation if v_lay is not None else qs
+    qjl_v = v_lay.qjl_matrix * v_lay.qjl_scale if dvq else qs
+    tab_k = k_lay.tables if k_lay is not None else qs
+    tab_v = v_lay.tables if v_lay is not None else qs
+    seq_slot = view.seq_slot if has_hot else prefix_lens
+    bt = view.block_table
+    grid = (bsz, triton.cdiv(t, block_m), h)
+    _prefill_kernel[grid](
+        qk, qs, k, v, view.k_pool, view.v_pool, tab_k, tab_v, bt, cu_q, prefix_lens,
+        k_hot, v_hot, seq_slot, rot_v, qjl_v, out,
+        view.sinks, view.window, bt.stride(0), qk.stride(0), qk.stride(1), qs.stride(0), qs.stride(1),
+        k.stride(0), k.stride(1), *hs, out.stride(0), out.stride(1),
+        H=h, G=g, GP=gp, D=d, BS=bs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_H=32, HAS_HOT=has_hot,
+        **_k_args(k_lay, d), **_v_args(v_lay, d), DOT_F32=INTERPRET, num_warps=num_warps, num_stages=1)
+    return out
