@@ -78,7 +78,7 @@ def byte_level_tokenizer_files(folder: Path) -> None:
     """A 259-token byte-level BPE (256 bytes + ChatML specials, no merges): no download needed."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-    from tqinfer.gguf_convert import _bytes_to_unicode
+    from tqinfer.gguf_vocab import _bytes_to_unicode
 
     alphabet = [ch for _, ch in sorted(_bytes_to_unicode().items())]
     vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
@@ -192,7 +192,7 @@ def write_gguf(path: Path, config: dict, tensors: dict, *, qtype=None, arch: str
     import gguf
     import numpy as np
 
-    from tqinfer.gguf_convert import _bytes_to_unicode
+    from tqinfer.gguf_vocab import _bytes_to_unicode
 
     qtype = qtype or gguf.GGMLQuantizationType.F32
     w = gguf.GGUFWriter(str(path), arch)

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from tqinfer import hub
-from tqinfer.gguf_convert import dequantize_tensor, open_gguf, unpermute_qk
+from tqinfer.gguf_convert import unpermute_qk
+from tqinfer.gguf_file import GGUFTensor, dequantize, read_gguf
 from tqinfer.hub import ModelError, ModelFiles
 from tqinfer.loader import load_weights
 
@@ -124,7 +125,7 @@ def test_tiny_gguf_round_trip(tiny_gguf, isolated_cache, model_type):
 
 def test_llama3_rope_scaling_recovered_from_rope_freqs(tiny_gguf, isolated_cache):
     path, folder = tiny_gguf("llama3")
-    assert any(t.name == "rope_freqs.weight" for t in open_gguf(path).tensors)
+    assert any(t.name == "rope_freqs.weight" for t in read_gguf(path).tensors)
     got = load_weights(hub.resolve(str(path), progress=False), torch.float32, progress=False)
     rope = json.loads((folder / "config.json").read_text())["rope_parameters"]
     assert got.config["rope_theta"] == rope["rope_theta"] == 500000.0
@@ -147,7 +148,7 @@ def test_quantized_gguf_dequantizes_like_gguf_package(tiny_gguf, isolated_cache,
 
     qtype = gguf.GGMLQuantizationType[qtype_name]
     path, folder = tiny_gguf("qwen3", qtype=qtype)
-    reader = open_gguf(path)
+    reader = gguf.GGUFReader(path)  # gguf's own reader, independent of ours
     assert {t.tensor_type.name for t in reader.tensors} >= {qtype_name}
     got = load_weights(hub.resolve(str(path), progress=False), torch.float32, progress=False).tensors
     ref = load_file(str(folder / "model.safetensors"))
@@ -184,14 +185,9 @@ def test_every_quant_type_matches_transformers_dequant(qtype_name):
     raw = np.random.default_rng(int(qtype)).integers(0, 256, size=(6, type_size), dtype=np.uint8)
     raw &= 0xBF  # keeps every fp16 scale finite (exponent bits never all ones)
 
-    class Tensor:  # what dequantize_tensor reads of a gguf ReaderTensor
-        name = "blk.0.ffn_up.weight"
-        tensor_type = qtype
-        data = raw
-        shape = np.array([block * 6 // 2, 2])
-
+    tensor = GGUFTensor("blk.0.ffn_up.weight", qtype, (6, block), 6 * block, raw.size, 0, raw)
     try:
-        got = dequantize_tensor(Tensor)
+        got = dequantize(tensor)
     except ModelError as e:
         pytest.skip(str(e))
     expected = dequant.dequantize(torch.from_numpy(raw.reshape(-1).copy()), int(qtype)).numpy()

@@ -272,7 +272,7 @@ def test_gguf_llama_spm_vocab_matches_sentencepiece(spm_model, tmp_path):
     import sentencepiece as spm
     from tokenizers import Tokenizer as HFTokenizer
 
-    from tqinfer.gguf_convert import gguf_tokenizer_files
+    from tqinfer.gguf_vocab import gguf_tokenizer_files
 
     sp = spm.SentencePieceProcessor(model_file=str(spm_model))
     n = sp.get_piece_size()

@@ -9,14 +9,14 @@ import json
 import os
 import shutil
 import uuid
-import warnings
 from pathlib import Path
 
 import numpy as np
 
-from tqinfer.hub import ModelError, format_bytes, progress_steps
+from tqinfer.gguf_file import dequantize, read_gguf
+from tqinfer.gguf_vocab import gguf_tokenizer_files
+from tqinfer.hub import ModelError, progress_steps
 
-GGUF_MAGIC = b"GGUF"
 # Models below this many parameters are written in float32 (what transformers' GGUF load gives);
 # larger ones in bfloat16 so the converted copy stays a sane size.
 FP32_PARAM_LIMIT = 1_000_000_000
@@ -62,139 +62,11 @@ _GEMMA_LAYER_NAMES = dict(
 _SKIPPED = {"rope_freqs.weight"}
 
 
-def check_gguf(path: Path) -> None:
-    """Raise ModelError unless `path` starts with the GGUF magic."""
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as e:
-        raise ModelError(f"cannot read {path}: {e.strerror}") from None
-    if magic != GGUF_MAGIC:
-        raise ModelError(
-            f"{path} is not a GGUF file: it starts with {magic!r}, a GGUF starts with {GGUF_MAGIC!r}"
-        )
-
-
-def open_gguf(path: Path):
-    """A gguf.GGUFReader over `path`, with bad magic and truncation reported as ModelError."""
-    import gguf
-
-    path = Path(path)
-    check_gguf(path)
-    size = path.stat().st_size
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # the reader fails in many ways on a cut-off file
-        expected = gguf_expected_size(path)
-        if expected is None:
-            raise ModelError(f"{path} is truncated or corrupt: its GGUF header cannot be read ({e})") from None
-        if expected > size:
-            raise ModelError(
-                f"{path} is truncated: expected {format_bytes(expected)}, found {format_bytes(size)}"
-            ) from None
-        raise ModelError(f"{path} is corrupt: {e}") from None
-    if reader.tensors:
-        end = max(t.data_offset + t.n_bytes for t in reader.tensors)
-        if end > size:
-            raise ModelError(
-                f"{path} is truncated: expected {format_bytes(end)}, found {format_bytes(size)}"
-            )
-    return reader
-
-
-_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUFValueType -> bytes
-_STRING, _ARRAY = 8, 9
-
-
-def gguf_expected_size(path: Path) -> int | None:
-    """The file size a GGUF's header promises (end of its last tensor), or None if the header itself
-    is cut off or unreadable. A small parser of its own, because gguf's reader needs the whole file."""
-    import struct
-
-    import gguf
-
-    try:
-        with open(path, "rb") as f:
-            buf = f.read(64 * 1024 * 1024)
-        pos = 0
-
-        def take(fmt):
-            nonlocal pos
-            values = struct.unpack_from("<" + fmt, buf, pos)
-            pos += struct.calcsize("<" + fmt)
-            return values[0] if len(values) == 1 else values
-
-        def string():
-            nonlocal pos
-            n = take("Q")
-            if pos + n > len(buf):
-                raise struct.error("string past the end")
-            out = buf[pos : pos + n]
-            pos += n
-            return out.decode("utf-8", "replace")
-
-        def value(kind):
-            nonlocal pos
-            if kind == _STRING:
-                return string()
-            if kind == _ARRAY:
-                sub, n = take("I"), take("Q")
-                if sub in _SCALAR_SIZES:
-                    pos += _SCALAR_SIZES[sub] * n
-                    return None
-                for _ in range(n):
-                    value(sub)
-                return None
-            fmt = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}[kind]
-            return take(fmt)
-
-        if buf[:4] != GGUF_MAGIC:
-            return None
-        pos = 4
-        take("I")  # version
-        n_tensors, n_kv = take("Q"), take("Q")
-        alignment = 32
-        for _ in range(n_kv):
-            key = string()
-            v = value(take("I"))
-            if key == "general.alignment" and isinstance(v, int):
-                alignment = v
-        end = 0
-        for _ in range(n_tensors):
-            string()
-            dims = [take("Q") for _ in range(take("I"))]
-            qtype, offset = take("I"), take("Q")
-            block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
-            n = 1
-            for d in dims:
-                n *= d
-            end = max(end, offset + n // block * type_size)
-        if pos > len(buf):
-            return None
-        start = (pos + alignment - 1) // alignment * alignment
-        return start + end
-    except (struct.error, KeyError, ValueError, OSError):
-        return None
-
-
-def read_metadata(reader) -> dict:
-    """All key/value metadata as Python values (strings decoded, arrays as lists)."""
-    out = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        try:
-            out[key] = field.contents()
-        except Exception:
-            continue
-    return out
-
-
 def convert_gguf(gguf_path: Path, dest: Path, *, progress: bool = True, source_name: str | None = None) -> Path:
     """Write the HF-style folder for `gguf_path` at `dest`, atomically (temp dir + rename)."""
     gguf_path, dest = Path(gguf_path), Path(dest)
-    reader = open_gguf(gguf_path)
-    meta = read_metadata(reader)
+    reader = read_gguf(gguf_path)
+    meta = reader.metadata
     config = gguf_config(meta, reader)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -254,7 +126,7 @@ def gguf_config(meta: dict, reader) -> dict:
     tokens = meta.get("tokenizer.ggml.tokens") or []
     vocab_size = key("vocab_size") or len(tokens)
     if not vocab_size:
-        vocab_size = next(int(t.shape[1]) for t in reader.tensors if t.name == "token_embd.weight")
+        vocab_size = reader.tensor("token_embd.weight").shape[0]
     config = {
         "architectures": [hf_arch],
         "model_type": model_type,
@@ -298,11 +170,11 @@ def gguf_config(meta: dict, reader) -> dict:
 def _rope_scaling(meta: dict, arch: str, reader) -> dict | None:
     kind = meta.get(f"{arch}.rope.scaling.type")
     if kind in (None, "none"):
-        freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+        freqs = reader.tensor("rope_freqs.weight")
         if freqs is None:
             return None
         return llama3_scaling_from_rope_freqs(
-            dequantize_tensor(freqs).reshape(-1),
+            dequantize(freqs).reshape(-1),
             float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
             int(meta.get(f"{arch}.rope.dimension_count") or 2 * freqs.n_elements),
         )
@@ -384,21 +256,6 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def dequantize_tensor(tensor) -> np.ndarray:
-    """A GGUF tensor as float32 in HF layout (rows = output features)."""
-    import gguf
-
-    try:
-        out = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-    except NotImplementedError:
-        raise ModelError(
-            f"GGUF tensor {tensor.name} has type {tensor.tensor_type.name}, which the gguf package "
-            "cannot dequantize"
-        ) from None
-    shape = tuple(int(d) for d in reversed(tensor.shape))
-    return np.asarray(out, dtype=np.float32).reshape(shape)
-
-
 def _write_weights(reader, meta: dict, config: dict, folder: Path, progress: bool) -> None:
     import torch
     from safetensors.torch import save_file
@@ -414,7 +271,7 @@ def _write_weights(reader, meta: dict, config: dict, folder: Path, progress: boo
     with progress_steps("Converting GGUF", total=len(tensors), enabled=progress) as advance:
         for t in tensors:
             name = hf_tensor_name(t.name, arch)
-            w = dequantize_tensor(t)
+            w = dequantize(t)
             if arch in PERMUTED_QK and ".attn_q." in t.name and w.ndim >= 1:
                 w = unpermute_qk(w, n_heads)
             elif arch in PERMUTED_QK and ".attn_k." in t.name and w.ndim >= 1:
@@ -444,219 +301,3 @@ def _write_weights(reader, meta: dict, config: dict, folder: Path, progress: boo
             total += tensor.numel() * tensor.element_size()
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
-# ------------------------------------------------------------------------------------------- tokenizer
-
-# Pre-tokenizer split regexes by `tokenizer.ggml.pre` (llama.cpp's llama-vocab.cpp names).
-_GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_TEKKEN_SPLIT = (
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
-    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
-    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_GPT4O_SPLIT = (
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-# name -> (split regex or None for GPT-2's built-in ByteLevel regex, digits one by one first,
-#          ignore_merges: whole words in the vocabulary are taken as is, as llama.cpp does for llama3)
-PRE_TOKENIZERS: dict[str, tuple[str | None, bool, bool]] = {
-    "default": (None, False, False),
-    "gpt2": (None, False, False),
-    "smollm": (None, True, False),  # SmolLM's tokenizer.json: Digits(individual) + ByteLevel
-    "starcoder": (None, True, False),
-    "refact": (None, True, False),
-    "llama3": (_LLAMA3_SPLIT, False, True),
-    "llama-v3": (_LLAMA3_SPLIT, False, True),
-    "llama-bpe": (_LLAMA3_SPLIT, False, True),
-    "smaug-bpe": (_LLAMA3_SPLIT, False, False),
-    "falcon3": (_LLAMA3_SPLIT, False, False),
-    "pixtral": (_LLAMA3_SPLIT, False, False),
-    "dbrx": (_LLAMA3_SPLIT, False, False),
-    "qwen2": (_QWEN2_SPLIT, False, False),
-    "deepseek-r1-qwen": (_QWEN2_SPLIT, False, False),
-    "megrez": (_QWEN2_SPLIT, False, False),
-    "tekken": (_TEKKEN_SPLIT, False, False),
-    "gpt-4o": (_GPT4O_SPLIT, False, False),
-    "llama4": (_GPT4O_SPLIT, False, False),
-}
-
-_CONTROL, _USER_DEFINED = 3, 4
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def build_gguf_tokenizer(meta: dict):
-    """A `tokenizers.Tokenizer` equivalent to the GGUF's vocabulary (gpt2 BPE or llama SPM)."""
-    kind = meta.get("tokenizer.ggml.model")
-    tokens = meta.get("tokenizer.ggml.tokens")
-    if not tokens:
-        raise ModelError("GGUF has no tokenizer (no tokenizer.ggml.tokens in its metadata)")
-    if kind == "gpt2":
-        tok = _byte_level_bpe(meta, tokens)
-    elif kind == "llama":
-        tok = _sentencepiece_bpe(meta, tokens)
-    else:
-        raise ModelError(f"GGUF tokenizer model {kind!r} is not supported; supported: gpt2 (BPE), llama (SPM)")
-    _add_special_tokens(tok, meta, tokens, byte_level=kind == "gpt2")
-    _set_post_processor(tok, meta, tokens, add_bos_default=kind == "llama")
-    return tok
-
-
-def _byte_level_bpe(meta: dict, tokens: list[str]):
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-
-    spelling = _bytes_to_unicode()
-    alphabet = set(spelling.values())
-    vocab = {}
-    for i, t in enumerate(tokens):
-        t = t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))
-        vocab.setdefault(t, i)
-    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
-    pre = meta.get("tokenizer.ggml.pre", "default")
-    if pre not in PRE_TOKENIZERS:
-        warnings.warn(
-            f"GGUF pre-tokenizer {pre!r} is unknown to tqinfer; using GPT-2's, token ids may differ", stacklevel=3
-        )
-    split, digits, ignore_merges = PRE_TOKENIZERS.get(pre, PRE_TOKENIZERS["default"])
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges, fuse_unk=False))
-    steps = []
-    if digits:
-        steps.append(pre_tokenizers.Digits(individual_digits=True))
-    if split is None:
-        steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))
-    else:
-        steps.append(pre_tokenizers.Split(Regex(split), behavior="isolated"))
-        steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False))
-    tok.pre_tokenizer = steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
-    tok.decoder = decoders.ByteLevel()
-    return tok
-
-
-def spm_merges(tokens: list[str], scores: list[float], normal: set[str]) -> list[tuple[str, str]]:
-    """BPE merges implied by a sentencepiece vocabulary: every split of a token into two tokens,
-    ranked by the merged token's score (best first), as sentencepiece's BPE applies them."""
-    vocab = {t: i for i, t in enumerate(tokens)}
-    ranked = []
-    for piece in normal:
-        score = scores[vocab[piece]]
-        for cut in range(1, len(piece)):
-            left, right = piece[:cut], piece[cut:]
-            if left in vocab and right in vocab:
-                ranked.append((-score, vocab[left], vocab[right], left, right))
-    ranked.sort()
-    return [(left, right) for *_, left, right in ranked]
-
-
-def _sentencepiece_bpe(meta: dict, tokens: list[str]):
-    from tokenizers import Tokenizer, decoders, models, normalizers
-
-    scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
-    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    unk_id = meta.get("tokenizer.ggml.unknown_token_id", 0)
-    vocab = {}
-    for i, t in enumerate(tokens):
-        vocab.setdefault(t, i)
-    normal = {t for t, ty in zip(tokens, types) if ty == 1}
-    merges = spm_merges(tokens, scores, normal)
-    tok = Tokenizer(
-        models.BPE(vocab=vocab, merges=merges, unk_token=tokens[unk_id], fuse_unk=True, byte_fallback=True)
-    )
-    add_prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
-    steps = [normalizers.Replace(" ", "▁")]
-    if add_prefix:
-        steps.insert(0, normalizers.Prepend("▁"))
-    tok.normalizer = normalizers.Sequence(steps)
-    dec = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    if add_prefix:
-        dec.append(decoders.Strip(content=" ", left=1, right=0))
-    tok.decoder = decoders.Sequence(dec)
-    return tok
-
-
-def _add_special_tokens(tok, meta: dict, tokens: list[str], byte_level: bool) -> None:
-    from tokenizers import AddedToken
-
-    types = meta.get("tokenizer.ggml.token_type") or []
-    alphabet = set(_bytes_to_unicode().values()) if byte_level else None
-    special = [
-        AddedToken(t, normalized=False, special=True)
-        for t, ty in zip(tokens, types)
-        if ty == _CONTROL and (alphabet is None or set(t) <= alphabet) and t
-    ]
-    if special:
-        tok.add_special_tokens(special)
-    user = [AddedToken(t, normalized=False, special=False) for t, ty in zip(tokens, types) if ty == _USER_DEFINED]
-    if user:
-        tok.add_tokens(user)
-
-
-def _set_post_processor(tok, meta: dict, tokens: list[str], add_bos_default: bool) -> None:
-    from tokenizers import processors
-
-    add_bos = meta.get("tokenizer.ggml.add_bos_token", add_bos_default)
-    add_eos = meta.get("tokenizer.ggml.add_eos_token", False)
-    bos, eos = meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id")
-    pieces, specials = [], []
-    if add_bos and bos is not None:
-        pieces.append(tokens[bos])
-        specials.append((tokens[bos], int(bos)))
-    single = pieces + ["$A"]
-    pair = pieces + ["$A"] + pieces + ["$B"]
-    if add_eos and eos is not None:
-        single.append(tokens[eos])
-        pair.insert(pair.index("$B"), tokens[eos])
-        pair.append(tokens[eos])
-        specials.append((tokens[eos], int(eos)))
-    if specials:
-        tok.post_processor = processors.TemplateProcessing(
-            single=" ".join(single), pair=" ".join(pair), special_tokens=list(dict.fromkeys(specials))
-        )
-
-
-def gguf_tokenizer_files(meta: dict) -> dict[str, str]:
-    """tokenizer.json and tokenizer_config.json contents for a GGUF's metadata."""
-    hf_json = meta.get("tokenizer.huggingface.json")
-    tok_json = hf_json if hf_json else build_gguf_tokenizer(meta).to_str(pretty=False)
-    tokens = meta.get("tokenizer.ggml.tokens") or []
-    kind = meta.get("tokenizer.ggml.model")
-    cfg: dict = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama")),
-        "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
-        "clean_up_tokenization_spaces": False,
-    }
-    arch = meta.get("general.architecture")
-    ctx = meta.get(f"{arch}.context_length")
-    if ctx:
-        cfg["model_max_length"] = int(ctx)
-    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
-                      ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
-        idx = meta.get(f"tokenizer.ggml.{key}")
-        if idx is not None and 0 <= idx < len(tokens):
-            cfg[name] = tokens[idx]
-    template = meta.get("tokenizer.chat_template")
-    if template:
-        cfg["chat_template"] = template
-    return {"tokenizer.json": tok_json, "tokenizer_config.json": json.dumps(cfg, indent=2, ensure_ascii=False) + "\n"}

@@ -222,7 +222,7 @@ def _resolve_gguf(name: str, path: Path, progress: bool) -> ModelFiles:
 
 def _gguf_sha256(path: Path) -> str:
     """sha256 of a GGUF, remembered by (path, size, mtime) so a second resolve does not reread it."""
-    from tqinfer.gguf_convert import check_gguf
+    from tqinfer.gguf_file import check_magic
 
     st = path.stat()
     key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
@@ -232,7 +232,7 @@ def _gguf_sha256(path: Path) -> str:
         index = json.loads(index_path.read_text())
     if key in index:
         return index[key]
-    check_gguf(path)
+    check_magic(path)
     sha = _sha256_file(path)
     index[key] = sha
     index_path.parent.mkdir(parents=True, exist_ok=True)
