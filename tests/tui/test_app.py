@@ -225,3 +225,30 @@ async def test_resume_shows_the_last_conversation(store):
         assert [str(w.render()) for w in screen.query(UserMessage)] == ["old question"]
         assert screen.query_one(AssistantMessage).source == "old **answer**"
         assert any(n.startswith(f"Resumed {conv.name}") for n in notices(screen))
+
+
+async def test_view_follows_the_answer_until_the_user_scrolls_up():
+    reply = "".join(f"line {i}\n\n" for i in range(80))
+    llm = FakeLLM(reply=reply, chunk=16, pause_after=12)
+    async with make_app(llm).run_test(size=(80, 24)) as pilot:
+        screen = await ready(pilot)
+        view = screen.query_one("#messages")
+        screen.query_one(PromptInput).load_text("count to eighty")
+        await pilot.press("enter")
+        await wait_for(pilot, llm.paused.is_set)
+        await pilot.pause(0.1)
+        assert view.max_scroll_y > 10 and view.scroll_y == view.max_scroll_y  # following
+        for _ in range(5):
+            view.scroll_up(animate=False)  # what the mouse wheel does
+        await pilot.pause()
+        reading = view.scroll_y
+        assert reading < view.max_scroll_y
+        llm.gate.set()
+        await idle(pilot)
+        await pilot.pause(0.1)
+        assert view.scroll_y == reading and view.max_scroll_y > reading + 10  # left where the user reads
+        view.scroll_end(animate=False)  # back at the bottom: following again
+        await pilot.pause()
+        await send(pilot, "again")
+        await pilot.pause(0.1)
+        assert view.scroll_y == view.max_scroll_y

@@ -37,4 +37,11 @@ async def test_real_default_model_answers_in_the_app():
         assert stats.context_tokens == len(screen.chat.session.tokens)
         status = str(screen.query_one(StatusBar).render())
         assert f"context {stats.context_tokens:,} / 1,024" in status
-        print(f"\n{answer!r}\n{status}")
+        # the second turn prefills only what is new: the cached conversation is reused
+        before = stats.context_tokens
+        screen.query_one(PromptInput).load_text("And of Italy?")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: not screen.busy, timeout=300)
+        second = screen.chat.stats
+        assert second.reused_tokens >= before - 2 and second.prompt_tokens < 20
+        print(f"\n{answer!r}\n{screen.chat.conversation.messages[-1].content!r}\n{status}")

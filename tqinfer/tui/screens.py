@@ -161,7 +161,7 @@ class ChatScreen(Screen):
     async def _submitted(self, event: PromptInput.Submitted) -> None:
         text = event.text
         if self.busy:
-            self.query_one(PromptInput).load_text(text)
+            self.query_one(PromptInput).restore(text)
             self.notify("Still answering: Esc stops the answer.", severity="warning")
             return
         if text.startswith("/") and not text.startswith("//"):
@@ -228,7 +228,7 @@ class ChatScreen(Screen):
                     await w.remove()
             prompt = self.query_one(PromptInput)
             if not prompt.text:
-                prompt.load_text(message.text)
+                prompt.restore(message.text)
         await self._add_notice(message.error, "error")
         self._refresh_status()
 

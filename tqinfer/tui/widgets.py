@@ -63,6 +63,11 @@ class PromptInput(TextArea):
         self.clear()
         self.post_message(self.Submitted(text))
 
+    def restore(self, text: str) -> None:
+        """Put a message that was not sent back into the input, the cursor at its end."""
+        self.load_text(text)
+        self.move_cursor(self.document.end)
+
     def action_newline(self) -> None:
         self.insert("\n")
 
