@@ -270,11 +270,16 @@ def bench(types: list[str], n: int, device: str, chunk: int) -> list[str]:
 
 
 def write_section(path: Path, lines: list[str]) -> None:
-    """Replace (or append) the '## Codec distortion' section, leaving other sections alone."""
+    """Replace (or append) the '## Codec distortion' section, leaving other sections and this
+    section's hand-written '### Notes' alone."""
     body = "## Codec distortion\n\n" + "\n".join(lines).rstrip() + "\n"
     text = path.read_text() if path.exists() else "# Quality\n"
     pat = re.compile(r"^## Codec distortion\n.*?(?=^## |\Z)", re.S | re.M)
-    if pat.search(text):
+    old = pat.search(text)
+    if old:
+        notes = re.search(r"^### Notes\n.*", old.group(0), re.S | re.M)
+        if notes:
+            body += "\n" + notes.group(0).rstrip() + "\n"
         text = pat.sub(lambda _m: body + "\n", text).rstrip() + "\n"
     else:
         text = text.rstrip() + "\n\n" + body
