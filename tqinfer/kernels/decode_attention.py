@@ -39,10 +39,10 @@ def _sub_codes(b2, b1, S: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def centroid_tile(row, tmask, tab_ptr, D: tl.constexpr, BITS: tl.constexpr, PLANE: tl.constexpr,
+def _byte_tile(row, tmask, tab_ptr, D: tl.constexpr, BITS: tl.constexpr, PLANE: tl.constexpr,
                   TAB: tl.constexpr, BLOCK_N: tl.constexpr):
-    """row[N] record pointers -> [N, D] float32 centroids of one part's codes, channel order natural.
-    Plane bytes are loaded once each (contiguous), split into sub-tiles by shift, and interleaved back."""
+    """centroid_tile from plane bytes: loaded once each (contiguous), split into sub-tiles by shift,
+    and interleaved back."""
     if BITS == 4:
         j = tl.arange(0, D // 2)
         b = tl.load(row[:, None] + PLANE + j[None, :], mask=tmask[:, None], other=0).to(tl.int32)
@@ -70,6 +70,84 @@ def centroid_tile(row, tmask, tab_ptr, D: tl.constexpr, BITS: tl.constexpr, PLAN
 
 
 @triton.jit
+def _unit_codes(wp, ws, tab_ptr, S: tl.constexpr, BITS: tl.constexpr, TAB: tl.constexpr):
+    """Centroids of sub-tile S: codes at shift S of the primary plane's units wp (and the 1-bit
+    plane's units ws, pre-shifted, for 3-bit codes)."""
+    if BITS == 4:
+        code = (wp >> (4 * S)) & 15
+    elif BITS == 2:
+        code = (wp >> (2 * S)) & 3
+    elif BITS == 1:
+        code = (wp >> S) & 1
+    else:
+        code = ((wp >> (2 * S)) & 3) | (((ws >> S) & 1) << 2)
+    return tl.load(tab_ptr + TAB + code)
+
+
+@triton.jit
+def _tree2(wp, ws, tab_ptr, S0: tl.constexpr, ST: tl.constexpr, BITS: tl.constexpr, TAB: tl.constexpr):
+    return tl.interleave(_unit_codes(wp, ws, tab_ptr, S0, BITS, TAB),
+                         _unit_codes(wp, ws, tab_ptr, S0 + ST, BITS, TAB))
+
+
+@triton.jit
+def _tree4(wp, ws, tab_ptr, S0: tl.constexpr, ST: tl.constexpr, BITS: tl.constexpr, TAB: tl.constexpr):
+    return tl.interleave(_tree2(wp, ws, tab_ptr, S0, 2 * ST, BITS, TAB),
+                         _tree2(wp, ws, tab_ptr, S0 + ST, 2 * ST, BITS, TAB))
+
+
+@triton.jit
+def _tree8(wp, ws, tab_ptr, S0: tl.constexpr, ST: tl.constexpr, BITS: tl.constexpr, TAB: tl.constexpr):
+    return tl.interleave(_tree4(wp, ws, tab_ptr, S0, 2 * ST, BITS, TAB),
+                         _tree4(wp, ws, tab_ptr, S0 + ST, 2 * ST, BITS, TAB))
+
+
+@triton.jit
+def _unit_tile(row, tab_ptr, D: tl.constexpr, BITS: tl.constexpr, UNIT: tl.constexpr, PLANE: tl.constexpr,
+               TAB: tl.constexpr):
+    """centroid_tile from whole units (UNIT bytes) of the planes: a unit of the primary plane (width
+    P) holds NS = 8 * UNIT / P codes, split by shifts into NS sub-tiles [N, D / NS] and interleaved
+    back into channel order. Unmasked: every tile lies in an allocated block."""
+    P: tl.constexpr = 4 if BITS == 4 else (2 if BITS >= 2 else 1)
+    NS: tl.constexpr = 8 * UNIT // P
+    u = tl.arange(0, D // NS)
+    if UNIT == 4:
+        ut: tl.constexpr = tl.uint32
+    elif UNIT == 2:
+        ut: tl.constexpr = tl.uint16
+    else:
+        ut: tl.constexpr = tl.uint8
+    wp = tl.load((row + PLANE).to(tl.pointer_type(ut))[:, None] + u[None, :]).to(tl.int32)
+    if BITS == 3:  # the 1-bit plane after the 2-bit one: unit u // 2, codes from bit (u % 2) * NS
+        OFF1: tl.constexpr = PLANE + D // 4
+        ws = tl.load((row + OFF1).to(tl.pointer_type(ut))[:, None] + (u // 2)[None, :]).to(tl.int32)
+        ws = ws >> ((u % 2) * NS)[None, :]
+    else:
+        ws = wp
+    if NS == 8:
+        out = _tree8(wp, ws, tab_ptr, 0, 1, BITS, TAB)
+    elif NS == 4:
+        out = _tree4(wp, ws, tab_ptr, 0, 1, BITS, TAB)
+    else:
+        out = _tree2(wp, ws, tab_ptr, 0, 1, BITS, TAB)
+    return out
+
+
+@triton.jit
+def centroid_tile(row, tmask, tab_ptr, D: tl.constexpr, BU: tl.constexpr, PLANE: tl.constexpr,
+                  TAB: tl.constexpr, BLOCK_N: tl.constexpr):
+    """row[N] record pointers -> [N, D] float32 centroids of one part's codes, channel order natural.
+    BU = bits + 16 * unit: unit 0 reads plane bytes (masked), unit 1/2/4 reads whole units."""
+    BITS: tl.constexpr = BU % 16
+    UNIT: tl.constexpr = BU // 16
+    if UNIT > 0:
+        out = _unit_tile(row, tab_ptr, D, BITS, UNIT, PLANE, TAB)
+    else:
+        out = _byte_tile(row, tmask, tab_ptr, D, BITS, PLANE, TAB, BLOCK_N)
+    return out
+
+
+@triton.jit
 def record_scale(row, tmask, OFF: tl.constexpr):
     """The fp16 scale (norm or gamma) at byte OFF of each record -> float32 [N]."""
     return tl.load((row + OFF).to(tl.pointer_type(tl.float16)), mask=tmask, other=0.0).to(tl.float32)
@@ -81,7 +159,7 @@ def tile_scores(q_a, q_b, q_q, k_pool, tab_k, tok_base, tmask, h,
                 K_DENSE: tl.constexpr, REC_K: tl.constexpr,
                 DKA: tl.constexpr, BKA: tl.constexpr, PKA: tl.constexpr, SKA: tl.constexpr, TKA: tl.constexpr,
                 DKB: tl.constexpr, BKB: tl.constexpr, PKB: tl.constexpr, SKB: tl.constexpr, TKB: tl.constexpr,
-                DKQ: tl.constexpr, PKQ: tl.constexpr, SKQ: tl.constexpr, TKQ: tl.constexpr,
+                DKQ: tl.constexpr, BKQ: tl.constexpr, PKQ: tl.constexpr, SKQ: tl.constexpr, TKQ: tl.constexpr,
                 DOT_F32: tl.constexpr):
     """Scores [rows, BLOCK_N] (log2 units) of the prepared queries against one tile of cached keys;
     tok_base[N] is the slot index (block * H + h) * BS + offset of each token."""
@@ -100,7 +178,7 @@ def tile_scores(q_a, q_b, q_q, k_pool, tab_k, tok_base, tmask, h,
             c = centroid_tile(row, tmask, tab_k, DKB, BKB, PKB, TKB, BLOCK_N).to(tl.float16)
             qk += tl.dot(q_b, tl.trans(c)) * record_scale(row, tmask, SKB)[None, :]
         if DKQ > 0:
-            c = centroid_tile(row, tmask, tab_k, DKQ, 1, PKQ, TKQ, BLOCK_N).to(tl.float16)
+            c = centroid_tile(row, tmask, tab_k, DKQ, BKQ, PKQ, TKQ, BLOCK_N).to(tl.float16)
             qk += tl.dot(q_q, tl.trans(c)) * record_scale(row, tmask, SKQ)[None, :]
     return qk
 
@@ -135,11 +213,11 @@ def _decode_split_kernel(
     K_DENSE: tl.constexpr, REC_K: tl.constexpr,
     CKA: tl.constexpr, DKA: tl.constexpr, BKA: tl.constexpr, PKA: tl.constexpr, SKA: tl.constexpr, TKA: tl.constexpr,
     CKB: tl.constexpr, DKB: tl.constexpr, BKB: tl.constexpr, PKB: tl.constexpr, SKB: tl.constexpr, TKB: tl.constexpr,
-    CKQ: tl.constexpr, DKQ: tl.constexpr, PKQ: tl.constexpr, SKQ: tl.constexpr, TKQ: tl.constexpr,
+    CKQ: tl.constexpr, DKQ: tl.constexpr, BKQ: tl.constexpr, PKQ: tl.constexpr, SKQ: tl.constexpr, TKQ: tl.constexpr,
     V_DENSE: tl.constexpr, REC_V: tl.constexpr,
     CVA: tl.constexpr, DVA: tl.constexpr, BVA: tl.constexpr, PVA: tl.constexpr, SVA: tl.constexpr, TVA: tl.constexpr,
     CVB: tl.constexpr, DVB: tl.constexpr, BVB: tl.constexpr, PVB: tl.constexpr, SVB: tl.constexpr, TVB: tl.constexpr,
-    DVQ: tl.constexpr, PVQ: tl.constexpr, SVQ: tl.constexpr, TVQ: tl.constexpr,
+    DVQ: tl.constexpr, BVQ: tl.constexpr, PVQ: tl.constexpr, SVQ: tl.constexpr, TVQ: tl.constexpr,
     DOT_F32: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -176,7 +254,7 @@ def _decode_split_kernel(
         tok_base = (blk * H + h) * BS + (ti * BLOCK_N) % BS + n
         qk = tile_scores(q_a, q_b, q_q, k_pool, tab_k, tok_base, tmask, h, H, BS, D, BLOCK_N,
                          K_DENSE, REC_K, DKA, BKA, PKA, SKA, TKA, DKB, BKB, PKB, SKB, TKB,
-                         DKQ, PKQ, SKQ, TKQ, DOT_F32)
+                         DKQ, BKQ, PKQ, SKQ, TKQ, DOT_F32)
         qk = tl.where(tmask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
         alpha = tl.exp2(m_i - m_new)
@@ -189,7 +267,7 @@ def _decode_split_kernel(
                                 V_DENSE, REC_V, DVB, BVB, PVB, SVB, TVB, DOT_F32)
         if DVQ > 0:  # prod-type values: the QJL residual term, sign space, scaled by gamma
             acc_q = tile_values(p, acc_q * alpha[:, None], v_pool, tab_v, tok_base, tmask, D, BLOCK_N,
-                                V_DENSE, REC_V, DVQ, 1, PVQ, SVQ, TVQ, DOT_F32)
+                                V_DENSE, REC_V, DVQ, BVQ, PVQ, SVQ, TVQ, DOT_F32)
         m_i = m_new
 
     ws = (b * H + h) * NSPLIT + s
@@ -295,33 +373,51 @@ def _decode_merge_kernel(
 # host side
 
 
-def _k_args(layout: RecordLayout | None, d: int) -> dict:
+def _unit(layout: RecordLayout, part: CodePart, unit_loads: bool) -> int:
+    """Widest unit (bytes, at most one unit per primary-plane byte width) every plane of the part can be
+    read in: rows, plane offsets and plane sizes aligned to it; 0 reads single bytes."""
+    if not unit_loads:
+        return 0
+    primary = 4 if part.bits == 4 else (2 if part.bits >= 2 else 1)
+    sizes = [part.dim * w // 8 for w in ((2, 1) if part.bits == 3 else (primary,))]
+    unit = primary
+    while unit > 1 and (layout.record_bytes % unit or part.planes % unit or any(z % unit for z in sizes)):
+        unit //= 2
+    return unit
+
+
+def _part(layout: RecordLayout | None, part: CodePart | None, unit_loads: bool) -> tuple:
+    """(channel, dim, bits + 16 * unit, planes, scale, table) of a part; zeros when absent."""
+    if part is None:
+        return 0, 0, 1, 0, 0, 0
+    return (part.channel, part.dim, part.bits + 16 * _unit(layout, part, unit_loads), part.planes,
+            part.scale, part.table)
+
+
+def _k_args(layout: RecordLayout | None, d: int, unit_loads: bool = True) -> dict:
     """Kernel constants for the key side: dense, or parts A/B (+ QJL) of a layout."""
-    none = CodePart(0, 0, 1, 0, 0, 0, 0)
     if layout is None:
         return dict(K_DENSE=True, REC_K=0, CKA=0, DKA=d, BKA=1, PKA=0, SKA=0, TKA=0,
-                    CKB=0, DKB=0, BKB=1, PKB=0, SKB=0, TKB=0, CKQ=0, DKQ=0, PKQ=0, SKQ=0, TKQ=0)
-    a = layout.parts[0]
-    bb = layout.parts[1] if len(layout.parts) > 1 else none
-    qq = layout.qjl or none
-    return dict(K_DENSE=False, REC_K=layout.record_bytes,
-                CKA=a.channel, DKA=a.dim, BKA=a.bits, PKA=a.planes, SKA=a.scale, TKA=a.table,
-                CKB=bb.channel, DKB=bb.dim, BKB=bb.bits, PKB=bb.planes, SKB=bb.scale, TKB=bb.table,
-                CKQ=qq.channel, DKQ=qq.dim, PKQ=qq.planes, SKQ=qq.scale, TKQ=qq.table)
+                    CKB=0, DKB=0, BKB=1, PKB=0, SKB=0, TKB=0, CKQ=0, DKQ=0, BKQ=1, PKQ=0, SKQ=0, TKQ=0)
+    out = dict(K_DENSE=False, REC_K=layout.record_bytes)
+    parts = (layout.parts[0], layout.parts[1] if len(layout.parts) > 1 else None, layout.qjl)
+    for tag, part in zip("ABQ", parts):
+        out.update(zip((f"CK{tag}", f"DK{tag}", f"BK{tag}", f"PK{tag}", f"SK{tag}", f"TK{tag}"),
+                       _part(layout, part, unit_loads)))
+    return out
 
 
-def _v_args(layout: RecordLayout | None, d: int) -> dict:
-    none = CodePart(0, 0, 1, 0, 0, 0, 0)
+def _v_args(layout: RecordLayout | None, d: int, unit_loads: bool = True) -> dict:
     if layout is None:
         return dict(V_DENSE=True, REC_V=0, CVA=0, DVA=d, BVA=1, PVA=0, SVA=0, TVA=0,
-                    CVB=0, DVB=0, BVB=1, PVB=0, SVB=0, TVB=0, DVQ=0, PVQ=0, SVQ=0, TVQ=0)
-    a = layout.parts[0]
-    bb = layout.parts[1] if len(layout.parts) > 1 else none
-    qq = layout.qjl or none
-    return dict(V_DENSE=False, REC_V=layout.record_bytes,
-                CVA=a.channel, DVA=a.dim, BVA=a.bits, PVA=a.planes, SVA=a.scale, TVA=a.table,
-                CVB=bb.channel, DVB=bb.dim, BVB=bb.bits, PVB=bb.planes, SVB=bb.scale, TVB=bb.table,
-                DVQ=qq.dim, PVQ=qq.planes, SVQ=qq.scale, TVQ=qq.table)
+                    CVB=0, DVB=0, BVB=1, PVB=0, SVB=0, TVB=0, DVQ=0, BVQ=1, PVQ=0, SVQ=0, TVQ=0)
+    out = dict(V_DENSE=False, REC_V=layout.record_bytes)
+    parts = (layout.parts[0], layout.parts[1] if len(layout.parts) > 1 else None, layout.qjl)
+    for tag, part in zip("ABQ", parts):
+        out.update(zip((f"CV{tag}", f"DV{tag}", f"BV{tag}", f"PV{tag}", f"SV{tag}", f"TV{tag}"),
+                       _part(layout, part, unit_loads)))
+    del out["CVQ"]
+    return out
 
 
 def prepare_queries(q: torch.Tensor, kv_heads: int, scale: float, k_layout: RecordLayout | None,
@@ -362,7 +458,7 @@ def _hot(view, like):
 
 def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_splits: int | None = None,
                            block_n: int | None = None, out: torch.Tensor | None = None,
-                           num_warps: int = 4) -> torch.Tensor:
+                           num_warps: int = 4, unit_loads: bool = True) -> torch.Tensor:
     """Decode attention (every chunk one token: cu_q == arange(B + 1)) over a paged, possibly compressed
     cache: q[B, Hq, d], k/v[B, H, d] the new tokens -> [B, Hq, d] in q's dtype. See kernels/reference.py.
     num_splits fixes the grid (default: by batch size); `out` may be given (written, never read)."""
@@ -393,7 +489,7 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
         qk, view.k_pool, view.v_pool, tab_k, tab_v, bt, prefix_lens, ws_m, ws_l, ws_acc,
         view.sinks, view.window, bt.stride(0), qk.stride(0), qk.stride(1),
         H=h, G=g, GP=gp, D=d, BS=bs, BLOCK_N=block_n, NSPLIT=nsplit,
-        **_k_args(k_lay, d), **_v_args(v_lay, d), DOT_F32=INTERPRET, num_warps=num_warps,
+        **_k_args(k_lay, d, unit_loads), **_v_args(v_lay, d, unit_loads), DOT_F32=INTERPRET, num_warps=num_warps,
         num_stages=1)  # software pipelining turns the centroid gathers into 4-byte cp.async copies
     if v.stride() != k.stride() or k.stride(2) != 1:
         k, v = k.contiguous(), v.contiguous()

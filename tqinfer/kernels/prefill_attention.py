@@ -37,11 +37,11 @@ def _prefill_kernel(
     K_DENSE: tl.constexpr, REC_K: tl.constexpr,
     CKA: tl.constexpr, DKA: tl.constexpr, BKA: tl.constexpr, PKA: tl.constexpr, SKA: tl.constexpr, TKA: tl.constexpr,
     CKB: tl.constexpr, DKB: tl.constexpr, BKB: tl.constexpr, PKB: tl.constexpr, SKB: tl.constexpr, TKB: tl.constexpr,
-    CKQ: tl.constexpr, DKQ: tl.constexpr, PKQ: tl.constexpr, SKQ: tl.constexpr, TKQ: tl.constexpr,
+    CKQ: tl.constexpr, DKQ: tl.constexpr, BKQ: tl.constexpr, PKQ: tl.constexpr, SKQ: tl.constexpr, TKQ: tl.constexpr,
     V_DENSE: tl.constexpr, REC_V: tl.constexpr,
     CVA: tl.constexpr, DVA: tl.constexpr, BVA: tl.constexpr, PVA: tl.constexpr, SVA: tl.constexpr, TVA: tl.constexpr,
     CVB: tl.constexpr, DVB: tl.constexpr, BVB: tl.constexpr, PVB: tl.constexpr, SVB: tl.constexpr, TVB: tl.constexpr,
-    DVQ: tl.constexpr, PVQ: tl.constexpr, SVQ: tl.constexpr, TVQ: tl.constexpr,
+    DVQ: tl.constexpr, BVQ: tl.constexpr, PVQ: tl.constexpr, SVQ: tl.constexpr, TVQ: tl.constexpr,
     DOT_F32: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -86,7 +86,7 @@ def _prefill_kernel(
         tok_base = (blk * H + h) * BS + (ti * BLOCK_N) % BS + n
         qk = tile_scores(q_a, q_b, q_q, k_pool, tab_k, tok_base, tmask, h, H, BS, D, BLOCK_N,
                          K_DENSE, REC_K, DKA, BKA, PKA, SKA, TKA, DKB, BKB, PKB, SKB, TKB,
-                         DKQ, PKQ, SKQ, TKQ, DOT_F32)
+                         DKQ, BKQ, PKQ, SKQ, TKQ, DOT_F32)
         qk = tl.where(tmask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
         alpha = tl.exp2(m_i - m_new)
@@ -99,7 +99,7 @@ def _prefill_kernel(
                                 V_DENSE, REC_V, DVB, BVB, PVB, SVB, TVB, DOT_F32)
         if DVQ > 0:
             acc_q = tile_values(p, acc_q * alpha[:, None], v_pool, tab_v, tok_base, tmask, D, BLOCK_N,
-                                V_DENSE, REC_V, DVQ, 1, PVQ, SVQ, TVQ, DOT_F32)
+                                V_DENSE, REC_V, DVQ, BVQ, PVQ, SVQ, TVQ, DOT_F32)
         m_i = m_new
     if V_DENSE:
         acc = acc_a
@@ -152,7 +152,7 @@ def _prefill_kernel(
 
 def paged_prefill_attention(q, k, v, cu_q, prefix_lens, view, scale: float, block_m: int | None = None,
                             block_n: int | None = None, out: torch.Tensor | None = None,
-                            num_warps: int = 4) -> torch.Tensor:
+                            num_warps: int = 4, unit_loads: bool = True) -> torch.Tensor:
     """Chunked-prefill attention with the paged_attention signature (kernels/reference.py):
     q[T, Hq, d], k/v[T, H, d] the chunks' own tokens, cu_q[B + 1] chunk bounds, prefix_lens[B]."""
     t, hq, d = q.shape
@@ -188,5 +188,5 @@ def paged_prefill_attention(q, k, v, cu_q, prefix_lens, view, scale: float, bloc
         view.sinks, view.window, bt.stride(0), qk.stride(0), qk.stride(1), qs.stride(0), qs.stride(1),
         k.stride(0), k.stride(1), *hs, out.stride(0), out.stride(1),
         H=h, G=g, GP=gp, D=d, BS=bs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_H=32, HAS_HOT=has_hot,
-        **_k_args(k_lay, d), **_v_args(v_lay, d), DOT_F32=INTERPRET, num_warps=num_warps, num_stages=1)
+        **_k_args(k_lay, d, unit_loads), **_v_args(v_lay, d, unit_loads), DOT_F32=INTERPRET, num_warps=num_warps, num_stages=1)
     return out
