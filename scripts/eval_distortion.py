@@ -265,7 +265,7 @@ def bench(types: list[str], n: int, device: str, chunk: int) -> list[str]:
                 c.encode(x[i : i + chunk])
             sync()
             best = min(best, time.perf_counter() - t)
-        rows.append(f"| {name} | {device} | {n:,} | {d} | {best * 1000:.0f} ms | {n / best / 1e6:.2f} |")
+        rows.append(f"| {name} | {device} | {n:,} | {d} | {best * 1000:.1f} ms | {n / best / 1e6:.2f} |")
     return rows
 
 
