@@ -294,9 +294,9 @@ def main():
             continue
         bench_decode(shape, b, t, kinds, results)
     sw = sweep("llama3-8b", 1, 128 * 1024, "tq3.5",
-               [dict(block_n=64), dict(block_n=32), dict(block_n=64, num_warps=8), dict(block_n=32, num_warps=2),
-                dict(block_n=64, num_splits=132), dict(block_n=32, num_splits=132),
-                dict(block_n=64, num_splits=33), dict(block_n=16, num_splits=66)])
+               [dict(), dict(unit_loads=False), dict(unit_loads="nogather"), dict(num_warps=8),
+                dict(block_n=32, num_warps=2), dict(num_splits=132), dict(num_splits=33),
+                dict(block_n=32, num_splits=132)])
     presults = []
     pconfigs = ({}, dict(block_m=32), dict(block_m=32, num_warps=8), dict(block_m=64, num_warps=8))
     for shape, prefix, chunk in ([("llama3-8b", 32768, 1024)] if args.quick else
@@ -320,7 +320,8 @@ def main():
     print("\nPrefill attention: one sequence, a chunk over a cached prefix (compressed: sinks 4 + window 128 "
           "bf16), best of the block_m/num_warps configs; SDPA bf16 over the same keys, contiguous, no mask\n")
     print(prefill_table(presults, kinds))
-    print("\nSplit/tile sweep, tq3.5, llama3-8b, B=1, T=128k:")
+    print("\nDecode variants, tq3.5, llama3-8b, B=1, T=128k (unit_loads='nogather' is a diagnostic: codes "
+          "stand in for centroids, no table lookups; its output is wrong):")
     for cfg, us, gbs in sw:
         print(f"  {cfg}: {us:.1f} µs, {gbs:.0f} GB/s")
 

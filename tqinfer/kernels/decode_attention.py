@@ -72,7 +72,9 @@ def _byte_tile(row, tmask, tab_ptr, D: tl.constexpr, BITS: tl.constexpr, PLANE: 
 @triton.jit
 def _unit_codes(wp, ws, tab_ptr, S: tl.constexpr, BITS: tl.constexpr, TAB: tl.constexpr):
     """Centroids of sub-tile S: codes at shift S of the primary plane's units wp (and the 1-bit
-    plane's units ws, pre-shifted, for 3-bit codes)."""
+    plane's units ws, pre-shifted, for 3-bit codes). BITS >= 16: diagnostic, codes as values."""
+    NOG: tl.constexpr = BITS // 16
+    BITS: tl.constexpr = BITS % 16
     if BITS == 4:
         code = (wp >> (4 * S)) & 15
     elif BITS == 2:
@@ -81,7 +83,11 @@ def _unit_codes(wp, ws, tab_ptr, S: tl.constexpr, BITS: tl.constexpr, TAB: tl.co
         code = (wp >> S) & 1
     else:
         code = ((wp >> (2 * S)) & 3) | (((ws >> S) & 1) << 2)
-    return tl.load(tab_ptr + TAB + code)
+    if NOG:
+        out = code.to(tl.float32)
+    else:
+        out = tl.load(tab_ptr + TAB + code)
+    return out
 
 
 @triton.jit
@@ -108,7 +114,8 @@ def _unit_tile(row, tab_ptr, D: tl.constexpr, BITS: tl.constexpr, UNIT: tl.const
     """centroid_tile from whole units (UNIT bytes) of the planes: a unit of the primary plane (width
     P) holds NS = 8 * UNIT / P codes, split by shifts into NS sub-tiles [N, D / NS] and interleaved
     back into channel order. Unmasked: every tile lies in an allocated block."""
-    P: tl.constexpr = 4 if BITS == 4 else (2 if BITS >= 2 else 1)
+    B: tl.constexpr = BITS % 16
+    P: tl.constexpr = 4 if B == 4 else (2 if B >= 2 else 1)
     NS: tl.constexpr = 8 * UNIT // P
     u = tl.arange(0, D // NS)
     if UNIT == 4:
@@ -118,7 +125,7 @@ def _unit_tile(row, tab_ptr, D: tl.constexpr, BITS: tl.constexpr, UNIT: tl.const
     else:
         ut: tl.constexpr = tl.uint8
     wp = tl.load((row + PLANE).to(tl.pointer_type(ut))[:, None] + u[None, :]).to(tl.int32)
-    if BITS == 3:  # the 1-bit plane after the 2-bit one: unit u // 2, codes from bit (u % 2) * NS
+    if B == 3:  # the 1-bit plane after the 2-bit one: unit u // 2, codes from bit (u % 2) * NS
         OFF1: tl.constexpr = PLANE + D // 4
         ws = tl.load((row + OFF1).to(tl.pointer_type(ut))[:, None] + (u // 2)[None, :]).to(tl.int32)
         ws = ws >> ((u % 2) * NS)[None, :]
@@ -139,9 +146,9 @@ def centroid_tile(row, tmask, tab_ptr, D: tl.constexpr, BU: tl.constexpr, PLANE:
     """row[N] record pointers -> [N, D] float32 centroids of one part's codes, channel order natural.
     BU = bits + 16 * unit: unit 0 reads plane bytes (masked), unit 1/2/4 reads whole units."""
     BITS: tl.constexpr = BU % 16
-    UNIT: tl.constexpr = BU // 16
+    UNIT: tl.constexpr = (BU // 16) % 16
     if UNIT > 0:
-        out = _unit_tile(row, tab_ptr, D, BITS, UNIT, PLANE, TAB)
+        out = _unit_tile(row, tab_ptr, D, BITS + 16 * (BU // 256), UNIT, PLANE, TAB)
     else:
         out = _byte_tile(row, tmask, tab_ptr, D, BITS, PLANE, TAB, BLOCK_N)
     return out
@@ -378,6 +385,8 @@ def _unit(layout: RecordLayout, part: CodePart, unit_loads: bool) -> int:
     read in: rows, plane offsets and plane sizes aligned to it; 0 reads single bytes."""
     if not unit_loads:
         return 0
+    if unit_loads == "nogather":  # diagnostic only: codes stand in for centroids (wrong results)
+        return 16 + _unit(layout, part, True)
     primary = 4 if part.bits == 4 else (2 if part.bits >= 2 else 1)
     sizes = [part.dim * w // 8 for w in ((2, 1) if part.bits == 3 else (primary,))]
     unit = primary
