@@ -31,8 +31,8 @@ def test_published_distortion_d128(bits):
     assert codebook_mse(bits, 128) * 128 == pytest.approx(PUBLISHED_D128[bits], abs=5e-5 + 5e-4 * PUBLISHED_D128[bits])
 
 
-@pytest.mark.parametrize("dim", [64, 128, 256])
-@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("dim,bits", [(d, b) for d in (64, 128, 256) for b in (1, 2, 3, 4)] + [
+    (128, 5), pytest.param(128, 8, marks=pytest.mark.slow)])
 def test_lloyd_max_conditions(dim, bits):
     c, b = codebook(bits, dim)
     assert c.shape == (1 << bits,) and b.shape == ((1 << bits) - 1,)

@@ -74,7 +74,7 @@ class QJLCodec(KVCodec):
 
     has_qjl = True
 
-    def __init__(self, dim: int, heads: int = 1, *, seed: int = 0, sketch: str = "gaussian",
+    def __init__(self, dim: int, heads: int = 1, *, seed: int = 0, sketch: str = "orthogonal",
                  m: int | None = None, name: str = "qjl"):
         self.name, self.dim, self.heads = name, dim, heads
         self.sketch = QJLSketch(dim, m or dim, derive_seed(seed, 3), sketch)

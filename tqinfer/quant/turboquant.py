@@ -112,6 +112,8 @@ class TurboQuantProd(KVCodec):
     """b-bit TurboQuant-prod: (b-1)-bit TurboQuant-mse codes plus QJL signs of the rotated residual
     r = Πx/||x|| - c[idx] (m = d signs), so <q, x> ≈ <q, x̂_mse> + γ √(π/2)/m <S Π q, sign(S r)>,
     γ = ||x||·||r||: unbiased over the draw of S. b = 1 is QJL alone (after the rotation).
+    sketch="gaussian" is the paper's S; "orthogonal" (default) has orthogonal rows, which removes the
+    variance along r: d·D_prod ≈ (π/2 - 1)·D_mse(b-1) instead of (π/2)·D_mse(b-1), same cost.
 
     Record [(b-1)-bit code planes][1-bit sign plane, m/8 bytes][zero pad to even][norm fp16][γ fp16]
     (d = 128: b = 2..4 -> 36, 52, 68 bytes). Rotated space: Π x; the sketch acts there.
@@ -120,7 +122,7 @@ class TurboQuantProd(KVCodec):
     has_qjl = True
 
     def __init__(self, dim: int, bits: int, *, seed: int = 0, rotation: str = "hadamard",
-                 sketch: str = "gaussian", heads: int = 1, name: str | None = None):
+                 sketch: str = "orthogonal", heads: int = 1, name: str | None = None):
         if bits < 1:
             raise ValueError(f"TurboQuantProd needs bits >= 1, got {bits}")
         self.name, self.dim, self.bits, self.heads = name or f"tqp{bits}", dim, bits, heads
