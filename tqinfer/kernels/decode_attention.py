@@ -73,17 +73,15 @@ def _byte_tile(row, tmask, tab_ptr, D: tl.constexpr, BITS: tl.constexpr, PLANE: 
 def _unit_codes(wp, ws, tab_ptr, S: tl.constexpr, BITS: tl.constexpr, TAB: tl.constexpr):
     """Centroids of sub-tile S: codes at shift S of the primary plane's units wp (and the 1-bit
     plane's units ws, pre-shifted, for 3-bit codes). BITS >= 16: diagnostic, codes as values."""
-    NOG: tl.constexpr = BITS // 16
-    BITS: tl.constexpr = BITS % 16
-    if BITS == 4:
+    if BITS % 16 == 4:
         code = (wp >> (4 * S)) & 15
-    elif BITS == 2:
+    elif BITS % 16 == 2:
         code = (wp >> (2 * S)) & 3
-    elif BITS == 1:
+    elif BITS % 16 == 1:
         code = (wp >> S) & 1
     else:
         code = ((wp >> (2 * S)) & 3) | (((ws >> S) & 1) << 2)
-    if NOG:
+    if BITS >= 16:
         out = code.to(tl.float32)
     else:
         out = tl.load(tab_ptr + TAB + code)
@@ -109,26 +107,28 @@ def _tree8(wp, ws, tab_ptr, S0: tl.constexpr, ST: tl.constexpr, BITS: tl.constex
 
 
 @triton.jit
+def _load_units(ptr, idx, UNIT: tl.constexpr):
+    """Units of UNIT bytes at byte pointer ptr[N] (UNIT-aligned), unit indices idx[U] -> int32 [N, U]."""
+    if UNIT == 4:
+        w = tl.load(ptr.to(tl.pointer_type(tl.uint32))[:, None] + idx[None, :]).to(tl.int32)
+    elif UNIT == 2:
+        w = tl.load(ptr.to(tl.pointer_type(tl.uint16))[:, None] + idx[None, :]).to(tl.int32)
+    else:
+        w = tl.load(ptr[:, None] + idx[None, :]).to(tl.int32)
+    return w
+
+
+@triton.jit
 def _unit_tile(row, tab_ptr, D: tl.constexpr, BITS: tl.constexpr, UNIT: tl.constexpr, PLANE: tl.constexpr,
                TAB: tl.constexpr):
     """centroid_tile from whole units (UNIT bytes) of the planes: a unit of the primary plane (width
     P) holds NS = 8 * UNIT / P codes, split by shifts into NS sub-tiles [N, D / NS] and interleaved
     back into channel order. Unmasked: every tile lies in an allocated block."""
-    B: tl.constexpr = BITS % 16
-    P: tl.constexpr = 4 if B == 4 else (2 if B >= 2 else 1)
-    NS: tl.constexpr = 8 * UNIT // P
+    NS: tl.constexpr = (8 * UNIT) // (4 if BITS % 16 == 4 else (2 if BITS % 16 >= 2 else 1))
     u = tl.arange(0, D // NS)
-    if UNIT == 4:
-        ut: tl.constexpr = tl.uint32
-    elif UNIT == 2:
-        ut: tl.constexpr = tl.uint16
-    else:
-        ut: tl.constexpr = tl.uint8
-    wp = tl.load((row + PLANE).to(tl.pointer_type(ut))[:, None] + u[None, :]).to(tl.int32)
-    if B == 3:  # the 1-bit plane after the 2-bit one: unit u // 2, codes from bit (u % 2) * NS
-        OFF1: tl.constexpr = PLANE + D // 4
-        ws = tl.load((row + OFF1).to(tl.pointer_type(ut))[:, None] + (u // 2)[None, :]).to(tl.int32)
-        ws = ws >> ((u % 2) * NS)[None, :]
+    wp = _load_units(row + PLANE, u, UNIT)
+    if BITS % 16 == 3:  # the 1-bit plane after the 2-bit one: unit u // 2, codes from bit (u % 2) * NS
+        ws = _load_units(row + (PLANE + D // 4), u // 2, UNIT) >> ((u % 2) * NS)[None, :]
     else:
         ws = wp
     if NS == 8:
@@ -145,12 +145,10 @@ def centroid_tile(row, tmask, tab_ptr, D: tl.constexpr, BU: tl.constexpr, PLANE:
                   TAB: tl.constexpr, BLOCK_N: tl.constexpr):
     """row[N] record pointers -> [N, D] float32 centroids of one part's codes, channel order natural.
     BU = bits + 16 * unit: unit 0 reads plane bytes (masked), unit 1/2/4 reads whole units."""
-    BITS: tl.constexpr = BU % 16
-    UNIT: tl.constexpr = (BU // 16) % 16
-    if UNIT > 0:
-        out = _unit_tile(row, tab_ptr, D, BITS + 16 * (BU // 256), UNIT, PLANE, TAB)
+    if (BU // 16) % 16 > 0:
+        out = _unit_tile(row, tab_ptr, D, BU % 16 + 16 * (BU // 256), (BU // 16) % 16, PLANE, TAB)
     else:
-        out = _byte_tile(row, tmask, tab_ptr, D, BITS, PLANE, TAB, BLOCK_N)
+        out = _byte_tile(row, tmask, tab_ptr, D, BU % 16, PLANE, TAB, BLOCK_N)
     return out
 
 
