@@ -178,6 +178,88 @@ def cmd_estimate(args) -> int:
     return 0 if e.fits else 2
 
 
+def looks_like_model(name: str) -> bool:
+    import re
+    from pathlib import Path
+
+    from tqinfer import hub
+
+    return (name in getattr(hub, "ALIASES", {}) or Path(name).exists() or name.endswith(".gguf")
+            or re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None)
+
+
+def cmd_ask(args) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from tqinfer.ask import DocumentQA, read_documents
+
+    err = Console(stderr=True)
+    if args.question is None and args.model and not looks_like_model(args.model):
+        args.question, args.model = args.model, None  # `tqinfer ask --doc F "question?"`
+    docs = read_documents(args.doc, sys.stdin)
+    llm = llm_from_args(args)
+    params = sampling_from_args(args)
+    qa = DocumentQA(llm, docs, use_cache=not args.no_cache, truncate=args.truncate)
+    interactive = args.question is None
+    if interactive and any(d == "-" for d in args.doc):
+        raise ValueError("documents from stdin need the QUESTION on the command line")
+    try:
+        while True:
+            if interactive:
+                if sys.stdin.isatty():
+                    err.print("[bold]question>[/bold] ", end="")
+                line = sys.stdin.readline()
+                if not line:
+                    break
+                question = line.strip()
+                if not question:
+                    continue
+            else:
+                question = args.question
+            t0 = time.perf_counter()
+            with Progress(TextColumn("prefill"), BarColumn(), TextColumn("{task.completed}/{task.total} tokens"),
+                          TextColumn("{task.fields[tps]:.0f} tok/s"), TimeRemainingColumn(),
+                          console=err, transient=True, disable=not err.is_terminal) as bar:
+                task = bar.add_task("prefill", total=len(qa.prefix_ids), tps=0.0)
+                session, how = qa.open_session(
+                    on_progress=lambda done, total, secs: bar.update(task, completed=done, tps=done / max(secs, 1e-9)),
+                    on_notice=lambda m: err.print(f"[yellow]{m}[/yellow]"))
+            secs = time.perf_counter() - t0
+            err.print(f"[dim]documents: {len(qa.prefix_ids)} tokens {how} in {secs:.2f}s "
+                      f"({'prompt cache' if how == 'loaded' else f'{len(qa.prefix_ids) / secs:.0f} tok/s'})[/dim]")
+            with session:
+                for ev in qa.ask(session, question, params):
+                    sys.stdout.write(ev.text)
+                    sys.stdout.flush()
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            if not interactive:
+                break
+    finally:
+        qa.close()
+    return 0
+
+
+def cmd_cache(args) -> int:
+    from tqinfer.ask import clear_prompt_caches, list_prompt_caches
+
+    if args.action == "clear":
+        print(f"removed {clear_prompt_caches()} prompt cache file(s)")
+        return 0
+    rows = list_prompt_caches()
+    if not rows:
+        print("no prompt caches")
+    for path, header in rows:
+        size = path.stat().st_size / 2**20
+        if "error" in header:
+            print(f"{path.name}  {size:8.1f} MiB  unreadable: {header['error']}")
+        else:
+            print(f"{path.name}  {size:8.1f} MiB  {header.get('tokens')} tokens  {header.get('model')}  "
+                  f"K {header.get('k_type')} / V {header.get('v_type')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tqinfer", description="Local LLM inference with a TurboQuant KV cache")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -196,6 +278,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plain", action="store_true", help="line REPL instead of the full-screen UI")
     p.add_argument("--resume", action="store_true", help="reopen the last conversation")
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("ask", help="questions over documents, with their compressed cache saved to disk")
+    add_model_args(p)
+    add_sampling_args(p)
+    p.add_argument("question", nargs="?", default=None, help="the question (none: read questions from stdin)")
+    p.add_argument("--doc", action="append", default=[], help="a text or markdown file (- for stdin); repeatable")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the prompt cache")
+    p.add_argument("--truncate", choices=["head", "tail", "middle"], default=None,
+                   help="keep the head, the tail or both ends of documents longer than the context")
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("cache", help="prompt caches: list or clear")
+    p.add_argument("action", choices=["list", "clear"])
+    p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("estimate", help="memory for a context: weights, KV cache, activations; largest context")
     add_model_args(p)
