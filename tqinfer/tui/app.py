@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import sys
-import threading
 from collections.abc import Callable
 
 from textual.app import App
@@ -14,6 +13,7 @@ from textual.message import Message as TextualMessage
 
 from tqinfer.tui.chat import Chat, open_conversation
 from tqinfer.tui.conversation import ConversationStore
+from tqinfer.tui.engine_thread import EngineThread
 from tqinfer.tui.screens import ChatScreen, LoadingScreen, describe
 
 Progress = Callable[[str, "float | None"], None]
@@ -53,7 +53,7 @@ class LoadFailed(TextualMessage):
 
 
 class ChatApp(App):
-    """Shows the loading screen while `load` runs in a thread, then the chat."""
+    """Shows the loading screen while `load` runs on the engine thread, then the chat."""
 
     CSS_PATH = "chat.tcss"
     TITLE = "tqinfer chat"
@@ -69,11 +69,11 @@ class ChatApp(App):
         self.system = system
         self.resume = resume
         self.failed = False
+        self.engine = EngineThread()  # loads the model, then runs every turn and command
 
     def on_mount(self) -> None:
         self.push_screen(LoadingScreen(self.model_label))
-        # A daemon thread, not a Textual worker: quitting during a long download must not wait for it.
-        threading.Thread(target=self._load_in_thread, name="tqinfer-load", daemon=True).start()
+        self.engine.submit(self._load_in_thread)
 
     def _load_in_thread(self) -> None:
         try:
@@ -102,6 +102,7 @@ class ChatApp(App):
     async def action_quit(self) -> None:
         if isinstance(self.screen, ChatScreen):
             self.screen.cancel.set()  # a running answer stops at its next token
+        self.engine.close()
         self.exit(return_code=1 if self.failed else 0)
 
 

@@ -85,8 +85,8 @@ class CommandDone(TextualMessage):
 class ChatScreen(Screen):
     """Messages above, the input below, the status bar and the keys at the bottom.
 
-    Turns and commands run in a worker thread (one at a time) and post messages back; the answer
-    streams into its Markdown widget through a MarkdownStream."""
+    Turns and commands run on the app's engine thread (one at a time) and post messages back; the
+    answer streams into its Markdown widget through a MarkdownStream."""
 
     BINDINGS = [
         Binding("escape", "stop", "Stop", priority=True),
@@ -183,8 +183,7 @@ class ChatScreen(Screen):
         self.busy = True
         self.cancel = cancel = threading.Event()
         self._set_state("thinking…")
-        self.run_worker(lambda: self._answer_in_thread(text, cancel), thread=True, group="chat",
-                        exit_on_error=False)
+        self.app.engine.submit(lambda: self._answer_in_thread(text, cancel))
 
     def _answer_in_thread(self, text: str, cancel: threading.Event) -> None:
         try:
@@ -243,8 +242,7 @@ class ChatScreen(Screen):
     def _run_command(self, line: str) -> None:
         self.busy = True
         self._set_state("working…")
-        self.run_worker(lambda: self.post_message(CommandDone(self.chat.command(line))), thread=True,
-                        group="chat", exit_on_error=False)
+        self.app.engine.submit(lambda: self.post_message(CommandDone(self.chat.command(line))))
 
     async def on_command_done(self, message: CommandDone) -> None:
         result = message.result
