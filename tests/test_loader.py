@@ -240,3 +240,56 @@ def test_default_model_weights_equal_transformers_gguf_load(default_model_files,
     ours = transformers.AutoModelForCausalLM.from_pretrained(str(default_model_files.folder), dtype=torch.float32)
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, ref_model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+EXTRA_MODELS = ["qwen2.5-coder-0.5b", "gemma3-270m"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", EXTRA_MODELS)
+def test_extra_alias_matches_transformers(name):
+    """The other pinned GGUF aliases against transformers' GGUF load: tokenizer ids on real text, chat
+    template, config, every weight. Opt-in (hundreds of MB each): runs when the GGUF is already in the
+    cache or TQINFER_TEST_ALL_MODELS=1."""
+    import os
+
+    from test_tokenizer import CONVERSATION, REAL_TEXT
+
+    from tqinfer.tokenizer import load_tokenizer
+
+    alias = hub.ALIASES[name]
+    gguf_path = hub.cache_dir() / "downloads" / alias.filename
+    if not gguf_path.is_file() and os.environ.get("TQINFER_TEST_ALL_MODELS") != "1":
+        pytest.skip(f"{name} is not in the cache; set TQINFER_TEST_ALL_MODELS=1 to fetch it")
+    pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF model")
+    files = hub.resolve(name, progress=False)
+    gguf_path = files.gguf
+    tok = load_tokenizer(files.folder)
+    ref_tok = transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    ids = tok.encode(REAL_TEXT)
+    assert ids == ref_tok.encode(REAL_TEXT)
+    assert tok.decode(ids, skip_special_tokens=True) == REAL_TEXT
+    if tok.chat_template:
+        assert tok.apply_chat_template(CONVERSATION) == ref_tok.apply_chat_template(
+            CONVERSATION, tokenize=False, add_generation_prompt=True)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+    got = load_weights(files, torch.float32, progress=False)
+    state = dict(ref.state_dict())
+    assert set(got.tensors) == set(state)
+    for key, t in state.items():
+        assert torch.equal(got.tensors[key], t), key
+    rc = ref.config
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "vocab_size", "tie_word_embeddings"):
+        assert got.config[key] == getattr(rc, key), key
+    assert got.config["head_dim"] == (getattr(rc, "head_dim", None) or rc.hidden_size // rc.num_attention_heads)
+    uses_window = "sliding_attention" in (getattr(rc, "layer_types", None) or [])
+    assert got.config["sliding_window"] == (rc.sliding_window if uses_window else None)
+    mine = transformers.AutoModelForCausalLM.from_pretrained(str(files.folder), dtype=torch.float32)
+    if hasattr(ref.config, "layer_types"):
+        assert mine.config.layer_types == ref.config.layer_types
+    assert mine.config.rope_parameters == ref.config.rope_parameters
+    x = torch.tensor([ids[:48]])
+    with torch.no_grad():
+        torch.testing.assert_close(mine(x).logits, ref(x).logits, rtol=1e-5, atol=1e-5)

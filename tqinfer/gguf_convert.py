@@ -160,6 +160,10 @@ def gguf_config(meta: dict, reader) -> dict:
         config["hidden_activation"] = "gelu_pytorch_tanh"
         config["query_pre_attn_scalar"] = int(head_dim)
         config["rope_local_base_freq"] = float(key("rope.freq_base_swa", 10000.0))
+        # llama.cpp: every 6th layer attends globally, the others through the sliding window
+        config["sliding_window_pattern"] = 6
+        config["layer_types"] = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                                 for i in range(config["num_hidden_layers"])]
         config["final_logit_softcapping"] = key("final_logit_softcapping")
         config["attn_logit_softcapping"] = key("attn_logit_softcapping")
     if model_type == "mistral" and config["sliding_window"] is None:
