@@ -228,6 +228,14 @@ def test_hub_id_from_local_cache_without_network(tiny_hf_folder, hf_home, monkey
     assert any(row[0] == "HuggingFaceTB/SmolLM2-135M-Instruct" for row in hub.list_local())
 
 
+def test_incomplete_hub_snapshot_is_not_used(tiny_hf_folder, hf_home, monkeypatch):
+    snapshot = _fake_hub_cache(hf_home, "some-org/partial", tiny_hf_folder("llama", "bytes"))
+    (snapshot / "model.safetensors").unlink()  # an interrupted download
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match="some-org/partial is not in the local Hugging Face cache"):
+        hub.resolve("some-org/partial", progress=False)
+
+
 def test_hub_id_offline_and_unreachable(hf_home, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelError, match="not in the local Hugging Face cache and HF_HUB_OFFLINE is set"):

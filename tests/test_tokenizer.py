@@ -294,3 +294,19 @@ def test_gguf_llama_spm_vocab_matches_sentencepiece(spm_model, tmp_path):
         assert tok.encode(text, add_special_tokens=False).ids == sp.encode(text), text
         assert tok.decode(sp.encode(text)) == sp.decode(sp.encode(text)), text
     assert tok.encode("hi").ids[0] == 1
+
+
+def test_converted_folder_loads_in_transformers(default_model_files, ours):
+    """The tokenizer.json / tokenizer_config.json written from the GGUF are a valid HF tokenizer."""
+    hf = transformers.AutoTokenizer.from_pretrained(str(default_model_files.folder))
+    assert hf.encode(REAL_TEXT) == ours.encode(REAL_TEXT)
+    assert hf.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True) == \
+        ours.apply_chat_template(CONVERSATION)
+    assert hf.eos_token == "<|im_end|>" and hf.bos_token_id == ours.bos_id
+
+
+def test_tiny_folder_with_default_tokenizer(tiny_hf_folder, ours):
+    folder = tiny_hf_folder("qwen2")
+    tok = load_tokenizer(folder)
+    assert tok.encode(REAL_TEXT) == ours.encode(REAL_TEXT)
+    assert json.loads((folder / "config.json").read_text())["vocab_size"] == tok.vocab_size == 49152

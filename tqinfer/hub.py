@@ -360,7 +360,7 @@ def _resolve_hub(repo_id: str, revision: str | None, progress: bool, display_nam
         path = huggingface_hub.snapshot_download(local_files_only=True, **kwargs)
     except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
         path = None
-    if path is not None and not (Path(path) / "config.json").is_file():
+    if path is not None and not _complete_snapshot(Path(path)):
         path = None
     if path is None:
         if _hub_offline():
@@ -382,6 +382,20 @@ def _resolve_hub(repo_id: str, revision: str | None, progress: bool, display_nam
     files.source = "hf-hub"
     files.weights_id = _safetensors_id(folder, sorted(folder.glob("*.safetensors")), revision=folder.name)
     return files
+
+
+def _complete_snapshot(folder: Path) -> bool:
+    """config.json and every weight file are there (an interrupted download leaves some out)."""
+    if not (folder / "config.json").is_file():
+        return False
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError):
+            return False
+        return all((folder / s).is_file() for s in shards)
+    return any(folder.glob("*.safetensors"))
 
 
 def _hub_offline() -> bool:
