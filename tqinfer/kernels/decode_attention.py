@@ -17,56 +17,14 @@ import torch
 import triton
 import triton.language as tl
 
+from . import reference
 from .quantize import CodePart, RecordLayout, record_layout
 
 LOG2E = 1.4426950408889634
 # the interpreter's tl.dot mishandles bf16 operands (triton 3.9): it multiplies dense tiles in fp32
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+MAX_HEAD_DIM = 128  # wider heads: out of shared memory on an H200 (d = 256 needs 272 KB); torch twin
 NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima, so empty splits merge without NaN
-
-
-@triton.jit
-def _sub_codes(b2, b1, S: tl.constexpr, BITS: tl.constexpr):
-    """Codes of sub-tile S (channels 4j + S) from the 2-bit plane bytes b2 and the 1-bit plane bytes
-    b1 (already shifted so bit S is channel 4j + S)."""
-    if BITS == 1:
-        code = (b1 >> S) & 1
-    elif BITS == 2:
-        code = (b2 >> (2 * S)) & 3
-    else:
-        code = ((b2 >> (2 * S)) & 3) | (((b1 >> S) & 1) << 2)
-    return code
-
-
-@triton.jit
-def _byte_tile(row, tmask, tab_ptr, D: tl.constexpr, BITS: tl.constexpr, PLANE: tl.constexpr,
-                  TAB: tl.constexpr, BLOCK_N: tl.constexpr):
-    """centroid_tile from plane bytes: loaded once each (contiguous), split into sub-tiles by shift,
-    and interleaved back."""
-    if BITS == 4:
-        j = tl.arange(0, D // 2)
-        b = tl.load(row[:, None] + PLANE + j[None, :], mask=tmask[:, None], other=0).to(tl.int32)
-        c0 = tl.load(tab_ptr + TAB + (b & 15))
-        c1 = tl.load(tab_ptr + TAB + (b >> 4))
-        out = tl.interleave(c0, c1)
-    else:
-        j = tl.arange(0, D // 4)
-        if BITS >= 2:
-            b2 = tl.load(row[:, None] + PLANE + j[None, :], mask=tmask[:, None], other=0).to(tl.int32)
-        else:
-            b2 = tl.zeros([BLOCK_N, D // 4], dtype=tl.int32)
-        if BITS % 2 == 1:
-            OFF1: tl.constexpr = PLANE + (BITS // 2) * (D // 4)
-            b1 = tl.load(row[:, None] + OFF1 + (j // 2)[None, :], mask=tmask[:, None], other=0)
-            b1 = b1.to(tl.int32) >> ((j % 2) * 4)[None, :]
-        else:
-            b1 = tl.zeros([BLOCK_N, D // 4], dtype=tl.int32)
-        c0 = tl.load(tab_ptr + TAB + _sub_codes(b2, b1, 0, BITS))
-        c1 = tl.load(tab_ptr + TAB + _sub_codes(b2, b1, 1, BITS))
-        c2 = tl.load(tab_ptr + TAB + _sub_codes(b2, b1, 2, BITS))
-        c3 = tl.load(tab_ptr + TAB + _sub_codes(b2, b1, 3, BITS))
-        out = tl.interleave(tl.interleave(c0, c2), tl.interleave(c1, c3))
-    return out
 
 
 @triton.jit
@@ -124,9 +82,13 @@ def _unit_tile(row, tab_ptr, D: tl.constexpr, BITS: tl.constexpr, UNIT: tl.const
     """centroid_tile from whole units (UNIT bytes) of the planes: a unit of the primary plane (width
     P) holds NS = 8 * UNIT / P codes, split by shifts into NS sub-tiles [N, D / NS] and interleaved
     back into channel order. Unmasked: every tile lies in an allocated block."""
-    NS: tl.constexpr = (8 * UNIT) // (4 if BITS % 16 == 4 else (2 if BITS % 16 >= 2 else 1))
+    NS: tl.constexpr = 8 if (BITS % 16 == 1 and UNIT == 2) else (8 * UNIT) // (
+        4 if BITS % 16 == 4 else (2 if BITS % 16 >= 2 else 1))
     u = tl.arange(0, D // NS)
-    wp = _load_units(row + PLANE, u, UNIT)
+    if BITS % 16 == 1 and UNIT == 2:  # 1-bit codes: 16-bit units, each split in two halves of 8 codes
+        wp = _load_units(row + PLANE, u // 2, UNIT) >> ((u % 2) * 8)[None, :]
+    else:
+        wp = _load_units(row + PLANE, u, UNIT)
     if BITS % 16 == 3:  # the 1-bit plane after the 2-bit one: unit u // 2, codes from bit (u % 2) * NS
         ws = _load_units(row + (PLANE + D // 4), u // 2, UNIT) >> ((u % 2) * NS)[None, :]
     else:
@@ -144,12 +106,9 @@ def _unit_tile(row, tab_ptr, D: tl.constexpr, BITS: tl.constexpr, UNIT: tl.const
 def centroid_tile(row, tmask, tab_ptr, D: tl.constexpr, BU: tl.constexpr, PLANE: tl.constexpr,
                   TAB: tl.constexpr, BLOCK_N: tl.constexpr):
     """row[N] record pointers -> [N, D] float32 centroids of one part's codes, channel order natural.
-    BU = bits + 16 * unit: unit 0 reads plane bytes (masked), unit 1/2/4 reads whole units."""
-    if (BU // 16) % 16 > 0:
-        out = _unit_tile(row, tab_ptr, D, BU % 16 + 16 * (BU // 256), (BU // 16) % 16, PLANE, TAB)
-    else:
-        out = _byte_tile(row, tmask, tab_ptr, D, BU % 16, PLANE, TAB, BLOCK_N)
-    return out
+    BU = bits + 16 * unit (+ 256: diagnostic, codes as values); planes are read in whole units of
+    1, 2 or 4 bytes, unmasked (tmask is applied to the scale instead)."""
+    return _unit_tile(row, tab_ptr, D, BU % 16 + 16 * (BU // 256), (BU // 16) % 16, PLANE, TAB)
 
 
 @triton.jit
@@ -378,16 +337,16 @@ def _decode_merge_kernel(
 # host side
 
 
-def _unit(layout: RecordLayout, part: CodePart, unit_loads: bool) -> int:
-    """Widest unit (bytes, at most one unit per primary-plane byte width) every plane of the part can be
-    read in: rows, plane offsets and plane sizes aligned to it; 0 reads single bytes."""
+def _unit(layout: RecordLayout, part: CodePart, unit_loads) -> int:
+    """Widest unit (bytes: 4 for 4-bit codes, 2 for 2- and 3-bit, 2 for 1-bit) every plane of the part
+    can be read in, rows, plane offsets and plane sizes aligned to it; unit_loads=False reads bytes."""
     if not unit_loads:
-        return 0
+        return 1
     if unit_loads == "nogather":  # diagnostic only: codes stand in for centroids (wrong results)
         return 16 + _unit(layout, part, True)
     primary = 4 if part.bits == 4 else (2 if part.bits >= 2 else 1)
     sizes = [part.dim * w // 8 for w in ((2, 1) if part.bits == 3 else (primary,))]
-    unit = primary
+    unit = max(primary, 2)
     while unit > 1 and (layout.record_bytes % unit or part.planes % unit or any(z % unit for z in sizes)):
         unit //= 2
     return unit
@@ -473,6 +432,9 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
     h = k.shape[1]
     if hq % h:
         raise ValueError(f"{hq} query heads do not group over {h} KV heads")
+    if d > MAX_HEAD_DIM:  # the merge's [d, d] un-rotation exceeds shared memory: the twin serves
+        res = reference.paged_attention(q, k, v, cu_q, prefix_lens, view, scale)
+        return res if out is None else out.copy_(res)
     if prefix_lens.shape[0] != bsz:
         raise ValueError(f"decode takes one token per sequence: {bsz} queries, {prefix_lens.shape[0]} sequences")
     g = hq // h

@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .decode_attention import (INTERPRET, LOG2E, NEG, _hot, _k_args, _layouts, _v_args, hot_attention,
+from . import reference
+from .decode_attention import (INTERPRET, LOG2E, MAX_HEAD_DIM, NEG, _hot, _k_args, _layouts, _v_args, hot_attention,
                                prepare_queries, tile_scores, tile_values)
 
 
@@ -159,6 +160,9 @@ def paged_prefill_attention(q, k, v, cu_q, prefix_lens, view, scale: float, bloc
     h = k.shape[1]
     if hq % h:
         raise ValueError(f"{hq} query heads do not group over {h} KV heads")
+    if d > MAX_HEAD_DIM:
+        res = reference.paged_attention(q, k, v, cu_q, prefix_lens, view, scale)
+        return res if out is None else out.copy_(res)
     bsz = prefix_lens.shape[0]
     g = hq // h
     gp = triton.next_power_of_2(g)
