@@ -45,10 +45,9 @@ def _pack_plane(fields: torch.Tensor, width: int) -> torch.Tensor:
     if pad:
         fields = torch.nn.functional.pad(fields, (0, pad))
     fields = fields.reshape(*fields.shape[:-1], -1, per)
-    out = fields[..., 0].clone()
-    for i in range(1, per):  # uint8 throughout: fields < 2**width, so the shifted value still fits
-        out |= fields[..., i] << (i * width)
-    return out
+    weights = torch.tensor([1 << (i * width) for i in range(per)], dtype=torch.uint8, device=fields.device)
+    # disjoint bit fields: the weighted sum is their OR and stays below 256, so uint8 cannot overflow
+    return (fields * weights).sum(-1, dtype=torch.uint8)
 
 
 def _unpack_plane(packed: torch.Tensor, width: int, n: int) -> torch.Tensor:
