@@ -172,6 +172,7 @@ def sweep(shape, b, t, kind, configs):
         us = graph_time(lambda: paged_decode_attention(q, knew, knew, cu, lens, view, 1 / math.sqrt(d),
                                                        out=out, **cfg))
         rows.append((cfg, us, kv_bytes(view, b, t, h, d) / us / 1e3))
+        log(f"  variant {cfg}: {us:.1f} µs")
     return rows
 
 
@@ -293,12 +294,13 @@ def main():
         if b * t * h * d * 2 * 2 * 2.5 > 100e9:  # contiguous + paged bf16 copies must fit
             continue
         bench_decode(shape, b, t, kinds, results)
+    log(decode_table(results, kinds))
     sw = sweep("llama3-8b", 1, 128 * 1024, "tq3.5",
                [dict(), dict(unit_loads=False), dict(unit_loads="nogather"), dict(num_warps=8),
                 dict(block_n=32, num_warps=2), dict(num_splits=132), dict(num_splits=33),
                 dict(block_n=32, num_splits=132)])
     presults = []
-    pconfigs = ({}, dict(block_m=32), dict(block_m=32, num_warps=8), dict(block_m=64, num_warps=8))
+    pconfigs = ({}, dict(block_m=32, num_warps=8))  # each config compiles per type: keep few
     for shape, prefix, chunk in ([("llama3-8b", 32768, 1024)] if args.quick else
                                  [("llama3-8b", 32768, 512), ("llama3-8b", 32768, 2048),
                                   ("smollm2-135m", 32768, 2048)]):
