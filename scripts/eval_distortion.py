@@ -248,7 +248,7 @@ def real_tables(layers: list[dict], T: int, calib: int, source: str) -> list[str
 
 def bench(types: list[str], n: int, device: str, chunk: int) -> list[str]:
     d = 128
-    rows = [f"| type | device | vectors | d | encode time | M vectors/s |", "|---|---|---|---|---|---|"]
+    rows = ["| type | device | vectors | d | encode time | M vectors/s | CPU time |", "|---|---|---|---|---|---|---|"]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, 1, d, generator=g).to(device)
     for name in types:
@@ -257,15 +257,17 @@ def bench(types: list[str], n: int, device: str, chunk: int) -> list[str]:
             c.calibrate(x[:4096])
         c.encode(x[:chunk])  # warm caches (codebooks, matrices on the device)
         sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-        best = float("inf")
+        best, cpu = float("inf"), 0.0
         for _ in range(3):
             sync()
-            t = time.perf_counter()
+            t, p = time.perf_counter(), time.process_time()
             for i in range(0, n, chunk):
                 c.encode(x[i : i + chunk])
             sync()
-            best = min(best, time.perf_counter() - t)
-        rows.append(f"| {name} | {device} | {n:,} | {d} | {best * 1000:.1f} ms | {n / best / 1e6:.2f} |")
+            if time.perf_counter() - t < best:  # CPU time of the best run: shows a loaded machine
+                best, cpu = time.perf_counter() - t, time.process_time() - p
+        rows.append(f"| {name} | {device} | {n:,} | {d} | {best * 1000:.1f} ms | {n / best / 1e6:.2f} "
+                    f"| {cpu:.1f} s |")
     return rows
 
 
