@@ -94,9 +94,11 @@ def test_missing_shard_and_missing_config(tiny_hf_folder):
 # ----------------------------------------------------------------------------------------------- GGUF
 
 
-def test_unpermute_inverts_llama_cpp_permute():
-    from conftest import llama_cpp_permute
+def llama_cpp_permute(w, n_head):  # convert_hf_to_gguf.py's LlamaModel.permute
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
+
+def test_unpermute_inverts_llama_cpp_permute():
     w = np.random.default_rng(0).standard_normal((6 * 16, 40)).astype(np.float32)
     for heads in (1, 2, 3, 6):
         permuted = llama_cpp_permute(w, heads)

@@ -177,7 +177,7 @@ def resolve(name: str | None = None, *, progress: bool = True) -> ModelFiles:
     path = Path(name).expanduser()
     if path.exists():
         if path.is_dir():
-            return _resolve_folder(name, path)
+            return _resolve_folder(name, path, progress)
         if path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
             return _resolve_gguf(name, path, progress)
         raise ModelError(f"{path} is neither a model folder nor a .gguf file")
@@ -203,12 +203,12 @@ def _has_gguf_magic(path: Path) -> bool:
     return False
 
 
-def _resolve_folder(name: str, folder: Path) -> ModelFiles:
+def _resolve_folder(name: str, folder: Path, progress: bool = True) -> ModelFiles:
     folder = folder.resolve()
     if not (folder / "config.json").is_file():
         ggufs = sorted(folder.glob("*.gguf"))
         if len(ggufs) == 1:
-            return _resolve_gguf(name, ggufs[0], progress=True)
+            return _resolve_gguf(name, ggufs[0], progress)
         raise ModelError(
             f"{folder} has no config.json: a model folder needs config.json, *.safetensors and tokenizer "
             "files (as saved by transformers' save_pretrained), or give a .gguf file"
