@@ -109,3 +109,11 @@ def test_decode_byte_loads(kt, vt):
     """Single-byte units (records not aligned to wider ones) compute the same."""
     out, ref, _ = _run(kt, vt, 64, 2, 4, LENS, 4, 8, torch.float32, splits=2, seed=3, unit_loads=False)
     assert rel_err(out, ref) < 2e-3
+
+
+@pytest.mark.parametrize("kt", ["polar", "q8", "tq3.5-paper"])
+def test_unread_types_fall_back_to_the_twin(kt):
+    """Types whose records no kernel reads are served by the torch twin, same call."""
+    out, ref, args = _run(kt, "tq4", 64, 1, 4, [1, 30], 4, 8, torch.float32, splits=2, seed=2)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, reference.paged_attention(*args)) < 1e-6

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from .quantize import CodePart, RecordLayout, record_layout
+from .quantize import CodePart, RecordLayout, record_layout, supports
 
 LOG2E = 1.4426950408889634
 # the interpreter's tl.dot mishandles bf16 operands (triton 3.9): it multiplies dense tiles in fp32
@@ -408,6 +408,12 @@ def _layouts(view, device):
     return k_lay, v_lay
 
 
+def kernel_reads(view, head_dim: int) -> bool:
+    """Whether the fused kernels serve this layer: head_dim <= 128 (wider: the [d, d] un-rotation
+    exceeds shared memory) and codecs whose records they read (not polar, q8, q4, qjl, *-paper)."""
+    return head_dim <= MAX_HEAD_DIM and supports(view.k_codec) and supports(view.v_codec)
+
+
 def default_splits(batch: int, kv_heads: int, sms: int = 132) -> int:
     """Splits per (sequence, KV head): about four programs per SM in total, fixed per batch size."""
     return max(1, min(64, -(-4 * sms // (batch * kv_heads))))
@@ -432,7 +438,7 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
     h = k.shape[1]
     if hq % h:
         raise ValueError(f"{hq} query heads do not group over {h} KV heads")
-    if d > MAX_HEAD_DIM:  # the merge's [d, d] un-rotation exceeds shared memory: the twin serves
+    if not kernel_reads(view, d):  # the twin serves what no kernel reads
         res = reference.paged_attention(q, k, v, cu_q, prefix_lens, view, scale)
         return res if out is None else out.copy_(res)
     if prefix_lens.shape[0] != bsz:

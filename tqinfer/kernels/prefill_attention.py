@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from .decode_attention import (INTERPRET, LOG2E, MAX_HEAD_DIM, NEG, _hot, _k_args, _layouts, _v_args, hot_attention,
+from .decode_attention import (INTERPRET, LOG2E, NEG, kernel_reads, _hot, _k_args, _layouts, _v_args, hot_attention,
                                prepare_queries, tile_scores, tile_values)
 
 
@@ -160,7 +160,7 @@ def paged_prefill_attention(q, k, v, cu_q, prefix_lens, view, scale: float, bloc
     h = k.shape[1]
     if hq % h:
         raise ValueError(f"{hq} query heads do not group over {h} KV heads")
-    if d > MAX_HEAD_DIM:
+    if not kernel_reads(view, d):  # the twin serves what no kernel reads
         res = reference.paged_attention(q, k, v, cu_q, prefix_lens, view, scale)
         return res if out is None else out.copy_(res)
     bsz = prefix_lens.shape[0]

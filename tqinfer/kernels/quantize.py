@@ -252,6 +252,9 @@ def write_tokens(codec, x: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor
         return
     if n == 0:
         return
+    if not supports(codec):  # records no kernel writes (polar, q8, q4, qjl, *-paper): the codec's own
+        from . import reference
+        return reference.write_tokens(codec, x, pool, slots)
     layout = record_layout(codec, x.device)
     if pool.dtype != torch.uint8 or pool.shape[3] != layout.record_bytes or not pool.is_contiguous():
         raise ValueError(f"{codec.name} pool must be contiguous uint8 [blocks, H, BS, "
