@@ -30,7 +30,9 @@ NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima, so em
 @triton.jit
 def _unit_codes(wp, ws, tab_ptr, S: tl.constexpr, BITS: tl.constexpr, TAB: tl.constexpr):
     """Centroids of sub-tile S: codes at shift S of the primary plane's units wp (and the 1-bit
-    plane's units ws, pre-shifted, for 3-bit codes). BITS >= 16: diagnostic, codes as values."""
+    plane's units ws, pre-shifted, for 3-bit codes). BITS // 16: 0 gathers the centroid table from
+    memory (L1), 2 from a register copy (tab_ptr is then the table broadcast over rows), 1 is a
+    diagnostic that uses the codes themselves as values."""
     if BITS % 16 == 4:
         code = (wp >> (4 * S)) & 15
     elif BITS % 16 == 2:
@@ -39,8 +41,10 @@ def _unit_codes(wp, ws, tab_ptr, S: tl.constexpr, BITS: tl.constexpr, TAB: tl.co
         code = (wp >> S) & 1
     else:
         code = ((wp >> (2 * S)) & 3) | (((ws >> S) & 1) << 2)
-    if BITS >= 16:
+    if BITS // 16 == 1:
         out = code.to(tl.float32)
+    elif BITS // 16 == 2:
+        out = tl.gather(tab_ptr, code, 1)
     else:
         out = tl.load(tab_ptr + TAB + code)
     return out
@@ -93,12 +97,17 @@ def _unit_tile(row, tab_ptr, D: tl.constexpr, BITS: tl.constexpr, UNIT: tl.const
         ws = _load_units(row + (PLANE + D // 4), u // 2, UNIT) >> ((u % 2) * NS)[None, :]
     else:
         ws = wp
-    if NS == 8:
-        out = _tree8(wp, ws, tab_ptr, 0, 1, BITS, TAB)
-    elif NS == 4:
-        out = _tree4(wp, ws, tab_ptr, 0, 1, BITS, TAB)
+    if BITS // 16 == 2:  # centroids in registers, looked up by tl.gather
+        NC: tl.constexpr = 1 << (BITS % 16)
+        tab = tl.broadcast_to(tl.load(tab_ptr + TAB + tl.arange(0, NC))[None, :], [row.shape[0], NC])
     else:
-        out = _tree2(wp, ws, tab_ptr, 0, 1, BITS, TAB)
+        tab = tab_ptr
+    if NS == 8:
+        out = _tree8(wp, ws, tab, 0, 1, BITS, TAB)
+    elif NS == 4:
+        out = _tree4(wp, ws, tab, 0, 1, BITS, TAB)
+    else:
+        out = _tree2(wp, ws, tab, 0, 1, BITS, TAB)
     return out
 
 
@@ -106,8 +115,8 @@ def _unit_tile(row, tab_ptr, D: tl.constexpr, BITS: tl.constexpr, UNIT: tl.const
 def centroid_tile(row, tmask, tab_ptr, D: tl.constexpr, BU: tl.constexpr, PLANE: tl.constexpr,
                   TAB: tl.constexpr, BLOCK_N: tl.constexpr):
     """row[N] record pointers -> [N, D] float32 centroids of one part's codes, channel order natural.
-    BU = bits + 16 * unit (+ 256: diagnostic, codes as values); planes are read in whole units of
-    1, 2 or 4 bytes, unmasked (tmask is applied to the scale instead)."""
+    BU = bits + 16 * unit + 256 * mode (see _unit_codes); planes are read in whole units of 1, 2 or 4
+    bytes, unmasked (tmask is applied to the scale instead)."""
     return _unit_tile(row, tab_ptr, D, BU % 16 + 16 * (BU // 256), (BU // 16) % 16, PLANE, TAB)
 
 
@@ -344,6 +353,8 @@ def _unit(layout: RecordLayout, part: CodePart, unit_loads) -> int:
         return 1
     if unit_loads == "nogather":  # diagnostic only: codes stand in for centroids (wrong results)
         return 16 + _unit(layout, part, True)
+    if unit_loads == "lut":  # centroid table in registers (tl.gather) instead of L1 gathers
+        return 32 + _unit(layout, part, True)
     primary = 4 if part.bits == 4 else (2 if part.bits >= 2 else 1)
     sizes = [part.dim * w // 8 for w in ((2, 1) if part.bits == 3 else (primary,))]
     unit = max(primary, 2)
@@ -430,7 +441,8 @@ def _hot(view, like):
 
 def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_splits: int | None = None,
                            block_n: int | None = None, out: torch.Tensor | None = None,
-                           num_warps: int = 4, unit_loads: bool = True) -> torch.Tensor:
+                           num_warps: int = 4, unit_loads: bool | str = True,
+                           num_stages: int = 1) -> torch.Tensor:
     """Decode attention (every chunk one token: cu_q == arange(B + 1)) over a paged, possibly compressed
     cache: q[B, Hq, d], k/v[B, H, d] the new tokens -> [B, Hq, d] in q's dtype. See kernels/reference.py.
     num_splits fixes the grid (default: by batch size); `out` may be given (written, never read)."""
@@ -465,7 +477,7 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
         view.sinks, view.window, bt.stride(0), qk.stride(0), qk.stride(1),
         H=h, G=g, GP=gp, D=d, BS=bs, BLOCK_N=block_n, NSPLIT=nsplit,
         **_k_args(k_lay, d, unit_loads), **_v_args(v_lay, d, unit_loads), DOT_F32=INTERPRET, num_warps=num_warps,
-        num_stages=1)  # software pipelining turns the centroid gathers into 4-byte cp.async copies
+        num_stages=num_stages)  # pipelining turns L1 centroid gathers into 4-byte cp.async copies
     if v.stride() != k.stride() or k.stride(2) != 1:
         k, v = k.contiguous(), v.contiguous()
     out = torch.empty_like(q) if out is None else out
