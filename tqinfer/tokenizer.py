@@ -141,7 +141,6 @@ class _SentencePieceBackend:
         specials = {self._sp.IdToPiece(i): i for i in range(n) if self._sp.IsControl(i) or self._sp.IsUnknown(i)}
         specials = {t: i for t, i in specials.items() if t}
         self._added = {**specials, **added}
-        self._control = {i for t, i in self._added.items()}
         self._id_to_added = {i: t for t, i in self._added.items()}
         self.vocab_size = max([n - 1, *self._added.values()]) + 1
         pattern = "|".join(re.escape(t) for t in sorted(self._added, key=len, reverse=True))
