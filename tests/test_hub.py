@@ -137,6 +137,9 @@ def test_folder_errors(tmp_path, tiny_hf_folder):
     (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
     with pytest.raises(ModelError, match="no \\*.safetensors weights .*pytorch_model.bin.*pickled"):
         hub.resolve(str(folder))
+    (folder / "model.Q8_0.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ModelError, match="it has model.Q8_0.gguf: give that file's path"):
+        hub.resolve(str(folder))
     with pytest.raises(ModelError, match="no such file or folder"):
         hub.resolve(str(tmp_path / "nothing.gguf"))
     with pytest.raises(ModelError, match="unknown model 'not-a-model'.*aliases: smollm2"):

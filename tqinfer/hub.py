@@ -220,8 +220,13 @@ def _resolve_folder(name: str, folder: Path, progress: bool = True) -> ModelFile
     weights = sorted(folder.glob("*.safetensors"))
     if not weights:
         found = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
-        hint = (f" (found {', '.join(found[:3])}: pickled weights are not loaded; convert them to safetensors)"
-                if found else "")
+        ggufs = sorted(folder.glob("*.gguf"))
+        if ggufs:
+            hint = f" (it has {ggufs[0].name}: give that file's path to use it)"
+        elif found:
+            hint = f" (found {', '.join(found[:3])}: pickled weights are not loaded; convert them to safetensors)"
+        else:
+            hint = ""
         raise ModelError(f"{folder} has no *.safetensors weights{hint}")
     return ModelFiles(name=name, folder=folder, source="hf-folder", weights_id=_safetensors_id(folder, weights))
 
