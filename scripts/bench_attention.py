@@ -296,9 +296,9 @@ def main():
         bench_decode(shape, b, t, kinds, results)
     log(decode_table(results, kinds))
     sw = sweep("llama3-8b", 1, 128 * 1024, "tq3.5",
-               [dict(), dict(unit_loads=False), dict(unit_loads="nogather"), dict(num_warps=8),
-                dict(block_n=32, num_warps=2), dict(num_splits=132), dict(num_splits=33),
-                dict(block_n=32, num_splits=132)])
+               [dict(), dict(unit_loads="nogather"), dict(unit_loads="lut", num_stages=3),
+                dict(unit_loads="lut"), dict(unit_loads=False), dict(block_n=32, num_warps=2),
+                dict(num_splits=33)])
     presults = []
     pconfigs = ({}, dict(block_m=32, num_warps=8))  # each config compiles per type: keep few
     for shape, prefix, chunk in ([("llama3-8b", 32768, 1024)] if args.quick else

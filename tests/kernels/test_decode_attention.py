@@ -104,10 +104,12 @@ def test_decode_is_not_blind():
     assert rel_err(out2, ref) > 1e-2
 
 
-@pytest.mark.parametrize("kt,vt", [("tq3.5", "tq4"), ("tqp3", "tq2")])
-def test_decode_byte_loads(kt, vt):
-    """Single-byte units (records not aligned to wider ones) compute the same."""
-    out, ref, _ = _run(kt, vt, 64, 2, 4, LENS, 4, 8, torch.float32, splits=2, seed=3, unit_loads=False)
+@pytest.mark.parametrize("mode", [False, "lut"])
+@pytest.mark.parametrize("kt,vt", [("tq3.5", "tq4"), ("tqp3", "tq1")])
+def test_decode_load_variants(kt, vt, mode):
+    """Single-byte units (records not aligned to wider ones) and the register centroid table compute
+    the same."""
+    out, ref, _ = _run(kt, vt, 64, 2, 4, LENS, 4, 8, torch.float32, splits=2, seed=3, unit_loads=mode)
     assert rel_err(out, ref) < 2e-3
 
 
