@@ -44,11 +44,12 @@ def cache_config_from_args(args):
     return CacheConfig(k_type=k, v_type=v, **knobs)
 
 
-def llm_from_args(args, progress=None):
+def llm_from_args(args, progress=None, max_seqs: int = 4):
     from tqinfer.llm import LLM
 
     return LLM(args.model_opt or args.model, device=args.device, dtype=args.dtype,
-               cache=cache_config_from_args(args), max_context=args.ctx_size, progress=progress)
+               cache=cache_config_from_args(args), max_context=args.ctx_size, progress=progress,
+               max_seqs=max_seqs)
 
 
 def sampling_from_args(args):
@@ -241,6 +242,67 @@ def cmd_ask(args) -> int:
     return 0
 
 
+def cmd_batch(args) -> int:
+    import json
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from tqinfer.batch import finished_ids, parse_line, result_record
+    from tqinfer.engine.scheduler import Scheduler
+    from tqinfer.llm import Result
+
+    err = Console(stderr=True)
+    defaults = sampling_from_args(args)
+    output = Path(args.output)
+    done = finished_ids(output)
+    items, bad = [], 0
+    with open(args.input, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = parse_line(line, number, defaults)
+            except ValueError as e:
+                err.print(f"[red]line {number}: {e} (skipped)[/red]")
+                bad += 1
+                continue
+            if item.id not in done:
+                items.append(item)
+    if done:
+        err.print(f"{len(done)} id(s) already in {output}: skipped")
+    if not items:
+        err.print("nothing to do")
+        return 1 if bad else 0
+    llm = llm_from_args(args, max_seqs=args.parallel)
+    sched = Scheduler(llm, chunk=llm.prefill_chunk)
+    by_index = {}
+    for item in items:
+        try:
+            by_index[sched.add(llm._prompt_ids(item.prompt), item.params).index] = item
+        except ValueError as e:
+            err.print(f"[red]id {item.id}: {e} (skipped)[/red]")
+            bad += 1
+    generated, t0 = 0, time.perf_counter()
+    with open(output, "a", encoding="utf-8") as out, Progress(
+            TextColumn("batch"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[tps]:.1f} tok/s"),
+            console=err, disable=not err.is_terminal) as bar:
+        task = bar.add_task("batch", total=len(by_index), tps=0.0)
+        while not sched.done:
+            for req, ev in sched.step():
+                generated += ev.token is not None
+                if ev.finish_reason is not None:
+                    result = Result("".join(req.text), [], req.finish, req.stats)
+                    out.write(json.dumps(result_record(by_index[req.index], result), ensure_ascii=False) + "\n")
+                    out.flush()
+                    bar.advance(task)
+            bar.update(task, tps=generated / max(time.perf_counter() - t0, 1e-9))
+    err.print(f"{len(by_index)} done, {bad} skipped; {generated} tokens at "
+              f"{generated / max(time.perf_counter() - t0, 1e-9):.1f} tok/s -> {output}")
+    return 1 if bad else 0
+
+
 def cmd_cache(args) -> int:
     from tqinfer.ask import clear_prompt_caches, list_prompt_caches
 
@@ -288,6 +350,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truncate", choices=["head", "tail", "middle"], default=None,
                    help="keep the head, the tail or both ends of documents longer than the context")
     p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("batch", help="JSONL prompts in, JSONL results out (continuous batching, resumable)")
+    add_model_args(p)
+    add_sampling_args(p)
+    p.add_argument("--input", "-i", required=True, help="JSONL: {\"id\", \"prompt\" | \"messages\", params...} per line")
+    p.add_argument("--output", "-o", required=True, help="JSONL results, appended; finished ids are skipped on rerun")
+    p.add_argument("--parallel", type=int, default=8, help="sequences decoded together")
+    p.set_defaults(func=cmd_batch)
 
     p = sub.add_parser("cache", help="prompt caches: list or clear")
     p.add_argument("action", choices=["list", "clear"])

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 import torch
 
 from tqinfer.errors import ContextError
-from tqinfer.sampling import Sampler, SamplingParams
+from tqinfer.engine.request import Generation
+from tqinfer.sampling import SamplingParams
 
 
 @dataclass
@@ -228,7 +229,14 @@ class LLM:
             params = [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
-        return [collect(self.stream(p, sp)) for p, sp in zip(prompts, params)]
+        if len(prompts) == 1:
+            return [collect(self.stream(prompts[0], params[0]))]
+        from tqinfer.engine.scheduler import Scheduler
+
+        sched = Scheduler(self, chunk=self.prefill_chunk)
+        for p, sp in zip(prompts, params):
+            sched.add(self._prompt_ids(p), sp)
+        return sched.run()
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None) -> Result:
         return collect(self.stream(messages, params))
@@ -345,49 +353,17 @@ class Session:
         stats.prompt_tokens = len(prompt_ids) - reuse
         stats.prompt_seconds = time.perf_counter() - t0
 
-        sampler = Sampler(params, logits.shape[-1], logits.device)
-        sampler.observe(prompt_ids)
-        eos = set() if params.ignore_eos else set(llm.tokenizer.eos_ids)
-        stop_ids = set(params.stop_token_ids) | eos
-        decoder = llm.tokenizer.stream_decoder()
-        holdback = max((len(s) for s in params.stop), default=1) - 1
-        text, emitted = "", 0
+        gen = Generation(params, llm.tokenizer, prompt_ids, logits.shape[-1], logits.device)
         t1 = time.perf_counter()
-        finish, by_string = None, False
-        while finish is None:
-            if cancel is not None and cancel.is_set():
-                finish = "cancelled"
-                break
-            if params.max_tokens is not None and stats.generation_tokens >= params.max_tokens:
-                finish = "length"
-                break
-            if len(self.tokens) >= llm.max_context:
-                finish = "context"
-                break
-            token = sampler(logits)
+        while gen.check_limits(len(self.tokens), llm.max_context, cancel) is None:
+            token, delta = gen.step(logits)
             stats.generation_tokens += 1
-            delta = ""
-            if token in stop_ids:
-                finish = "stop"
-            else:
-                text += decoder.push(token)
-                hit = first_stop(text, params.stop, max(0, emitted - holdback))
-                if hit is not None:
-                    text, finish, by_string = text[:hit], "stop", True
-                    delta = text[emitted:]
-                else:
-                    safe = len(text) - holdback if params.stop else len(text)
-                    delta = text[emitted:max(emitted, safe)]
-                emitted += len(delta)
             stats.generation_seconds = time.perf_counter() - t1
-            if finish is None:
-                sampler.observe([token])
+            if gen.finish is None:
                 logits = self.append([token])
             self._fill(stats)
             yield StreamEvent(text=delta, token=token, stats=stats)
-        if not by_string:
-            text += decoder.flush()
-        yield StreamEvent(text=text[emitted:], stats=self._fill(stats), finish_reason=finish)
+        yield StreamEvent(text=gen.tail(), stats=self._fill(stats), finish_reason=gen.finish)
 
     def _sync(self) -> None:
         if self.llm.device.type == "cuda":
@@ -399,9 +375,3 @@ class Session:
         stats.kv_bytes_bf16 = self.kv_bytes_bf16
         stats.peak_memory = peak_memory(self.llm.device)
         return stats
-
-
-def first_stop(text: str, stops: list[str], start: int) -> int | None:
-    """Index of the earliest stop string in text[start:], or None."""
-    hits = [i for i in (text.find(s, start) for s in stops if s) if i >= 0]
-    return min(hits) if hits else None

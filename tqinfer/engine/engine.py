@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from tqinfer.engine.context import StepContext, set_context
@@ -12,6 +14,7 @@ class LLMEngine:
         self.model = model
         self.cache = cache
         self.device = torch.device(device)
+        self.lock = threading.Lock()  # several streams may share the engine; steps run one at a time
 
     @torch.inference_mode()
     def forward(self, slots: list[int], prefix_lens: list[int], chunks: list[list[int]],
@@ -23,11 +26,12 @@ class LLMEngine:
         ids = torch.tensor([t for c in chunks for t in c], dtype=torch.long, device=self.device)
         positions = ctx.positions(self.device)
         index = None if all_logits else (ctx.cu_q[1:] - 1).long()
-        set_context(ctx)
-        try:
-            logits = self.model(ids, positions, index)
-        finally:
-            set_context(None)
-        for slot, prefix, chunk in zip(slots, prefix_lens, chunks):
-            self.cache.set_len(slot, prefix + len(chunk))
+        with self.lock:
+            set_context(ctx)
+            try:
+                logits = self.model(ids, positions, index)
+            finally:
+                set_context(None)
+            for slot, prefix, chunk in zip(slots, prefix_lens, chunks):
+                self.cache.set_len(slot, prefix + len(chunk))
         return logits
