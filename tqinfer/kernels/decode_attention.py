@@ -445,7 +445,9 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
                            num_stages: int = 1) -> torch.Tensor:
     """Decode attention (every chunk one token: cu_q == arange(B + 1)) over a paged, possibly compressed
     cache: q[B, Hq, d], k/v[B, H, d] the new tokens -> [B, Hq, d] in q's dtype. See kernels/reference.py.
-    num_splits fixes the grid (default: by batch size); `out` may be given (written, never read)."""
+    num_splits fixes the grid (default: by batch size); `out` may be given (written, never read).
+    The first call per codec builds its RecordLayout (host work and copies): call once before capturing
+    a CUDA graph. unit_loads / num_stages / block_n / num_warps select measured variants (docs/BENCHMARKS.md)."""
     bsz, hq, d = q.shape
     h = k.shape[1]
     if hq % h:
@@ -484,7 +486,7 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
     qs = (q.float() * (scale * LOG2E)).contiguous()
     has_hot, k_hot, v_hot, hs = _hot(view, k)
     rot_v = v_lay.rotation if v_lay is not None else ws_m
-    qjl_v = v_lay.qjl_matrix * v_lay.qjl_scale if dvq else ws_m  # tiny: [H, m, d]
+    qjl_v = v_lay.qjl_scaled if dvq else ws_m
     seq_slot = view.seq_slot if has_hot else prefix_lens
     _decode_merge_kernel[(bsz, h)](
         qs, k, v, k_hot, v_hot, seq_slot, prefix_lens, ws_m, ws_l, ws_acc, rot_v, qjl_v, out,

@@ -180,7 +180,7 @@ def paged_prefill_attention(q, k, v, cu_q, prefix_lens, view, scale: float, bloc
     has_hot, k_hot, v_hot, hs = _hot(view, k)
     dvq = v_lay.qjl.dim if v_lay is not None and v_lay.qjl is not None else 0
     rot_v = v_lay.rotation if v_lay is not None else qs
-    qjl_v = v_lay.qjl_matrix * v_lay.qjl_scale if dvq else qs
+    qjl_v = v_lay.qjl_scaled if dvq else qs
     tab_k = k_lay.tables if k_lay is not None else qs
     tab_v = v_lay.tables if v_lay is not None else qs
     seq_slot = view.seq_slot if has_hot else prefix_lens

@@ -51,6 +51,13 @@ class RecordLayout:
     qjl_matrix: torch.Tensor | None = None  # S [H, m, d] float32 (rotated space)
     qjl_scale: float = 1.0  # score term = qjl_scale * stored gamma * <S q_rot, signs>
 
+    @property
+    def qjl_scaled(self) -> torch.Tensor:
+        """qjl_scale * S [H, m, d]: the QJL residual of values in rotated space is its rows summed."""
+        if "_qjl_scaled" not in self.__dict__:
+            self.__dict__["_qjl_scaled"] = (self.qjl_matrix * self.qjl_scale).contiguous()
+        return self.__dict__["_qjl_scaled"]
+
     def to(self, device) -> "RecordLayout":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return RecordLayout(self.dim, self.heads, self.record_bytes, self.parts, move(self.rotation),
