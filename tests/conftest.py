@@ -49,6 +49,15 @@ def default_gguf(default_model_files) -> Path:
     return gguf_path
 
 
+@pytest.fixture(scope="session")
+def transformers_default_model(default_gguf):
+    """transformers' model of the default GGUF, fp32, eval mode: the oracle (about 30 s to build, so shared)."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF model")
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(default_gguf.parent), gguf_file=default_gguf.name, dtype=torch.float32).eval()
+
+
 def hf_config(model_type: str, vocab_size: int, **overrides):
     """A tiny transformers config of one supported architecture."""
     import transformers

@@ -218,12 +218,10 @@ def test_bad_magic_and_truncated_gguf(tiny_gguf, isolated_cache, tmp_path):
 
 
 @pytest.mark.slow
-def test_default_model_weights_equal_transformers_gguf_load(default_model_files, default_gguf):
+def test_default_model_weights_equal_transformers_gguf_load(default_model_files, transformers_default_model):
     """Converted SmolLM2 GGUF == the state dict transformers builds from the same GGUF, name by name."""
-    pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF model")
     got = load_weights(default_model_files, torch.float32, progress=False)
-    ref_model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(default_gguf.parent), gguf_file=default_gguf.name, dtype=torch.float32)
+    ref_model = transformers_default_model
     ref = dict(ref_model.state_dict())
     assert set(got.tensors) == set(ref)
     assert len(ref) == 30 * 9 + 3
