@@ -43,6 +43,7 @@ class LoadingScreen(Screen):
     def set_progress(self, stage: str, fraction: float | None) -> None:
         self.query_one("#loading-stage", Label).update(stage)
         bar = self.query_one(ProgressBar)
+        bar.set_class(fraction is None, "indeterminate")  # no "--%" next to a bar that only moves
         if fraction is None:
             bar.update(total=None)
         else:
