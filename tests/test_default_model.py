@@ -19,11 +19,9 @@ def llm(default_model_files):
     return LLM(default_model_files.folder.as_posix(), device="cpu", dtype="float32", max_context=2048)
 
 
-def test_logits_match_transformers_on_the_same_gguf(llm, default_gguf):
-    transformers = pytest.importorskip("transformers")
+def test_logits_match_transformers_on_the_same_gguf(llm, transformers_default_model):
     ids = llm.tokenizer.encode(TEXT)[:256]
-    ref = transformers.AutoModelForCausalLM.from_pretrained(
-        default_gguf.parent, gguf_file=default_gguf.name, torch_dtype=torch.float32).eval()
+    ref = transformers_default_model
     with torch.no_grad():
         expected = ref(torch.tensor([ids])).logits[0].double()
     got = llm.logits(ids, chunk=100).double()

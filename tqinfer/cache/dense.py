@@ -24,13 +24,18 @@ def causal_mask(prefix: int, n: int, window: int | None, device) -> torch.Tensor
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float) -> torch.Tensor:
-    """q [n, Hq, d], k/v [H, L, d] -> [n, Hq, d] with grouped-query heads."""
-    groups = q.shape[1] // k.shape[0]
-    if groups > 1:
-        k = k.repeat_interleave(groups, dim=0)
-        v = v.repeat_interleave(groups, dim=0)
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=mask, scale=scale)
-    return out.transpose(0, 1)
+    """q [n, Hq, d], k/v [H, L, d] -> [n, Hq, d] with grouped-query heads.
+
+    The G query heads of a KV head become G*n rows of one attention call, so K and V are read in
+    place (no per-step repeat of the cache)."""
+    n, Hq, d = q.shape
+    H = k.shape[0]
+    G = Hq // H
+    qg = q.view(n, H, G, d).permute(1, 2, 0, 3).reshape(H, G * n, d)
+    if mask is not None and G > 1:
+        mask = mask.repeat(G, 1)
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
+    return out.view(H, G, n, d).permute(2, 0, 1, 3).reshape(n, Hq, d)
 
 
 class DenseCache:
