@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from fakes import FakeLLM, FakeSamplingParams  # noqa: E402
+from fakes import FakeLLM, sampling_params  # noqa: E402
 
 from tqinfer.tui.app import ChatApp  # noqa: E402
 from tqinfer.tui.conversation import ConversationStore  # noqa: E402
@@ -42,7 +42,7 @@ def store(data_home):
 
 def make_app(llm: FakeLLM | None = None, store: ConversationStore | None = None, params=None, **kw) -> ChatApp:
     llm = llm or FakeLLM()
-    params = params or FakeSamplingParams()
+    params = params or sampling_params()
     return ChatApp(lambda progress: (llm, params), store or ConversationStore(), model_label="FakeLM-1M", **kw)
 
 

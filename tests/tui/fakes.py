@@ -3,30 +3,14 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
 
 from tqinfer.llm import Stats, StreamEvent
+from tqinfer.sampling import SamplingParams
 
 
-@dataclass
-class FakeSamplingParams:
-    """Same fields as tqinfer.sampling.SamplingParams; validates like a config dataclass should."""
-
-    temperature: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-    max_tokens: int | None = 64
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
-
-    def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+def sampling_params(**kw) -> SamplingParams:
+    """The real sampling settings, with a short answer limit for tests."""
+    return SamplingParams(**{"max_tokens": 64, **kw})
 
 
 class FakeTokenizer:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 from conftest import idle, make_app, ready, send, wait_for
-from fakes import FakeLLM, FakeSamplingParams
+from fakes import FakeLLM, sampling_params
 from textual.widgets import Label
 
 from tqinfer.tui.app import ChatApp
@@ -97,7 +97,7 @@ async def test_sending_while_answering_is_refused_and_the_text_kept():
 async def test_slash_commands_in_the_app(tmp_path):
     doc = tmp_path / "readme.md"
     doc.write_text("tqinfer keeps the KV cache in 3.5 bits.")
-    params = FakeSamplingParams()
+    params = sampling_params()
     async with make_app(FakeLLM(reply="noted"), params=params).run_test() as pilot:
         screen = await ready(pilot)
         await send(pilot, "/help")
@@ -141,7 +141,7 @@ async def test_ctrl_n_starts_a_new_chat_and_load_brings_the_old_back(store):
 
 async def test_overflow_drops_oldest_turns_with_a_visible_notice():
     llm = FakeLLM(reply="y" * 60, max_context=300)
-    async with make_app(llm, params=FakeSamplingParams(max_tokens=40)).run_test() as pilot:
+    async with make_app(llm, params=sampling_params(max_tokens=40)).run_test() as pilot:
         screen = await ready(pilot)
         for i in range(4):
             await send(pilot, f"message {i} " + "m" * 30)
@@ -170,7 +170,7 @@ async def test_loading_screen_shows_progress_then_the_chat():
     def load(progress):
         progress("loading weights", 0.5)
         release.wait(5)
-        return FakeLLM(), FakeSamplingParams()
+        return FakeLLM(), sampling_params()
 
     app = ChatApp(load, store=None or __import__("tqinfer.tui.conversation").tui.conversation.ConversationStore())
     async with app.run_test() as pilot:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from fakes import FakeLLM, FakeSamplingParams
+from fakes import FakeLLM, sampling_params
 
 from tqinfer.tui.chat import Chat, ChatError, open_conversation
 from tqinfer.tui.conversation import Conversation, ConversationError, ConversationStore
 
 
 def chat_with(llm=None, store=None, **kw) -> Chat:
-    return Chat(llm or FakeLLM(), FakeSamplingParams(**kw), store or ConversationStore())
+    return Chat(llm or FakeLLM(), sampling_params(**kw), store or ConversationStore())
 
 
 def say(chat: Chat, text: str) -> str:

@@ -9,7 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from fakes import FakeLLM, FakeSamplingParams
+from fakes import FakeLLM, sampling_params
 
 from tqinfer.tui.chat import Chat
 from tqinfer.tui.conversation import Conversation, ConversationStore, Message
@@ -21,7 +21,7 @@ TESTS = Path(__file__).parent
 CHILD = textwrap.dedent("""
     import argparse, sys
     sys.path.insert(0, {tests!r})
-    from fakes import FakeLLM, FakeSamplingParams
+    from fakes import FakeLLM, sampling_params
     import tqinfer.tui.app as app
 
     def build_engine(args, progress=None):
@@ -29,7 +29,7 @@ CHILD = textwrap.dedent("""
         if {fail!r}:
             raise FileNotFoundError("model 'nope' not found")
         # the answer says how many user messages the model saw
-        return FakeLLM(reply=lambda prompt: f"{{prompt.count('<user>')}} messages seen"), FakeSamplingParams()
+        return FakeLLM(reply=lambda prompt: f"{{prompt.count('<user>')}} messages seen"), sampling_params()
 
     app.build_engine = build_engine
     args = argparse.Namespace(model=None, plain=False, resume={resume!r}, system=None)
@@ -74,7 +74,7 @@ def test_repl_commands_continuation_and_errors(store, tmp_path):
     doc = tmp_path / "a.txt"
     doc.write_text("alpha beta")
     llm = FakeLLM(reply=lambda prompt: "doc seen" if "alpha beta" in prompt else "no doc")
-    chat = Chat(llm, FakeSamplingParams(), store)
+    chat = Chat(llm, sampling_params(), store)
     stdin = io.StringIO(f"/doc {doc}\nfirst line\\\nsecond line\n/nonsense\n//slash text\n/quit\nnever read\n")
     stdout, stderr = io.StringIO(), io.StringIO()
     code = run_repl(chat, stdin, stdout, stderr)
@@ -87,7 +87,7 @@ def test_repl_commands_continuation_and_errors(store, tmp_path):
 
 def test_repl_reports_dropped_turns_and_limits(store):
     llm = FakeLLM(reply="z" * 80, max_context=300)
-    chat = Chat(llm, FakeSamplingParams(max_tokens=10), store)
+    chat = Chat(llm, sampling_params(max_tokens=10), store)
     stdin = io.StringIO("".join(f"turn {i} {'t' * 40}\n" for i in range(6)))
     stdout, stderr = io.StringIO(), io.StringIO()
     assert run_repl(chat, stdin, stdout, stderr) == 0

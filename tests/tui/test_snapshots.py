@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 
 from conftest import make_app, ready, send, wait_for
-from fakes import FakeLLM, FakeSamplingParams
+from fakes import FakeLLM, sampling_params
 
 from tqinfer.tui.app import ChatApp
 from tqinfer.tui.conversation import Conversation
@@ -57,7 +57,7 @@ def test_dropped_turns_and_help(snap_compare, store):
         view = pilot.app.screen.query_one("#messages")
         assert view.max_scroll_y == 0  # all of it on screen: no scroll position to differ between runs
 
-    app = make_app(FakeLLM(reply="a" * 60, max_context=300), store, params=FakeSamplingParams(max_tokens=40),
+    app = make_app(FakeLLM(reply="a" * 60, max_context=300), store, params=sampling_params(max_tokens=40),
                    resume=True)
     assert snap_compare(app, terminal_size=(90, 52), run_before=run_before)
 

@@ -158,7 +158,8 @@ def run_chat(args: argparse.Namespace) -> int:
 
     if getattr(args, "plain", False) or not (_is_terminal(sys.stdin) and _is_terminal(sys.stdout)):
         return run_plain(args, load, store)
-    app = ChatApp(load, store, model_label=getattr(args, "model", None) or "the default model",
+    model = getattr(args, "model_opt", None) or getattr(args, "model", None)
+    app = ChatApp(load, store, model_label=model or "the default model",
                   system=getattr(args, "system", None), resume=bool(getattr(args, "resume", False)))
     app.run()
     return app.return_code or 0

@@ -55,6 +55,7 @@ class CommandResult:
     level: str = "info"  # "info", "warning" or "error"
     reload: bool = False  # the conversation was replaced or cleared: redraw the view
     quit: bool = False
+    attached: bool = False  # a document now waits for the next message
 
 
 @dataclass
@@ -287,7 +288,8 @@ class Chat:
         per_token, per_token_bf16 = self.llm.bytes_per_token()
         return CommandResult(
             f"Attached {path.name}: {doc.tokens:,} tokens, KV {mib(doc.tokens * per_token)} "
-            f"(bf16 {mib(doc.tokens * per_token_bf16)}). It goes into the context with your next message.")
+            f"(bf16 {mib(doc.tokens * per_token_bf16)}). It goes into the context with your next message.",
+            attached=True)
 
     def _cmd_save(self, arg: str) -> CommandResult:
         conv = self.conversation
@@ -320,8 +322,10 @@ class Chat:
 
     def _cmd_set(self, arg: str) -> CommandResult:
         if not arg:
-            values = [f"{f}={getattr(self.params, f)}" for f in _SHOWN_SETTINGS if hasattr(self.params, f)]
-            return CommandResult("Sampling: " + " ".join(values))
+            unset = {"seed": "random", "max_tokens": "until the context is full"}
+            values = [f"{f}={unset.get(f, 'model default') if getattr(self.params, f) is None else getattr(self.params, f)}"
+                      for f in _SHOWN_SETTINGS if hasattr(self.params, f)]
+            return CommandResult("Sampling: " + ", ".join(values))
         key, _, value = arg.partition(" ")
         if key.lower() not in SETTINGS or not value.strip():
             raise ChatError(f"Usage: /set NAME VALUE with NAME one of {', '.join(sorted(SETTINGS))}.")

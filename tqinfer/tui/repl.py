@@ -6,6 +6,7 @@ goes to stderr, so `printf 'hi\\n' | tqinfer chat > answers.txt` keeps only the 
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 from typing import TextIO
 
@@ -14,14 +15,28 @@ from tqinfer.tui.chat import Chat, finish_notice
 _DONE = object()
 
 
+def read_line(stdin: TextIO, stderr: TextIO, prompt: str, interactive: bool) -> str:
+    """One line with its newline, "" at end of input; line editing and history on a terminal."""
+    if interactive and stdin is sys.stdin and sys.stdout.isatty():
+        try:
+            import readline  # noqa: F401  (gives input() editing and history)
+        except ImportError:
+            pass
+        try:
+            return input(prompt) + "\n"
+        except EOFError:
+            return ""
+    if interactive:
+        stderr.write(prompt)
+        stderr.flush()
+    return stdin.readline()
+
+
 def read_message(stdin: TextIO, stderr: TextIO, interactive: bool) -> str | None:
     """One message; a line ending in a backslash continues on the next line. None at end of input."""
     lines: list[str] = []
     while True:
-        if interactive:
-            stderr.write("> " if not lines else ". ")
-            stderr.flush()
-        line = stdin.readline()
+        line = read_line(stdin, stderr, "> " if not lines else ". ", interactive)
         if not line:
             return "\n".join(lines) if lines else None
         line = line.rstrip("\r\n")

@@ -258,7 +258,7 @@ class ChatScreen(Screen):
                 m.content for m in self.chat.conversation.messages if m.role == "user"]
         if result.text:
             await self._add_notice(result.text, result.level)
-        if self.chat.conversation.pending and result.text.startswith("Attached"):
+        if result.attached:  # removed when the message it goes with is sent
             self.query(Notice).last().add_class("pending")
         self._refresh_status()
 
