@@ -106,7 +106,6 @@ class ChatScreen(Screen):
         self._stream = None  # MarkdownStream of the answer being written
         self._answer: AssistantMessage | None = None
         self._user: UserMessage | None = None
-        self._finish: str | None = None
 
     def compose(self) -> ComposeResult:
         yield VerticalScroll(id="messages")
@@ -180,7 +179,6 @@ class ChatScreen(Screen):
         await view.mount_all([self._user, self._answer])
         view.anchor()
         self._stream = Markdown.get_stream(self._answer)
-        self._finish = None
         self.busy = True
         self.cancel = cancel = threading.Event()
         self._set_state("thinking…")
@@ -214,7 +212,6 @@ class ChatScreen(Screen):
             await self._stream.write(message.text)
         if message.finish_reason is not None:
             await self._end_answer()
-            self._finish = message.finish_reason
             notice = finish_notice(message.finish_reason, self.chat.params)
             if notice:
                 await self._add_notice(notice, "warning" if message.finish_reason != "cancelled" else "info")
