@@ -15,27 +15,9 @@ from tqinfer.llm import LLM
 from tqinfer.sampling import SamplingParams
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    import transformers
-
-    from conftest import byte_level_tokenizer_files, hf_config
-
-    path = tmp_path_factory.mktemp("tiny")
-    cfg = hf_config("llama", 259, max_position_embeddings=1024)
-    model = transformers.AutoModelForCausalLM.from_config(cfg)
-    import torch
-
-    torch.manual_seed(0)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.1)
-    model.save_pretrained(path, safe_serialization=True)
-    byte_level_tokenizer_files(path)
-    return path
+@pytest.fixture
+def folder(tiny_hf_folder):
+    return tiny_hf_folder("llama", tokenizer="bytes", max_position_embeddings=1024)
 
 
 PROMPTS = [[5 + i % 200 for i in range(n)] for n in (3, 40, 17, 90, 1, 64)]
