@@ -108,6 +108,7 @@ class PagedCache:
         self.lens = [0] * max_seqs
         self.compressed = [0] * max_seqs  # leading tokens that already have records
         self.calibrated = [False] * L
+        self._views_key, self._idx = None, None
 
     # --- blocks -----------------------------------------------------------------------------
     def reserve(self, slot: int, n: int) -> None:
@@ -162,7 +163,11 @@ class PagedCache:
 
     # --- attention and writes -----------------------------------------------------------------
     def view(self, layer: int, slots: list[int]) -> LayerCacheView:
-        idx = torch.tensor(slots, dtype=torch.int32, device=self.device)
+        key = tuple(slots)
+        if self._views_key != key:  # one host-to-device copy per step, not per layer
+            idx = torch.tensor(slots, dtype=torch.int32, device=self.device)
+            self._views_key, self._idx = key, idx
+        idx = self._idx
         return LayerCacheView(self.k_pool[layer], self.v_pool[layer], self.k_hot[layer], self.v_hot[layer],
                               self.block_table[idx.long()], idx, self.sinks, self.window, self.block_size,
                               self.k_codec[layer], self.v_codec[layer])
@@ -204,30 +209,29 @@ class PagedCache:
                 write_dense(self.k_pool[layer], kc, flat, BS)
                 write_dense(self.v_pool[layer], vc, flat, BS)
                 continue
-            # tokens that get records now: those leaving (or never entering) the window
+            # tokens that get records now: those leaving (or never entering) the window; the ranges
+            # are host integers, so a step issues no device sync here
             first = max(S, self.compressed[slot])
             upto = max(first, end - W)
             if upto > first:
-                t = torch.arange(first, upto, device=self.device)
-                from_hot = t < p
+                dev = self.device
                 xs_k, xs_v = [], []
-                if bool(from_hot.any()):
-                    th = t[from_hot]
+                if first < min(upto, p):  # already cached: from the hot buffer
+                    th = torch.arange(first, min(upto, p), device=dev)
                     hidx = S + (th - S) % W
                     xs_k.append(khot[slot, :, hidx].transpose(0, 1))
                     xs_v.append(vhot[slot, :, hidx].transpose(0, 1))
-                tc = t[~from_hot] - p
-                if len(tc):
-                    xs_k.append(kc[tc])
-                    xs_v.append(vc[tc])
+                if max(first, p) < upto:  # this chunk's own tokens
+                    xs_k.append(kc[max(first, p) - p:upto - p])
+                    xs_v.append(vc[max(first, p) - p:upto - p])
+                t = torch.arange(first, upto, device=dev)
                 flat = table[t // BS].long() * BS + t % BS
                 dispatch.write_tokens(self.k_codec[layer], torch.cat(xs_k), self.k_pool[layer], flat)
                 dispatch.write_tokens(self.v_codec[layer], torch.cat(xs_v), self.v_pool[layer], flat)
             # the chunk's tokens that stay full precision: sinks and the last W
-            t = torch.arange(p, end, device=self.device)
-            keep = (t < S) | (t >= end - W)
-            if bool(keep.any()):
-                tk = t[keep]
+            keep = list(range(p, min(end, S))) + list(range(max(p, S, end - W), end))
+            if keep:
+                tk = torch.tensor(keep, device=self.device)
                 hidx = torch.where(tk < S, tk, S + (tk - S) % max(W, 1))
                 khot[slot, :, hidx] = kc[tk - p].transpose(0, 1).to(khot.dtype)
                 vhot[slot, :, hidx] = vc[tk - p].transpose(0, 1).to(vhot.dtype)

@@ -29,7 +29,7 @@ class LLMEngine:
         with self.lock:
             set_context(ctx)
             try:
-                logits = self.model(ids, positions, index)
+                logits = self.model(ids, positions, index, max(p + len(c) for p, c in zip(prefix_lens, chunks)) - 1)
             finally:
                 set_context(None)
             for slot, prefix, chunk in zip(slots, prefix_lens, chunks):

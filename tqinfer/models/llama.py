@@ -102,12 +102,16 @@ class RotaryEmbedding(nn.Module):
             self.max_len = n
         return self.cos, self.sin
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """x [T, heads, d] rotated by positions [T]."""
-        cos, sin = self.table(int(positions.max()) + 1, x.device, x.dtype)
-        cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    def cos_sin(self, positions: torch.Tensor, max_position: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [T, 1, d] for positions [T]; once per forward, shared by every layer."""
+        cos, sin = self.table(max_position + 1, positions.device, dtype)
+        return cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, d] rotated (rotate_half convention)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
 class RMSNorm(nn.Module):
@@ -121,7 +125,7 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, layer: int, rope: RotaryEmbedding):
+    def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.layer = layer
         self.n_heads, self.n_kv, self.head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
@@ -135,18 +139,17 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(hd, args.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
-        self.rope = rope
         self.scale = hd**-0.5
         self.window = args.sliding_window
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         T = x.shape[0]
         q = self.q_proj(x).view(T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(T, self.n_kv, self.head_dim)
         v = self.v_proj(x).view(T, self.n_kv, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rope(positions, q), self.rope(positions, k)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         out = attention(q, k, v, self.layer, self.scale, self.window)
         return self.o_proj(out.reshape(T, -1))
 
@@ -164,24 +167,24 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, layer: int, rope: RotaryEmbedding):
+    def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
-        self.self_attn = Attention(args, layer, rope)
+        self.self_attn = Attention(args, layer)
         self.mlp = MLP(args)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Backbone(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        rope = RotaryEmbedding(args)
+        self.rotary = RotaryEmbedding(args)
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args, i, rope) for i in range(args.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
 
@@ -196,11 +199,16 @@ class LlamaForCausalLM(nn.Module):
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, logits_index: torch.Tensor | None = None):
-        """input_ids, positions [T] -> logits [len(logits_index) or T, vocab] (fp32)."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, logits_index: torch.Tensor | None = None,
+                max_position: int | None = None):
+        """input_ids, positions [T] -> logits [len(logits_index) or T, vocab] (fp32).
+        max_position (a host int) spares a device sync when given."""
         x = self.model.embed_tokens(input_ids)
+        if max_position is None:
+            max_position = int(positions.max())
+        rope = self.model.rotary.cos_sin(positions, max_position, x.dtype)
         for layer in self.model.layers:
-            x = layer(x, positions)
+            x = layer(x, rope)
         if logits_index is not None:
             x = x[logits_index]
         return self.lm_head(self.model.norm(x)).float()
