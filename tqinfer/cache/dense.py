@@ -31,6 +31,10 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float) 
     n, Hq, d = q.shape
     H = k.shape[0]
     G = Hq // H
+    if q.is_cuda:  # 4-D with enable_gqa picks the split-KV (flash-decoding) kernels on the GPU
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None], attn_mask=mask,
+                                             scale=scale, enable_gqa=G > 1)
+        return out[0].transpose(0, 1)
     qg = q.view(n, H, G, d).permute(1, 2, 0, 3).reshape(H, G * n, d)
     if mask is not None and G > 1:
         mask = mask.repeat(G, 1)

@@ -94,7 +94,7 @@ class RotaryEmbedding(nn.Module):
 
     def table(self, n: int, device, dtype):
         if self.cos is None or n > self.max_len or self.cos.device != torch.device(device) or self.cos.dtype != dtype:
-            n = max(n, self.max_len, 4096)
+            n = max(n, 2 * self.max_len, 4096)  # grow geometrically: decode asks for one more each step
             t = torch.arange(n, dtype=torch.float64, device="cpu")
             freqs = torch.outer(t, self.inv_freq)
             emb = torch.cat([freqs, freqs], dim=-1)
