@@ -179,7 +179,7 @@ class LLM:
         """(this cache, a bf16 cache) bytes per token of context, all layers, K and V."""
         from tqinfer.cache.config import bytes_per_token
 
-        return (bytes_per_token(self.args, self.cache_config),
+        return (bytes_per_token(self.args, self.cache_config, self.dtype),
                 bytes_per_token(self.args, self.cache_config.dense_twin()))
 
     def cache_identity(self) -> dict:
