@@ -159,7 +159,7 @@ def cmd_estimate(args) -> int:
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     memory = int(args.memory * 2**30) if args.memory else available_memory(device)
-    cache = cache_config_from_args(args)
+    cache = cache_config_from_args(args).for_device(device)
     context = args.ctx_size or min(margs.max_position_embeddings, 8192)
     e = estimate(config, cache, context, dtype, memory, max_seqs=args.parallel)
     mib = lambda b: f"{b / 2**20:,.1f} MiB"  # noqa: E731

@@ -152,7 +152,7 @@ class LLM:
         elif cache_type_k or cache_type_v:
             raise ValueError("pass either cache=CacheConfig(...) or cache_type_k/cache_type_v, not both")
         self.max_seqs = max_seqs
-        self.set_cache(cache)
+        self.set_cache(cache.for_device(self.device))
         self.prefill_chunk = prefill_chunk
         report("ready", 1.0)
 

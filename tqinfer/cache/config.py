@@ -32,11 +32,11 @@ class CacheConfig:
     seed: int = 0
     block_size: int = 64
 
-    DEFAULT_TYPE = DENSE
-
     def __post_init__(self):
-        self.k_type = self.k_type or self.DEFAULT_TYPE
-        self.v_type = self.v_type or self.DEFAULT_TYPE
+        # unset types follow the device (see for_device); bf16 until a device is known
+        self.auto_k, self.auto_v = self.k_type is None, self.v_type is None
+        self.k_type = self.k_type or DENSE
+        self.v_type = self.v_type or DENSE
         valid = cache_type_names()
         for which, name in (("K", self.k_type), ("V", self.v_type)):
             if name not in valid:
@@ -50,6 +50,16 @@ class CacheConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+
+    def for_device(self, device) -> "CacheConfig":
+        """Fill the types the user left unset: tq3.5 on CUDA (measured +0.2% perplexity at 4 bits per
+        value, docs/QUALITY.md), the dense cache elsewhere, where the torch twin of attention over
+        codes is still several times slower than dense attention (docs/BENCHMARKS.md)."""
+        default = "tq3.5" if torch.device(device).type == "cuda" else DENSE
+        out = replace(self, k_type=default if self.auto_k else self.k_type,
+                      v_type=default if self.auto_v else self.v_type)
+        out.auto_k, out.auto_v = self.auto_k, self.auto_v
+        return out
 
     @property
     def dense(self) -> bool:
