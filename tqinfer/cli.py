@@ -13,7 +13,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", dest="model_opt", default=None, help="same as the positional MODEL")
     p.add_argument("-c", "--ctx-size", type=int, default=None, help="context size in tokens (default: model maximum, at most 8192)")
     p.add_argument("--device", default=None, help="cuda, cpu, mps (default: automatic)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bfloat16; float16 on MPS)")
     p.add_argument("-ctk", "--cache-type-k", default=None, help="K cache type (tqinfer estimate --types lists them)")
     p.add_argument("-ctv", "--cache-type-v", default=None, help="V cache type")
     p.add_argument("--kv-cache", default=None, help="one cache type for both K and V")

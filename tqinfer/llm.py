@@ -82,8 +82,9 @@ def pick_device(device=None) -> torch.device:
 
 def pick_dtype(dtype, device: torch.device) -> torch.dtype:
     if dtype is None:
-        # CPU: fp32 measured faster than bf16 matmuls on the 2-core reference machine (BENCHMARKS.md)
-        return torch.bfloat16 if device.type in ("cuda", "mps") else torch.float32
+        # bf16 everywhere: on the 2-core reference CPU (AVX2, no native bf16) bf16 weights still decode
+        # 1.6x faster than fp32 (half the bytes per token) and prefill 1.3-1.6x (docs/BENCHMARKS.md)
+        return torch.float16 if device.type == "mps" else torch.bfloat16
     if isinstance(dtype, str):
         names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
                  "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
