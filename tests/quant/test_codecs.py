@@ -243,3 +243,20 @@ def test_cuda_matches_cpu(name):
     q = data((512, 2, 128), seed=9)
     assert torch.allclose(reference_scores(c, q.cuda(), rec_cpu.cuda()).cpu(),
                           reference_scores(c, q, rec_cpu), atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["tq1", "tq2", "tq3", "tq4", "tq2.5", "tq3.5"])
+def test_byte_lookup_equals_unpack_then_centroids(name):
+    """The per-byte centroid tables (the twin's hot loop) give exactly unpack -> c[idx]."""
+    from tqinfer.quant.packing import unpack
+    from tqinfer.quant.registry import make_codec
+    from tqinfer.quant.turboquant import TurboQuantSplit
+
+    codec = make_codec(name, 128, 2, seed=3)
+    parts = [codec.a, codec.b] if isinstance(codec, TurboQuantSplit) else [codec]
+    g = torch.Generator().manual_seed(4)
+    for q in parts:
+        codes = torch.randint(0, 256, (33, 2, q.code_bytes), dtype=torch.uint8, generator=g)
+        norms = torch.rand(33, 2, generator=g)
+        expected = q.centroids_of(unpack(codes, q.bits, q.dim)) * norms.unsqueeze(-1)
+        assert torch.equal(q.values(codes, norms), expected)

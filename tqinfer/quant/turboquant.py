@@ -77,8 +77,43 @@ class TurboQuantMSE(KVCodec):
 
     def values(self, codes: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
         """Packed codes [..., code_bytes] and norms [...] -> rotated x̂ [..., d] float32."""
+        if self.bits in (1, 2, 3, 4) and self.dim % 8 == 0:
+            return self._byte_lookup(codes) * norms.float().unsqueeze(-1)
         idx = unpack(codes, self.bits, self.dim)
         return self.centroids_of(idx) * norms.float().unsqueeze(-1)
+
+    def _luts(self, device: torch.device) -> list[torch.Tensor]:
+        """Per plane, byte value -> the centroids of the codes it holds (one lookup per byte, not
+        per code: the attention twin decodes every cached token each step, so this is its hot loop).
+        3-bit codes span two planes: the 2-bit byte gives c[lo] and c[4 + lo], the 1-bit byte the
+        high bits h, and c[lo + 4h] = c[lo] * (1 - h) + c[4 + lo] * h exactly (h is 0 or 1)."""
+        key = ("lut", device)
+        if key not in self._books:
+            c = self.centroids64.float()
+            b = torch.arange(256)
+
+            def fields(width):  # [256, 8 // width] codes held by each byte value
+                return (b[:, None] >> (torch.arange(0, 8, width)[None, :])) & ((1 << width) - 1)
+
+            if self.bits == 3:
+                lo = fields(2)
+                luts = [c[lo], c[4 + lo], fields(1).float()]
+            else:
+                luts = [c[fields(self.bits)]]
+            self._books[key] = [t.contiguous().to(device) for t in luts]
+        return self._books[key]
+
+    def _byte_lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        luts = self._luts(codes.device)
+        lead, d = codes.shape[:-1], self.dim
+        if self.bits != 3:
+            return torch.nn.functional.embedding(codes.int(), luts[0]).reshape(*lead, d)
+        q = d // 4
+        lo = codes[..., :q].int()
+        hi = torch.nn.functional.embedding(codes[..., q:q + d // 8].int(), luts[2]).reshape(*lead, d)
+        c_lo = torch.nn.functional.embedding(lo, luts[0]).reshape(*lead, d)
+        c_hi = torch.nn.functional.embedding(lo, luts[1]).reshape(*lead, d)
+        return c_lo * (1 - hi) + c_hi * hi
 
     def quantize(self, x: torch.Tensor) -> QuantizedVectors:
         _, n, u = _unit(x, self.dim)
