@@ -316,7 +316,7 @@ class Session:
     def truncate(self, n: int) -> None:
         """Roll the sequence back to its first n tokens."""
         n = max(0, min(n, len(self.tokens)))
-        self.llm.cache.truncate(self.slot, n) if hasattr(self.llm.cache, "truncate") else self.llm.cache.set_len(self.slot, n)
+        self.llm.cache.truncate(self.slot, n)
         del self.tokens[n:]
 
     def append(self, ids: list[int], all_logits: bool = False, chunk: int | None = None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import lru_cache
 
 import torch
 
@@ -82,8 +83,10 @@ class CacheConfig:
         return self.k_type, self.v_type
 
 
+@lru_cache(maxsize=None)
 def record_bytes(type_name: str, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> int:
-    """Bytes one (token, KV head) vector takes in the cache."""
+    """Bytes one (token, KV head) vector takes in the cache (memoized: building a codec builds its
+    rotation, and the per-token stats ask for this every generated token)."""
     if type_name == DENSE:
         return head_dim * torch.finfo(dtype).bits // 8
     from tqinfer.quant.registry import make_codec

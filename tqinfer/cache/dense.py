@@ -78,9 +78,24 @@ class DenseCache:
             start += n
         return out
 
-    # sequence bookkeeping shared with the paged cache
+    # sequence bookkeeping shared with the paged cache: a slot holds max_len tokens, no blocks
+    def reserve(self, slot: int, n: int) -> None:
+        if n > self.max_len:
+            from tqinfer.errors import CacheMemoryError
+
+            raise CacheMemoryError(f"{n} tokens exceed the cache's context of {self.max_len}")
+
+    def blocks_needed(self, n: int) -> int:
+        return 0
+
+    def free_block_count(self) -> int:
+        return 0
+
     def set_len(self, slot: int, n: int) -> None:
         self.lens[slot] = n
+
+    def truncate(self, slot: int, n: int) -> None:
+        self.lens[slot] = min(n, self.lens[slot])
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)

@@ -94,8 +94,6 @@ class PagedCache:
                 else:
                     codec = make_codec(name, d, H, seed=codec_seed(config.seed, layer, which),
                                        rotation=config.rotation, rope_pairs=which == "k")
-                    if hasattr(codec, "to"):
-                        codec = codec.to(self.device)
                     codecs.append(codec)
                     pools.append(torch.zeros(self.num_blocks, H, BS, codec.record_bytes, dtype=torch.uint8,
                                              device=self.device))
@@ -126,11 +124,21 @@ class PagedCache:
             self.block_table[slot, len(table)] = block
             table.append(block)
 
+    def blocks_needed(self, n: int) -> int:
+        return -(-n // self.block_size)
+
+    def free_block_count(self) -> int:
+        return len(self.free_blocks)
+
     def set_len(self, slot: int, n: int) -> None:
+        """The sequence now holds n tokens (after a step, or 0 to free it). Growing it marks the
+        tokens that left the window during the step as having records."""
         if n == 0:
             self.free_blocks.extend(reversed(self.tables[slot]))
             self.tables[slot] = []
             self.compressed[slot] = 0
+        elif n > self.lens[slot]:
+            self.compressed[slot] = max(self.compressed[slot], n - self.window)
         self.lens[slot] = n
 
     def truncate(self, slot: int, n: int) -> None:
@@ -144,8 +152,8 @@ class PagedCache:
         S, W = self.sinks, self.window
         lost = range(max(S, n - W), min(n, max(S, old - W)))
         if len(lost) and W > 0:
-            t = torch.tensor(list(lost), device=self.device)
-            flat = self.block_table[slot, t // self.block_size].long() * self.block_size + t % self.block_size
+            t = torch.arange(lost.start, lost.stop, device=self.device)
+            flat = flat_slots(self.block_table[slot], t, self.block_size)
             hot_idx = S + (t - S) % W
             for layer in range(self.args.num_hidden_layers):
                 for codec, pool, hot in ((self.k_codec[layer], self.k_pool[layer], self.k_hot[layer]),
@@ -176,7 +184,7 @@ class PagedCache:
         from tqinfer.kernels import dispatch
 
         for slot, prefix, n in zip(ctx.slots, ctx.prefix_lens, ctx.chunk_lens):
-            self.reserve(slot, prefix + n)
+            self.reserve(slot, prefix + n)  # a no-op after the step's first layer
         if not self.calibrated[layer]:
             self._calibrate(layer, k, v)
         view = self.view(layer, ctx.slots)
@@ -204,8 +212,7 @@ class PagedCache:
             start += n
             table = self.block_table[slot]
             if khot is None:  # dense layer: every token to the pool
-                t = torch.arange(p, end, device=self.device)
-                flat = table[t // BS].long() * BS + t % BS
+                flat = flat_slots(table, torch.arange(p, end, device=self.device), BS)
                 write_dense(self.k_pool[layer], kc, flat, BS)
                 write_dense(self.v_pool[layer], vc, flat, BS)
                 continue
@@ -224,8 +231,7 @@ class PagedCache:
                 if max(first, p) < upto:  # this chunk's own tokens
                     xs_k.append(kc[max(first, p) - p:upto - p])
                     xs_v.append(vc[max(first, p) - p:upto - p])
-                t = torch.arange(first, upto, device=dev)
-                flat = table[t // BS].long() * BS + t % BS
+                flat = flat_slots(table, torch.arange(first, upto, device=dev), BS)
                 dispatch.write_tokens(self.k_codec[layer], torch.cat(xs_k), self.k_pool[layer], flat)
                 dispatch.write_tokens(self.v_codec[layer], torch.cat(xs_v), self.v_pool[layer], flat)
             # the chunk's tokens that stay full precision: sinks and the last W
@@ -235,9 +241,6 @@ class PagedCache:
                 hidx = torch.where(tk < S, tk, S + (tk - S) % max(W, 1))
                 khot[slot, :, hidx] = kc[tk - p].transpose(0, 1).to(khot.dtype)
                 vhot[slot, :, hidx] = vc[tk - p].transpose(0, 1).to(vhot.dtype)
-        for slot, p, n in zip(ctx.slots, ctx.prefix_lens, ctx.chunk_lens):
-            if layer == self.args.num_hidden_layers - 1:
-                self.compressed[slot] = max(self.compressed[slot], p + n - W)
 
     # --- accounting -------------------------------------------------------------------------
     def nbytes(self) -> int:
@@ -262,6 +265,11 @@ class PagedCache:
             else:
                 total += H * (n_comp * (rk + rv) + n_hot * 2 * dense_vec)
         return total
+
+
+def flat_slots(table_row: torch.Tensor, t: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Token positions t of one sequence -> flat pool slots block * BS + offset (int64)."""
+    return table_row[t // block_size].long() * block_size + t % block_size
 
 
 def read_tokens(pool: torch.Tensor, flat: torch.Tensor, block_size: int) -> torch.Tensor:

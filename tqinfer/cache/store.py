@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from tqinfer.cache.paged import flat_slots, read_tokens, write_dense
 from tqinfer.errors import TqinferError
 
 FORMAT = "tqinfer-session-1"
@@ -39,12 +40,6 @@ def payload_checksum(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _gather(pool: torch.Tensor, table: torch.Tensor, n: int, block_size: int) -> torch.Tensor:
-    t = torch.arange(n, device=pool.device)
-    flat = table[t // block_size].long() * block_size + t % block_size
-    return pool[flat // block_size, :, flat % block_size]
-
-
 def save_sequence(cache, slot: int, tokens: list[int], path: str | Path, meta: dict) -> None:
     """Write sequence `slot` of a PagedCache or DenseCache to `path` atomically."""
     n = len(tokens)
@@ -55,10 +50,10 @@ def save_sequence(cache, slot: int, tokens: list[int], path: str | Path, meta: d
             tensors[f"{layer}.v"] = v[slot, :, :n].cpu().contiguous()
         compressed = 0
     else:
-        table = cache.block_table[slot]
+        flat = flat_slots(cache.block_table[slot], torch.arange(n, device=cache.device), cache.block_size)
         for layer in range(cache.args.num_hidden_layers):
-            tensors[f"{layer}.k"] = _gather(cache.k_pool[layer], table, n, cache.block_size).cpu().contiguous()
-            tensors[f"{layer}.v"] = _gather(cache.v_pool[layer], table, n, cache.block_size).cpu().contiguous()
+            tensors[f"{layer}.k"] = read_tokens(cache.k_pool[layer], flat, cache.block_size).cpu().contiguous()
+            tensors[f"{layer}.v"] = read_tokens(cache.v_pool[layer], flat, cache.block_size).cpu().contiguous()
             if cache.k_hot[layer] is not None:
                 tensors[f"{layer}.k_hot"] = cache.k_hot[layer][slot].cpu().contiguous()
                 tensors[f"{layer}.v_hot"] = cache.v_hot[layer][slot].cpu().contiguous()
@@ -132,13 +127,10 @@ def load_sequence(cache, slot: int, path: str | Path, expected: dict) -> list[in
                 codec.load_state_dict({k: v.to(cache.device) for k, v in state.items()})
         cache.calibrated[layer] = True
     cache.reserve(slot, n)
-    table = cache.block_table[slot]
-    t = torch.arange(n, device=cache.device)
-    flat = table[t // cache.block_size].long() * cache.block_size + t % cache.block_size
-    bs = cache.block_size
+    flat = flat_slots(cache.block_table[slot], torch.arange(n, device=cache.device), cache.block_size)
     for layer in range(cache.args.num_hidden_layers):
-        cache.k_pool[layer][flat // bs, :, flat % bs] = tensors[f"{layer}.k"].to(cache.device)
-        cache.v_pool[layer][flat // bs, :, flat % bs] = tensors[f"{layer}.v"].to(cache.device)
+        write_dense(cache.k_pool[layer], tensors[f"{layer}.k"].to(cache.device), flat, cache.block_size)
+        write_dense(cache.v_pool[layer], tensors[f"{layer}.v"].to(cache.device), flat, cache.block_size)
         if cache.k_hot[layer] is not None:
             cache.k_hot[layer][slot] = tensors[f"{layer}.k_hot"].to(cache.device)
             cache.v_hot[layer][slot] = tensors[f"{layer}.v_hot"].to(cache.device)

@@ -55,24 +55,17 @@ class Scheduler:
         return not self.waiting and not self.running
 
     # --- admission and preemption ---------------------------------------------------------------
-    def _blocks_needed(self, n_tokens: int) -> int:
-        bs = getattr(self.llm.cache, "block_size", None)
-        return 0 if bs is None else -(-n_tokens // bs)
-
-    def _free_blocks(self) -> int:
-        free = getattr(self.llm.cache, "free_blocks", None)
-        return 1 << 62 if free is None else len(free)
-
     def _admit(self) -> None:
-        reserved = sum(self._blocks_needed(len(r.seq) + 1) - self._blocks_needed(r.cached) for r in self.running)
+        cache = self.llm.cache
+        reserved = sum(cache.blocks_needed(len(r.seq) + 1) - cache.blocks_needed(r.cached) for r in self.running)
         while self.waiting and self.llm._free_slots:
             req = self.waiting[0]
-            need = self._blocks_needed(len(req.seq) + 1)
-            if need + reserved > self._free_blocks():
+            need = cache.blocks_needed(len(req.seq) + 1)
+            if need + reserved > cache.free_block_count():
                 if not self.running:
                     raise CacheMemoryError(
                         f"request {req.index} needs {need} cache blocks for {len(req.seq)} tokens but the cache "
-                        f"has {self._free_blocks()} free; use a larger cache or a shorter prompt")
+                        f"has {cache.free_block_count()} free; use a larger cache or a shorter prompt")
                 break
             self.waiting.popleft()
             req.slot = self.llm._free_slots.pop()
@@ -104,7 +97,7 @@ class Scheduler:
         while True:
             try:
                 for req, n in batch:
-                    self.llm.cache.reserve(req.slot, req.cached + n) if hasattr(self.llm.cache, "reserve") else None
+                    self.llm.cache.reserve(req.slot, req.cached + n)
                 break
             except CacheMemoryError:
                 if len(self.running) <= 1:

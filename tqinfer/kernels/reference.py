@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import torch
 
+from tqinfer.cache.paged import flat_slots, read_tokens, write_dense
+
 TILE_TOKENS = 1024
 
 
 def write_tokens(codec, x: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor) -> None:
     """Quantize-on-write: x [N, H, d] -> records at flat token slots [N] of pool [NB, H, BS, rec]."""
-    bs = pool.shape[2]
-    slots = slots.long()
-    pool[slots // bs, :, slots % bs] = x.to(pool.dtype) if codec is None else codec.encode(x)
+    write_dense(pool, x if codec is None else codec.encode(x), slots.long(), pool.shape[2])
 
 
 def _softmax_part(scores: torch.Tensor):
@@ -84,8 +84,8 @@ def _compressed_part(qg, view, row, lo, hi, qpos, scale, window, merger):
     part = _Merger()
     for t0 in range(lo, hi, TILE_TOKENS):
         t = torch.arange(t0, min(hi, t0 + TILE_TOKENS), device=qg.device)
-        flat = table[t // bs] * bs + t % bs
-        krec = view.k_pool[flat // bs, :, flat % bs]  # [N, H, rec]
+        flat = flat_slots(table, t, bs)
+        krec = read_tokens(view.k_pool, flat, bs)  # [N, H, rec]
         keys = krec.float() if kc is None else kc.decode_rotated(krec)
         s = torch.einsum("nghd,khd->nghk", q_rot, keys)
         if sq is not None:
@@ -97,7 +97,7 @@ def _compressed_part(qg, view, row, lo, hi, qpos, scale, window, merger):
             mask &= t[None, :] > qpos[:, None] - window
         s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
         m, l, p = _softmax_part(s)
-        vrec = view.v_pool[flat // bs, :, flat % bs]
+        vrec = read_tokens(view.v_pool, flat, bs)
         part.add(m, l, torch.einsum("nghk,khd->nghd", p, _values_rotated(vc, vrec)))
     merger.add(part.m, part.l, part.o if vc is None else vc.unrotate(part.o))  # un-rotate once per step
 
@@ -125,10 +125,9 @@ def paged_attention(q, k, v, cu_q, prefix_lens, view, scale: float, window: int 
             t = torch.arange(p, device=q.device)
             if window is not None:
                 t = t[t > p - window]
-            table = view.block_table[row].long()
-            flat = table[t // view.block_size] * view.block_size + t % view.block_size
             bs = view.block_size
-            _dense_part(qg, view.k_pool[flat // bs, :, flat % bs], view.v_pool[flat // bs, :, flat % bs],
+            flat = flat_slots(view.block_table[row], t, bs)
+            _dense_part(qg, read_tokens(view.k_pool, flat, bs), read_tokens(view.v_pool, flat, bs),
                         qpos, t, scale, window, merger)
         else:
             lo_w = max(S, p - W)

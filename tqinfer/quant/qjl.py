@@ -64,7 +64,19 @@ class QJLSketch:
         return unpack(packed, 1, self.m).float() * 2 - 1
 
 
-class QJLCodec(KVCodec):
+class SketchedCodec(KVCodec):
+    """A codec carrying QJL signs of a vector in its rotated space, sketched by `sketch`."""
+
+    sketch: QJLSketch
+
+    def qjl_project(self, q_rot: torch.Tensor) -> torch.Tensor:
+        return self.sketch.project(q_rot)
+
+    def qjl_unproject(self, signs: torch.Tensor) -> torch.Tensor:
+        return self.sketch.unproject(signs)
+
+
+class QJLCodec(SketchedCodec):
     """Keys as a 1-bit sketch plus norm (m = d: 1 bit per coordinate before the norm).
 
     Record [sign plane: m/8 bytes, bit i = sign(<s_i, k>) per packing.py][norm fp16][pad to even].
@@ -98,12 +110,6 @@ class QJLCodec(KVCodec):
     def decode_rotated(self, rec: torch.Tensor) -> torch.Tensor:
         check_record(rec, self.record_bytes, self.name)
         return torch.zeros(*rec.shape[:-1], self.dim, device=rec.device)
-
-    def qjl_project(self, q_rot: torch.Tensor) -> torch.Tensor:
-        return self.sketch.project(q_rot)
-
-    def qjl_unproject(self, signs: torch.Tensor) -> torch.Tensor:
-        return self.sketch.unproject(signs)
 
     def qjl_signs(self, rec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         check_record(rec, self.record_bytes, self.name)

@@ -15,7 +15,7 @@ import torch
 from .base import KVCodec
 from .codebook import codebook
 from .packing import pack, packed_bytes, unpack
-from .qjl import QJLSketch
+from .qjl import QJLSketch, SketchedCodec
 from .records import assemble, check_input, check_norms, check_record, even, fp16_bytes, pad_to, read_fp16
 from .rotation import Rotation, derive_seed
 
@@ -42,7 +42,19 @@ def _float(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
-class TurboQuantMSE(KVCodec):
+class RotatedCodec(KVCodec):
+    """A codec whose rotated space is one Rotation `rot` of the whole vector."""
+
+    rot: Rotation
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rot.apply(check_input(x, self.dim))
+
+    def unrotate(self, y: torch.Tensor) -> torch.Tensor:
+        return self.rot.inverse(_float(y))
+
+
+class TurboQuantMSE(RotatedCodec):
     """b-bit TurboQuant-mse: x̂ = ||x|| Πᵀ c[idx], c the Lloyd-Max codebook of the sphere density in R^d.
 
     Record [code planes: packed_bytes(d, b) bytes, zero-padded to even][norm ||x|| fp16]
@@ -132,18 +144,12 @@ class TurboQuantMSE(KVCodec):
         return assemble([pad_to(q.codes, self.norm_at), fp16_bytes(q.norms.unsqueeze(-1))],
                         self.record_bytes)
 
-    def rotate(self, x: torch.Tensor) -> torch.Tensor:
-        return self.rot.apply(check_input(x, self.dim))
-
-    def unrotate(self, y: torch.Tensor) -> torch.Tensor:
-        return self.rot.inverse(_float(y))
-
     def decode_rotated(self, rec: torch.Tensor) -> torch.Tensor:
         check_record(rec, self.record_bytes, self.name)
         return self.values(rec[..., : self.code_bytes], read_fp16(rec, self.norm_at, 1).squeeze(-1))
 
 
-class TurboQuantProd(KVCodec):
+class TurboQuantProd(RotatedCodec, SketchedCodec):
     """b-bit TurboQuant-prod: (b-1)-bit TurboQuant-mse codes plus QJL signs of the rotated residual
     r = Πx/||x|| - c[idx] (m = d signs), so <q, x> ≈ <q, x̂_mse> + γ √(π/2)/m <S Π q, sign(S r)>,
     γ = ||x||·||r||: unbiased over the draw of S. b = 1 is QJL alone (after the rotation).
@@ -202,21 +208,9 @@ class TurboQuantProd(KVCodec):
         head = pad_to(torch.cat([q.codes, q.signs], -1), self.norm_at)
         return assemble([head, fp16_bytes(torch.stack([q.norms, q.gamma], -1))], self.record_bytes)
 
-    def rotate(self, x: torch.Tensor) -> torch.Tensor:
-        return self.rot.apply(check_input(x, self.dim))
-
-    def unrotate(self, y: torch.Tensor) -> torch.Tensor:
-        return self.rot.inverse(_float(y))
-
     def decode_rotated(self, rec: torch.Tensor) -> torch.Tensor:
         check_record(rec, self.record_bytes, self.name)
         return self._mse_values(rec[..., : self.code_bytes], read_fp16(rec, self.norm_at, 1).squeeze(-1))
-
-    def qjl_project(self, q_rot: torch.Tensor) -> torch.Tensor:
-        return self.sketch.project(q_rot)
-
-    def qjl_unproject(self, signs: torch.Tensor) -> torch.Tensor:
-        return self.sketch.unproject(signs)
 
     def qjl_signs(self, rec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         check_record(rec, self.record_bytes, self.name)
