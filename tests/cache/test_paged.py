@@ -128,7 +128,8 @@ def test_allocated_bytes_equal_the_estimate():
     args = tiny_args(layers=3, kv_heads=2, head_dim=64)
     cfg = CacheConfig(k_type="tq3.5", v_type="tq2", sinks=4, window=16, protected_layers=1, block_size=16)
     cache = PagedCache(cfg, args, max_seqs=2, max_len=64, dtype=torch.bfloat16, device="cpu")
-    expected = cache.num_blocks * 16 * bytes_per_token(args, cfg) + 2 * fixed_bytes(args, cfg)
+    # the blocks the sequences can have, plus one scratch block that decode steps' no-op writes go to
+    expected = (cache.num_blocks + 1) * 16 * bytes_per_token(args, cfg) + 2 * fixed_bytes(args, cfg)
     assert cache.nbytes() == expected
     # layers 0 and 2 protected (bf16 K and V); layer 1: tq3.5 K at d=64 (32 channels at 4 bits = 16
     # bytes + 32 at 3 bits = 12 bytes + two fp16 norms = 32) and tq2 V (16 bytes + fp16 norm = 18)
@@ -140,3 +141,53 @@ def test_context_that_cannot_fit_is_refused_before_allocation():
     cfg = CacheConfig(k_type="tq4", v_type="tq4")
     with pytest.raises(CacheMemoryError, match=r"needs [\d.]+ MiB but only [\d.]+ MiB is free"):
         PagedCache(cfg, args, max_seqs=1, max_len=1 << 40, dtype=torch.bfloat16, device="cpu")
+
+
+@pytest.mark.parametrize("sinks,window,protected", [(4, 8, 0), (2, 16, 1), (0, 0, 0)])
+def test_planned_decode_writes_equal_the_generic_path(sinks, window, protected):
+    """A decode step's device-side write plan (what a CUDA graph replays) leaves the cache exactly as
+    the host-indexed generic write does, through window exits, a rollback and ragged batches: cache
+    `planned` takes every decode step through its plan, cache `generic` through the generic path."""
+    torch.manual_seed(1)
+    H, G, d = 2, 2, 64
+    cfg = CacheConfig(k_type="tq3.5", v_type="tq4", sinks=sinks, window=window, protected_layers=protected,
+                      block_size=16)
+    args = tiny_args(3 if protected else 1, H, d)
+    planned, generic = (PagedCache(cfg, args, max_seqs=3, max_len=160, dtype=torch.float32, device="cpu")
+                        for _ in range(2))
+    layers = args.num_hidden_layers
+
+    def step(slots, chunks, seed):
+        gen = torch.Generator().manual_seed(seed)
+        T = sum(chunks)
+        q, k, v = (torch.randn(T, heads, d, generator=gen) for heads in (H * G, H, H))
+        outs = []
+        for cache in (planned, generic):
+            prefix = [cache.lens[s] for s in slots]
+            ctx = StepContext.build(cache, slots, prefix, chunks, "cpu")
+            if cache is generic:
+                ctx.plan = None
+            outs.append([cache.attend(layer, q, k, v, ctx, d ** -0.5, None) for layer in range(layers)])
+            for s, n in zip(slots, chunks):
+                cache.set_len(s, cache.lens[s] + n)
+        return outs
+
+    step([0, 1, 2], [30, 3, 17], seed=0)  # prefill (both generic)
+    schedule = [[0, 1, 2]] * 20 + [[0, 2]] * 10 + ["truncate"] + [[0, 1, 2]] * 12
+    for i, slots in enumerate(schedule):
+        if slots == "truncate":
+            for cache in (planned, generic):
+                cache.truncate(0, cache.lens[0] - 11)
+            continue
+        got, want = step(slots, [1] * len(slots), seed=i + 1)
+        for a, b in zip(got, want):
+            assert not torch.isnan(a).any()
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert planned.lens == generic.lens and planned.compressed == generic.compressed
+    nb = planned.num_blocks  # the scratch block after them takes the plan's no-op writes
+    for layer in range(layers):
+        for a, b in ((planned.k_pool, generic.k_pool), (planned.v_pool, generic.v_pool)):
+            assert torch.equal(a[layer][:nb], b[layer][:nb])
+        for a, b in ((planned.k_hot, generic.k_hot), (planned.v_hot, generic.v_hot)):
+            if a[layer] is not None:
+                assert torch.equal(a[layer], b[layer])

@@ -74,8 +74,9 @@ class PagedCache:
         self.block_size = BS
         self.blocks_per_seq = -(-max_len // BS)
         self.num_blocks = num_blocks or max_seqs * self.blocks_per_seq
+        self.scratch_block = self.num_blocks  # one more block, never handed out: decode-plan no-op writes
         self.sinks, self.window = config.sinks, config.window
-        need = self.num_blocks * BS * bytes_per_token(args, config, dtype) + max_seqs * fixed_bytes(args, config, dtype)
+        need = (self.num_blocks + 1) * BS * bytes_per_token(args, config, dtype) + max_seqs * fixed_bytes(args, config, dtype)
         free = available_memory(self.device)
         if need > free:
             raise CacheMemoryError(
@@ -90,12 +91,12 @@ class PagedCache:
             for which, name, codecs, pools in (("k", kt, self.k_codec, self.k_pool), ("v", vt, self.v_codec, self.v_pool)):
                 if name == DENSE:
                     codecs.append(None)
-                    pools.append(torch.zeros(self.num_blocks, H, BS, d, dtype=dtype, device=self.device))
+                    pools.append(torch.zeros(self.num_blocks + 1, H, BS, d, dtype=dtype, device=self.device))
                 else:
                     codec = make_codec(name, d, H, seed=codec_seed(config.seed, layer, which),
                                        rotation=config.rotation, rope_pairs=which == "k")
                     codecs.append(codec)
-                    pools.append(torch.zeros(self.num_blocks, H, BS, codec.record_bytes, dtype=torch.uint8,
+                    pools.append(torch.zeros(self.num_blocks + 1, H, BS, codec.record_bytes, dtype=torch.uint8,
                                              device=self.device))
             compressed = (kt, vt) != (DENSE, DENSE)
             self.k_hot.append(torch.zeros(max_seqs, H, hot, d, dtype=dtype, device=self.device) if compressed else None)
@@ -106,7 +107,6 @@ class PagedCache:
         self.lens = [0] * max_seqs
         self.compressed = [0] * max_seqs  # leading tokens that already have records
         self.calibrated = [False] * L
-        self._views_key, self._idx = None, None
 
     # --- blocks -----------------------------------------------------------------------------
     def reserve(self, slot: int, n: int) -> None:
@@ -170,28 +170,83 @@ class PagedCache:
         self.lens[slot] = n
 
     # --- attention and writes -----------------------------------------------------------------
-    def view(self, layer: int, slots: list[int]) -> LayerCacheView:
-        key = tuple(slots)
-        if self._views_key != key:  # one host-to-device copy per step, not per layer
-            idx = torch.tensor(slots, dtype=torch.int32, device=self.device)
-            self._views_key, self._idx = key, idx
-        idx = self._idx
+    def view(self, layer: int, ctx) -> LayerCacheView:
+        """The layer's cache as the step's sequences see it (block rows gathered once per step)."""
+        dense = self.k_hot[layer] is None
         return LayerCacheView(self.k_pool[layer], self.v_pool[layer], self.k_hot[layer], self.v_hot[layer],
-                              self.block_table[idx.long()], idx, self.sinks, self.window, self.block_size,
-                              self.k_codec[layer], self.v_codec[layer])
+                              ctx.block_rows, ctx.seq_slot_t, 0 if dense else self.sinks,
+                              0 if dense else self.window, self.block_size, self.k_codec[layer], self.v_codec[layer])
 
     def attend(self, layer, q, k, v, ctx, scale, window):
         from tqinfer.kernels import dispatch
 
-        for slot, prefix, n in zip(ctx.slots, ctx.prefix_lens, ctx.chunk_lens):
-            self.reserve(slot, prefix + n)  # a no-op after the step's first layer
+        if not ctx.decode:  # (a decode step's plan reserved its blocks)
+            for slot, prefix, n in zip(ctx.slots, ctx.prefix_lens, ctx.chunk_lens):
+                self.reserve(slot, prefix + n)  # a no-op after the step's first layer
         if not self.calibrated[layer]:
             self._calibrate(layer, k, v)
-        view = self.view(layer, ctx.slots)
-        out = dispatch.paged_attention(q, k, v, ctx.cu_q, ctx.prefix_lens_t, view, scale, window,
+        out = dispatch.paged_attention(q, k, v, ctx.cu_q, ctx.prefix_lens_t, self.view(layer, ctx), scale, window,
                                        prefix_list=ctx.prefix_lens, chunk_list=ctx.chunk_lens)
-        self._write(layer, k, v, ctx)
+        if ctx.decode:
+            self._write_decode(layer, k, v, ctx.seq_slot_t.long(), ctx.plan)
+        else:
+            self._write(layer, k, v, ctx)
         return out
+
+    # --- decode steps: a write plan made on the host, applied by device ops alone ---------------
+    def decode_plan(self, slots: list[int], prefix_lens: list[int]) -> list[int] | None:
+        """Reserve a block for each sequence's new token and say where its writes go, as int rows
+        [hot_new, src_hot, rec_dst, dense_dst] (flattened): the new token's hot slot; the token
+        leaving the recent window (hot slot -> records at flat pool slot rec_dst, or a no-op write
+        to the scratch block); the new token's flat pool slot (dense layers). None where a decode
+        step is not planned this way (no recent window but sinks: the generic path handles it)."""
+        S, W, BS = self.sinks, self.window, self.block_size
+        if W == 0 and S > 0:
+            return None
+        scratch = self.scratch_block * BS
+        rows = [[], [], [], []]
+        for slot, p in zip(slots, prefix_lens):
+            self.reserve(slot, p + 1)
+            table = self.tables[slot]
+            t = p - W  # leaves the window now, unless it is a sink or already has records
+            leaves = W > 0 and t >= max(S, self.compressed[slot])
+            rows[0].append(p if p < S else (S + (p - S) % W if W else 0))
+            rows[1].append(S + (t - S) % W if leaves else 0)
+            rows[2].append(table[t // BS] * BS + t % BS if leaves else scratch)
+            rows[3].append(table[p // BS] * BS + p % BS)
+        if W == 0:  # no hot buffers (S == 0 too): every token goes to the pool as it comes
+            rows[2] = rows[3]
+        return [i for row in rows for i in row]
+
+    def _write_decode(self, layer: int, k: torch.Tensor, v: torch.Tensor, seq: torch.Tensor,
+                      plan: torch.Tensor) -> None:
+        from tqinfer.kernels import dispatch
+
+        hot_new, src_hot, rec_dst, dense_dst = plan
+        khot, vhot = self.k_hot[layer], self.v_hot[layer]
+        if khot is None:
+            write_dense(self.k_pool[layer], k, dense_dst, self.block_size)
+            write_dense(self.v_pool[layer], v, dense_dst, self.block_size)
+            return
+        if self.window == 0:
+            dispatch.write_tokens(self.k_codec[layer], k, self.k_pool[layer], rec_dst)
+            dispatch.write_tokens(self.v_codec[layer], v, self.v_pool[layer], rec_dst)
+            return
+        # the window's oldest token gets its records before the new token takes its hot slot
+        dispatch.write_tokens(self.k_codec[layer], khot[seq, :, src_hot], self.k_pool[layer], rec_dst)
+        dispatch.write_tokens(self.v_codec[layer], vhot[seq, :, src_hot], self.v_pool[layer], rec_dst)
+        khot[seq, :, hot_new] = k.to(khot.dtype)
+        vhot[seq, :, hot_new] = v.to(vhot.dtype)
+
+    def graph_ready(self, head_dim: int) -> bool:
+        """Whether a decode step runs entirely on the device (fused kernels for every layer, a
+        planned write), so it can be captured in a CUDA graph."""
+        if self.device.type != "cuda" or (self.window == 0 and self.sinks > 0):
+            return False
+        from tqinfer.kernels.decode_attention import MAX_HEAD_DIM
+        from tqinfer.kernels.quantize import supports
+
+        return head_dim <= MAX_HEAD_DIM and all(supports(c) for c in self.k_codec + self.v_codec)
 
     def _calibrate(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Split types choose their outlier channels per KV head from the first prefill chunk."""

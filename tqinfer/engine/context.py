@@ -1,4 +1,9 @@
-"""Per-step metadata: set by the engine before a forward pass, read by the attention of every layer."""
+"""Per-step metadata: set by the engine before a forward pass, read by the attention of every layer.
+
+A step's integer metadata travels to the device in one copy (`step_meta` lays it out, `from_meta`
+slices it). A decode step (every chunk one token) also carries the cache's write plan, so the cache
+writes need no host-side index work and the whole step can be captured in a CUDA graph.
+"""
 
 from __future__ import annotations
 
@@ -15,25 +20,59 @@ class StepContext:
     chunk_lens: list[int]  # new tokens per entry; the step's T = sum(chunk_lens)
     cu_q: torch.Tensor  # int32 [B+1] chunk boundaries in the flat token batch (device)
     prefix_lens_t: torch.Tensor  # int32 [B] (device)
+    seq_slot_t: torch.Tensor  # int32 [B] cache slot of each entry (device)
+    positions_t: torch.Tensor  # int64 [T] position of every token (device)
+    plan: torch.Tensor | None = None  # int64 [rows, B]: the cache's decode write plan; None when prefilling
+    block_rows: torch.Tensor | None = None  # int32 [B, max_blocks]: block-table rows (paged cache)
+
+    @property
+    def decode(self) -> bool:
+        return self.plan is not None
 
     @classmethod
     def build(cls, cache, slots, prefix_lens, chunk_lens, device) -> "StepContext":
-        cu = [0]
-        for n in chunk_lens:
-            cu.append(cu[-1] + n)
-        return cls(
-            cache=cache,
-            slots=list(slots),
-            prefix_lens=list(prefix_lens),
-            chunk_lens=list(chunk_lens),
-            cu_q=torch.tensor(cu, dtype=torch.int32, device=device),
-            prefix_lens_t=torch.tensor(prefix_lens, dtype=torch.int32, device=device),
-        )
+        meta, _ = step_meta(cache, slots, prefix_lens, chunk_lens)
+        return cls.from_meta(cache, slots, prefix_lens, chunk_lens, torch.tensor(meta, dtype=torch.long, device=device))
 
-    def positions(self, device) -> torch.Tensor:
-        return torch.cat(
-            [torch.arange(p, p + n, device=device) for p, n in zip(self.prefix_lens, self.chunk_lens)]
-        )
+    @classmethod
+    def from_meta(cls, cache, slots, prefix_lens, chunk_lens, meta: torch.Tensor) -> "StepContext":
+        """Slice `meta` (int64, on the device, laid out by step_meta) into the step's tensors. Pure
+        device work: a CUDA graph captures it, and replays it over new contents of the same buffer."""
+        t, b = sum(chunk_lens), len(slots)
+        o = 0
+        positions = meta[o:o + t]
+        o += t
+        prefix = meta[o:o + b].to(torch.int32)
+        o += b
+        seq = meta[o:o + b].to(torch.int32)
+        o += b
+        cu = meta[o:o + b + 1].to(torch.int32)
+        o += b + 1
+        plan = meta[o:].view(-1, b) if meta.shape[0] > o else None
+        table = getattr(cache, "block_table", None)
+        rows = table[seq.long()] if table is not None else None
+        return cls(cache, list(slots), list(prefix_lens), list(chunk_lens), cu, prefix, seq, positions, plan, rows)
+
+    def positions(self, device=None) -> torch.Tensor:
+        return self.positions_t
+
+
+def is_decode(chunk_lens: list[int]) -> bool:
+    return len(chunk_lens) > 0 and all(n == 1 for n in chunk_lens)
+
+
+def step_meta(cache, slots, prefix_lens, chunk_lens) -> tuple[list[int], bool]:
+    """Host integers of a step, in from_meta's layout: positions [T], prefix lengths [B], slots [B],
+    chunk boundaries [B+1], then (decode steps, caches that plan them) the cache's write plan; and
+    whether the plan is there."""
+    positions = [p + i for p, n in zip(prefix_lens, chunk_lens) for i in range(n)]
+    cu = [0]
+    for n in chunk_lens:
+        cu.append(cu[-1] + n)
+    plan = None
+    if is_decode(chunk_lens) and hasattr(cache, "decode_plan"):
+        plan = cache.decode_plan(slots, prefix_lens)
+    return positions + list(prefix_lens) + list(slots) + cu + (plan or []), plan is not None
 
 
 _current: StepContext | None = None

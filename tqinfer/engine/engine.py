@@ -1,20 +1,40 @@
-"""LLMEngine: runs forward steps of a model over a cache for a batch of sequence chunks."""
+"""LLMEngine: runs forward steps of a model over a cache for a batch of sequence chunks.
+
+A decode step (one new token per sequence) on CUDA runs as one CUDA graph per batch size: the
+step's integers (token ids, positions, the cache's write plan) go to the device in one copy into
+the graph's static input buffer, and a replay runs every layer's projections, attention kernels
+and cache writes with no host work in between. The first step of a batch size runs eagerly (it is
+also the warm-up: kernel compiles, codec layouts) and is then captured for the next ones.
+"""
 
 from __future__ import annotations
 
+import os
 import threading
+import warnings
 
 import torch
 
-from tqinfer.engine.context import StepContext, set_context
+from tqinfer.engine.context import StepContext, set_context, step_meta
 
 
 class LLMEngine:
-    def __init__(self, model, cache, device):
+    def __init__(self, model, cache, device, cuda_graphs: bool | None = None):
         self.model = model
         self.cache = cache
         self.device = torch.device(device)
         self.lock = threading.Lock()  # several streams may share the engine; steps run one at a time
+        if cuda_graphs is None:
+            cuda_graphs = os.environ.get("TQINFER_CUDA_GRAPHS", "1") != "0"
+        self.cuda_graphs = cuda_graphs and self._graph_ready()
+        self.graphs: dict[int, DecodeGraph] = {}
+        self.graph_pool = None
+
+    def _graph_ready(self) -> bool:
+        args = getattr(self.model, "args", None)
+        ready = getattr(self.cache, "graph_ready", None)
+        return (self.device.type == "cuda" and args is not None and args.sliding_window is None
+                and ready is not None and ready(args.head_dim))
 
     @torch.inference_mode()
     def forward(self, slots: list[int], prefix_lens: list[int], chunks: list[list[int]],
@@ -22,16 +42,75 @@ class LLMEngine:
         """Run one step: chunk i (token ids) of sequence `slots[i]` starts at prefix_lens[i].
 
         Returns fp32 logits: for every token when all_logits, else for each chunk's last token."""
-        ctx = StepContext.build(self.cache, slots, prefix_lens, [len(c) for c in chunks], self.device)
-        ids = torch.tensor([t for c in chunks for t in c], dtype=torch.long, device=self.device)
-        positions = ctx.positions(self.device)
-        index = None if all_logits else (ctx.cu_q[1:] - 1).long()
+        lens = [len(c) for c in chunks]
+        ids = [t for c in chunks for t in c]
         with self.lock:
-            set_context(ctx)
-            try:
-                logits = self.model(ids, positions, index, max(p + len(c) for p, c in zip(prefix_lens, chunks)) - 1)
-            finally:
-                set_context(None)
-            for slot, prefix, chunk in zip(slots, prefix_lens, chunks):
-                self.cache.set_len(slot, prefix + len(chunk))
+            meta, decode = step_meta(self.cache, slots, prefix_lens, lens)
+            meta = ids + meta
+            graph = self.graphs.get(len(slots)) if decode and self.cuda_graphs else None
+            if graph is not None and graph.valid():
+                logits = graph.replay(meta).clone()
+            else:
+                logits = self._eager(slots, prefix_lens, lens, meta, all_logits)
+                if decode and self.cuda_graphs:
+                    self._capture(slots, prefix_lens, meta)
+            for slot, prefix, n in zip(slots, prefix_lens, lens):
+                self.cache.set_len(slot, prefix + n)
         return logits
+
+    def _capture(self, slots, prefix_lens, meta) -> None:
+        try:
+            self.graphs[len(slots)] = DecodeGraph(self, slots, prefix_lens, meta)
+        except RuntimeError as e:  # a capture the driver refuses: keep running eagerly, say so once
+            self.cuda_graphs = False
+            warnings.warn(f"CUDA graph capture failed, decoding without graphs: {e}", stacklevel=3)
+
+    def _eager(self, slots, prefix_lens, lens, meta, all_logits):
+        t = sum(lens)
+        buf = torch.tensor(meta, dtype=torch.long, device=self.device)  # one host-to-device copy
+        ctx = StepContext.from_meta(self.cache, slots, prefix_lens, lens, buf[t:])
+        index = None if all_logits else (ctx.cu_q[1:] - 1).long()
+        set_context(ctx)
+        try:
+            return self.model(buf[:t], ctx.positions_t, index, max(p + n for p, n in zip(prefix_lens, lens)) - 1)
+        finally:
+            set_context(None)
+
+
+class DecodeGraph:
+    """One batch size's decode step, captured. Inputs: a static int64 buffer laid out like the eager
+    step's metadata (ids, positions, prefix lengths, slots, boundaries, the cache's write plan);
+    output: a static logits buffer, overwritten by the next replay."""
+
+    def __init__(self, engine: LLMEngine, slots, prefix_lens, meta: list[int]):
+        self.engine = engine
+        model, cache = engine.model, engine.cache
+        b = len(slots)
+        rotary = model.model.rotary
+        rotary.table(cache.max_len, engine.device, model.model.embed_tokens.weight.dtype)  # never regrown later
+        self.table = rotary.cos
+        self.host = torch.empty(len(meta), dtype=torch.long, pin_memory=True)
+        self.inputs = torch.tensor(meta, dtype=torch.long, device=engine.device)
+        self.copied = torch.cuda.Event()
+        if engine.graph_pool is None:
+            engine.graph_pool = torch.cuda.graph_pool_handle()
+        self.graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(self.graph, pool=engine.graph_pool):
+                ctx = StepContext.from_meta(cache, slots, prefix_lens, [1] * b, self.inputs[b:])
+                set_context(ctx)
+                self.logits = model(self.inputs[:b], ctx.positions_t, None, cache.max_len - 1)
+        finally:
+            set_context(None)
+
+    def valid(self) -> bool:
+        """Replays read the RoPE table captured with them: a regrown table means a new capture."""
+        return self.engine.model.model.rotary.cos is self.table
+
+    def replay(self, meta: list[int]) -> torch.Tensor:
+        self.copied.synchronize()  # the last step's copy has left the pinned buffer
+        self.host.copy_(torch.tensor(meta, dtype=torch.long))
+        self.inputs.copy_(self.host, non_blocking=True)
+        self.copied.record()
+        self.graph.replay()
+        return self.logits
