@@ -9,6 +9,7 @@ Prints a markdown table for docs/BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
 from datetime import date
@@ -44,7 +45,7 @@ def build(shape: str, device, dtype, max_pos: int):
             p.normal_(0, 0.02)
     if args.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    return model.eval(), cfg, args
+    return model.eval().fuse(), cfg, args
 
 
 def fill(cache, slots: list[int], n: int, dtype) -> None:
@@ -129,7 +130,7 @@ def main() -> None:
             cc = CacheConfig(k_type=t, v_type=t)
             for b in args.batch:
                 for n in args.contexts:
-                    cache = build_cache(cc, margs, max_seqs=b, max_len=n + 64, dtype=dtype, device=device)
+                    cache = build_cache(cc, margs, max_seqs=b, max_len=n + args.steps + 64, dtype=dtype, device=device)
                     engine = LLMEngine(model, cache, device)
                     fill(cache, list(range(b)), n, dtype)
                     tps = decode_tps(engine, list(range(b)), n, args.steps)
@@ -137,6 +138,7 @@ def main() -> None:
                     rows.append((shape, t, f"decode B={b}", n, tps, peak))
                     print(rows[-1], file=sys.stderr, flush=True)
                     del engine, cache
+                    gc.collect()  # captured graphs hold their engine: free them before the next cache
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
                         torch.cuda.reset_peak_memory_stats()
@@ -146,6 +148,9 @@ def main() -> None:
                 rows.append((shape, t, "prefill", n, prefill_tps(engine, n, args.chunk), 0))
                 print(rows[-1], file=sys.stderr, flush=True)
                 del engine, cache
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
         if device.type == "cuda":
             free = torch.cuda.mem_get_info()[0]
             for t in args.types:

@@ -27,7 +27,7 @@ def tiny_model(head_dim=64, seed=0):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.05)
-    return model, args
+    return model.fuse(), args
 
 
 @pytest.mark.parametrize("cache_type", ["bf16", "tq3.5", "tq4", "tq3"])

@@ -46,9 +46,13 @@ def engine_for(model, args, max_len=256):
     return LLMEngine(model, cache, "cpu")
 
 
+@pytest.mark.parametrize("fuse", [False, True], ids=["separate", "fused"])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_logits_match_transformers(name):
+def test_logits_match_transformers(name, fuse):
+    """Fused: q/k/v and gate/up merged into one projection each, as LLM loads every model."""
     ref, model, args = build_pair(name)
+    if fuse:
+        model.fuse()
     ids = torch.randint(0, args.vocab_size, (1, 57), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = ref(ids).logits[0].double()
@@ -71,6 +75,7 @@ def test_chunked_prefill_equals_one_shot(name):
 @pytest.mark.parametrize("name", ["llama", "mistral", "qwen3"])
 def test_greedy_tokens_match_transformers(name):
     ref, model, args = build_pair(name)
+    model.fuse()
     prompt = torch.randint(0, args.vocab_size, (1, 11), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected = ref.generate(prompt, max_new_tokens=20, do_sample=False, min_new_tokens=20)[0, 11:].tolist()

@@ -142,7 +142,7 @@ class LLM:
         net.load_state_dict(tensors, strict=True, assign=True)
         if self.args.tie_word_embeddings:
             net.lm_head.weight = net.model.embed_tokens.weight
-        self.model = net.to(self.device, self.dtype).eval()
+        self.model = net.to(self.device, self.dtype).eval().fuse()
         report("allocating cache", None)
         limit = self.args.max_position_embeddings
         if max_context is not None and max_context > limit:

@@ -104,7 +104,7 @@ class DenseCache:
         view = LayerCacheView(K, V, None, None, seq[:, None], seq, 0, 0, K.shape[2], None, None)
         out = dispatch.paged_attention(q, k, v, ctx.cu_q, ctx.prefix_lens_t, view, scale,
                                        prefix_list=ctx.prefix_lens, chunk_list=ctx.chunk_lens)
-        pos, seq = ctx.plan[0], seq.long()
+        pos, seq = ctx.plan[0], ctx.seq_index
         K[seq, :, pos] = k.to(K.dtype)
         V[seq, :, pos] = v.to(V.dtype)
         return out

@@ -188,7 +188,7 @@ class PagedCache:
         out = dispatch.paged_attention(q, k, v, ctx.cu_q, ctx.prefix_lens_t, self.view(layer, ctx), scale, window,
                                        prefix_list=ctx.prefix_lens, chunk_list=ctx.chunk_lens)
         if ctx.decode:
-            self._write_decode(layer, k, v, ctx.seq_slot_t.long(), ctx.plan)
+            self._write_decode(layer, k, v, ctx.seq_index, ctx.plan)
         else:
             self._write(layer, k, v, ctx)
         return out

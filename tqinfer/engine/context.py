@@ -22,6 +22,7 @@ class StepContext:
     prefix_lens_t: torch.Tensor  # int32 [B] (device)
     seq_slot_t: torch.Tensor  # int32 [B] cache slot of each entry (device)
     positions_t: torch.Tensor  # int64 [T] position of every token (device)
+    seq_index: torch.Tensor | None = None  # int64 [B]: the same slots, for indexing (device)
     plan: torch.Tensor | None = None  # int64 [rows, B]: the cache's decode write plan; None when prefilling
     block_rows: torch.Tensor | None = None  # int32 [B, max_blocks]: block-table rows (paged cache)
 
@@ -44,14 +45,15 @@ class StepContext:
         o += t
         prefix = meta[o:o + b].to(torch.int32)
         o += b
-        seq = meta[o:o + b].to(torch.int32)
+        seq_index = meta[o:o + b]
         o += b
         cu = meta[o:o + b + 1].to(torch.int32)
         o += b + 1
         plan = meta[o:].view(-1, b) if meta.shape[0] > o else None
         table = getattr(cache, "block_table", None)
-        rows = table[seq.long()] if table is not None else None
-        return cls(cache, list(slots), list(prefix_lens), list(chunk_lens), cu, prefix, seq, positions, plan, rows)
+        rows = table[seq_index] if table is not None else None
+        return cls(cache, list(slots), list(prefix_lens), list(chunk_lens), cu, prefix, seq_index.to(torch.int32),
+                   positions, seq_index, plan, rows)
 
     def positions(self, device=None) -> torch.Tensor:
         return self.positions_t

@@ -83,10 +83,9 @@ class DecodeGraph:
     output: a static logits buffer, overwritten by the next replay."""
 
     def __init__(self, engine: LLMEngine, slots, prefix_lens, meta: list[int]):
-        self.engine = engine
         model, cache = engine.model, engine.cache
         b = len(slots)
-        rotary = model.model.rotary
+        self.rotary = rotary = model.model.rotary
         rotary.table(cache.max_len, engine.device, model.model.embed_tokens.weight.dtype)  # never regrown later
         self.table = rotary.cos
         self.host = torch.empty(len(meta), dtype=torch.long, pin_memory=True)
@@ -105,7 +104,7 @@ class DecodeGraph:
 
     def valid(self) -> bool:
         """Replays read the RoPE table captured with them: a regrown table means a new capture."""
-        return self.engine.model.model.rotary.cos is self.table
+        return self.rotary.cos is self.table
 
     def replay(self, meta: list[int]) -> torch.Tensor:
         self.copied.synchronize()  # the last step's copy has left the pinned buffer

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tqinfer.attention import attention
+from tqinfer.kernels import fused
 
 
 @dataclass
@@ -102,16 +103,28 @@ class RotaryEmbedding(nn.Module):
             self.max_len = n
         return self.cos, self.sin
 
-    def cos_sin(self, positions: torch.Tensor, max_position: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [T, 1, d] for positions [T]; once per forward, shared by every layer."""
+    def cos_sin(self, positions: torch.Tensor, max_position: int, dtype) -> "Rope":
+        """The step's rotary embedding for positions [T]; once per forward, shared by every layer."""
         cos, sin = self.table(max_position + 1, positions.device, dtype)
-        return cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+        return Rope(positions, cos, sin)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, d] rotated (rotate_half convention)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+class Rope:
+    """A step's positions and the cos/sin tables; cos/sin [T, 1, d] gathered on first use (the
+    unfused path), the fused kernel reads the tables directly."""
+
+    def __init__(self, positions, cos_table, sin_table):
+        self.positions, self.cos_table, self.sin_table = positions, cos_table, sin_table
+        self._gathered = None
+
+    def gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._gathered is None:
+            p = self.positions
+            self._gathered = self.cos_table[p].unsqueeze(1), self.sin_table[p].unsqueeze(1)
+        return self._gathered
+
+
+apply_rope = fused.rope_torch  # x [T, heads, d] rotated (rotate_half convention)
 
 
 class RMSNorm(nn.Module):
@@ -142,14 +155,26 @@ class Attention(nn.Module):
         self.scale = hd**-0.5
         self.window = args.sliding_window
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        T = x.shape[0]
-        q = self.q_proj(x).view(T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(T, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(T, self.n_kv, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    def fuse(self) -> None:
+        """One q/k/v projection (one GEMM a step instead of three); the separate ones are dropped."""
+        parts = (self.q_proj, self.k_proj, self.v_proj)
+        self.qkv_proj = fused_linear(parts)
+        del self.q_proj, self.k_proj, self.v_proj
+
+    def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
+        T, hd = x.shape[0], self.head_dim
+        if hasattr(self, "qkv_proj") and self.q_norm is None:
+            q, k, v = fused.rope_split(self.qkv_proj(x), rope.positions, rope.cos_table, rope.sin_table,
+                                       self.n_heads, self.n_kv, hd)
+        else:
+            if hasattr(self, "qkv_proj"):
+                q, k, v = self.qkv_proj(x).split([self.n_heads * hd, self.n_kv * hd, self.n_kv * hd], -1)
+            else:
+                q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q, k, v = q.view(T, self.n_heads, hd), k.view(T, self.n_kv, hd), v.reshape(T, self.n_kv, hd)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = apply_rope(q, *rope.gathered()), apply_rope(k, *rope.gathered())
         out = attention(q, k, v, self.layer, self.scale, self.window)
         return self.o_proj(out.reshape(T, -1))
 
@@ -162,8 +187,25 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(d, h, bias=bias)
         self.down_proj = nn.Linear(h, d, bias=bias)
 
+    def fuse(self) -> None:
+        """One gate/up projection, SiLU(gate) * up in one kernel."""
+        self.gate_up_proj = fused_linear((self.gate_proj, self.up_proj))
+        del self.gate_proj, self.up_proj
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "gate_up_proj"):
+            return self.down_proj(fused.silu_mul(self.gate_up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def fused_linear(parts) -> nn.Linear:
+    """The linears of `parts` (same input) as one, outputs concatenated in order."""
+    w = torch.cat([p.weight for p in parts])
+    out = nn.Linear(w.shape[1], w.shape[0], bias=parts[0].bias is not None, device=w.device, dtype=w.dtype)
+    out.weight = nn.Parameter(w, requires_grad=False)
+    if parts[0].bias is not None:
+        out.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
+    return out
 
 
 class DecoderLayer(nn.Module):
@@ -174,9 +216,16 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, h: torch.Tensor | None, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
+        """Residual stream x plus the previous layer's pending output h -> (x, this layer's output):
+        each residual add is fused with the RMSNorm after it."""
+        x, n = add_norm(x, h, self.input_layernorm)
+        x, n = add_norm(x, self.self_attn(n, rope), self.post_attention_layernorm)
+        return x, self.mlp(n)
+
+
+def add_norm(x: torch.Tensor, h: torch.Tensor | None, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    return fused.add_rms_norm(x, h, norm.weight, norm.eps)
 
 
 class Backbone(nn.Module):
@@ -207,11 +256,20 @@ class LlamaForCausalLM(nn.Module):
         if max_position is None:
             max_position = int(positions.max())
         rope = self.model.rotary.cos_sin(positions, max_position, x.dtype)
+        h = None
         for layer in self.model.layers:
-            x = layer(x, rope)
+            x, h = layer(x, h, rope)
         if logits_index is not None:
-            x = x[logits_index]
-        return self.lm_head(self.model.norm(x)).float()
+            x, h = x[logits_index], h[logits_index]
+        return self.lm_head(add_norm(x, h, self.model.norm)[1]).float()
+
+    def fuse(self) -> "LlamaForCausalLM":
+        """Merge each layer's q/k/v and gate/up projections (after the weights are loaded: the
+        state-dict names are Hugging Face's, the fused model's are not)."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+        return self
 
     @staticmethod
     def sanitize(tensors: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:

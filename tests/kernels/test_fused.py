@@ -1,0 +1,65 @@
+"""The decoder layer's small fused kernels (interpreter on CPU, Triton on CUDA) against their torch
+twins and float64 math on fresh random inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tqinfer.kernels import fused  # (tests/kernels/conftest.py set TRITON_INTERPRET on CPU)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("t,d,residual", [(1, 64, True), (5, 576, True), (3, 96, False)])
+def test_add_rms_norm(t, d, residual):
+    g = torch.Generator().manual_seed(t * d)
+    x, h = (torch.randn(t, d, generator=g) for _ in range(2))
+    w = torch.randn(d, generator=g)
+    x, h, w = x.to(DEVICE), h.to(DEVICE), w.to(DEVICE)
+    got_x, got_n = fused.add_rms_norm(x, h if residual else None, w, 1e-5, kernel=True)
+    s = (x.double() + h.double()) if residual else x.double()
+    want = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-5) * w.double()
+    assert not torch.isnan(got_n).any()
+    torch.testing.assert_close(got_x.double(), s, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_n.double(), want, rtol=1e-5, atol=1e-5)
+    twin_x, twin_n = fused.add_rms_norm(x, h if residual else None, w, 1e-5, kernel=False)
+    torch.testing.assert_close(got_n, twin_n, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("t,nq,nkv,hd", [(1, 4, 2, 64), (7, 9, 3, 64), (2, 8, 8, 128)])
+def test_rope_split(t, nq, nkv, hd):
+    g = torch.Generator().manual_seed(t + hd)
+    qkv = torch.randn(t, (nq + 2 * nkv) * hd, generator=g).to(DEVICE)
+    positions = torch.randint(0, 500, (t,), generator=g).to(DEVICE)
+    inv = 1.0 / (10000 ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    ang = torch.outer(torch.arange(512, dtype=torch.float64), inv)
+    emb = torch.cat([ang, ang], -1)
+    cos, sin = emb.cos().float().to(DEVICE), emb.sin().float().to(DEVICE)
+    q, k, v = fused.rope_split(qkv, positions, cos, sin, nq, nkv, hd, kernel=True)
+
+    def rope64(x):  # rotate pairs (i, i + d/2) by position * inv_freq[i], float64
+        x = x.double().cpu()
+        a = ang[positions.cpu()][:, None, :]
+        x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+        return torch.cat([x1 * a.cos() - x2 * a.sin(), x2 * a.cos() + x1 * a.sin()], -1)
+
+    x = qkv.view(t, nq + 2 * nkv, hd)
+    for got, want in ((q, rope64(x[:, :nq])), (k, rope64(x[:, nq:nq + nkv]))):
+        assert not torch.isnan(got).any()
+        torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(v, x[:, nq + nkv:])
+    twin = fused.rope_split(qkv, positions, cos, sin, nq, nkv, hd, kernel=False)
+    for a, b in zip((q, k, v), twin):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("t,h", [(1, 1536), (3, 100)])
+def test_silu_mul(t, h):
+    g = torch.Generator().manual_seed(h)
+    gu = torch.randn(t, 2 * h, generator=g).to(DEVICE)
+    got = fused.silu_mul(gu, kernel=True)
+    a, b = gu.double().split([h, h], -1)
+    assert not torch.isnan(got).any()
+    torch.testing.assert_close(got.double(), F.silu(a) * b, rtol=1e-5, atol=1e-5)
