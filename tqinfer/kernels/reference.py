@@ -12,7 +12,12 @@ import torch
 
 from tqinfer.cache.paged import flat_slots, read_tokens, write_dense
 
+# Tokens per tile: a tile's score matrix [H, n * G, N] stays below TILE_SCORES elements (long prefill
+# chunks get TILE_TOKENS-token tiles), and a decode step reads up to MAX_TILE_TOKENS in one tile, so
+# its per-tile Python cost is paid once per layer at the usual contexts.
 TILE_TOKENS = 1024
+MAX_TILE_TOKENS = 16384
+TILE_SCORES = 1 << 22
 
 
 def write_tokens(codec, x: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor) -> None:
@@ -73,33 +78,68 @@ def _values_rotated(codec, rec: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def _head_records(pool: torch.Tensor, table_row: torch.Tensor, lo: int, hi: int, bs: int) -> torch.Tensor:
+    """Tokens [lo, hi) of one sequence from pool [NB, H, BS, r] -> [H, hi - lo, r]: whole blocks
+    are gathered (one copy of contiguous rows, not one index per token), heads first for bmm."""
+    b0, b1 = lo // bs, -(-hi // bs)
+    blocks = pool.index_select(0, table_row[b0:b1].long())  # [nb, H, BS, r]
+    x = blocks.transpose(0, 1).reshape(blocks.shape[1], (b1 - b0) * bs, blocks.shape[3])
+    return x[:, lo - b0 * bs:hi - b0 * bs]
+
+
+def _scores(codec, qh, sq, rec) -> torch.Tensor:
+    """qh [H, R, d] rotated query rows against records rec [H, N, r] -> [H, R, N] (unscaled). Norms
+    multiply the [H, R, N] scores per token instead of every decoded coordinate."""
+    if codec is None:
+        return torch.bmm(qh, rec.float().transpose(1, 2))
+    s = None
+    for lo, hi, unit, norms in codec.rotated_parts(rec):
+        part = torch.bmm(qh[..., lo:hi], unit.transpose(1, 2))
+        if norms is not None:
+            part = part * norms.unsqueeze(1)
+        s = part if s is None else s + part
+    if sq is not None:
+        signs, gamma = codec.qjl_signs(rec)
+        s = s + torch.bmm(sq, signs.transpose(1, 2)) * gamma.unsqueeze(1)
+    return s
+
+
+def _weighted_values(codec, p, rec) -> torch.Tensor:
+    """Probabilities p [H, R, N] times values rec [H, N, r] -> [H, R, d] in the codec's rotated space."""
+    if codec is None or codec.has_qjl:
+        return torch.bmm(p, _values_rotated(codec, rec))
+    outs = [torch.bmm(p if norms is None else p * norms.unsqueeze(1), unit)
+            for _, _, unit, norms in codec.rotated_parts(rec)]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
+
+
 def _compressed_part(qg, view, row, lo, hi, qpos, scale, window, merger):
-    """Tokens [lo, hi) of the sequence in table row `row`, read tile by tile from the pools."""
+    """Tokens [lo, hi) of the sequence in table row `row`, read from the pools in as few tiles as
+    memory allows (a decode step: one tile), all KV heads at once by batched matmuls."""
     if hi <= lo:
         return
     kc, vc, bs = view.k_codec, view.v_codec, view.block_size
-    table = view.block_table[row].long()
+    n, G, H, d = qg.shape
+    table = view.block_table[row]
     q_rot = qg if kc is None else kc.rotate(qg)  # [n, G, H, d], once per step
-    sq = kc.qjl_project(q_rot) if kc is not None and kc.has_qjl else None
+    qh = q_rot.permute(2, 0, 1, 3).reshape(H, n * G, d)  # row i * G + g: query i, group member g
+    sq = None
+    if kc is not None and kc.has_qjl:
+        sq = kc.qjl_project(q_rot).permute(2, 0, 1, 3).reshape(H, n * G, -1)
+    tile = min(MAX_TILE_TOKENS, max(TILE_TOKENS, TILE_SCORES // (H * n * G)))
     part = _Merger()
-    for t0 in range(lo, hi, TILE_TOKENS):
-        t = torch.arange(t0, min(hi, t0 + TILE_TOKENS), device=qg.device)
-        flat = flat_slots(table, t, bs)
-        krec = read_tokens(view.k_pool, flat, bs)  # [N, H, rec]
-        keys = krec.float() if kc is None else kc.decode_rotated(krec)
-        s = torch.einsum("nghd,khd->nghk", q_rot, keys)
-        if sq is not None:
-            signs, gamma = kc.qjl_signs(krec)
-            s = s + torch.einsum("nghm,khm->nghk", sq, signs) * gamma.T[None, None]
-        s = s * scale
-        mask = t[None, :] <= qpos[:, None]
-        if window is not None:
-            mask &= t[None, :] > qpos[:, None] - window
-        s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
+    for t0 in range(lo, hi, tile):
+        t1 = min(hi, t0 + tile)
+        s = _scores(kc, qh, sq, _head_records(view.k_pool, table, t0, t1, bs)) * scale  # [H, nG, N]
+        if window is not None:  # causal holds already: every compressed token precedes the chunk
+            t = torch.arange(t0, t1, device=qg.device)
+            seen = (t[None, :] > qpos[:, None] - window).repeat_interleave(G, 0)  # [nG, N]
+            s = s.masked_fill(~seen, float("-inf"))
         m, l, p = _softmax_part(s)
-        vrec = read_tokens(view.v_pool, flat, bs)
-        part.add(m, l, torch.einsum("nghk,khd->nghd", p, _values_rotated(vc, vrec)))
-    merger.add(part.m, part.l, part.o if vc is None else vc.unrotate(part.o))  # un-rotate once per step
+        part.add(m, l, _weighted_values(vc, p, _head_records(view.v_pool, table, t0, t1, bs)))
+    m, l = (x.view(H, n, G).permute(1, 2, 0) for x in (part.m, part.l))
+    o = part.o.view(H, n, G, d).permute(1, 2, 0, 3)
+    merger.add(m, l, o if vc is None else vc.unrotate(o))  # un-rotate once per step
 
 
 def paged_attention(q, k, v, cu_q, prefix_lens, view, scale: float, window: int | None = None,

@@ -89,43 +89,46 @@ class TurboQuantMSE(RotatedCodec):
 
     def values(self, codes: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
         """Packed codes [..., code_bytes] and norms [...] -> rotated x̂ [..., d] float32."""
-        if self.bits in (1, 2, 3, 4) and self.dim % 8 == 0:
-            return self._byte_lookup(codes) * norms.float().unsqueeze(-1)
-        idx = unpack(codes, self.bits, self.dim)
-        return self.centroids_of(idx) * norms.float().unsqueeze(-1)
+        return self.unit_values(codes) * norms.float().unsqueeze(-1)
 
-    def _luts(self, device: torch.device) -> list[torch.Tensor]:
-        """Per plane, byte value -> the centroids of the codes it holds (one lookup per byte, not
-        per code: the attention twin decodes every cached token each step, so this is its hot loop).
-        3-bit codes span two planes: the 2-bit byte gives c[lo] and c[4 + lo], the 1-bit byte the
-        high bits h, and c[lo + 4h] = c[lo] * (1 - h) + c[4 + lo] * h exactly (h is 0 or 1)."""
-        key = ("lut", device)
+    def unit_values(self, codes: torch.Tensor) -> torch.Tensor:
+        """Packed codes [..., code_bytes] -> the centroids c[idx] [..., d] float32 (norms not applied)."""
+        if self.bits in (1, 2, 3, 4) and self.dim % 8 == 0:
+            return self._table_lookup(codes)
+        return self.centroids_of(unpack(codes, self.bits, self.dim))
+
+    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(index -> the centroids of the codes it holds, 3 bits: hi-plane byte -> its two nibbles
+        shifted to 256 * nibble). One lookup per byte, not per code: the attention twin decodes every
+        cached token each step, so this is its hot loop. 1, 2, 4 bits: index = a code byte (8 / b
+        centroids). 3 bits (planes [2, 1]): index = lo byte j | (the 4 high bits of its codes) << 8,
+        4096 entries of 4 centroids, so a 3-bit code never needs a second lookup or arithmetic."""
+        key = ("tables", device)
         if key not in self._books:
             c = self.centroids64.float()
-            b = torch.arange(256)
+            i = torch.arange(4096 if self.bits == 3 else 256)
 
-            def fields(width):  # [256, 8 // width] codes held by each byte value
-                return (b[:, None] >> (torch.arange(0, 8, width)[None, :])) & ((1 << width) - 1)
+            def fields(width, n):  # [len(i), n] fields of `width` bits of each index
+                return (i[:, None] >> (torch.arange(n)[None, :] * width)) & ((1 << width) - 1)
 
             if self.bits == 3:
-                lo = fields(2)
-                luts = [c[lo], c[4 + lo], fields(1).float()]
+                codes = fields(2, 4) | (((i[:, None] >> 8) >> torch.arange(4)[None, :]) & 1) << 2
+                b = torch.arange(256)
+                nibbles = torch.stack([b & 15, b >> 4], -1) << 8
+                books = (c[codes], nibbles.int())
             else:
-                luts = [c[fields(self.bits)]]
-            self._books[key] = [t.contiguous().to(device) for t in luts]
+                books = (c[fields(self.bits, 8 // self.bits)], None)
+            self._books[key] = tuple(t if t is None else t.contiguous().to(device) for t in books)
         return self._books[key]
 
-    def _byte_lookup(self, codes: torch.Tensor) -> torch.Tensor:
-        luts = self._luts(codes.device)
+    def _table_lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        table, nibbles = self._tables(codes.device)
         lead, d = codes.shape[:-1], self.dim
         if self.bits != 3:
-            return torch.nn.functional.embedding(codes.int(), luts[0]).reshape(*lead, d)
+            return torch.nn.functional.embedding(codes.int(), table).reshape(*lead, d)
         q = d // 4
-        lo = codes[..., :q].int()
-        hi = torch.nn.functional.embedding(codes[..., q:q + d // 8].int(), luts[2]).reshape(*lead, d)
-        c_lo = torch.nn.functional.embedding(lo, luts[0]).reshape(*lead, d)
-        c_hi = torch.nn.functional.embedding(lo, luts[1]).reshape(*lead, d)
-        return c_lo * (1 - hi) + c_hi * hi
+        hi = torch.nn.functional.embedding(codes[..., q:q + d // 8].int(), nibbles).reshape(*lead, q)
+        return torch.nn.functional.embedding(torch.add(codes[..., :q], hi), table).reshape(*lead, d)
 
     def quantize(self, x: torch.Tensor) -> QuantizedVectors:
         _, n, u = _unit(x, self.dim)
@@ -147,6 +150,11 @@ class TurboQuantMSE(RotatedCodec):
     def decode_rotated(self, rec: torch.Tensor) -> torch.Tensor:
         check_record(rec, self.record_bytes, self.name)
         return self.values(rec[..., : self.code_bytes], read_fp16(rec, self.norm_at, 1).squeeze(-1))
+
+    def rotated_parts(self, rec: torch.Tensor):
+        check_record(rec, self.record_bytes, self.name)
+        return [(0, self.dim, self.unit_values(rec[..., : self.code_bytes]),
+                 read_fp16(rec, self.norm_at, 1).squeeze(-1))]
 
 
 class TurboQuantProd(RotatedCodec, SketchedCodec):
@@ -340,3 +348,10 @@ class TurboQuantSplit(KVCodec):
     def decode_rotated(self, rec: torch.Tensor) -> torch.Tensor:
         check_record(rec, self.record_bytes, self.name)
         return self._values(rec[..., : self.norm_at], read_fp16(rec, self.norm_at, 2))
+
+    def rotated_parts(self, rec: torch.Tensor):
+        check_record(rec, self.record_bytes, self.name)
+        na, k = self.a.code_bytes, self.outliers
+        norms = read_fp16(rec, self.norm_at, 2)
+        return [(0, k, self.a.unit_values(rec[..., :na]), norms[..., 0]),
+                (k, self.dim, self.b.unit_values(rec[..., na:na + self.b.code_bytes]), norms[..., 1])]
