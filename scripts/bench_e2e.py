@@ -118,6 +118,8 @@ def main() -> None:
     p.add_argument("--prefill", type=int, nargs="*", default=[8192])
     p.add_argument("--chunk", type=int, default=2048)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--largest", type=float, default=0.0,
+                   help="also allocate this fraction of the largest context that fits and time decode there")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -152,10 +154,30 @@ def main() -> None:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
         if device.type == "cuda":
-            free = torch.cuda.mem_get_info()[0]
+            gc.collect()
+            torch.cuda.empty_cache()
+            # the estimate counts the weights itself: give it the memory free without them
+            weights = sum(p.numel() * p.element_size() for p in model.parameters())
+            free = torch.cuda.mem_get_info()[0] + weights
             for t in args.types:
-                most = largest_context(cfg, CacheConfig(k_type=t, v_type=t), dtype, free)
-                rows.append((shape, t, "largest context (free memory)", most, 0, free / 2**30))
+                cc = CacheConfig(k_type=t, v_type=t)
+                most = largest_context(cfg, cc, dtype, free)
+                tps = 0.0
+                if args.largest:  # allocate most of it and time decode steps at that context
+                    n = int(most * args.largest) // 64 * 64
+                    cache = build_cache(cc, margs, max_seqs=1, max_len=n + 64, dtype=dtype, device=device)
+                    engine = LLMEngine(model, cache, device)
+                    fill(cache, [0], n - 8, dtype)
+                    tps = decode_tps(engine, [0], n - 8, 3)
+                    rows.append((shape, t, f"decode B=1 at {args.largest:.0%} of the largest", n, tps,
+                                 torch.cuda.max_memory_allocated() / 2**30))
+                    print(rows[-1], file=sys.stderr, flush=True)
+                    del engine, cache
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                rows.append((shape, t, "largest context (estimate, memory free of the weights)", most, 0,
+                             free / 2**30))
         del model
     print(f"<!-- {date.today()} · {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'} · "
           f"torch {torch.__version__} · `PYTHONPATH=. python scripts/bench_e2e.py {' '.join(sys.argv[1:])}` -->")
