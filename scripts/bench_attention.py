@@ -196,7 +196,7 @@ def check_prefill(shape: str, kinds, t=3000):
     return rows
 
 
-def bench_prefill(shape, prefix, chunk, kinds, results, configs=({},)):
+def bench_prefill(shape, prefix, chunk, kinds, results, configs=None):
     """One sequence: a chunk of `chunk` new tokens over `prefix` cached tokens, vs SDPA bf16 over the
     same keys (contiguous; no mask: the chunk's causal triangle is < 1% of the work)."""
     hq, h, d = SHAPES[shape]
@@ -216,7 +216,7 @@ def bench_prefill(shape, prefix, chunk, kinds, results, configs=({},)):
         view = make_cache(kind, 1, prefix, h, d)
         out = torch.empty_like(q)
         best = None
-        for cfg in configs:
+        for cfg in (configs or {}).get(kind, ({},)):
             us = graph_time(lambda: paged_prefill_attention(q, k, v, cu, pl, view, scale, out=out, **cfg))
             row[f"{kind}_us_{json.dumps(cfg)}"] = us
             best = us if best is None else min(best, us)
@@ -269,20 +269,25 @@ def main():
     args = ap.parse_args()
     t0 = time.time()
     kinds = ["tq3.5", "tq4", "bf16"]
+    props = torch.cuda.get_device_properties(0)
+    head = (f"{datetime.date.today()} · {props.name} · torch {torch.__version__} · triton {triton.__version__}"
+            f" · `PYTHONPATH=. python scripts/bench_attention.py{' --quick' if args.quick else ''}`")
     log("correctness (kernel vs torch twin, GPU):")
     checks = []
     for shape in SHAPES:
         for kind, err, finite in check_decode(shape, kinds + ["tq3", "tq2.5", "tqp3"]):
             checks.append((shape, kind, err, finite))
             log(f"  decode {shape} {kind}: rel err {err:.2e} finite={finite}")
-    for shape in SHAPES:
-        for kind, err, finite in check_prefill(shape, ["tq3.5", "tq4", "bf16", "tqp3"]):
+    for shape, pk in (("llama3-8b", ["tq3.5", "bf16", "tqp3"]), ("smollm2-135m", ["tq3.5"])):
+        for kind, err, finite in check_prefill(shape, pk):
             checks.append((shape, "prefill " + kind, err, finite))
             log(f"  prefill {shape} {kind}: rel err {err:.2e} finite={finite}")
     bad = [c for c in checks if not (c[3] and c[2] < 2e-2)]
     if bad:
         log("CORRECTNESS FAILED:", bad)
         sys.exit(1)
+    print(f"\n{head}\n\ncorrectness: max rel err kernel vs twin {max(c[2] for c in checks):.1e} over "
+          f"{len(checks)} (shape, type) pairs", flush=True)
 
     results = []
     if args.quick:
@@ -294,38 +299,36 @@ def main():
         if b * t * h * d * 2 * 2 * 2.5 > 100e9:  # contiguous + paged bf16 copies must fit
             continue
         bench_decode(shape, b, t, kinds, results)
-    log(decode_table(results, kinds))
-    sw = sweep("llama3-8b", 1, 128 * 1024, "tq3.5",
-               [dict(), dict(unit_loads="nogather"), dict(unit_loads="lut", num_stages=3),
-                dict(unit_loads="lut"), dict(unit_loads=False), dict(block_n=32, num_warps=2),
-                dict(num_splits=33)])
+    print("\nDecode attention, one query token per sequence; sinks 4 + window 128 bf16; block 64; CUDA-graph "
+          "replay, median, L2 flushed; GB/s on the bytes the kernel must read; × = speedup over SDPA\n")
+    print(decode_table(results, kinds), flush=True)
+
     presults = []
-    pconfigs = ({}, dict(block_m=32, num_warps=8))  # each config compiles per type: keep few
+    pconfigs = {"tq3.5": ({}, dict(block_m=16, num_warps=4), dict(block_m=64, num_warps=8))}
     for shape, prefix, chunk in ([("llama3-8b", 32768, 1024)] if args.quick else
                                  [("llama3-8b", 32768, 512), ("llama3-8b", 32768, 2048),
                                   ("smollm2-135m", 32768, 2048)]):
         bench_prefill(shape, prefix, chunk, kinds, presults, pconfigs)
+    print("\nPrefill attention: one sequence, a chunk over a cached prefix (compressed: sinks 4 + window 128 "
+          "bf16), default tiles (tq3.5: best of the default, block_m 16 / 4 warps, block_m 64 / 8 warps); "
+          "SDPA bf16 over the same keys, contiguous, no mask\n")
+    print(prefill_table(presults, kinds), flush=True)
+    for r in presults:
+        print("  " + ", ".join(f"{k}: {v:.0f} µs" for k, v in r.items() if k.startswith("tq3.5_us_")))
+
+    sw = []
+    for kind in ("tq3.5", "tq4"):
+        sw += [(kind,) + x for x in sweep("llama3-8b", 1, 128 * 1024, kind, [
+            dict(), dict(lookup="lut"), dict(lookup="pair"), dict(num_warps=8), dict(num_splits=32),
+            dict(num_splits=128), dict(early_v=kind != "tq4")])]
+    print("\nDecode variants, llama3-8b, B=1, T=128k (default: lookup='mem', 4 warps, block_n 64, 64 splits; "
+          "early_v True for tq4 only):")
+    for kind, cfg, us, gbs in sw:
+        print(f"  {kind} {cfg}: {us:.1f} µs, {gbs:.0f} GB/s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(results=results, prefill=presults, checks=checks,
-                           sweep=[(c, u, g) for c, u, g in sw]), f, indent=1)
-
-    props = torch.cuda.get_device_properties(0)
-    print(f"\n{datetime.date.today()} · {props.name} · torch {torch.__version__} · triton {triton.__version__}"
-          f" · `PYTHONPATH=. python scripts/bench_attention.py{' --quick' if args.quick else ''}`"
-          f" · {time.time() - t0:.0f} s")
-    print(f"\ncorrectness: max rel err kernel vs twin {max(c[2] for c in checks):.1e} over "
-          f"{len(checks)} (shape, type) pairs")
-    print("\nDecode attention, one query token per sequence; sinks 4 + window 128 bf16; block 64; CUDA-graph "
-          "replay, median, L2 flushed; GB/s on the bytes the kernel must read; × = speedup over SDPA\n")
-    print(decode_table(results, kinds))
-    print("\nPrefill attention: one sequence, a chunk over a cached prefix (compressed: sinks 4 + window 128 "
-          "bf16), best of the block_m/num_warps configs; SDPA bf16 over the same keys, contiguous, no mask\n")
-    print(prefill_table(presults, kinds))
-    print("\nDecode variants, tq3.5, llama3-8b, B=1, T=128k (unit_loads='nogather' is a diagnostic: codes "
-          "stand in for centroids, no table lookups; its output is wrong):")
-    for cfg, us, gbs in sw:
-        print(f"  {cfg}: {us:.1f} µs, {gbs:.0f} GB/s")
+            json.dump(dict(results=results, prefill=presults, checks=checks, sweep=sw), f, indent=1)
+    print(f"\n{time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import zlib
 import pytest
 import torch
 
-from tqinfer.kernels import reference
+from tqinfer.kernels import decode_attention, reference
 from tqinfer.kernels.decode_attention import paged_decode_attention
 
 from .cachegen import attention64, build_cache, rel_err
@@ -104,12 +104,16 @@ def test_decode_is_not_blind():
     assert rel_err(out2, ref) > 1e-2
 
 
-@pytest.mark.parametrize("mode", [False, "lut"])
-@pytest.mark.parametrize("kt,vt", [("tq3.5", "tq4"), ("tqp3", "tq1")])
-def test_decode_load_variants(kt, vt, mode):
-    """Single-byte units (records not aligned to wider ones) and the register centroid table compute
-    the same."""
-    out, ref, _ = _run(kt, vt, 64, 2, 4, LENS, 4, 8, torch.float32, splits=2, seed=3, unit_loads=mode)
+@pytest.mark.parametrize("kw", [dict(lookup="lut"), dict(lookup="pair"), dict(early_v=True), dict(early_v=False),
+                                dict(wide=True)], ids=["lut", "pair", "early", "late", "wide"])
+@pytest.mark.parametrize("kt,vt,d", [("tq3.5", "tq4", 64), ("tqp3", "tq1", 64), ("tq4", "tq3.5", 128)])
+def test_decode_variants(kt, vt, d, kw, monkeypatch):
+    """The register centroid table, the fp16x2 pair table (4-bit planes), value loads issued early or
+    late, and planes read in words split in registers all compute the same."""
+    kw = dict(kw)
+    if kw.pop("wide", False):
+        monkeypatch.setattr(decode_attention, "WIDE_LOADS", True)
+    out, ref, _ = _run(kt, vt, d, 2, 4, LENS, 4, 8, torch.float32, splits=2, seed=3, **kw)
     assert rel_err(out, ref) < 2e-3
 
 

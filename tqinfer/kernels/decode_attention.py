@@ -7,6 +7,13 @@ norm (+ the QJL term); softmax is online in fp32 (base 2, the scale folded into 
 in the codec's rotated space. Stage 2 (grid B x H): log-sum-exp merge of the splits, un-rotation, then
 the hot tokens and the token itself in the original space. The grid depends only on the batch size
 and head count, so a decode step can be captured in a CUDA graph.
+
+Codes are never put back into channel order. A part's plane is read as NC columns of whole units
+(unit c holds the codes of channels c*NS .. c*NS + NS - 1, NS = dim / NC); sub-tile S is the code at
+shift S of every unit, i.e. channels c*NS + S. The order of channels inside a dot product is free, so
+scores are sum_S q_S . c_S with q_S the matching columns of the rotated query (permuted once on the host,
+folded into the rotation matrix), and values accumulate into one [rows, NC] accumulator per sub-tile,
+stored to their channels at the end. NC >= 16 (tl.dot's smallest K).
 """
 
 from __future__ import annotations
@@ -25,99 +32,105 @@ LOG2E = 1.4426950408889634
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_HEAD_DIM = 128  # wider heads: out of shared memory on an H200 (d = 256 needs 272 KB); torch twin
 NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima, so empty splits merge without NaN
+LOOKUPS = {"mem": 0, "lut": 1, "pair": 2}  # centroid lookup: fp16 table in L1, in registers, fp16x2 per byte
+
+
+# ----------------------------------------------------------------------------------------------------
+# reading codes: whole units, sub-tiles by shift, no channel reordering
 
 
 @triton.jit
-def _unit_codes(wp, ws, tab_ptr, S: tl.constexpr, BITS: tl.constexpr, TAB: tl.constexpr):
-    """Centroids of sub-tile S: codes at shift S of the primary plane's units wp (and the 1-bit
-    plane's units ws, pre-shifted, for 3-bit codes). BITS // 16: 0 gathers the centroid table from
-    memory (L1), 2 from a register copy (tab_ptr is then the table broadcast over rows), 1 is a
-    diagnostic that uses the codes themselves as values."""
-    if BITS % 16 == 4:
-        code = (wp >> (4 * S)) & 15
-    elif BITS % 16 == 2:
-        code = (wp >> (2 * S)) & 3
-    elif BITS % 16 == 1:
-        code = (wp >> S) & 1
+def _words(row, OFF: tl.constexpr, WB: tl.constexpr, NW: tl.constexpr):
+    """[N, NW] int32: words of WB bits (8, 16 or 32) of the plane at byte OFF of each record row[N]."""
+    c = tl.arange(0, NW)
+    if WB == 32:
+        w = tl.load((row + OFF).to(tl.pointer_type(tl.uint32))[:, None] + c[None, :]).to(tl.int32)
+    elif WB == 16:
+        w = tl.load((row + OFF).to(tl.pointer_type(tl.uint16))[:, None] + c[None, :]).to(tl.int32)
     else:
-        code = ((wp >> (2 * S)) & 3) | (((ws >> S) & 1) << 2)
-    if BITS // 16 == 1:
-        out = code.to(tl.float32)
-    elif BITS // 16 == 2:
-        out = tl.gather(tab_ptr, code, 1)
-    else:
-        out = tl.load(tab_ptr + TAB + code)
-    return out
-
-
-@triton.jit
-def _tree2(wp, ws, tab_ptr, S0: tl.constexpr, ST: tl.constexpr, BITS: tl.constexpr, TAB: tl.constexpr):
-    return tl.interleave(_unit_codes(wp, ws, tab_ptr, S0, BITS, TAB),
-                         _unit_codes(wp, ws, tab_ptr, S0 + ST, BITS, TAB))
-
-
-@triton.jit
-def _tree4(wp, ws, tab_ptr, S0: tl.constexpr, ST: tl.constexpr, BITS: tl.constexpr, TAB: tl.constexpr):
-    return tl.interleave(_tree2(wp, ws, tab_ptr, S0, 2 * ST, BITS, TAB),
-                         _tree2(wp, ws, tab_ptr, S0 + ST, 2 * ST, BITS, TAB))
-
-
-@triton.jit
-def _tree8(wp, ws, tab_ptr, S0: tl.constexpr, ST: tl.constexpr, BITS: tl.constexpr, TAB: tl.constexpr):
-    return tl.interleave(_tree4(wp, ws, tab_ptr, S0, 2 * ST, BITS, TAB),
-                         _tree4(wp, ws, tab_ptr, S0 + ST, 2 * ST, BITS, TAB))
-
-
-@triton.jit
-def _load_units(ptr, idx, UNIT: tl.constexpr):
-    """Units of UNIT bytes at byte pointer ptr[N] (UNIT-aligned), unit indices idx[U] -> int32 [N, U]."""
-    if UNIT == 4:
-        w = tl.load(ptr.to(tl.pointer_type(tl.uint32))[:, None] + idx[None, :]).to(tl.int32)
-    elif UNIT == 2:
-        w = tl.load(ptr.to(tl.pointer_type(tl.uint16))[:, None] + idx[None, :]).to(tl.int32)
-    else:
-        w = tl.load(ptr[:, None] + idx[None, :]).to(tl.int32)
+        w = tl.load((row + OFF)[:, None] + c[None, :]).to(tl.int32)
     return w
 
 
 @triton.jit
-def _unit_tile(row, tab_ptr, D: tl.constexpr, BITS: tl.constexpr, UNIT: tl.constexpr, PLANE: tl.constexpr,
-               TAB: tl.constexpr):
-    """centroid_tile from whole units (UNIT bytes) of the planes: a unit of the primary plane (width
-    P) holds NS = 8 * UNIT / P codes, split by shifts into NS sub-tiles [N, D / NS] and interleaved
-    back into channel order. Unmasked: every tile lies in an allocated block."""
-    NS: tl.constexpr = 8 if (BITS % 16 == 1 and UNIT == 2) else (8 * UNIT) // (
-        4 if BITS % 16 == 4 else (2 if BITS % 16 >= 2 else 1))
-    u = tl.arange(0, D // NS)
-    if BITS % 16 == 1 and UNIT == 2:  # 1-bit codes: 16-bit units, each split in two halves of 8 codes
-        wp = _load_units(row + PLANE, u // 2, UNIT) >> ((u % 2) * 8)[None, :]
+def _spread(w, UB: tl.constexpr, K: tl.constexpr, J: tl.constexpr, STEP: tl.constexpr):
+    """Units J, J + STEP, J + 2 STEP, ... (< K) of each word, as [N, NW * K / STEP] in that order. The
+    bits above a unit are not cleared: the codes' shifts and masks stay inside it."""
+    if K // STEP == 1:
+        out = w >> (J * UB)
     else:
-        wp = _load_units(row + PLANE, u, UNIT)
-    if BITS % 16 == 3:  # the 1-bit plane after the 2-bit one: unit u // 2, codes from bit (u % 2) * NS
-        ws = _load_units(row + (PLANE + D // 4), u // 2, UNIT) >> ((u % 2) * NS)[None, :]
-    else:
-        ws = wp
-    if BITS // 16 == 2:  # centroids in registers, looked up by tl.gather
-        NC: tl.constexpr = 1 << (BITS % 16)
-        tab = tl.broadcast_to(tl.load(tab_ptr + TAB + tl.arange(0, NC))[None, :], [row.shape[0], NC])
-    else:
-        tab = tab_ptr
-    if NS == 8:
-        out = _tree8(wp, ws, tab, 0, 1, BITS, TAB)
-    elif NS == 4:
-        out = _tree4(wp, ws, tab, 0, 1, BITS, TAB)
-    else:
-        out = _tree2(wp, ws, tab, 0, 1, BITS, TAB)
+        out = tl.reshape(tl.join(_spread(w, UB, K, J, 2 * STEP), _spread(w, UB, K, J + STEP, 2 * STEP)),
+                         [w.shape[0], w.shape[1] * (K // STEP)])
     return out
 
 
 @triton.jit
-def centroid_tile(row, tmask, tab_ptr, D: tl.constexpr, BU: tl.constexpr, PLANE: tl.constexpr,
-                  TAB: tl.constexpr, BLOCK_N: tl.constexpr):
-    """row[N] record pointers -> [N, D] float32 centroids of one part's codes, channel order natural.
-    BU = bits + 16 * unit + 256 * mode (see _unit_codes); planes are read in whole units of 1, 2 or 4
-    bytes, unmasked (tmask is applied to the scale instead)."""
-    return _unit_tile(row, tab_ptr, D, BU % 16 + 16 * (BU // 256), (BU // 16) % 16, PLANE, TAB)
+def _units(row, OFF: tl.constexpr, UB: tl.constexpr, NC: tl.constexpr, WB: tl.constexpr):
+    """[N, NC] int32: unit c (UB bits) of the plane at byte OFF of each record row[N] in the low bits,
+    read as words of WB bits (one load per word, split in registers). Unmasked: every tile lies in
+    allocated blocks."""
+    if WB > UB:
+        w = _spread(_words(row, OFF, WB, (NC * UB) // WB), UB, WB // UB, 0, 1)
+    elif UB >= 8:
+        w = _words(row, OFF, UB, NC)
+    else:  # units under a byte, read alone: the byte holding each, shifted
+        c = tl.arange(0, NC)
+        w = tl.load((row + OFF)[:, None] + ((c * UB) // 8)[None, :]).to(tl.int32) >> ((c * UB) % 8)[None, :]
+    return w
+
+
+@triton.jit
+def _codes(w, w2, S: tl.constexpr, BITS: tl.constexpr):
+    """Codes at shift S of every unit (3-bit codes: 2-bit plane w, 1-bit plane w2)."""
+    if BITS == 4:
+        code = (w >> (4 * S)) & 15
+    elif BITS == 2:
+        code = (w >> (2 * S)) & 3
+    elif BITS == 1:
+        code = (w >> S) & 1
+    else:
+        code = ((w >> (2 * S)) & 3) | (((w2 >> S) & 1) << 2)
+    return code
+
+
+@triton.jit
+def _cent(code, tab, tabr, TB: tl.constexpr, MODE: tl.constexpr):
+    if MODE == 1:  # the table in registers, looked up by warp shuffles
+        c = tl.gather(tabr, code, 1)
+    else:  # fp16 table, gathered through L1
+        c = tl.load(tab + TB + code)
+    return c
+
+
+@triton.jit
+def _sub2(w, w2, tab, tab2, tabr, S: tl.constexpr, BITS: tl.constexpr, TB: tl.constexpr, TP: tl.constexpr,
+          MODE: tl.constexpr):
+    """Centroids (fp16) of sub-tiles S and S + 1; 4-bit codes in 'pair' mode: one fp16x2 lookup per byte."""
+    if MODE == 2 and BITS == 4:
+        x = tl.load(tab2 + TP + ((w >> (4 * S)) & 255))
+        c0 = x.to(tl.int16).to(tl.float16, bitcast=True)
+        c1 = (x >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+    else:
+        c0 = _cent(_codes(w, w2, S, BITS), tab, tabr, TB, MODE)
+        c1 = _cent(_codes(w, w2, S + 1, BITS), tab, tabr, TB, MODE)
+    return c0, c1
+
+
+@triton.jit
+def _part_units(row, tab, DP: tl.constexpr, BITS: tl.constexpr, PL: tl.constexpr, TB: tl.constexpr,
+                NC: tl.constexpr, MODE: tl.constexpr, WIDE: tl.constexpr):
+    NS: tl.constexpr = DP // NC
+    PB: tl.constexpr = 4 if BITS == 4 else (2 if BITS >= 2 else 1)
+    # WIDE: bytes per load of the primary plane + 16 x those of the 1-bit plane (0: units as they are)
+    w = _units(row, PL, NS * PB, NC, (WIDE % 16) * 8)
+    w2 = w
+    if BITS == 3:
+        w2 = _units(row, PL + DP // 4, NS, NC, (WIDE // 16) * 8)
+    if MODE == 1:
+        tabr = tl.broadcast_to(tl.load(tab + TB + tl.arange(0, 1 << BITS))[None, :], [row.shape[0], 1 << BITS])
+    else:
+        tabr = tab
+    return w, w2, tabr
 
 
 @triton.jit
@@ -127,71 +140,188 @@ def record_scale(row, tmask, OFF: tl.constexpr):
 
 
 @triton.jit
-def tile_scores(q_a, q_b, q_q, k_pool, tab_k, tok_base, tmask, h,
-                H: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                K_DENSE: tl.constexpr, REC_K: tl.constexpr,
-                DKA: tl.constexpr, BKA: tl.constexpr, PKA: tl.constexpr, SKA: tl.constexpr, TKA: tl.constexpr,
-                DKB: tl.constexpr, BKB: tl.constexpr, PKB: tl.constexpr, SKB: tl.constexpr, TKB: tl.constexpr,
-                DKQ: tl.constexpr, BKQ: tl.constexpr, PKQ: tl.constexpr, SKQ: tl.constexpr, TKQ: tl.constexpr,
-                DOT_F32: tl.constexpr):
-    """Scores [rows, BLOCK_N] (log2 units) of the prepared queries against one tile of cached keys;
-    tok_base[N] is the slot index (block * H + h) * BS + offset of each token."""
-    if K_DENSE:
-        d = tl.arange(0, D)
-        k = tl.load(k_pool + tok_base[:, None] * D + d[None, :], mask=tmask[:, None], other=0.0)
-        if DOT_F32:
-            qk = tl.dot(q_a.to(tl.float32), tl.trans(k.to(tl.float32)))
-        else:
-            qk = tl.dot(q_a, tl.trans(k))
-    else:
-        row = k_pool + tok_base * REC_K
-        c = centroid_tile(row, tmask, tab_k, DKA, BKA, PKA, TKA, BLOCK_N).to(tl.float16)
-        qk = tl.dot(q_a, tl.trans(c)) * record_scale(row, tmask, SKA)[None, :]
-        if DKB > 0:
-            c = centroid_tile(row, tmask, tab_k, DKB, BKB, PKB, TKB, BLOCK_N).to(tl.float16)
-            qk += tl.dot(q_b, tl.trans(c)) * record_scale(row, tmask, SKB)[None, :]
-        if DKQ > 0:
-            c = centroid_tile(row, tmask, tab_k, DKQ, BKQ, PKQ, TKQ, BLOCK_N).to(tl.float16)
-            qk += tl.dot(q_q, tl.trans(c)) * record_scale(row, tmask, SKQ)[None, :]
-    return qk
+def _qdot(qrow, CO: tl.constexpr, NC: tl.constexpr, c, acc):
+    q = tl.load(qrow[:, None] + CO + tl.arange(0, NC)[None, :])
+    return tl.dot(q, tl.trans(c), acc)
 
 
 @triton.jit
-def tile_values(p, acc, v_pool, tab_v, tok_base, tmask,
-                D: tl.constexpr, BLOCK_N: tl.constexpr, V_DENSE: tl.constexpr, REC_V: tl.constexpr,
-                DV: tl.constexpr, BV: tl.constexpr, PV: tl.constexpr, SV: tl.constexpr, TV: tl.constexpr,
-                DOT_F32: tl.constexpr):
-    """acc[rows, DV] += p[rows, N] @ (one part of) the tile's values, in the codec's rotated space."""
-    if V_DENSE:
-        d = tl.arange(0, D)
-        v = tl.load(v_pool + tok_base[:, None] * D + d[None, :], mask=tmask[:, None], other=0.0)
-        if DOT_F32:
-            acc += tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
-        else:
-            acc += tl.dot(p.to(v.dtype), v)
-    else:
-        row = v_pool + tok_base * REC_V
-        c = centroid_tile(row, tmask, tab_v, DV, BV, PV, TV, BLOCK_N).to(tl.float16)
-        pn = p * record_scale(row, tmask, SV)[None, :]
-        acc += tl.dot(pn.to(tl.float16), c)
+def part_scores(qrow, row, tab, tab2, tmask, CH: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr,
+                PL: tl.constexpr, SC: tl.constexpr, TB: tl.constexpr, TP: tl.constexpr, NC: tl.constexpr,
+                WD: tl.constexpr, MODE: tl.constexpr):
+    """[rows, N] = scale * sum_S q_S . c_S^T over one part's sub-tiles (q columns permuted on the host:
+    sub-tile S at CH + S * NC)."""
+    NS: tl.constexpr = DP // NC
+    w, w2, tabr = _part_units(row, tab, DP, BITS, PL, TB, NC, MODE, WD)
+    s = tl.zeros([qrow.shape[0], row.shape[0]], dtype=tl.float32)
+    c0, c1 = _sub2(w, w2, tab, tab2, tabr, 0, BITS, TB, TP, MODE)
+    s = _qdot(qrow, CH, NC, c0, s)
+    if NS > 1:
+        s = _qdot(qrow, CH + NC, NC, c1, s)
+    if NS > 2:
+        c2, c3 = _sub2(w, w2, tab, tab2, tabr, 2, BITS, TB, TP, MODE)
+        s = _qdot(qrow, CH + 2 * NC, NC, c2, s)
+        s = _qdot(qrow, CH + 3 * NC, NC, c3, s)
+    if NS > 4:
+        c4, c5 = _sub2(w, w2, tab, tab2, tabr, 4, BITS, TB, TP, MODE)
+        s = _qdot(qrow, CH + 4 * NC, NC, c4, s)
+        s = _qdot(qrow, CH + 5 * NC, NC, c5, s)
+        c6, c7 = _sub2(w, w2, tab, tab2, tabr, 6, BITS, TB, TP, MODE)
+        s = _qdot(qrow, CH + 6 * NC, NC, c6, s)
+        s = _qdot(qrow, CH + 7 * NC, NC, c7, s)
+    return s * record_scale(row, tmask, SC)[None, :]
+
+
+@triton.jit
+def part_load(row, tab, tmask, DP: tl.constexpr, BITS: tl.constexpr, PL: tl.constexpr, SC: tl.constexpr,
+              TB: tl.constexpr, NC: tl.constexpr, WD: tl.constexpr, MODE: tl.constexpr):
+    """One part's units (and register table) and scales of a tile, for part_values."""
+    w, w2, tabr = _part_units(row, tab, DP, BITS, PL, TB, NC, MODE, WD)
+    return w, w2, tabr, record_scale(row, tmask, SC)
+
+
+@triton.jit
+def part_values(p, alpha, a0, a1, a2, a3, a4, a5, a6, a7, w, w2, tabr, scale, tab, tab2,
+                DP: tl.constexpr, BITS: tl.constexpr, TB: tl.constexpr, TP: tl.constexpr, NC: tl.constexpr,
+                MODE: tl.constexpr):
+    """a_S[rows, NC] = alpha * a_S + p . (scale * c_S) for one part's sub-tiles (units from part_load)."""
+    NS: tl.constexpr = DP // NC
+    pn = (p * scale[None, :]).to(tl.float16)
+    al = alpha[:, None]
+    c0, c1 = _sub2(w, w2, tab, tab2, tabr, 0, BITS, TB, TP, MODE)
+    a0 = tl.dot(pn, c0, a0 * al)
+    if NS > 1:
+        a1 = tl.dot(pn, c1, a1 * al)
+    if NS > 2:
+        c2, c3 = _sub2(w, w2, tab, tab2, tabr, 2, BITS, TB, TP, MODE)
+        a2 = tl.dot(pn, c2, a2 * al)
+        a3 = tl.dot(pn, c3, a3 * al)
+    if NS > 4:
+        c4, c5 = _sub2(w, w2, tab, tab2, tabr, 4, BITS, TB, TP, MODE)
+        a4 = tl.dot(pn, c4, a4 * al)
+        a5 = tl.dot(pn, c5, a5 * al)
+        c6, c7 = _sub2(w, w2, tab, tab2, tabr, 6, BITS, TB, TP, MODE)
+        a6 = tl.dot(pn, c6, a6 * al)
+        a7 = tl.dot(pn, c7, a7 * al)
+    return a0, a1, a2, a3, a4, a5, a6, a7
+
+
+@triton.jit
+def store_part(ptr, a0, a1, a2, a3, a4, a5, a6, a7, CH: tl.constexpr, DP: tl.constexpr, NC: tl.constexpr):
+    """Store the sub-tile accumulators to their channels: ptr[rows] + CH + c * NS + S."""
+    NS: tl.constexpr = DP // NC
+    col = ptr[:, None] + CH + tl.arange(0, NC)[None, :] * NS
+    tl.store(col, a0)
+    if NS > 1:
+        tl.store(col + 1, a1)
+    if NS > 2:
+        tl.store(col + 2, a2)
+        tl.store(col + 3, a3)
+    if NS > 4:
+        tl.store(col + 4, a4)
+        tl.store(col + 5, a5)
+        tl.store(col + 6, a6)
+        tl.store(col + 7, a7)
+
+
+@triton.jit
+def _mat_dot(a, m_ptr, ROW0: tl.constexpr, NS: tl.constexpr, NC: tl.constexpr, D: tl.constexpr, acc):
+    rows = ROW0 + tl.arange(0, NC) * NS
+    m = tl.load(m_ptr + rows[:, None] * D + tl.arange(0, D)[None, :])
+    return tl.dot(a, m, acc, input_precision="ieee")
+
+
+@triton.jit
+def unrotate_part(acc, a0, a1, a2, a3, a4, a5, a6, a7, m_ptr, CH: tl.constexpr, DP: tl.constexpr,
+                  NC: tl.constexpr, D: tl.constexpr):
+    """acc[rows, D] += sum_S a_S @ m[CH + c * NS + S, :] (m: [*, D] row-major)."""
+    NS: tl.constexpr = DP // NC
+    acc = _mat_dot(a0, m_ptr, CH, NS, NC, D, acc)
+    if NS > 1:
+        acc = _mat_dot(a1, m_ptr, CH + 1, NS, NC, D, acc)
+    if NS > 2:
+        acc = _mat_dot(a2, m_ptr, CH + 2, NS, NC, D, acc)
+        acc = _mat_dot(a3, m_ptr, CH + 3, NS, NC, D, acc)
+    if NS > 4:
+        acc = _mat_dot(a4, m_ptr, CH + 4, NS, NC, D, acc)
+        acc = _mat_dot(a5, m_ptr, CH + 5, NS, NC, D, acc)
+        acc = _mat_dot(a6, m_ptr, CH + 6, NS, NC, D, acc)
+        acc = _mat_dot(a7, m_ptr, CH + 7, NS, NC, D, acc)
     return acc
 
 
 @triton.jit
+def tile_scores(qrow, k_pool, tab_k, tab_k2, tok_base, tmask,
+                D: tl.constexpr, K_DENSE: tl.constexpr, REC_K: tl.constexpr,
+                KA_CH: tl.constexpr, KA_DP: tl.constexpr, KA_BT: tl.constexpr, KA_PL: tl.constexpr,
+                KA_SC: tl.constexpr, KA_TB: tl.constexpr, KA_TP: tl.constexpr, KA_NC: tl.constexpr, KA_WD: tl.constexpr,
+                KB_CH: tl.constexpr, KB_DP: tl.constexpr, KB_BT: tl.constexpr, KB_PL: tl.constexpr,
+                KB_SC: tl.constexpr, KB_TB: tl.constexpr, KB_TP: tl.constexpr, KB_NC: tl.constexpr, KB_WD: tl.constexpr,
+                KQ_CH: tl.constexpr, KQ_DP: tl.constexpr, KQ_BT: tl.constexpr, KQ_PL: tl.constexpr,
+                KQ_SC: tl.constexpr, KQ_TB: tl.constexpr, KQ_TP: tl.constexpr, KQ_NC: tl.constexpr, KQ_WD: tl.constexpr,
+                MODE: tl.constexpr, DOT_F32: tl.constexpr):
+    """Scores [rows, N] (log2 units) of the prepared queries (rows at qrow) against one tile of cached
+    keys; tok_base[N] is the slot index (block * H + h) * BS + offset of each token."""
+    if K_DENSE:
+        d = tl.arange(0, D)
+        q = tl.load(qrow[:, None] + d[None, :])
+        k = tl.load(k_pool + tok_base[:, None] * D + d[None, :], mask=tmask[:, None], other=0.0)
+        if DOT_F32:
+            qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
+        else:
+            qk = tl.dot(q, tl.trans(k))
+    else:
+        row = k_pool + tok_base * REC_K
+        qk = part_scores(qrow, row, tab_k, tab_k2, tmask, KA_CH, KA_DP, KA_BT, KA_PL, KA_SC, KA_TB, KA_TP,
+                         KA_NC, KA_WD, MODE)
+        if KB_DP > 0:
+            qk += part_scores(qrow, row, tab_k, tab_k2, tmask, KB_CH, KB_DP, KB_BT, KB_PL, KB_SC, KB_TB, KB_TP,
+                              KB_NC, KB_WD, MODE)
+        if KQ_DP > 0:
+            qk += part_scores(qrow, row, tab_k, tab_k2, tmask, KQ_CH, KQ_DP, KQ_BT, KQ_PL, KQ_SC, KQ_TB, KQ_TP,
+                              KQ_NC, KQ_WD, MODE)
+    return qk
+
+
+@triton.jit
+def dense_values(p, alpha, acc, v_pool, tok_base, tmask, D: tl.constexpr, DOT_F32: tl.constexpr):
+    d = tl.arange(0, D)
+    v = tl.load(v_pool + tok_base[:, None] * D + d[None, :], mask=tmask[:, None], other=0.0)
+    if DOT_F32:
+        acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc * alpha[:, None])
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return acc
+
+
+@triton.jit
+def tile_tokens(bt_ptr, b, s_bt, ti, tok, c_end, h, H: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Slot index (block * H + h) * BS + offset of each token of tile ti (BLOCK_N divides BS)."""
+    blk = tl.load(bt_ptr + b * s_bt + (ti * BLOCK_N) // BS).to(tl.int64)
+    return (blk * H + h) * BS + (ti * BLOCK_N) % BS + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
 def _decode_split_kernel(
-    q_ptr, k_pool, v_pool, tab_k, tab_v, bt_ptr, prefix_ptr, ws_m, ws_l, ws_acc,
+    q_ptr, k_pool, v_pool, tab_k, tab_k2, tab_v, tab_v2, bt_ptr, prefix_ptr, ws_m, ws_l, ws_acc,
     sinks, window, s_bt, s_qb, s_qh,
     H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
     BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr,
     K_DENSE: tl.constexpr, REC_K: tl.constexpr,
-    CKA: tl.constexpr, DKA: tl.constexpr, BKA: tl.constexpr, PKA: tl.constexpr, SKA: tl.constexpr, TKA: tl.constexpr,
-    CKB: tl.constexpr, DKB: tl.constexpr, BKB: tl.constexpr, PKB: tl.constexpr, SKB: tl.constexpr, TKB: tl.constexpr,
-    CKQ: tl.constexpr, DKQ: tl.constexpr, BKQ: tl.constexpr, PKQ: tl.constexpr, SKQ: tl.constexpr, TKQ: tl.constexpr,
+    KA_CH: tl.constexpr, KA_DP: tl.constexpr, KA_BT: tl.constexpr, KA_PL: tl.constexpr,
+    KA_SC: tl.constexpr, KA_TB: tl.constexpr, KA_TP: tl.constexpr, KA_NC: tl.constexpr, KA_WD: tl.constexpr,
+    KB_CH: tl.constexpr, KB_DP: tl.constexpr, KB_BT: tl.constexpr, KB_PL: tl.constexpr,
+    KB_SC: tl.constexpr, KB_TB: tl.constexpr, KB_TP: tl.constexpr, KB_NC: tl.constexpr, KB_WD: tl.constexpr,
+    KQ_CH: tl.constexpr, KQ_DP: tl.constexpr, KQ_BT: tl.constexpr, KQ_PL: tl.constexpr,
+    KQ_SC: tl.constexpr, KQ_TB: tl.constexpr, KQ_TP: tl.constexpr, KQ_NC: tl.constexpr, KQ_WD: tl.constexpr,
     V_DENSE: tl.constexpr, REC_V: tl.constexpr,
-    CVA: tl.constexpr, DVA: tl.constexpr, BVA: tl.constexpr, PVA: tl.constexpr, SVA: tl.constexpr, TVA: tl.constexpr,
-    CVB: tl.constexpr, DVB: tl.constexpr, BVB: tl.constexpr, PVB: tl.constexpr, SVB: tl.constexpr, TVB: tl.constexpr,
-    DVQ: tl.constexpr, BVQ: tl.constexpr, PVQ: tl.constexpr, SVQ: tl.constexpr, TVQ: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    VA_CH: tl.constexpr, VA_DP: tl.constexpr, VA_BT: tl.constexpr, VA_PL: tl.constexpr,
+    VA_SC: tl.constexpr, VA_TB: tl.constexpr, VA_TP: tl.constexpr, VA_NC: tl.constexpr, VA_WD: tl.constexpr,
+    VB_CH: tl.constexpr, VB_DP: tl.constexpr, VB_BT: tl.constexpr, VB_PL: tl.constexpr,
+    VB_SC: tl.constexpr, VB_TB: tl.constexpr, VB_TP: tl.constexpr, VB_NC: tl.constexpr, VB_WD: tl.constexpr,
+    VQ_CH: tl.constexpr, VQ_DP: tl.constexpr, VQ_BT: tl.constexpr, VQ_PL: tl.constexpr,
+    VQ_SC: tl.constexpr, VQ_TB: tl.constexpr, VQ_TP: tl.constexpr, VQ_NC: tl.constexpr, VQ_WD: tl.constexpr,
+    MODE: tl.constexpr, EARLY_V: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -206,52 +336,64 @@ def _decode_split_kernel(
 
     g = tl.arange(0, GP)
     qrow = q_ptr + b * s_qb + (h * G + tl.minimum(g, G - 1)) * s_qh
-    q_a = tl.load(qrow[:, None] + CKA + tl.arange(0, DKA)[None, :])
-    q_b = q_a
-    q_q = q_a
-    if DKB > 0:
-        q_b = tl.load(qrow[:, None] + CKB + tl.arange(0, DKB)[None, :])
-    if DKQ > 0:
-        q_q = tl.load(qrow[:, None] + CKQ + tl.arange(0, DKQ)[None, :])
 
     m_i = tl.full([GP], NEG, dtype=tl.float32)
     l_i = tl.zeros([GP], dtype=tl.float32)
-    acc_a = tl.zeros([GP, DVA], dtype=tl.float32)
-    acc_b = tl.zeros([GP, DVB if DVB > 0 else 16], dtype=tl.float32)
-    acc_q = tl.zeros([GP, DVQ if DVQ > 0 else 16], dtype=tl.float32)
+    a0 = tl.zeros([GP, D if V_DENSE else VA_NC], dtype=tl.float32)
+    a1, a2, a3, a4, a5, a6, a7 = a0, a0, a0, a0, a0, a0, a0
+    b0 = tl.zeros([GP, VB_NC], dtype=tl.float32)
+    b1, b2, b3, b4, b5, b6, b7 = b0, b0, b0, b0, b0, b0, b0
+    q0 = tl.zeros([GP, VQ_NC], dtype=tl.float32)
+    q1, q2, q3, q4, q5, q6, q7 = q0, q0, q0, q0, q0, q0, q0
     n = tl.arange(0, BLOCK_N)
     for ti in range(t_start, t_end):
         tok = ti * BLOCK_N + n
         tmask = (tok >= sinks) & (tok < c_end)
-        blk = tl.load(bt_ptr + b * s_bt + (ti * BLOCK_N) // BS).to(tl.int64)
-        tok_base = (blk * H + h) * BS + (ti * BLOCK_N) % BS + n
-        qk = tile_scores(q_a, q_b, q_q, k_pool, tab_k, tok_base, tmask, h, H, BS, D, BLOCK_N,
-                         K_DENSE, REC_K, DKA, BKA, PKA, SKA, TKA, DKB, BKB, PKB, SKB, TKB,
-                         DKQ, BKQ, PKQ, SKQ, TKQ, DOT_F32)
+        tok_base = tile_tokens(bt_ptr, b, s_bt, ti, tok, c_end, h, H, BS, BLOCK_N)
+        rowv = v_pool + tok_base * REC_V
+        if not V_DENSE and EARLY_V:  # the value tile's loads go out with the keys' (one-part values)
+            wa, wa2, ta, sa = part_load(rowv, tab_v, tmask, VA_DP, VA_BT, VA_PL, VA_SC, VA_TB, VA_NC, VA_WD, MODE)
+        qk = tile_scores(qrow, k_pool, tab_k, tab_k2, tok_base, tmask, D, K_DENSE, REC_K,
+                         KA_CH, KA_DP, KA_BT, KA_PL, KA_SC, KA_TB, KA_TP, KA_NC, KA_WD,
+                         KB_CH, KB_DP, KB_BT, KB_PL, KB_SC, KB_TB, KB_TP, KB_NC, KB_WD,
+                         KQ_CH, KQ_DP, KQ_BT, KQ_PL, KQ_SC, KQ_TB, KQ_TP, KQ_NC, KQ_WD, MODE, DOT_F32)
         qk = tl.where(tmask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc_a = tile_values(p, acc_a * alpha[:, None], v_pool, tab_v, tok_base, tmask, D, BLOCK_N,
-                            V_DENSE, REC_V, DVA, BVA, PVA, SVA, TVA, DOT_F32)
-        if DVB > 0:
-            acc_b = tile_values(p, acc_b * alpha[:, None], v_pool, tab_v, tok_base, tmask, D, BLOCK_N,
-                                V_DENSE, REC_V, DVB, BVB, PVB, SVB, TVB, DOT_F32)
-        if DVQ > 0:  # prod-type values: the QJL residual term, sign space, scaled by gamma
-            acc_q = tile_values(p, acc_q * alpha[:, None], v_pool, tab_v, tok_base, tmask, D, BLOCK_N,
-                                V_DENSE, REC_V, DVQ, BVQ, PVQ, SVQ, TVQ, DOT_F32)
+        if V_DENSE:
+            a0 = dense_values(p, alpha, a0, v_pool, tok_base, tmask, D, DOT_F32)
+        else:
+            if not EARLY_V:
+                wa, wa2, ta, sa = part_load(rowv, tab_v, tmask, VA_DP, VA_BT, VA_PL, VA_SC, VA_TB, VA_NC, VA_WD, MODE)
+            a0, a1, a2, a3, a4, a5, a6, a7 = part_values(
+                p, alpha, a0, a1, a2, a3, a4, a5, a6, a7, wa, wa2, ta, sa, tab_v, tab_v2,
+                VA_DP, VA_BT, VA_TB, VA_TP, VA_NC, MODE)
+            if VB_DP > 0:
+                wb, wb2, tb, sb = part_load(rowv, tab_v, tmask, VB_DP, VB_BT, VB_PL, VB_SC, VB_TB, VB_NC, VB_WD, MODE)
+                b0, b1, b2, b3, b4, b5, b6, b7 = part_values(
+                    p, alpha, b0, b1, b2, b3, b4, b5, b6, b7, wb, wb2, tb, sb, tab_v, tab_v2,
+                    VB_DP, VB_BT, VB_TB, VB_TP, VB_NC, MODE)
+            if VQ_DP > 0:  # prod-type values: the QJL residual term, sign space, scaled by gamma
+                wq, wq2, tq, sq = part_load(rowv, tab_v, tmask, VQ_DP, VQ_BT, VQ_PL, VQ_SC, VQ_TB, VQ_NC, VQ_WD, MODE)
+                q0, q1, q2, q3, q4, q5, q6, q7 = part_values(
+                    p, alpha, q0, q1, q2, q3, q4, q5, q6, q7, wq, wq2, tq, sq, tab_v, tab_v2,
+                    VQ_DP, VQ_BT, VQ_TB, VQ_TP, VQ_NC, MODE)
         m_i = m_new
 
     ws = (b * H + h) * NSPLIT + s
     tl.store(ws_m + ws * GP + g, m_i)
     tl.store(ws_l + ws * GP + g, l_i)
-    acc_row = ws_acc + (ws * GP + g) * (D + DVQ)
-    tl.store(acc_row[:, None] + CVA + tl.arange(0, DVA)[None, :], acc_a)
-    if DVB > 0:
-        tl.store(acc_row[:, None] + CVB + tl.arange(0, DVB)[None, :], acc_b)
-    if DVQ > 0:
-        tl.store(acc_row[:, None] + D + tl.arange(0, DVQ)[None, :], acc_q)
+    acc_row = ws_acc + (ws * GP + g) * (D + VQ_DP)
+    if V_DENSE:
+        tl.store(acc_row[:, None] + tl.arange(0, D)[None, :], a0)
+    else:
+        store_part(acc_row, a0, a1, a2, a3, a4, a5, a6, a7, VA_CH, VA_DP, VA_NC)
+        if VB_DP > 0:
+            store_part(acc_row, b0, b1, b2, b3, b4, b5, b6, b7, VB_CH, VB_DP, VB_NC)
+        if VQ_DP > 0:
+            store_part(acc_row, q0, q1, q2, q3, q4, q5, q6, q7, D, VQ_DP, VQ_NC)
 
 
 @triton.jit
@@ -345,71 +487,153 @@ def _decode_merge_kernel(
 # ----------------------------------------------------------------------------------------------------
 # host side
 
-
-def _unit(layout: RecordLayout, part: CodePart, unit_loads) -> int:
-    """Widest unit (bytes: 4 for 4-bit codes, 2 for 2- and 3-bit, 2 for 1-bit) every plane of the part
-    can be read in, rows, plane offsets and plane sizes aligned to it; unit_loads=False reads bytes."""
-    if not unit_loads:
-        return 1
-    if unit_loads == "nogather":  # diagnostic only: codes stand in for centroids (wrong results)
-        return 16 + _unit(layout, part, True)
-    if unit_loads == "lut":  # centroid table in registers (tl.gather) instead of L1 gathers
-        return 32 + _unit(layout, part, True)
-    primary = 4 if part.bits == 4 else (2 if part.bits >= 2 else 1)
-    sizes = [part.dim * w // 8 for w in ((2, 1) if part.bits == 3 else (primary,))]
-    unit = max(primary, 2)
-    while unit > 1 and (layout.record_bytes % unit or part.planes % unit or any(z % unit for z in sizes)):
-        unit //= 2
-    return unit
+MIN_COLS = 32
+PART_KEYS = ("CH", "DP", "BT", "PL", "SC", "TB", "TP", "NC", "WD")
+WIDE_LOADS = False  # measured slower on the H200 (the split goes through shared memory): a variant
 
 
-def _part(layout: RecordLayout | None, part: CodePart | None, unit_loads: bool) -> tuple:
-    """(channel, dim, bits + 16 * unit, planes, scale, table) of a part; zeros when absent."""
+def early_values(layout: RecordLayout | None) -> bool:
+    """Issue a tile's value loads with its keys' only for one-part values without QJL (tq4: faster on
+    the H200; tq3.5's two parts: more registers, slower)."""
+    return layout is not None and len(layout.parts) == 1 and layout.qjl is None
+
+
+def _align(layout: RecordLayout, offset: int) -> int:
+    """Widest load (bytes, <= 4) every record's byte `offset` is aligned to."""
+    a = 4
+    while a > 1 and (layout.record_bytes % a or offset % a):
+        a //= 2
+    return a
+
+
+def part_columns(layout: RecordLayout, part: CodePart) -> int:
+    """NC, the columns (units) a part's plane is read as: >= MIN_COLS (tl.dot's smallest K is 16), units
+    of at most 32 bits that the records' alignment allows; NS = dim / NC sub-tiles."""
+    pb = 4 if part.bits == 4 else (2 if part.bits >= 2 else 1)
+    nc = min(MIN_COLS, part.dim)
+    while nc < part.dim:
+        ns = part.dim // nc
+        ok = ns * pb <= 32 and (ns * pb < 8 or ns * pb // 8 <= _align(layout, part.planes))
+        if part.bits == 3:  # the 1-bit plane, units of ns bits
+            ok = ok and (ns < 8 or ns // 8 <= _align(layout, part.planes + part.dim // 4))
+        if ok:
+            break
+        nc *= 2
+    return nc
+
+
+def part_words(layout: RecordLayout, part: CodePart, nc: int) -> int:
+    """Load widths of a part's planes (bytes of the primary + 16 x bytes of the 1-bit plane of 3-bit
+    codes; 0 = one load per unit): the widest word (<= 4 bytes) the alignment allows that holds whole
+    units, split into units in registers."""
+    if not WIDE_LOADS:
+        return 0
+    pb = 4 if part.bits == 4 else (2 if part.bits >= 2 else 1)
+    ns = part.dim // nc
+
+    def width(offset, ub):
+        wb = min(32, 8 * _align(layout, offset), nc * ub)
+        return wb // 8 if wb > ub and wb >= 8 else 0
+
+    out = width(part.planes, ns * pb)
+    if part.bits == 3:
+        out += 16 * width(part.planes + part.dim // 4, ns)
+    return out
+
+
+def _parts(layout: RecordLayout) -> tuple:
+    return (layout.parts[0], layout.parts[1] if len(layout.parts) > 1 else None, layout.qjl)
+
+
+def _tables(layout: RecordLayout) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(centroids as fp16, fp16x2 pair tables of the 4-bit parts as int32 [256 each], pair offsets),
+    kept on the layout."""
+    if "_kernel_tables" not in layout.__dict__:
+        tab16 = layout.tables.to(torch.float16).contiguous()
+        bits16 = tab16.view(torch.int16).to(torch.int64) & 0xFFFF
+        pairs, offs = [], {}
+        for p in _parts(layout):
+            if p is not None and p.bits == 4:
+                c = bits16[p.table:p.table + 16]
+                byte = torch.arange(256, device=tab16.device)
+                v = c[byte & 15] | (c[byte >> 4] << 16)
+                offs[id(p)] = 256 * len(pairs)
+                pairs.append(torch.where(v >= 2 ** 31, v - 2 ** 32, v))
+        tab2 = (torch.cat(pairs) if pairs else torch.zeros(1, dtype=torch.int64, device=tab16.device)).to(torch.int32)
+        layout.__dict__["_kernel_tables"] = (tab16, tab2.contiguous(), offs)
+    return layout.__dict__["_kernel_tables"]
+
+
+def _part(layout: RecordLayout | None, part: CodePart | None) -> tuple:
+    """(channel, dim, bits, planes, scale, table, pair table, columns, load widths) of a part; dim 0 when
+    absent."""
     if part is None:
-        return 0, 0, 1, 0, 0, 0
-    return (part.channel, part.dim, part.bits + 16 * _unit(layout, part, unit_loads), part.planes,
-            part.scale, part.table)
+        return 0, 0, 1, 0, 0, 0, 0, 16, 0
+    tp = _tables(layout)[2].get(id(part), 0)
+    nc = part_columns(layout, part)
+    return (part.channel, part.dim, part.bits, part.planes, part.scale, part.table, tp, nc,
+            part_words(layout, part, nc))
 
 
-def _k_args(layout: RecordLayout | None, d: int, unit_loads: bool = True) -> dict:
-    """Kernel constants for the key side: dense, or parts A/B (+ QJL) of a layout."""
-    if layout is None:
-        return dict(K_DENSE=True, REC_K=0, CKA=0, DKA=d, BKA=1, PKA=0, SKA=0, TKA=0,
-                    CKB=0, DKB=0, BKB=1, PKB=0, SKB=0, TKB=0, CKQ=0, DKQ=0, BKQ=1, PKQ=0, SKQ=0, TKQ=0)
-    out = dict(K_DENSE=False, REC_K=layout.record_bytes)
-    parts = (layout.parts[0], layout.parts[1] if len(layout.parts) > 1 else None, layout.qjl)
+def _side_args(layout: RecordLayout | None, side: str) -> dict:
+    """Kernel constants of one side ('K' or 'V'): dense, or parts A/B (+ QJL) of a layout."""
+    out = {f"{side}_DENSE": layout is None, f"REC_{side}": 0 if layout is None else layout.record_bytes}
+    parts = (None, None, None) if layout is None else _parts(layout)
     for tag, part in zip("ABQ", parts):
-        out.update(zip((f"CK{tag}", f"DK{tag}", f"BK{tag}", f"PK{tag}", f"SK{tag}", f"TK{tag}"),
-                       _part(layout, part, unit_loads)))
+        out.update(zip((f"{side}{tag}_{x}" for x in PART_KEYS), _part(layout, part)))
     return out
 
 
-def _v_args(layout: RecordLayout | None, d: int, unit_loads: bool = True) -> dict:
-    if layout is None:
-        return dict(V_DENSE=True, REC_V=0, CVA=0, DVA=d, BVA=1, PVA=0, SVA=0, TVA=0,
-                    CVB=0, DVB=0, BVB=1, PVB=0, SVB=0, TVB=0, DVQ=0, BVQ=1, PVQ=0, SVQ=0, TVQ=0)
-    out = dict(V_DENSE=False, REC_V=layout.record_bytes)
-    parts = (layout.parts[0], layout.parts[1] if len(layout.parts) > 1 else None, layout.qjl)
-    for tag, part in zip("ABQ", parts):
-        out.update(zip((f"CV{tag}", f"DV{tag}", f"BV{tag}", f"PV{tag}", f"SV{tag}", f"TV{tag}"),
-                       _part(layout, part, unit_loads)))
-    del out["CVQ"]
-    return out
+def _k_args(layout: RecordLayout | None, d: int) -> dict:
+    return _side_args(layout, "K")
+
+
+def _v_args(layout: RecordLayout | None, d: int) -> dict:
+    return _side_args(layout, "V")
+
+
+def _q_perm(layout: RecordLayout) -> torch.Tensor:
+    """Column order of the prepared query: new channel CH + S * NC + c <- rotated channel CH + c * NS + S
+    for every part (the QJL part over the channels after d)."""
+    if "_kernel_qperm" not in layout.__dict__:
+        perm = list(range(layout.dim + (layout.qjl.dim if layout.qjl is not None else 0)))
+        for part in _parts(layout):
+            if part is None:
+                continue
+            nc = part_columns(layout, part)
+            ns = part.dim // nc
+            for s in range(ns):
+                for c in range(nc):
+                    perm[part.channel + s * nc + c] = part.channel + c * ns + s
+        p = torch.tensor(perm, device=layout.rotation.device)
+        rot = layout.rotation[:, p[:layout.dim], :].contiguous() if layout.qjl is None else None
+        layout.__dict__["_kernel_qperm"] = (p, rot)
+    return layout.__dict__["_kernel_qperm"]
 
 
 def prepare_queries(q: torch.Tensor, kv_heads: int, scale: float, k_layout: RecordLayout | None,
-                    dense_dtype: torch.dtype) -> torch.Tensor:
+                    dense_dtype: torch.dtype, permute: bool = True) -> torch.Tensor:
     """q[T, Hq, d] -> the queries the compressed-key tiles read: scaled by scale·log2(e), rotated by
-    the key codec (with S q_rot appended for QJL keys), fp16; or in the dense pool's dtype."""
+    the key codec (with S q_rot appended for QJL keys), fp16, columns in sub-tile order (_q_perm) or,
+    with permute=False, in channel order; or in the dense pool's dtype."""
     t, hq, d = q.shape
     qs = q.float() * (scale * LOG2E)
     if k_layout is None:
         return qs.to(dense_dtype).contiguous()
     g = hq // kv_heads
+    if not permute:
+        q_rot = torch.einsum("thgi,hoi->thgo", qs.view(t, kv_heads, g, d), k_layout.rotation)
+        if k_layout.qjl is not None:
+            qq = torch.einsum("thgi,hmi->thgm", q_rot, k_layout.qjl_matrix) * k_layout.qjl_scale
+            q_rot = torch.cat([q_rot, qq], -1)
+        return q_rot.reshape(t, hq, -1).to(torch.float16).contiguous()
+    perm, rot = _q_perm(k_layout)
+    if rot is not None:  # the permutation folded into the rotation's rows
+        q_rot = torch.einsum("thgi,hoi->thgo", qs.view(t, kv_heads, g, d), rot)
+        return q_rot.reshape(t, hq, -1).to(torch.float16).contiguous()
     q_rot = torch.einsum("thgi,hoi->thgo", qs.view(t, kv_heads, g, d), k_layout.rotation)
-    if k_layout.qjl is not None:
-        qq = torch.einsum("thgi,hmi->thgm", q_rot, k_layout.qjl_matrix) * k_layout.qjl_scale
-        q_rot = torch.cat([q_rot, qq], -1)
+    qq = torch.einsum("thgi,hmi->thgm", q_rot, k_layout.qjl_matrix) * k_layout.qjl_scale
+    q_rot = torch.cat([q_rot, qq], -1)[..., perm]
     return q_rot.reshape(t, hq, -1).to(torch.float16).contiguous()
 
 
@@ -419,6 +643,13 @@ def _layouts(view, device):
     return k_lay, v_lay
 
 
+def _tabs(layout: RecordLayout | None, like: torch.Tensor):
+    if layout is None:
+        return like, like
+    t16, t2, _ = _tables(layout)
+    return t16, t2
+
+
 def kernel_reads(view, head_dim: int) -> bool:
     """Whether the fused kernels serve this layer: head_dim <= 128 (wider: the [d, d] un-rotation
     exceeds shared memory) and codecs whose records they read (not polar, q8, q4, qjl, *-paper)."""
@@ -426,8 +657,10 @@ def kernel_reads(view, head_dim: int) -> bool:
 
 
 def default_splits(batch: int, kv_heads: int, sms: int = 132) -> int:
-    """Splits per (sequence, KV head): about four programs per SM in total, fixed per batch size."""
-    return max(1, min(64, -(-4 * sms // (batch * kv_heads))))
+    """Splits per (sequence, KV head), fixed per batch size: about 4 programs per SM in total for one
+    sequence, 8 for more (H200, 8 KV heads: 64 splits at B = 1, 17 at B = 8 were the fastest measured)."""
+    waves = 4 if batch == 1 else 8
+    return max(1, min(64, -(-waves * sms // (batch * kv_heads))))
 
 
 def _hot(view, like):
@@ -441,13 +674,14 @@ def _hot(view, like):
 
 def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_splits: int | None = None,
                            block_n: int | None = None, out: torch.Tensor | None = None,
-                           num_warps: int = 4, unit_loads: bool | str = True,
-                           num_stages: int = 1) -> torch.Tensor:
+                           num_warps: int | None = None, lookup: str = "mem",
+                           num_stages: int = 1, early_v: bool | None = None) -> torch.Tensor:
     """Decode attention (every chunk one token: cu_q == arange(B + 1)) over a paged, possibly compressed
     cache: q[B, Hq, d], k/v[B, H, d] the new tokens -> [B, Hq, d] in q's dtype. See kernels/reference.py.
     num_splits fixes the grid (default: by batch size); `out` may be given (written, never read).
-    The first call per codec builds its RecordLayout (host work and copies): call once before capturing
-    a CUDA graph. unit_loads / num_stages / block_n / num_warps select measured variants (docs/BENCHMARKS.md)."""
+    The first call per codec builds its RecordLayout and tables (host work and copies): call once before
+    capturing a CUDA graph. lookup / num_stages / block_n / num_warps / early_v select measured variants
+    (docs/BENCHMARKS.md)."""
     bsz, hq, d = q.shape
     h = k.shape[1]
     if hq % h:
@@ -460,9 +694,10 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
     g = hq // h
     gp = max(16, triton.next_power_of_2(g))
     bs = view.block_size
-    block_n = block_n or min(bs, 64)
+    block_n = block_n or min(bs, DEFAULT_BLOCK_N)
     if bs % block_n:
         raise ValueError(f"block_n {block_n} must divide the block size {bs}")
+    num_warps = num_warps or DEFAULT_WARPS
     k_lay, v_lay = _layouts(view, q.device)
     nsplit = num_splits or default_splits(bsz, h)
     qk = prepare_queries(q, h, scale, k_lay, view.k_pool.dtype)
@@ -472,14 +707,14 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
     dvq = v_lay.qjl.dim if v_lay is not None and v_lay.qjl is not None else 0
     ws_acc = torch.empty(bsz * h * nsplit * gp * (d + dvq), device=dev, dtype=torch.float32)
     bt = view.block_table
-    tab_k = k_lay.tables if k_lay is not None else ws_m
-    tab_v = v_lay.tables if v_lay is not None else ws_m
+    tab_k, tab_k2 = _tabs(k_lay, ws_m)
+    tab_v, tab_v2 = _tabs(v_lay, ws_m)
     _decode_split_kernel[(bsz, h, nsplit)](
-        qk, view.k_pool, view.v_pool, tab_k, tab_v, bt, prefix_lens, ws_m, ws_l, ws_acc,
+        qk, view.k_pool, view.v_pool, tab_k, tab_k2, tab_v, tab_v2, bt, prefix_lens, ws_m, ws_l, ws_acc,
         view.sinks, view.window, bt.stride(0), qk.stride(0), qk.stride(1),
         H=h, G=g, GP=gp, D=d, BS=bs, BLOCK_N=block_n, NSPLIT=nsplit,
-        **_k_args(k_lay, d, unit_loads), **_v_args(v_lay, d, unit_loads), DOT_F32=INTERPRET, num_warps=num_warps,
-        num_stages=num_stages)  # pipelining turns L1 centroid gathers into 4-byte cp.async copies
+        **_k_args(k_lay, d), **_v_args(v_lay, d), MODE=LOOKUPS[lookup], DOT_F32=INTERPRET,
+        EARLY_V=early_values(v_lay) if early_v is None else early_v, num_warps=num_warps, num_stages=num_stages)
     if v.stride() != k.stride() or k.stride(2) != 1:
         k, v = k.contiguous(), v.contiguous()
     out = torch.empty_like(q) if out is None else out
@@ -495,3 +730,7 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
         H=h, G=g, GP=gp, D=d, NSPLIT=nsplit, BLOCK_H=32, V_ROTATED=v_lay is not None, HAS_HOT=has_hot, DVQ=dvq,
         num_warps=4)
     return out
+
+
+DEFAULT_BLOCK_N = 64
+DEFAULT_WARPS = 4

@@ -16,8 +16,165 @@ import triton
 import triton.language as tl
 
 from . import reference
-from .decode_attention import (INTERPRET, LOG2E, NEG, kernel_reads, _hot, _k_args, _layouts, _v_args, hot_attention,
-                               prepare_queries, tile_scores, tile_values)
+from .decode_attention import INTERPRET, LOG2E, NEG, kernel_reads, _hot, _layouts, hot_attention, prepare_queries
+from .quantize import CodePart, RecordLayout
+
+# ----------------------------------------------------------------------------------------------------
+# tiles of centroids in channel order (codes split by shift, interleaved back): the decode kernel reads
+# sub-tiles without reordering (decode_attention.py); here the [rows, d] tiles feed one tl.dot each,
+# which measured faster for the many query rows of a prefill program (docs/BENCHMARKS.md)
+
+
+@triton.jit
+def _unit_codes(wp, ws, tab_ptr, S: tl.constexpr, BITS: tl.constexpr, TAB: tl.constexpr):
+    """Centroids of sub-tile S: codes at shift S of the primary plane's units wp (and the 1-bit
+    plane's units ws, pre-shifted, for 3-bit codes). BITS // 16: 0 gathers the centroid table from
+    memory (L1), 2 from a register copy (tab_ptr is then the table broadcast over rows), 1 is a
+    diagnostic that uses the codes themselves as values."""
+    if BITS % 16 == 4:
+        code = (wp >> (4 * S)) & 15
+    elif BITS % 16 == 2:
+        code = (wp >> (2 * S)) & 3
+    elif BITS % 16 == 1:
+        code = (wp >> S) & 1
+    else:
+        code = ((wp >> (2 * S)) & 3) | (((ws >> S) & 1) << 2)
+    if BITS // 16 == 1:
+        out = code.to(tl.float32)
+    elif BITS // 16 == 2:
+        out = tl.gather(tab_ptr, code, 1)
+    else:
+        out = tl.load(tab_ptr + TAB + code)
+    return out
+
+
+@triton.jit
+def _tree2(wp, ws, tab_ptr, S0: tl.constexpr, ST: tl.constexpr, BITS: tl.constexpr, TAB: tl.constexpr):
+    return tl.interleave(_unit_codes(wp, ws, tab_ptr, S0, BITS, TAB),
+                         _unit_codes(wp, ws, tab_ptr, S0 + ST, BITS, TAB))
+
+
+@triton.jit
+def _tree4(wp, ws, tab_ptr, S0: tl.constexpr, ST: tl.constexpr, BITS: tl.constexpr, TAB: tl.constexpr):
+    return tl.interleave(_tree2(wp, ws, tab_ptr, S0, 2 * ST, BITS, TAB),
+                         _tree2(wp, ws, tab_ptr, S0 + ST, 2 * ST, BITS, TAB))
+
+
+@triton.jit
+def _tree8(wp, ws, tab_ptr, S0: tl.constexpr, ST: tl.constexpr, BITS: tl.constexpr, TAB: tl.constexpr):
+    return tl.interleave(_tree4(wp, ws, tab_ptr, S0, 2 * ST, BITS, TAB),
+                         _tree4(wp, ws, tab_ptr, S0 + ST, 2 * ST, BITS, TAB))
+
+
+@triton.jit
+def _load_units(ptr, idx, UNIT: tl.constexpr):
+    """Units of UNIT bytes at byte pointer ptr[N] (UNIT-aligned), unit indices idx[U] -> int32 [N, U]."""
+    if UNIT == 4:
+        w = tl.load(ptr.to(tl.pointer_type(tl.uint32))[:, None] + idx[None, :]).to(tl.int32)
+    elif UNIT == 2:
+        w = tl.load(ptr.to(tl.pointer_type(tl.uint16))[:, None] + idx[None, :]).to(tl.int32)
+    else:
+        w = tl.load(ptr[:, None] + idx[None, :]).to(tl.int32)
+    return w
+
+
+@triton.jit
+def _unit_tile(row, tab_ptr, D: tl.constexpr, BITS: tl.constexpr, UNIT: tl.constexpr, PLANE: tl.constexpr,
+               TAB: tl.constexpr):
+    """centroid_tile from whole units (UNIT bytes) of the planes: a unit of the primary plane (width
+    P) holds NS = 8 * UNIT / P codes, split by shifts into NS sub-tiles [N, D / NS] and interleaved
+    back into channel order. Unmasked: every tile lies in an allocated block."""
+    NS: tl.constexpr = 8 if (BITS % 16 == 1 and UNIT == 2) else (8 * UNIT) // (
+        4 if BITS % 16 == 4 else (2 if BITS % 16 >= 2 else 1))
+    u = tl.arange(0, D // NS)
+    if BITS % 16 == 1 and UNIT == 2:  # 1-bit codes: 16-bit units, each split in two halves of 8 codes
+        wp = _load_units(row + PLANE, u // 2, UNIT) >> ((u % 2) * 8)[None, :]
+    else:
+        wp = _load_units(row + PLANE, u, UNIT)
+    if BITS % 16 == 3:  # the 1-bit plane after the 2-bit one: unit u // 2, codes from bit (u % 2) * NS
+        ws = _load_units(row + (PLANE + D // 4), u // 2, UNIT) >> ((u % 2) * NS)[None, :]
+    else:
+        ws = wp
+    if BITS // 16 == 2:  # centroids in registers, looked up by tl.gather
+        NC: tl.constexpr = 1 << (BITS % 16)
+        tab = tl.broadcast_to(tl.load(tab_ptr + TAB + tl.arange(0, NC))[None, :], [row.shape[0], NC])
+    else:
+        tab = tab_ptr
+    if NS == 8:
+        out = _tree8(wp, ws, tab, 0, 1, BITS, TAB)
+    elif NS == 4:
+        out = _tree4(wp, ws, tab, 0, 1, BITS, TAB)
+    else:
+        out = _tree2(wp, ws, tab, 0, 1, BITS, TAB)
+    return out
+
+
+@triton.jit
+def centroid_tile(row, tmask, tab_ptr, D: tl.constexpr, BU: tl.constexpr, PLANE: tl.constexpr,
+                  TAB: tl.constexpr, BLOCK_N: tl.constexpr):
+    """row[N] record pointers -> [N, D] float32 centroids of one part's codes, channel order natural.
+    BU = bits + 16 * unit + 256 * mode (see _unit_codes); planes are read in whole units of 1, 2 or 4
+    bytes, unmasked (tmask is applied to the scale instead)."""
+    return _unit_tile(row, tab_ptr, D, BU % 16 + 16 * (BU // 256), (BU // 16) % 16, PLANE, TAB)
+
+
+@triton.jit
+def record_scale(row, tmask, OFF: tl.constexpr):
+    """The fp16 scale (norm or gamma) at byte OFF of each record -> float32 [N]."""
+    return tl.load((row + OFF).to(tl.pointer_type(tl.float16)), mask=tmask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def tile_scores(q_a, q_b, q_q, k_pool, tab_k, tok_base, tmask, h,
+                H: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                K_DENSE: tl.constexpr, REC_K: tl.constexpr,
+                DKA: tl.constexpr, BKA: tl.constexpr, PKA: tl.constexpr, SKA: tl.constexpr, TKA: tl.constexpr,
+                DKB: tl.constexpr, BKB: tl.constexpr, PKB: tl.constexpr, SKB: tl.constexpr, TKB: tl.constexpr,
+                DKQ: tl.constexpr, BKQ: tl.constexpr, PKQ: tl.constexpr, SKQ: tl.constexpr, TKQ: tl.constexpr,
+                DOT_F32: tl.constexpr):
+    """Scores [rows, BLOCK_N] (log2 units) of the prepared queries against one tile of cached keys;
+    tok_base[N] is the slot index (block * H + h) * BS + offset of each token."""
+    if K_DENSE:
+        d = tl.arange(0, D)
+        k = tl.load(k_pool + tok_base[:, None] * D + d[None, :], mask=tmask[:, None], other=0.0)
+        if DOT_F32:
+            qk = tl.dot(q_a.to(tl.float32), tl.trans(k.to(tl.float32)))
+        else:
+            qk = tl.dot(q_a, tl.trans(k))
+    else:
+        row = k_pool + tok_base * REC_K
+        c = centroid_tile(row, tmask, tab_k, DKA, BKA, PKA, TKA, BLOCK_N).to(tl.float16)
+        qk = tl.dot(q_a, tl.trans(c)) * record_scale(row, tmask, SKA)[None, :]
+        if DKB > 0:
+            c = centroid_tile(row, tmask, tab_k, DKB, BKB, PKB, TKB, BLOCK_N).to(tl.float16)
+            qk += tl.dot(q_b, tl.trans(c)) * record_scale(row, tmask, SKB)[None, :]
+        if DKQ > 0:
+            c = centroid_tile(row, tmask, tab_k, DKQ, BKQ, PKQ, TKQ, BLOCK_N).to(tl.float16)
+            qk += tl.dot(q_q, tl.trans(c)) * record_scale(row, tmask, SKQ)[None, :]
+    return qk
+
+
+@triton.jit
+def tile_values(p, acc, v_pool, tab_v, tok_base, tmask,
+                D: tl.constexpr, BLOCK_N: tl.constexpr, V_DENSE: tl.constexpr, REC_V: tl.constexpr,
+                DV: tl.constexpr, BV: tl.constexpr, PV: tl.constexpr, SV: tl.constexpr, TV: tl.constexpr,
+                DOT_F32: tl.constexpr):
+    """acc[rows, DV] += p[rows, N] @ (one part of) the tile's values, in the codec's rotated space."""
+    if V_DENSE:
+        d = tl.arange(0, D)
+        v = tl.load(v_pool + tok_base[:, None] * D + d[None, :], mask=tmask[:, None], other=0.0)
+        if DOT_F32:
+            acc += tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
+        else:
+            acc += tl.dot(p.to(v.dtype), v)
+    else:
+        row = v_pool + tok_base * REC_V
+        c = centroid_tile(row, tmask, tab_v, DV, BV, PV, TV, BLOCK_N).to(tl.float16)
+        pn = p * record_scale(row, tmask, SV)[None, :]
+        acc += tl.dot(pn.to(tl.float16), c)
+    return acc
+
+
 
 
 @triton.jit
@@ -151,11 +308,68 @@ def _prefill_kernel(
              o.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
 
 
+# ----------------------------------------------------------------------------------------------------
+# host side
+
+
+def _unit(layout: RecordLayout, part: CodePart, unit_loads) -> int:
+    """Widest unit (bytes: 4 for 4-bit codes, 2 for 2- and 3-bit, 2 for 1-bit) every plane of the part
+    can be read in, rows, plane offsets and plane sizes aligned to it; unit_loads=False reads bytes."""
+    if not unit_loads:
+        return 1
+    if unit_loads == "nogather":  # diagnostic only: codes stand in for centroids (wrong results)
+        return 16 + _unit(layout, part, True)
+    if unit_loads == "lut":  # centroid table in registers (tl.gather) instead of L1 gathers
+        return 32 + _unit(layout, part, True)
+    primary = 4 if part.bits == 4 else (2 if part.bits >= 2 else 1)
+    sizes = [part.dim * w // 8 for w in ((2, 1) if part.bits == 3 else (primary,))]
+    unit = max(primary, 2)
+    while unit > 1 and (layout.record_bytes % unit or part.planes % unit or any(z % unit for z in sizes)):
+        unit //= 2
+    return unit
+
+
+def _part(layout: RecordLayout | None, part: CodePart | None, unit_loads: bool) -> tuple:
+    """(channel, dim, bits + 16 * unit, planes, scale, table) of a part; zeros when absent."""
+    if part is None:
+        return 0, 0, 1, 0, 0, 0
+    return (part.channel, part.dim, part.bits + 16 * _unit(layout, part, unit_loads), part.planes,
+            part.scale, part.table)
+
+
+def _tile_k_args(layout: RecordLayout | None, d: int, unit_loads: bool = True) -> dict:
+    """Kernel constants for the key side: dense, or parts A/B (+ QJL) of a layout."""
+    if layout is None:
+        return dict(K_DENSE=True, REC_K=0, CKA=0, DKA=d, BKA=1, PKA=0, SKA=0, TKA=0,
+                    CKB=0, DKB=0, BKB=1, PKB=0, SKB=0, TKB=0, CKQ=0, DKQ=0, BKQ=1, PKQ=0, SKQ=0, TKQ=0)
+    out = dict(K_DENSE=False, REC_K=layout.record_bytes)
+    parts = (layout.parts[0], layout.parts[1] if len(layout.parts) > 1 else None, layout.qjl)
+    for tag, part in zip("ABQ", parts):
+        out.update(zip((f"CK{tag}", f"DK{tag}", f"BK{tag}", f"PK{tag}", f"SK{tag}", f"TK{tag}"),
+                       _part(layout, part, unit_loads)))
+    return out
+
+
+def _tile_v_args(layout: RecordLayout | None, d: int, unit_loads: bool = True) -> dict:
+    if layout is None:
+        return dict(V_DENSE=True, REC_V=0, CVA=0, DVA=d, BVA=1, PVA=0, SVA=0, TVA=0,
+                    CVB=0, DVB=0, BVB=1, PVB=0, SVB=0, TVB=0, DVQ=0, BVQ=1, PVQ=0, SVQ=0, TVQ=0)
+    out = dict(V_DENSE=False, REC_V=layout.record_bytes)
+    parts = (layout.parts[0], layout.parts[1] if len(layout.parts) > 1 else None, layout.qjl)
+    for tag, part in zip("ABQ", parts):
+        out.update(zip((f"CV{tag}", f"DV{tag}", f"BV{tag}", f"PV{tag}", f"SV{tag}", f"TV{tag}"),
+                       _part(layout, part, unit_loads)))
+    del out["CVQ"]
+    return out
+
+
 def paged_prefill_attention(q, k, v, cu_q, prefix_lens, view, scale: float, block_m: int | None = None,
                             block_n: int | None = None, out: torch.Tensor | None = None,
-                            num_warps: int = 4, unit_loads: bool = True) -> torch.Tensor:
+                            num_warps: int | None = None, unit_loads: bool | str = True) -> torch.Tensor:
     """Chunked-prefill attention with the paged_attention signature (kernels/reference.py):
-    q[T, Hq, d], k/v[T, H, d] the chunks' own tokens, cu_q[B + 1] chunk bounds, prefix_lens[B]."""
+    q[T, Hq, d], k/v[T, H, d] the chunks' own tokens, cu_q[B + 1] chunk bounds, prefix_lens[B].
+    Default tiles: 128 query rows (chunk tokens x padded group) and 8 warps over a compressed prefix,
+    64 rows and 4 warps over a dense one (the faster of those measured on the H200)."""
     t, hq, d = q.shape
     h = k.shape[1]
     if hq % h:
@@ -166,13 +380,15 @@ def paged_prefill_attention(q, k, v, cu_q, prefix_lens, view, scale: float, bloc
     bsz = prefix_lens.shape[0]
     g = hq // h
     gp = triton.next_power_of_2(g)
-    block_m = block_m or max(16, 64 // gp)
+    dense = view.k_codec is None and view.v_codec is None
+    block_m = block_m or max(16, (64 if dense else 128) // gp)
+    num_warps = num_warps or (4 if dense else 8)
     bs = view.block_size
     block_n = block_n or min(bs, 64)
     if bs % block_n:
         raise ValueError(f"block_n {block_n} must divide the block size {bs}")
     k_lay, v_lay = _layouts(view, q.device)
-    qk = prepare_queries(q, h, scale, k_lay, view.k_pool.dtype)
+    qk = prepare_queries(q, h, scale, k_lay, view.k_pool.dtype, permute=False)
     qs = (q.float() * (scale * LOG2E)).contiguous()
     if v.stride() != k.stride() or k.stride(2) != 1:
         k, v = k.contiguous(), v.contiguous()
@@ -192,5 +408,5 @@ def paged_prefill_attention(q, k, v, cu_q, prefix_lens, view, scale: float, bloc
         view.sinks, view.window, bt.stride(0), qk.stride(0), qk.stride(1), qs.stride(0), qs.stride(1),
         k.stride(0), k.stride(1), *hs, out.stride(0), out.stride(1),
         H=h, G=g, GP=gp, D=d, BS=bs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_H=32, HAS_HOT=has_hot,
-        **_k_args(k_lay, d, unit_loads), **_v_args(v_lay, d, unit_loads), DOT_F32=INTERPRET, num_warps=num_warps, num_stages=1)
+        **_tile_k_args(k_lay, d, unit_loads), **_tile_v_args(v_lay, d, unit_loads), DOT_F32=INTERPRET, num_warps=num_warps, num_stages=1)
     return out
