@@ -408,5 +408,6 @@ def paged_prefill_attention(q, k, v, cu_q, prefix_lens, view, scale: float, bloc
         view.sinks, view.window, bt.stride(0), qk.stride(0), qk.stride(1), qs.stride(0), qs.stride(1),
         k.stride(0), k.stride(1), *hs, out.stride(0), out.stride(1),
         H=h, G=g, GP=gp, D=d, BS=bs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_H=32, HAS_HOT=has_hot,
-        **_tile_k_args(k_lay, d, unit_loads), **_tile_v_args(v_lay, d, unit_loads), DOT_F32=INTERPRET, num_warps=num_warps, num_stages=1)
+        **_tile_k_args(k_lay, d, unit_loads), **_tile_v_args(v_lay, d, unit_loads), DOT_F32=INTERPRET,
+        num_warps=num_warps, num_stages=1)
     return out
