@@ -33,7 +33,8 @@ class LLMEngine:
     def _graph_ready(self) -> bool:
         args = getattr(self.model, "args", None)
         ready = getattr(self.cache, "graph_ready", None)
-        return (self.device.type == "cuda" and args is not None and args.sliding_window is None
+        kernels = os.environ.get("TQINFER_KERNELS", "triton") != "torch"  # the twins sync with the host
+        return (self.device.type == "cuda" and kernels and args is not None and args.sliding_window is None
                 and ready is not None and ready(args.head_dim))
 
     @torch.inference_mode()
