@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from tqinfer.cache.config import CacheConfig
+from tqinfer.cache.config import CacheConfig, build_cache
 from tqinfer.cache.paged import PagedCache
 from tqinfer.cli import main
 from tqinfer.estimate import estimate, largest_context, parameter_count
@@ -24,6 +24,9 @@ def test_estimate_equals_allocated_bytes(tiny_hf_folder, kind):
     _, args = build_model(config)
     cache = PagedCache(cfg, args, max_seqs=2, max_len=256, dtype=torch.float32, device="cpu")
     assert e.kv_cache == cache.nbytes()
+    dense = estimate(config, CacheConfig(), 250, torch.float32, 1 << 34, max_seqs=2)  # rows in 64-token tiles
+    assert dense.kv_cache == build_cache(CacheConfig(), args, max_seqs=2, max_len=250, dtype=torch.float32,
+                                         device="cpu").nbytes()
     llm = LLM(str(folder), device="cpu", dtype="float32", max_context=64)
     assert e.weights == sum(p.numel() * p.element_size() for p in llm.model.parameters())
     assert parameter_count(args) == sum(p.numel() for p in llm.model.parameters())

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from tqinfer.cache.config import CacheConfig, bytes_per_token, fixed_bytes
+from tqinfer.cache.dense import allocated_len
 from tqinfer.kernels.reference import TILE_TOKENS
 from tqinfer.models import build_model
 
@@ -53,7 +54,12 @@ def estimate(config: dict, cache: CacheConfig, context: int, dtype: torch.dtype,
              max_seqs: int = 1, chunk: int = 512) -> Estimate:
     _, args = build_model(config)
     elt = torch.finfo(dtype).bits // 8
-    kv = max_seqs * (context * bytes_per_token(args, cache, dtype) + fixed_bytes(args, cache, dtype))
+    per_token = bytes_per_token(args, cache, dtype)
+    if cache.dense:  # DenseCache: each sequence's rows in whole tiles
+        kv = max_seqs * allocated_len(context) * per_token
+    else:  # PagedCache: whole blocks, one scratch block, sinks + window buffers per sequence
+        blocks = max_seqs * -(-context // cache.block_size) + 1
+        kv = blocks * cache.block_size * per_token + max_seqs * fixed_bytes(args, cache, dtype)
     kv_bf16 = max_seqs * context * bytes_per_token(args, cache.dense_twin())
     return Estimate(context, parameter_count(args) * elt, kv, kv_bf16, activation_bytes(args, chunk, dtype), memory)
 

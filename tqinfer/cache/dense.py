@@ -44,12 +44,19 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float) 
     return out.view(H, G, n, d).permute(2, 0, 1, 3).reshape(n, Hq, d)
 
 
+TOKEN_TILE = 64  # a sequence's rows are allocated in whole tiles of the decode kernel (CUDA)
+
+
+def allocated_len(max_len: int) -> int:
+    return -(-max_len // TOKEN_TILE) * TOKEN_TILE
+
+
 class DenseCache:
     kind = "dense"
 
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, max_seqs: int, max_len: int,
                  dtype: torch.dtype, device):
-        alloc = -(-max_len // 64) * 64  # whole 64-token tiles for the decode kernel on CUDA
+        alloc = allocated_len(max_len)
         shape = (max_seqs, kv_heads, alloc, head_dim)
         need = 2 * num_layers * max_seqs * kv_heads * alloc * head_dim * torch.finfo(dtype).bits // 8
         from tqinfer.cache.paged import available_memory
