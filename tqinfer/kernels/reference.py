@@ -142,6 +142,37 @@ def _compressed_part(qg, view, row, lo, hi, qpos, scale, window, merger):
     merger.add(m, l, o if vc is None else vc.unrotate(o))  # un-rotate once per step
 
 
+def _decode_row(q1, k1, v1, view, row: int, slot: int, p: int, scale: float) -> torch.Tensor:
+    """One decode token of a compressed layer without a sliding window: q1 [Hq, d], k1/v1 [H, d]
+    -> [Hq, d] float32. One softmax over the hot buffer (read in place: slots [0, p) until the
+    window wraps, then all of them, and without a sliding window their order does not matter), the
+    token itself and the compressed prefix (scores tile by tile, concatenated)."""
+    H, d = k1.shape
+    G = q1.shape[0] // H
+    S, W, bs = view.sinks, view.window, view.block_size
+    kc, vc = view.k_codec, view.v_codec
+    qh = q1.float().view(H, G, d) * scale  # [H, G, d]: head h = kv * G + g
+    nh = min(p, S + W)
+    hot_k = torch.cat([view.k_hot[slot, :, :nh], k1.unsqueeze(1).to(view.k_hot.dtype)], 1).float()
+    hot_v = torch.cat([view.v_hot[slot, :, :nh], v1.unsqueeze(1).to(view.v_hot.dtype)], 1).float()
+    scores = [torch.bmm(qh, hot_k.transpose(1, 2))]  # [H, G, nh + 1]
+    tiles = [(t0, min(p - W, t0 + MAX_TILE_TOKENS)) for t0 in range(S, p - W, MAX_TILE_TOKENS)]
+    table = view.block_table[row]
+    if tiles:
+        q_rot = qh if kc is None else kc.rotate(qh.transpose(0, 1)).transpose(0, 1)
+        sq = kc.qjl_project(q_rot.transpose(0, 1)).transpose(0, 1) if kc is not None and kc.has_qjl else None
+        scores += [_scores(kc, q_rot, sq, _head_records(view.k_pool, table, t0, t1, bs)) for t0, t1 in tiles]
+    prob = torch.softmax(torch.cat(scores, -1), -1)
+    out = torch.bmm(prob[..., :nh + 1], hot_v)
+    if tiles:
+        o, at = None, nh + 1
+        for t0, t1 in tiles:
+            part = _weighted_values(vc, prob[..., at:at + t1 - t0], _head_records(view.v_pool, table, t0, t1, bs))
+            o, at = part if o is None else o + part, at + t1 - t0
+        out = out + (o if vc is None else vc.unrotate(o.transpose(0, 1)).transpose(0, 1))
+    return out.reshape(H * G, d)
+
+
 def paged_attention(q, k, v, cu_q, prefix_lens, view, scale: float, window: int | None = None,
                     prefix_list: list[int] | None = None, chunk_list: list[int] | None = None) -> torch.Tensor:
     """q [T, Hq, d], k/v [T, H, d] (the chunks' own tokens) -> [T, Hq, d] in q's dtype.
@@ -157,6 +188,9 @@ def paged_attention(q, k, v, cu_q, prefix_lens, view, scale: float, window: int 
     S, W = view.sinks, view.window
     for row, (s0, s1, p) in enumerate(zip(cu[:-1], cu[1:], prefixes)):
         n = s1 - s0
+        if n == 1 and window is None and view.k_hot is not None:
+            out[s0] = _decode_row(q[s0], k[s0], v[s0], view, row, slots[row], p, scale).to(q.dtype)
+            continue
         qpos = torch.arange(p, p + n, device=q.device)
         qg = q[s0:s1].float().view(n, H, G, d).transpose(1, 2)  # [n, G, H, d]: head h = kv * G + g
         merger = _Merger()

@@ -42,6 +42,9 @@ def _float(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
+_TABLES: dict[tuple, dict[str, torch.Tensor]] = {}  # TurboQuantMSE._tables, by (bits, dim, device)
+
+
 class RotatedCodec(KVCodec):
     """A codec whose rotated space is one Rotation `rot` of the whole vector."""
 
@@ -97,38 +100,53 @@ class TurboQuantMSE(RotatedCodec):
             return self._table_lookup(codes)
         return self.centroids_of(unpack(codes, self.bits, self.dim))
 
-    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(index -> the centroids of the codes it holds, 3 bits: hi-plane byte -> its two nibbles
-        shifted to 256 * nibble). One lookup per byte, not per code: the attention twin decodes every
-        cached token each step, so this is its hot loop. 1, 2, 4 bits: index = a code byte (8 / b
-        centroids). 3 bits (planes [2, 1]): index = lo byte j | (the 4 high bits of its codes) << 8,
-        4096 entries of 4 centroids, so a 3-bit code never needs a second lookup or arithmetic."""
-        key = ("tables", device)
-        if key not in self._books:
+    def _tables(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Lookup tables index -> the centroids of the codes the index holds, one lookup per byte,
+        not per code: the attention twin decodes every cached token each step, so this is its hot
+        loop. Each entry's 2 or 4 float32 centroids are stored as one float64 /
+        complex128 element, because index_select of one element per index on a 1-D table is ~3x
+        faster on CPU than F.embedding of a row.
+        - "byte" (1, 2, 4 bits): a code byte -> its 8 / b centroids.
+        - "lo_hi" (3 bits, planes [2, 1]): lo-plane byte j | (the high bits of its 4 codes) << 8 ->
+          4 centroids; "nibbles": a hi-plane byte -> its two nibbles << 8 (int32 pair as int64)."""
+        key = (self.bits, self.dim, device)  # shared by every codec of these bits and dim: one copy in cache
+        if key not in _TABLES:
             c = self.centroids64.float()
-            i = torch.arange(4096 if self.bits == 3 else 256)
 
-            def fields(width, n):  # [len(i), n] fields of `width` bits of each index
+            def fields(i, width, n):  # [len(i), n] fields of `width` bits of each index
                 return (i[:, None] >> (torch.arange(n)[None, :] * width)) & ((1 << width) - 1)
 
+            def as_elements(v):  # [n, k] float32 -> [n] of a k * 4-byte dtype (k = 1, 2, 4) or [n, k]
+                kind = {2: torch.float64, 4: torch.complex128}.get(v.shape[1])
+                return v.contiguous().view(kind).view(-1) if kind else v.contiguous()
+
+            b = torch.arange(256)
             if self.bits == 3:
-                codes = fields(2, 4) | (((i[:, None] >> 8) >> torch.arange(4)[None, :]) & 1) << 2
-                b = torch.arange(256)
-                nibbles = torch.stack([b & 15, b >> 4], -1) << 8
-                books = (c[codes], nibbles.int())
+                i = torch.arange(4096)
+                codes = fields(i, 2, 4) | ((i[:, None] >> 8 >> torch.arange(4)[None, :]) & 1) << 2
+                books = {"lo_hi": as_elements(c[codes]),
+                         "nibbles": (torch.stack([b & 15, b >> 4], -1) << 8).int().view(torch.int64).view(-1)}
             else:
-                books = (c[fields(self.bits, 8 // self.bits)], None)
-            self._books[key] = tuple(t if t is None else t.contiguous().to(device) for t in books)
-        return self._books[key]
+                # (a 16-bit word -> 4 centroids table for 4 bits was measured slower in the model:
+                # at 1 MB it falls out of cache between layers)
+                books = {"byte": as_elements(c[fields(b, self.bits, 8 // self.bits)])}
+            _TABLES[key] = {k: t.to(device) for k, t in books.items()}
+        return _TABLES[key]
 
     def _table_lookup(self, codes: torch.Tensor) -> torch.Tensor:
-        table, nibbles = self._tables(codes.device)
+        t = self._tables(codes.device)
         lead, d = codes.shape[:-1], self.dim
-        if self.bits != 3:
-            return torch.nn.functional.embedding(codes.int(), table).reshape(*lead, d)
-        q = d // 4
-        hi = torch.nn.functional.embedding(codes[..., q:q + d // 8].int(), nibbles).reshape(*lead, q)
-        return torch.nn.functional.embedding(torch.add(codes[..., :q], hi), table).reshape(*lead, d)
+
+        def lookup(table, idx):  # idx int [..., k] -> float32 [*lead, d]
+            if table.dim() == 2:  # 8 centroids per entry (1 bit): rows
+                return torch.nn.functional.embedding(idx, table).reshape(*lead, d)
+            return table.index_select(0, idx.reshape(-1)).view(torch.float32).reshape(*lead, d)
+
+        if self.bits == 3:
+            q = d // 4
+            hi = t["nibbles"].index_select(0, codes[..., q:q + d // 8].int().reshape(-1))
+            return lookup(t["lo_hi"], torch.add(codes[..., :q], hi.view(torch.int32).view(*lead, q)))
+        return lookup(t["byte"], codes.int())
 
     def quantize(self, x: torch.Tensor) -> QuantizedVectors:
         _, n, u = _unit(x, self.dim)
