@@ -76,7 +76,7 @@ class DenseCache:
         self.lens = [0] * max_seqs
 
     def attend(self, layer, q, k, v, ctx, scale, window):
-        if ctx.decode and q.is_cuda and window is None:
+        if ctx.decode and window is None and self.graph_ready(q.shape[-1]):
             return self._attend_decode(layer, q, k, v, ctx, scale)
         out = torch.empty_like(q)
         K, V = self.k[layer], self.v[layer]
