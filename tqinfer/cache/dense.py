@@ -98,9 +98,11 @@ class DenseCache:
         return list(prefix_lens)
 
     def graph_ready(self, head_dim: int) -> bool:
+        if not self.k[0].is_cuda:  # (and no Triton import on the CPU path)
+            return False
         from tqinfer.kernels.decode_attention import MAX_HEAD_DIM
 
-        return self.k[0].is_cuda and head_dim <= MAX_HEAD_DIM and self.k[0].shape[2] % 64 == 0
+        return head_dim <= MAX_HEAD_DIM and self.k[0].shape[2] % TOKEN_TILE == 0
 
     def _attend_decode(self, layer, q, k, v, ctx, scale):
         from tqinfer.cache.paged import LayerCacheView
