@@ -54,10 +54,11 @@ class KVCodec:
         """rec -> rotate(x_hat)[..., H, d] float32, norms applied (the MSE part for prod types)."""
         raise NotImplementedError
 
-    def rotated_parts(self, rec: torch.Tensor) -> list[tuple[int, int, torch.Tensor, torch.Tensor | None]]:
+    def rotated_parts(self, rec: torch.Tensor, scratch=None) -> list[tuple[int, int, torch.Tensor, torch.Tensor | None]]:
         """decode_rotated(rec) as (lo, hi, unit [..., hi - lo] float32, norms [...] float32 or None)
         parts: decode_rotated(rec)[..., lo:hi] == unit * norms[..., None]. Attention folds the norms
-        into its scores and probabilities (one multiply per token, not per coordinate)."""
+        into its scores and probabilities (one multiply per token, not per coordinate). scratch:
+        see TurboQuantMSE.unit_values (the parts are then valid until the next call)."""
         return [(0, self.dim, self.decode_rotated(rec), None)]
 
     # QJL part, only where has_qjl

@@ -94,10 +94,12 @@ class TurboQuantMSE(RotatedCodec):
         """Packed codes [..., code_bytes] and norms [...] -> rotated x̂ [..., d] float32."""
         return self.unit_values(codes) * norms.float().unsqueeze(-1)
 
-    def unit_values(self, codes: torch.Tensor) -> torch.Tensor:
-        """Packed codes [..., code_bytes] -> the centroids c[idx] [..., d] float32 (norms not applied)."""
+    def unit_values(self, codes: torch.Tensor, scratch=None) -> torch.Tensor:
+        """Packed codes [..., code_bytes] -> the centroids c[idx] [..., d] float32 (norms not applied).
+        scratch(name, shape, dtype) -> tensor, where given, supplies reused buffers for the index and
+        the result (the attention twin's per-step intermediates; the result is valid until the next call)."""
         if self.bits in (1, 2, 3, 4) and self.dim % 8 == 0:
-            return self._table_lookup(codes)
+            return self._table_lookup(codes, scratch)
         return self.centroids_of(unpack(codes, self.bits, self.dim))
 
     def _tables(self, device: torch.device) -> dict[str, torch.Tensor]:
@@ -133,20 +135,31 @@ class TurboQuantMSE(RotatedCodec):
             _TABLES[key] = {k: t.to(device) for k, t in books.items()}
         return _TABLES[key]
 
-    def _table_lookup(self, codes: torch.Tensor) -> torch.Tensor:
+    def _table_lookup(self, codes: torch.Tensor, scratch=None) -> torch.Tensor:
         t = self._tables(codes.device)
         lead, d = codes.shape[:-1], self.dim
+
+        def as_int(x, name):  # uint8 -> int32 index, contiguous
+            if scratch is None:
+                return x.int()
+            return scratch(name, x.shape, torch.int32).copy_(x)
+
+        def select(table, idx, name):  # 1-D table at flat idx -> [idx.numel()] of the table's dtype
+            if scratch is None:
+                return table.index_select(0, idx.reshape(-1))
+            return torch.index_select(table, 0, idx.reshape(-1), out=scratch(name, (idx.numel(),), table.dtype))
 
         def lookup(table, idx):  # idx int [..., k] -> float32 [*lead, d]
             if table.dim() == 2:  # 8 centroids per entry (1 bit): rows
                 return torch.nn.functional.embedding(idx, table).reshape(*lead, d)
-            return table.index_select(0, idx.reshape(-1)).view(torch.float32).reshape(*lead, d)
+            return select(table, idx, "values").view(torch.float32).view(*lead, d)
 
         if self.bits == 3:
             q = d // 4
-            hi = t["nibbles"].index_select(0, codes[..., q:q + d // 8].int().reshape(-1))
-            return lookup(t["lo_hi"], torch.add(codes[..., :q], hi.view(torch.int32).view(*lead, q)))
-        return lookup(t["byte"], codes.int())
+            hi = select(t["nibbles"], as_int(codes[..., q:q + d // 8], "hi"), "nibbles")
+            hi = hi.view(torch.int32).view(*lead, q)
+            return lookup(t["lo_hi"], hi.add_(codes[..., :q]))
+        return lookup(t["byte"], as_int(codes, "index"))
 
     def quantize(self, x: torch.Tensor) -> QuantizedVectors:
         _, n, u = _unit(x, self.dim)
@@ -169,9 +182,9 @@ class TurboQuantMSE(RotatedCodec):
         check_record(rec, self.record_bytes, self.name)
         return self.values(rec[..., : self.code_bytes], read_fp16(rec, self.norm_at, 1).squeeze(-1))
 
-    def rotated_parts(self, rec: torch.Tensor):
+    def rotated_parts(self, rec: torch.Tensor, scratch=None):
         check_record(rec, self.record_bytes, self.name)
-        return [(0, self.dim, self.unit_values(rec[..., : self.code_bytes]),
+        return [(0, self.dim, self.unit_values(rec[..., : self.code_bytes], scratch),
                  read_fp16(rec, self.norm_at, 1).squeeze(-1))]
 
 
@@ -367,9 +380,13 @@ class TurboQuantSplit(KVCodec):
         check_record(rec, self.record_bytes, self.name)
         return self._values(rec[..., : self.norm_at], read_fp16(rec, self.norm_at, 2))
 
-    def rotated_parts(self, rec: torch.Tensor):
+    def rotated_parts(self, rec: torch.Tensor, scratch=None):
         check_record(rec, self.record_bytes, self.name)
         na, k = self.a.code_bytes, self.outliers
         norms = read_fp16(rec, self.norm_at, 2)
-        return [(0, k, self.a.unit_values(rec[..., :na]), norms[..., 0]),
-                (k, self.dim, self.b.unit_values(rec[..., na:na + self.b.code_bytes]), norms[..., 1])]
+        sa = sb = None
+        if scratch is not None:  # both parts are alive at once: their buffers must differ
+            def sa(name, shape, dtype): return scratch(("a", name), shape, dtype)
+            def sb(name, shape, dtype): return scratch(("b", name), shape, dtype)
+        return [(0, k, self.a.unit_values(rec[..., :na], sa), norms[..., 0]),
+                (k, self.dim, self.b.unit_values(rec[..., na:na + self.b.code_bytes], sb), norms[..., 1])]
