@@ -62,3 +62,26 @@ def test_rotated_parts_recombine_to_decode_rotated(name):
             x64 = codec.unrotate(got.double())
             assert torch.isfinite(x64).all()
             assert (x64 - codec.decode(rec).double()).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("heads", [1, 3])
+def test_split_rotation_matrix_equals_permute_then_block_rotations(heads):
+    """TurboQuantSplit.rotate / unrotate as one per-head matrix == gather the outlier channels, rotate
+    each part (float64 oracle), on calibrated per-head channel sets and fresh random vectors."""
+    codec = make_codec("tq3.5", 64, heads, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    codec.calibrate(torch.randn(50, heads, 64, generator=gen) * (1 + 5 * torch.rand(heads, 64, generator=gen)))
+    x = torch.randn(7, 2, heads, 64, generator=gen, dtype=torch.float64)
+    xp = torch.gather(x, -1, codec.perm.expand(x.shape))
+    k = codec.outliers
+    expected = torch.cat([xp[..., :k] @ codec.a.rot.matrix64.T, xp[..., k:] @ codec.b.rot.matrix64.T], -1)
+    got = codec.rotate(x.float())
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    assert (got.double() - expected).abs().max() < 1e-5
+    assert (codec.rotate(x) - expected).abs().max() < 1e-12  # float64 stays float64
+    assert (codec.unrotate(expected) - x).abs().max() < 1e-12
+    with pytest.raises(ValueError):
+        if heads > 1:
+            codec.rotate(torch.randn(5, heads + 1, 64))
+        else:
+            raise ValueError("one head broadcasts over any shape")

@@ -309,6 +309,7 @@ class TurboQuantSplit(KVCodec):
         self.perm = torch.cat([outl, rest], -1).contiguous()
         self.inv_perm = self.perm.argsort(-1)
         self._dev: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._mats: dict[tuple, torch.Tensor] = {}
 
     def _perms(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device not in self._dev:
@@ -366,15 +367,32 @@ class TurboQuantSplit(KVCodec):
         q = self.quantize(x)
         return assemble([pad_to(q.codes, self.norm_at), fp16_bytes(q.norms)], self.record_bytes)
 
+    def _matrices(self, like: torch.Tensor) -> torch.Tensor:
+        """Per head M [H, d, d] with rotate(x)[..., h, :] = M[h] @ x[..., h, :]: the channel permutation
+        and the two block rotations in one matrix (its entries are the rotations' own), so a query or
+        an attention output is rotated by one matmul instead of a gather, two matmuls and a concat."""
+        key = (like.device, like.dtype)
+        if key not in self._mats:
+            blocks = torch.block_diag(self.a.rot.matrix64, self.b.rot.matrix64)
+            perm = torch.zeros(self.heads, self.dim, self.dim, dtype=torch.float64)
+            perm.scatter_(2, self.perm.unsqueeze(-1), 1.0)  # row i picks channel perm[h, i]
+            self._mats[key] = (blocks @ perm).to(like.device, like.dtype)
+        return self._mats[key]
+
+    def _per_head(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        if self.heads == 1:
+            return x @ m[0].T
+        if x.dim() < 2 or x.shape[-2] != self.heads:
+            raise ValueError(f"codec for {self.heads} heads got input of shape {tuple(x.shape)}")
+        return (m @ x.unsqueeze(-1)).squeeze(-1)
+
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
-        xa, xb = self._split(check_input(x, self.dim))
-        return torch.cat([self.a.rot.apply(xa), self.b.rot.apply(xb)], -1)
+        x = check_input(x, self.dim)
+        return self._per_head(x, self._matrices(x))
 
     def unrotate(self, y: torch.Tensor) -> torch.Tensor:
         y = _float(y)
-        k = self.outliers
-        z = torch.cat([self.a.rot.inverse(y[..., :k]), self.b.rot.inverse(y[..., k:])], -1)
-        return _permute(z, self._perms(z.device)[1])
+        return self._per_head(y, self._matrices(y).transpose(1, 2))
 
     def decode_rotated(self, rec: torch.Tensor) -> torch.Tensor:
         check_record(rec, self.record_bytes, self.name)
