@@ -2,6 +2,7 @@
 transformers eager (same model from the same GGUF, same threads) in the same run.
 
     PYTHONPATH=. python scripts/bench_cpu.py [--contexts 512 2048 6144] [--types bf16 tq3.5 tq4] [--cold]
+        [--dtype bfloat16] [--rounds 3]
 
 Prints a markdown table for docs/BENCHMARKS.md.
 """
@@ -30,19 +31,21 @@ def timed(fn):
     return out, time.perf_counter() - t0
 
 
-def tq_prefill_decode(llm, ids: list[int], n_decode: int) -> tuple[float, float]:
-    """(prefill tok/s over ids, decode tok/s for n_decode tokens after them)."""
+def tq_prefill_decode(llm, ids: list[int], n_decode: int, rounds: int = 1) -> tuple[float, list[float]]:
+    """(prefill tok/s over ids, decode tok/s of each of `rounds` runs of n_decode tokens after them)."""
     with llm.session() as s:
         logits, secs = timed(lambda: s.append(ids))
         token = int(logits.argmax())
-        t0 = time.perf_counter()
-        for _ in range(n_decode):
-            token = int(s.append([token]).argmax())
-        decode = n_decode / (time.perf_counter() - t0)
+        decode = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            for _ in range(n_decode):
+                token = int(s.append([token]).argmax())
+            decode.append(n_decode / (time.perf_counter() - t0))
     return len(ids) / secs, decode
 
 
-def hf_prefill_decode(model, ids: list[int], n_decode: int) -> tuple[float, float]:
+def hf_prefill_decode(model, ids: list[int], n_decode: int, rounds: int = 1) -> tuple[float, list[float]]:
     from transformers import DynamicCache
 
     with torch.no_grad():
@@ -50,11 +53,13 @@ def hf_prefill_decode(model, ids: list[int], n_decode: int) -> tuple[float, floa
         x = torch.tensor([ids])
         out, secs = timed(lambda: model(x, past_key_values=cache, use_cache=True))
         token = out.logits[0, -1].argmax().view(1, 1)
-        t0 = time.perf_counter()
-        for _ in range(n_decode):
-            out = model(token, past_key_values=out.past_key_values, use_cache=True)
-            token = out.logits[0, -1].argmax().view(1, 1)
-        decode = n_decode / (time.perf_counter() - t0)
+        decode = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            for _ in range(n_decode):
+                out = model(token, past_key_values=out.past_key_values, use_cache=True)
+                token = out.logits[0, -1].argmax().view(1, 1)
+            decode.append(n_decode / (time.perf_counter() - t0))
     return len(ids) / secs, decode
 
 
@@ -83,21 +88,25 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--cold", action="store_true", help="also time a cold start (fresh cache dir, pip fetch)")
     p.add_argument("--no-hf", action="store_true")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="decode measurements per context (the table shows their min-max; the machine is shared)")
     args = p.parse_args()
+    load = [os.getloadavg()[0]]
 
     rows = []
     warm = warm_start_seconds()
     cold = cold_start_seconds() if args.cold else None
-    max_ctx = max(args.contexts) + args.decode + 8
+    max_ctx = max(args.contexts) + args.decode * args.rounds + 8
     llm = LLM("smollm2", device="cpu", dtype=args.dtype, max_context=max_ctx, max_seqs=1)
     text_ids = llm.tokenizer.encode(eval_text() * 2)
     for t in args.types:
         llm.set_cache(CacheConfig(k_type=t, v_type=t))
         tq_prefill_decode(llm, text_ids[:64], 2)  # warm-up
         for n in args.contexts:
-            pf, dc = tq_prefill_decode(llm, text_ids[:n], args.decode)
+            pf, dc = tq_prefill_decode(llm, text_ids[:n], args.decode, args.rounds)
             rows.append((f"tqinfer {t}", n, pf, dc))
-            print(rows[-1], file=sys.stderr, flush=True)
+            load.append(os.getloadavg()[0])
+            print(rows[-1], f"load {load[-1]:.2f}", file=sys.stderr, flush=True)
     if not args.no_hf:
         import transformers
 
@@ -107,19 +116,22 @@ def main() -> None:
             attn_implementation="eager").eval()
         hf_prefill_decode(model, text_ids[:64], 2)
         for n in args.contexts:
-            pf, dc = hf_prefill_decode(model, text_ids[:n], args.decode)
+            pf, dc = hf_prefill_decode(model, text_ids[:n], args.decode, args.rounds)
             rows.append(("transformers eager", n, pf, dc))
-            print(rows[-1], file=sys.stderr, flush=True)
+            load.append(os.getloadavg()[0])
+            print(rows[-1], f"load {load[-1]:.2f}", file=sys.stderr, flush=True)
 
     print(f"<!-- {date.today()} · {platform.machine()} {os.cpu_count()} cores · torch {torch.__version__} "
           f"({torch.get_num_threads()} threads) · {args.dtype} · `PYTHONPATH=. python scripts/bench_cpu.py "
           f"{' '.join(sys.argv[1:])}` -->")
     print(f"start to first token: warm {warm:.1f} s" + (f", cold (fetch + convert) {cold:.1f} s" if cold else ""))
+    print(f"1-minute load average during the run: {min(load):.2f}-{max(load):.2f} (2 cores)")
     print()
     print("| engine / cache | context | prefill tok/s | decode tok/s |")
     print("| --- | --- | --- | --- |")
     for name, n, pf, dc in rows:
-        print(f"| {name} | {n} | {pf:.0f} | {dc:.1f} |")
+        dec = f"{dc[0]:.1f}" if len(dc) == 1 else f"{min(dc):.1f}-{max(dc):.1f}"
+        print(f"| {name} | {n} | {pf:.0f} | {dec} |")
 
 
 if __name__ == "__main__":

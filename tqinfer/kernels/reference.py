@@ -133,9 +133,11 @@ def _scores(codec, qh, sq, rec, scratch: _Scratch | None = None) -> torch.Tensor
         return torch.bmm(qh, rec.float().transpose(1, 2))
     s = None
     for lo, hi, unit, norms in codec.rotated_parts(rec, scratch):
-        part = torch.bmm(qh[..., lo:hi], unit.transpose(1, 2))
-        if norms is not None:
-            part = part * norms.unsqueeze(1)
+        if norms is None or qh.shape[1] <= hi - lo:  # decode: fewer query rows than coordinates
+            part = torch.bmm(qh[..., lo:hi], unit.transpose(1, 2))
+            part = part if norms is None else part * norms.unsqueeze(1)
+        else:  # a prefill chunk: scaling the values is the smaller multiply
+            part = torch.bmm(qh[..., lo:hi], (unit * norms.unsqueeze(-1)).transpose(1, 2))
         s = part if s is None else s + part
     if sq is not None:
         signs, gamma = codec.qjl_signs(rec)
@@ -147,8 +149,14 @@ def _weighted_values(codec, p, rec, scratch: _Scratch | None = None) -> torch.Te
     """Probabilities p [H, R, N] times values rec [H, N, r] -> [H, R, d] in the codec's rotated space."""
     if codec is None or codec.has_qjl:
         return torch.bmm(p, _values_rotated(codec, rec))
-    outs = [torch.bmm(p if norms is None else p * norms.unsqueeze(1), unit)
-            for _, _, unit, norms in codec.rotated_parts(rec, scratch)]
+    outs = []
+    for lo, hi, unit, norms in codec.rotated_parts(rec, scratch):
+        if norms is None:
+            outs.append(torch.bmm(p, unit))
+        elif p.shape[1] <= hi - lo:  # decode: fold the norms into the probabilities
+            outs.append(torch.bmm(p * norms.unsqueeze(1), unit))
+        else:
+            outs.append(torch.bmm(p, unit * norms.unsqueeze(-1)))
     return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
 
 
