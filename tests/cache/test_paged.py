@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tqinfer.cache.config import CacheConfig, bytes_per_token, fixed_bytes
-from tqinfer.cache.paged import PagedCache
+from tqinfer.cache.paged import PagedCache, flat_slots, read_tokens
 from tqinfer.engine.context import StepContext
 from tqinfer.errors import CacheMemoryError
 from tqinfer.quant.registry import codec_names
@@ -155,6 +155,7 @@ def test_planned_decode_writes_equal_the_generic_path(sinks, window, protected):
     args = tiny_args(3 if protected else 1, H, d)
     planned, generic = (PagedCache(cfg, args, max_seqs=3, max_len=160, dtype=torch.float32, device="cpu")
                         for _ in range(2))
+    planned.write_ahead = generic.write_ahead = 1  # as on CUDA, where the plan serves decode steps
     layers = args.num_hidden_layers
 
     def step(slots, chunks, seed):
@@ -191,3 +192,47 @@ def test_planned_decode_writes_equal_the_generic_path(sinks, window, protected):
         for a, b in ((planned.k_hot, generic.k_hot), (planned.v_hot, generic.v_hot)):
             if a[layer] is not None:
                 assert torch.equal(a[layer], b[layer])
+
+
+@pytest.mark.parametrize("sinks,window", [(4, 8), (0, 16)])
+def test_records_written_ahead_change_nothing_attention_reads(sinks, window):
+    """Window exits written in batches (the CPU's write_ahead) give bit-identical attention to one
+    record per exit, through chunked prefill, decode steps, a rollback and a ragged batch; the
+    records every token outside the window reads are the same bytes."""
+    torch.manual_seed(2)
+    H, G, d = 2, 2, 64
+    cfg = CacheConfig(k_type="tq3.5", v_type="tq3", sinks=sinks, window=window, block_size=16)
+    args = tiny_args(2, H, d)
+    ahead, single = (PagedCache(cfg, args, max_seqs=2, max_len=200, dtype=torch.float32, device="cpu")
+                     for _ in range(2))
+    ahead.write_ahead, single.write_ahead = 32, 1
+    schedule = [([0, 1], [40, 5]), ([0], [9])] + [([0, 1], [1, 1])] * 45 + ["truncate"] + [([0, 1], [1, 1])] * 20
+    for i, step in enumerate(schedule):
+        if step == "truncate":
+            for cache in (ahead, single):
+                cache.truncate(0, cache.lens[0] - 13)
+            continue
+        slots, chunks = step
+        gen = torch.Generator().manual_seed(i)
+        T = sum(chunks)
+        q, k, v = (torch.randn(T, heads, d, generator=gen) for heads in (H * G, H, H))
+        outs = []
+        for cache in (ahead, single):
+            ctx = StepContext.build(cache, slots, [cache.lens[s] for s in slots], chunks, "cpu")
+            outs.append([cache.attend(layer, q, k, v, ctx, d ** -0.5, None) for layer in range(2)])
+            for s, n in zip(slots, chunks):
+                cache.set_len(s, cache.lens[s] + n)
+        for a, b in zip(*outs):
+            assert not torch.isnan(a).any()
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert ahead.lens == single.lens
+    assert all(a >= b for a, b in zip(ahead.compressed, single.compressed))
+    assert ahead.compressed != single.compressed  # records were written ahead
+    for slot in (0, 1):
+        n = single.lens[slot] - window  # tokens outside the window: attention reads their records
+        t = torch.arange(sinks, n)
+        for layer in range(2):
+            for pa, pb in ((ahead.k_pool, single.k_pool), (ahead.v_pool, single.v_pool)):
+                fa = flat_slots(ahead.block_table[slot], t, 16)
+                fb = flat_slots(single.block_table[slot], t, 16)
+                assert torch.equal(read_tokens(pa[layer], fa, 16), read_tokens(pb[layer], fb, 16))

@@ -20,6 +20,9 @@ from tqinfer.cache.config import DENSE, CacheConfig, bytes_per_token, fixed_byte
 from tqinfer.errors import CacheMemoryError
 
 
+CPU_WRITE_AHEAD = 32
+
+
 @dataclass
 class LayerCacheView:
     """What attention over one layer's cache needs (shared by the torch twin and the kernels)."""
@@ -76,6 +79,9 @@ class PagedCache:
         self.num_blocks = num_blocks or max_seqs * self.blocks_per_seq
         self.scratch_block = self.num_blocks  # one more block, never handed out: decode-plan no-op writes
         self.sinks, self.window = config.sinks, config.window
+        # records written ahead per window exit: one by one where a decode step is a CUDA graph (a
+        # static shape), in batches on the CPU, where each encode call costs far more than its work
+        self.write_ahead = 1 if self.device.type == "cuda" else CPU_WRITE_AHEAD
         need = (self.num_blocks + 1) * BS * bytes_per_token(args, config, dtype) + max_seqs * fixed_bytes(args, config, dtype)
         free = available_memory(self.device)
         if need > free:
@@ -138,8 +144,20 @@ class PagedCache:
             self.tables[slot] = []
             self.compressed[slot] = 0
         elif n > self.lens[slot]:
-            self.compressed[slot] = max(self.compressed[slot], n - self.window)
+            self.compressed[slot] = max(self.compressed[slot], self._record_range(slot, n)[1])
         self.lens[slot] = n
+
+    def _record_range(self, slot: int, end: int) -> tuple[int, int]:
+        """Tokens [first, upto) of a sequence growing to `end` tokens that get their records in this
+        step: those leaving the recent window, and when any does, up to write_ahead - 1 more of the
+        window written ahead (attention still reads them from the hot buffer until they leave it; the
+        records of a token are the same bytes whenever they are written). The same integers for
+        every layer of the step and for set_len after it."""
+        first = max(self.sinks, self.compressed[slot])
+        upto = max(first, end - self.window)
+        if upto > first:
+            upto = max(upto, min(end, first + self.write_ahead))
+        return first, upto
 
     def truncate(self, slot: int, n: int) -> None:
         """Roll a sequence back to n tokens. Window tokens that had already left it are restored to
@@ -201,7 +219,7 @@ class PagedCache:
         to the scratch block); the new token's flat pool slot (dense layers). None where a decode
         step is not planned this way (no recent window but sinks: the generic path handles it)."""
         S, W, BS = self.sinks, self.window, self.block_size
-        if W == 0 and S > 0:
+        if (W == 0 and S > 0) or self.write_ahead > 1:
             return None
         scratch = self.scratch_block * BS
         rows = [[], [], [], []]
@@ -273,8 +291,7 @@ class PagedCache:
                 continue
             # tokens that get records now: those leaving (or never entering) the window; the ranges
             # are host integers, so a step issues no device sync here
-            first = max(S, self.compressed[slot])
-            upto = max(first, end - W)
+            first, upto = self._record_range(slot, end)
             if upto > first:
                 dev = self.device
                 xs_k, xs_v = [], []
