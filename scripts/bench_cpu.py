@@ -80,6 +80,26 @@ def warm_start_seconds() -> float:
     return time.perf_counter() - t0
 
 
+def head_gemv(vocab: int = 49152, hidden: int = 576, calls: int = 50) -> None:
+    """ms per call of one token through the output projection, as LLM holds it on the CPU (fp16)
+    and as it would be held otherwise (bf16, fp32): why models/llama.py's fp16_head exists."""
+    print(f"<!-- {date.today()} · {platform.machine()} {os.cpu_count()} cores · torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads) · `PYTHONPATH=. python scripts/bench_cpu.py --head` -->")
+    print("| weights | ms per token | GB/s |")
+    print("| --- | --- | --- |")
+    g = torch.Generator().manual_seed(0)
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        w = (torch.randn(vocab, hidden, generator=g) * 0.02).to(dt)
+        x = torch.randn(1, hidden, generator=g).to(dt)
+        for _ in range(5):
+            torch.nn.functional.linear(x, w)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            torch.nn.functional.linear(x, w)
+        ms = (time.perf_counter() - t0) / calls * 1e3
+        print(f"| {str(dt).removeprefix('torch.')} | {ms:.2f} | {w.numel() * w.element_size() / ms / 1e6:.1f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--contexts", type=int, nargs="*", default=[512, 2048, 6144])
@@ -90,7 +110,11 @@ def main() -> None:
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--rounds", type=int, default=1,
                    help="decode measurements per context (the table shows their min-max; the machine is shared)")
+    p.add_argument("--head", action="store_true",
+                   help="only time the output projection's GEMV (one token, the default model's shape) per dtype")
     args = p.parse_args()
+    if args.head:
+        return head_gemv()
     load = [os.getloadavg()[0]]
 
     rows = []

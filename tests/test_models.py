@@ -104,3 +104,31 @@ def test_batched_step_equals_separate_steps():
 def test_unknown_architecture_is_a_clear_error():
     with pytest.raises(UnsupportedArchitecture, match="supported: llama, mistral, qwen2, qwen3"):
         build_model({"model_type": "mamba"})
+
+
+def test_fp16_head_is_exact_and_closer_to_fp32_than_bf16():
+    """LLM holds a bf16 model's output projection (and tied embedding) in fp16 on CPUs: the weights
+    convert exactly, and the logits come out nearer an fp32 head than the bf16 head's."""
+    _, model, args = build_pair("llama")  # tied embeddings
+    model = model.fuse().to(torch.bfloat16)
+    ids = torch.randint(0, args.vocab_size, (40,), generator=torch.Generator().manual_seed(4)).tolist()
+    w_bf16 = model.lm_head.weight.detach().clone()
+
+    def logits():
+        cache = DenseCache(args.num_hidden_layers, args.num_key_value_heads, args.head_dim, 1, 64,
+                           torch.bfloat16, "cpu")
+        return LLMEngine(model, cache, "cpu").forward([0], [0], [ids], all_logits=True).double()
+
+    bf16 = logits()
+    assert model.fp16_head()
+    assert model.lm_head.weight.dtype == torch.float16 and model.model.embed_tokens.weight is model.lm_head.weight
+    assert torch.equal(model.lm_head.weight.to(torch.bfloat16), w_bf16)
+    fp16 = logits()
+    model.lm_head.weight = torch.nn.Parameter(w_bf16.float(), requires_grad=False)
+    model.model.embed_tokens.weight = model.lm_head.weight
+    fp32 = logits()
+    err = lambda x: float((x - fp32).norm() / fp32.norm())  # noqa: E731
+    assert torch.isfinite(fp16).all()
+    assert err(fp16) < err(bf16), (err(fp16), err(bf16))
+    model.lm_head.weight = torch.nn.Parameter(torch.full_like(w_bf16, 1e5), requires_grad=False)
+    assert not model.fp16_head()  # out of fp16's range: left as it is

@@ -143,6 +143,8 @@ class LLM:
         if self.args.tie_word_embeddings:
             net.lm_head.weight = net.model.embed_tokens.weight
         self.model = net.to(self.device, self.dtype).eval().fuse()
+        if self.device.type == "cpu":
+            self.model.fp16_head()
         report("allocating cache", None)
         limit = self.args.max_position_embeddings
         if max_context is not None and max_context > limit:
