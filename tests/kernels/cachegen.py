@@ -10,6 +10,11 @@ import torch
 from tqinfer.cache.paged import LayerCacheView
 from tqinfer.quant.registry import make_codec
 
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# small blocks keep the interpreter fast; the GPU runs the production block size (triton 3.6 miscompiled
+# some 16-token tiles with 8-bit loads on the H200, 2026-11-29, so kernels are used with BS >= 32)
+BS = 16 if DEV == "cpu" else 64
+
 
 def codec_for(name: str | None, d: int, h: int, seed: int):
     if name in (None, "bf16"):

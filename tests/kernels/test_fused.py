@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from tqinfer.kernels import fused  # (tests/kernels/conftest.py set TRITON_INTERPRET on CPU)
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from .cachegen import DEV
+
 
 
 @pytest.mark.parametrize("t,d,residual", [(1, 64, True), (5, 576, True), (3, 96, False)])
@@ -17,7 +18,7 @@ def test_add_rms_norm(t, d, residual):
     g = torch.Generator().manual_seed(t * d)
     x, h = (torch.randn(t, d, generator=g) for _ in range(2))
     w = torch.randn(d, generator=g)
-    x, h, w = x.to(DEVICE), h.to(DEVICE), w.to(DEVICE)
+    x, h, w = x.to(DEV), h.to(DEV), w.to(DEV)
     got_x, got_n = fused.add_rms_norm(x, h if residual else None, w, 1e-5, kernel=True)
     s = (x.double() + h.double()) if residual else x.double()
     want = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-5) * w.double()
@@ -31,12 +32,12 @@ def test_add_rms_norm(t, d, residual):
 @pytest.mark.parametrize("t,nq,nkv,hd", [(1, 4, 2, 64), (7, 9, 3, 64), (2, 8, 8, 128)])
 def test_rope_split(t, nq, nkv, hd):
     g = torch.Generator().manual_seed(t + hd)
-    qkv = torch.randn(t, (nq + 2 * nkv) * hd, generator=g).to(DEVICE)
-    positions = torch.randint(0, 500, (t,), generator=g).to(DEVICE)
+    qkv = torch.randn(t, (nq + 2 * nkv) * hd, generator=g).to(DEV)
+    positions = torch.randint(0, 500, (t,), generator=g).to(DEV)
     inv = 1.0 / (10000 ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
     ang = torch.outer(torch.arange(512, dtype=torch.float64), inv)
     emb = torch.cat([ang, ang], -1)
-    cos, sin = emb.cos().float().to(DEVICE), emb.sin().float().to(DEVICE)
+    cos, sin = emb.cos().float().to(DEV), emb.sin().float().to(DEV)
     q, k, v = fused.rope_split(qkv, positions, cos, sin, nq, nkv, hd, kernel=True)
 
     def rope64(x):  # rotate pairs (i, i + d/2) by position * inv_freq[i], float64
@@ -58,7 +59,7 @@ def test_rope_split(t, nq, nkv, hd):
 @pytest.mark.parametrize("t,h", [(1, 1536), (3, 100)])
 def test_silu_mul(t, h):
     g = torch.Generator().manual_seed(h)
-    gu = torch.randn(t, 2 * h, generator=g).to(DEVICE)
+    gu = torch.randn(t, 2 * h, generator=g).to(DEV)
     got = fused.silu_mul(gu, kernel=True)
     a, b = gu.double().split([h, h], -1)
     assert not torch.isnan(got).any()

@@ -10,12 +10,8 @@ import torch
 from tqinfer.kernels import reference
 from tqinfer.kernels.prefill_attention import paged_prefill_attention
 
-from .cachegen import attention64, build_cache, rel_err
+from .cachegen import BS, DEV, attention64, build_cache, rel_err
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-# small blocks keep the interpreter fast; the GPU runs the production block size (triton 3.6 miscompiled
-# some 16-token tiles with 8-bit loads on the H200, 2026-11-29, so kernels are used with BS >= 32)
-BS = 16 if DEV == "cpu" else 64
 
 CASES = [  # k type, v type, head_dim, KV heads, group size
     ("bf16", "bf16", 64, 2, 4),

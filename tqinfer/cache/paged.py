@@ -216,8 +216,9 @@ class PagedCache:
         """Reserve a block for each sequence's new token and say where its writes go, as int rows
         [hot_new, src_hot, rec_dst, dense_dst] (flattened): the new token's hot slot; the token
         leaving the recent window (hot slot -> records at flat pool slot rec_dst, or a no-op write
-        to the scratch block); the new token's flat pool slot (dense layers). None where a decode
-        step is not planned this way (no recent window but sinks: the generic path handles it)."""
+        to the scratch block); the new token's flat pool slot (dense layers). None where the generic
+        path serves decode steps: sinks without a recent window, and records written ahead in
+        batches (the CPU's write_ahead)."""
         S, W, BS = self.sinks, self.window, self.block_size
         if (W == 0 and S > 0) or self.write_ahead > 1:
             return None

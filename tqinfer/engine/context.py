@@ -55,9 +55,6 @@ class StepContext:
         return cls(cache, list(slots), list(prefix_lens), list(chunk_lens), cu, prefix, seq_index.to(torch.int32),
                    positions, seq_index, plan, rows)
 
-    def positions(self, device=None) -> torch.Tensor:
-        return self.positions_t
-
 
 def is_decode(chunk_lens: list[int]) -> bool:
     return len(chunk_lens) > 0 and all(n == 1 for n in chunk_lens)
@@ -65,14 +62,14 @@ def is_decode(chunk_lens: list[int]) -> bool:
 
 def step_meta(cache, slots, prefix_lens, chunk_lens) -> tuple[list[int], bool]:
     """Host integers of a step, in from_meta's layout: positions [T], prefix lengths [B], slots [B],
-    chunk boundaries [B+1], then (decode steps, caches that plan them) the cache's write plan; and
-    whether the plan is there."""
+    chunk boundaries [B+1], then (decode steps the cache plans) the cache's write plan; and whether
+    the plan is there."""
     positions = [p + i for p, n in zip(prefix_lens, chunk_lens) for i in range(n)]
     cu = [0]
     for n in chunk_lens:
         cu.append(cu[-1] + n)
     plan = None
-    if is_decode(chunk_lens) and hasattr(cache, "decode_plan"):
+    if is_decode(chunk_lens):
         plan = cache.decode_plan(slots, prefix_lens)
     return positions + list(prefix_lens) + list(slots) + cu + (plan or []), plan is not None
 

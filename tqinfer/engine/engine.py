@@ -16,6 +16,7 @@ import warnings
 import torch
 
 from tqinfer.engine.context import StepContext, set_context, step_meta
+from tqinfer.kernels import dispatch
 
 
 class LLMEngine:
@@ -31,11 +32,9 @@ class LLMEngine:
         self.graph_pool = None
 
     def _graph_ready(self) -> bool:
-        args = getattr(self.model, "args", None)
-        ready = getattr(self.cache, "graph_ready", None)
-        kernels = os.environ.get("TQINFER_KERNELS", "triton") != "torch"  # the twins sync with the host
-        return (self.device.type == "cuda" and kernels and args is not None and args.sliding_window is None
-                and ready is not None and ready(args.head_dim))
+        args = self.model.args  # (the torch twins read host values: no capture without the kernels)
+        return (self.device.type == "cuda" and dispatch.kernels_enabled() and args.sliding_window is None
+                and self.cache.graph_ready(args.head_dim))
 
     @torch.inference_mode()
     def forward(self, slots: list[int], prefix_lens: list[int], chunks: list[list[int]],

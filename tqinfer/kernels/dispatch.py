@@ -7,8 +7,13 @@ import os
 from tqinfer.kernels import reference
 
 
+def kernels_enabled() -> bool:
+    """False when TQINFER_KERNELS=torch asks for the torch twins everywhere."""
+    return os.environ.get("TQINFER_KERNELS", "triton") != "torch"
+
+
 def use_triton(t) -> bool:
-    return t.is_cuda and os.environ.get("TQINFER_KERNELS", "triton") != "torch"
+    return t.is_cuda and kernels_enabled()
 
 
 def paged_attention(q, k, v, cu_q, prefix_lens, view, scale, window=None, prefix_list=None, chunk_list=None):

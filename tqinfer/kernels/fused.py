@@ -11,10 +11,10 @@ written in models/llama.py before fusion (rotate_half RoPE, RMSNorm in fp32).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
+
+from tqinfer.kernels import dispatch
 
 
 def use_triton(t: torch.Tensor, kernel: bool | None) -> bool:
@@ -22,7 +22,7 @@ def use_triton(t: torch.Tensor, kernel: bool | None) -> bool:
     interpreter's tests), False the twin."""
     if kernel is not None:
         return kernel
-    return t.is_cuda and os.environ.get("TQINFER_KERNELS", "triton") != "torch"
+    return dispatch.use_triton(t)
 
 
 # --- residual add + RMSNorm -------------------------------------------------------------------------
