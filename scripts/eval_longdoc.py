@@ -61,9 +61,10 @@ def main() -> None:
     p.add_argument("--types", nargs="*", default=["bf16", "tq3.5", "tq4"])
     p.add_argument("--depths", type=float, nargs="*", default=[0.1, 0.4, 0.7, 0.95])
     p.add_argument("--device", default=None)
+    p.add_argument("--max-context", type=int, default=8192, help="cap on the context allocated (tokens)")
     args = p.parse_args()
     os.environ["TQINFER_CACHE"] = tempfile.mkdtemp(prefix="tqinfer-longdoc-")  # cold prompt caches
-    llm = LLM(args.model, device=args.device, max_context=min(8192, args.tokens + 1024), max_seqs=1)
+    llm = LLM(args.model, device=args.device, max_context=min(args.max_context, args.tokens + 1024), max_seqs=1)
     doc = build_document(llm, args.tokens, args.depths)
     rows = []
     for t in args.types:
@@ -74,6 +75,7 @@ def main() -> None:
             secs, how, answer = first_token_seconds(qa, f"What is the code name of project {name}?")
             firsts.append((how, secs))
             found.append(code in answer)
+            print(f"<!-- {t} {name} ({how}, {secs:.2f} s): {answer.strip()[:80]!r} -->", flush=True)
         cold = [s for h, s in firsts if h == "prefilled"]
         warm = [s for h, s in firsts if h == "loaded"]
         rows.append((t, len(qa.prefix_ids), found, cold[0] if cold else 0.0, sum(warm) / max(1, len(warm))))
