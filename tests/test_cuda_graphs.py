@@ -57,3 +57,40 @@ def test_graph_replay_equals_eager_decode(cache_type):
             token[s] = t
             lens[s] += 1
     assert set(graphed.graphs) == {3, 2}  # one capture per batch size, replayed after
+
+
+def test_replay_after_loading_a_sequence_calibrated_elsewhere(tmp_path):
+    """A saved tq3.5 sequence brings its own outlier permutation; loading it rebuilds the kernels' codec
+    layouts, so a graph captured before must not be replayed (it would read the freed old layout)."""
+    from tqinfer.cache.store import load_sequence, save_sequence
+
+    model, args = tiny_model()
+    cfg = CacheConfig(k_type="tq3.5", v_type="tq3.5", sinks=4, window=32, block_size=16)
+    gen = torch.Generator().manual_seed(1)
+    saved = build_cache(cfg, args, max_seqs=1, max_len=512, dtype=torch.bfloat16, device="cuda")
+    other = torch.randint(0, 512, (150,), generator=gen).tolist()
+    LLMEngine(model, saved, "cuda", cuda_graphs=False).forward([0], [0], [other])
+    save_sequence(saved, 0, other, tmp_path / "seq.safetensors", {})
+    engines = []
+    for graphs in (True, False):
+        cache = build_cache(cfg, args, max_seqs=1, max_len=512, dtype=torch.bfloat16, device="cuda")
+        engines.append(LLMEngine(model, cache, "cuda", cuda_graphs=graphs))
+    prompt = torch.randint(0, 512, (90,), generator=gen).tolist()
+    for e in engines:  # calibrated on `prompt`, then a few decode steps: the graph is captured
+        e.forward([0], [0], [prompt])
+        for i in range(4):
+            e.forward([0], [90 + i], [[7 + i]])
+    assert set(engines[0].graphs) == {1}
+    perm = lambda cache: torch.stack([c.perm for c in cache.k_codec])  # noqa: E731
+    assert not torch.equal(perm(saved), perm(engines[0].cache)), "the test needs two calibrations that differ"
+    for e in engines:
+        e.cache.set_len(0, 0)
+        assert load_sequence(e.cache, 0, tmp_path / "seq.safetensors", {}) == other
+        assert torch.equal(perm(e.cache), perm(saved))
+    token, n = 5, len(other)
+    for step in range(20):
+        a, b = (e.forward([0], [n], [[token]]) for e in engines)
+        assert torch.isfinite(a).all()
+        err = (a - b).norm() / b.norm()
+        assert err < 2e-2, f"step {step}: relative logit error {err:.3g}"
+        token, n = int(b.argmax()), n + 1

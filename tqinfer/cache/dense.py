@@ -97,6 +97,10 @@ class DenseCache:
             self.reserve(slot, p + 1)
         return list(prefix_lens)
 
+    def kernel_state(self) -> list:
+        """No codecs: nothing beside the buffers that a captured step reads (see PagedCache)."""
+        return []
+
     def graph_ready(self, head_dim: int) -> bool:
         if not self.k[0].is_cuda:  # (and no Triton import on the CPU path)
             return False

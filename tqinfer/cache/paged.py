@@ -257,6 +257,14 @@ class PagedCache:
         khot[seq, :, hot_new] = k.to(khot.dtype)
         vhot[seq, :, hot_new] = v.to(vhot.dtype)
 
+    def kernel_state(self) -> list:
+        """What a captured decode step reads beside the pools: each codec's layout state (a split
+        codec's channel permutation, replaced by calibration and by loading a saved sequence). A graph
+        captured under other state would read freed layout tensors (tqinfer/engine/engine.py)."""
+        from tqinfer.kernels.quantize import layout_state
+
+        return [layout_state(c) for c in self.k_codec + self.v_codec]
+
     def graph_ready(self, head_dim: int) -> bool:
         """Whether a decode step runs entirely on the device (fused kernels for every layer, a
         planned write), so it can be captured in a CUDA graph."""

@@ -88,6 +88,8 @@ class DecodeGraph:
         self.rotary = rotary = model.model.rotary
         rotary.table(cache.max_len, engine.device, model.model.embed_tokens.weight.dtype)  # never regrown later
         self.table = rotary.cos
+        self.cache = cache
+        self.state = cache.kernel_state()  # the codec layouts the eager warm-up step just built
         self.host = torch.empty(len(meta), dtype=torch.long, pin_memory=True)
         self.inputs = torch.tensor(meta, dtype=torch.long, device=engine.device)
         self.copied = torch.cuda.Event()
@@ -103,8 +105,10 @@ class DecodeGraph:
             set_context(None)
 
     def valid(self) -> bool:
-        """Replays read the RoPE table captured with them: a regrown table means a new capture."""
-        return self.rotary.cos is self.table
+        """Replays read the RoPE table and the codec layouts captured with them: a regrown table, or a
+        codec calibrated or loaded since (a saved session, a new split permutation), means a new capture."""
+        return self.rotary.cos is self.table and all(
+            a is b for a, b in zip(self.state, self.cache.kernel_state(), strict=True))
 
     def replay(self, meta: list[int]) -> torch.Tensor:
         self.copied.synchronize()  # the last step's copy has left the pinned buffer

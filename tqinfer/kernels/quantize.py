@@ -111,10 +111,16 @@ def record_layout(codec, device) -> RecordLayout:
     split codec's calibrated channel permutation) changes."""
     cache = codec.__dict__.setdefault("_kernel_layouts", {})
     key = str(torch.device(device))
-    state = getattr(codec, "perm", None)
+    state = layout_state(codec)
     if key not in cache or cache[key][0] is not state:
         cache[key] = (state, _build_layout(codec).to(device))
     return cache[key][1]
+
+
+def layout_state(codec):
+    """What a codec's RecordLayout depends on beyond its fixed parameters: a split codec's calibrated
+    channel permutation (a new object whenever it is calibrated or loaded), None for the others."""
+    return getattr(codec, "perm", None)
 
 
 def _build_layout(codec) -> RecordLayout:
