@@ -68,9 +68,10 @@ def test_decode_matches_float64(kt, vt, d, h, g):
     assert rel_err(out, twin) < tol
 
 
-@pytest.mark.parametrize("sinks,window", [(0, 0), (4, 0), (0, 8), (3, 20)])
+@pytest.mark.parametrize("sinks,window", [(0, 0), (4, 0), (0, 8), (3, 20), (4, 60)])
 def test_decode_hot_layouts(sinks, window):
-    lens = [1, 3, 4, 5, 23, 40]
+    """(4, 60): the hot tokens span two programs of the split grid (32 a program at head_dim 64)."""
+    lens = [1, 3, 4, 5, 23, 40, 75]
     out, ref, _ = _run("tq3.5", "tq4", 64, 2, 4, lens, sinks, window, torch.float32, splits=2, seed=window)
     assert torch.isfinite(out).all()
     assert rel_err(out, ref) < 2e-3
@@ -80,6 +81,30 @@ def test_decode_hot_layouts(sinks, window):
 def test_decode_split_counts(splits):
     """More splits than tiles leaves some empty: they must merge as nothing."""
     out, ref, _ = _run("tq4", "tq3", 64, 1, 4, [70, 2], 4, 8, torch.float32, splits=splits, seed=splits)
+    assert rel_err(out, ref) < 2e-3
+
+
+def test_decode_merge_over_split_chunks():
+    """More splits with work than the merge reduces at once (32 at head_dim 128), hot tokens over 3
+    programs (16 a program at head_dim 128), QJL values; and a ragged batch whose short sequences leave
+    most splits empty."""
+    out, ref, _ = _run("tq4", "tqp3", 128, 1, 4, [40 * BS + 7, 2 * BS, 1], 4, 36, torch.float32, splits=40,
+                       seed=4)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < 2e-3
+
+
+def test_decode_reads_only_written_workspace(monkeypatch):
+    """Workspaces come from torch.empty: poisoned with NaN, nothing unwritten may reach the output."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: nan(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan(empty_like(*a, **k)))
+    out, ref, _ = _run("tq3.5", "tq4", 64, 2, 3, [3 * BS + 5, BS, 2, 0], 4, 8, torch.float32, splits=8, seed=8)
+    assert torch.isfinite(out).all()
     assert rel_err(out, ref) < 2e-3
 
 

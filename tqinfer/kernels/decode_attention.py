@@ -1,12 +1,15 @@
 """Split-KV decode attention over a paged cache of packed codes (or dense pages), GQA-grouped, plus the
-merge stage that adds the full-precision sink / recent tokens and the new token and un-rotates once.
+merge stage that un-rotates once and adds the full-precision sink / recent tokens and the new token.
 
-Stage 1 (grid B x H x splits): one program per KV head and split; all G query heads of the group share
-each tile's codes. Scores come from the rotated query against centroids (tl.dot), times the token's
-norm (+ the QJL term); softmax is online in fp32 (base 2, the scale folded into q); values accumulate
-in the codec's rotated space. Stage 2 (grid B x H): log-sum-exp merge of the splits, un-rotation, then
-the hot tokens and the token itself in the original space. The grid depends only on the batch size
-and head count, so a decode step can be captured in a CUDA graph.
+Stage 1 (grid B x H x (splits + hot chunks)): one program per KV head and split; all G query heads of
+the group share each tile's codes. Scores come from the rotated query against centroids (tl.dot), times
+the token's norm (+ the QJL term); softmax is online in fp32 (base 2, the scale folded into q); values
+accumulate in the codec's rotated space. The last programs of the grid each take a chunk of the bf16
+sink / recent tokens (original space), so they run beside the tiles. Stage 2 (grid B x H x G, one
+program per query head): a log-sum-exp reduction over the splits that have work (a bound computed from
+the prefix length on the device) and the hot chunks, the un-rotation, the new token. The grids depend
+only on the batch size, head counts and the cache's sink / window sizes, so a decode step can be
+captured in a CUDA graph.
 
 Codes are never put back into channel order. A part's plane is read as NC columns of whole units
 (unit c holds the codes of channels c*NS .. c*NS + NS - 1, NS = dim / NC); sub-tile S is the code at
@@ -207,21 +210,22 @@ def part_values(p, alpha, a0, a1, a2, a3, a4, a5, a6, a7, w, w2, tabr, scale, ta
 
 
 @triton.jit
-def store_part(ptr, a0, a1, a2, a3, a4, a5, a6, a7, CH: tl.constexpr, DP: tl.constexpr, NC: tl.constexpr):
-    """Store the sub-tile accumulators to their channels: ptr[rows] + CH + c * NS + S."""
+def store_part(ptr, rmask, a0, a1, a2, a3, a4, a5, a6, a7, CH: tl.constexpr, DP: tl.constexpr, NC: tl.constexpr):
+    """Store the sub-tile accumulators to their channels: ptr[rows] + CH + c * NS + S (rows where rmask)."""
     NS: tl.constexpr = DP // NC
     col = ptr[:, None] + CH + tl.arange(0, NC)[None, :] * NS
-    tl.store(col, a0)
+    m = rmask[:, None]
+    tl.store(col, a0, mask=m)
     if NS > 1:
-        tl.store(col + 1, a1)
+        tl.store(col + 1, a1, mask=m)
     if NS > 2:
-        tl.store(col + 2, a2)
-        tl.store(col + 3, a3)
+        tl.store(col + 2, a2, mask=m)
+        tl.store(col + 3, a3, mask=m)
     if NS > 4:
-        tl.store(col + 4, a4)
-        tl.store(col + 5, a5)
-        tl.store(col + 6, a6)
-        tl.store(col + 7, a7)
+        tl.store(col + 4, a4, mask=m)
+        tl.store(col + 5, a5, mask=m)
+        tl.store(col + 6, a6, mask=m)
+        tl.store(col + 7, a7, mask=m)
 
 
 @triton.jit
@@ -302,11 +306,53 @@ def tile_tokens(bt_ptr, b, s_bt, ti, tok, c_end, h, H: tl.constexpr, BS: tl.cons
 
 
 @triton.jit
+def split_bounds(L, sinks, window, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr):
+    """For a prefix of L tokens: the end of the compressed tokens, the first tile, the tile bound, tiles
+    per split and the number of splits with work (the first n_act; the rest are empty)."""
+    c_end = tl.where(window > 0, L - window, L)
+    lo = sinks // BLOCK_N
+    hi = tl.where(c_end > sinks, (c_end + BLOCK_N - 1) // BLOCK_N, lo)
+    per = (hi - lo + NSPLIT - 1) // NSPLIT
+    n_act = tl.where(per > 0, (hi - lo + per - 1) // tl.maximum(per, 1), 0)
+    return c_end, lo, hi, per, n_act
+
+
+@triton.jit
+def hot_chunk(q_row, s_qh, k_hot, v_hot, hot_base, s_hs, L, sinks, window, i0, ws_m, ws_l, ws_acc,
+              G: tl.constexpr, RW: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Softmax state of query rows r < G (fp32, log2-scaled, at q_row + r * s_qh) over hot tokens i0 ..
+    i0 + BLOCK_H - 1 of one sequence (the sinks, then the recent window in order; past the end: m = NEG,
+    l = 0, acc = 0), stored at ws_m / ws_l + r and ws_acc + r * RW. Row by row in fp32 on the CUDA
+    cores: no fp32 tl.dot, so the split kernel keeps the registers of its tile loop."""
+    n_sink = tl.minimum(sinks, L)
+    w_lo = tl.where(window > 0, tl.maximum(sinks, L - window), L)
+    n_hot = n_sink + tl.maximum(L - w_lo, 0)
+    w_safe = tl.maximum(window, 1)
+    d = tl.arange(0, D)
+    i = i0 + tl.arange(0, BLOCK_H)
+    hmask = i < n_hot
+    t = tl.where(i < n_sink, i, w_lo + i - n_sink)
+    slot = tl.where(i < n_sink, i, sinks + (t - sinks) % w_safe)
+    ptr = hot_base + slot[:, None] * s_hs + d[None, :]
+    kh = tl.load(k_hot + ptr, mask=hmask[:, None], other=0.0).to(tl.float32)
+    vh = tl.load(v_hot + ptr, mask=hmask[:, None], other=0.0).to(tl.float32)
+    for r in range(0, G):
+        q = tl.load(q_row + r * s_qh + d)
+        sc = tl.where(hmask, tl.sum(kh * q[None, :], axis=1), float("-inf"))
+        m = tl.maximum(tl.max(sc, axis=0), NEG)
+        p = tl.exp2(sc - m)
+        tl.store(ws_m + r, m)
+        tl.store(ws_l + r, tl.sum(p, axis=0))
+        tl.store(ws_acc + r * RW + d, tl.sum(p[:, None] * vh, axis=0))
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr, k_pool, v_pool, tab_k, tab_k2, tab_v, tab_v2, bt_ptr, prefix_ptr, ws_m, ws_l, ws_acc,
-    sinks, window, s_bt, s_qb, s_qh,
+    qs_ptr, k_hot, v_hot, slot_ptr,
+    sinks, window, s_bt, s_qb, s_qh, s_qsb, s_qsh, s_hb, s_hh, s_hs,
     H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-    BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr,
+    BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr, NHOT: tl.constexpr, BLOCK_H: tl.constexpr,
     K_DENSE: tl.constexpr, REC_K: tl.constexpr,
     KA_CH: tl.constexpr, KA_DP: tl.constexpr, KA_BT: tl.constexpr, KA_PL: tl.constexpr,
     KA_SC: tl.constexpr, KA_TB: tl.constexpr, KA_TP: tl.constexpr, KA_NC: tl.constexpr, KA_WD: tl.constexpr,
@@ -325,14 +371,11 @@ def _decode_split_kernel(
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
-    s = tl.program_id(2)
+    s = tl.program_id(2)  # splits 0 .. NSPLIT - 1 of the compressed tiles, then NHOT chunks of hot tokens
     L = tl.load(prefix_ptr + b)
-    c_end = tl.where(window > 0, L - window, L)
-    n_tiles_lo = sinks // BLOCK_N
-    n_tiles_hi = tl.where(c_end > sinks, (c_end + BLOCK_N - 1) // BLOCK_N, n_tiles_lo)
-    per = (n_tiles_hi - n_tiles_lo + NSPLIT - 1) // NSPLIT
+    c_end, n_tiles_lo, n_tiles_hi, per, n_act = split_bounds(L, sinks, window, BLOCK_N, NSPLIT)
     t_start = n_tiles_lo + s * per
-    t_end = tl.minimum(t_start + per, n_tiles_hi)
+    t_end = tl.minimum(t_start + per, n_tiles_hi)  # empty for hot programs and splits >= n_act
 
     g = tl.arange(0, GP)
     qrow = q_ptr + b * s_qb + (h * G + tl.minimum(g, G - 1)) * s_qh
@@ -382,18 +425,27 @@ def _decode_split_kernel(
                     VQ_DP, VQ_BT, VQ_TB, VQ_TP, VQ_NC, MODE)
         m_i = m_new
 
-    ws = (b * H + h) * NSPLIT + s
-    tl.store(ws_m + ws * GP + g, m_i)
-    tl.store(ws_l + ws * GP + g, l_i)
-    acc_row = ws_acc + (ws * GP + g) * (D + VQ_DP)
+    # the workspace holds the G real rows of each split (the merge reads only splits < n_act)
+    ws = (b * H + h) * (NSPLIT + NHOT) + s
+    rm = g < tl.where(s < n_act, G, 0)  # no rows of an empty split or a hot program
+    tl.store(ws_m + ws * G + g, m_i, mask=rm)
+    tl.store(ws_l + ws * G + g, l_i, mask=rm)
+    acc_row = ws_acc + (ws * G + g) * (D + VQ_DP)
     if V_DENSE:
-        tl.store(acc_row[:, None] + tl.arange(0, D)[None, :], a0)
+        tl.store(acc_row[:, None] + tl.arange(0, D)[None, :], a0, mask=rm[:, None])
     else:
-        store_part(acc_row, a0, a1, a2, a3, a4, a5, a6, a7, VA_CH, VA_DP, VA_NC)
+        store_part(acc_row, rm, a0, a1, a2, a3, a4, a5, a6, a7, VA_CH, VA_DP, VA_NC)
         if VB_DP > 0:
-            store_part(acc_row, b0, b1, b2, b3, b4, b5, b6, b7, VB_CH, VB_DP, VB_NC)
+            store_part(acc_row, rm, b0, b1, b2, b3, b4, b5, b6, b7, VB_CH, VB_DP, VB_NC)
         if VQ_DP > 0:
-            store_part(acc_row, q0, q1, q2, q3, q4, q5, q6, q7, D, VQ_DP, VQ_NC)
+            store_part(acc_row, rm, q0, q1, q2, q3, q4, q5, q6, q7, D, VQ_DP, VQ_NC)
+    if NHOT > 0:
+        if s >= NSPLIT:  # a chunk of the bf16 sink / recent tokens, in the original space
+            seq = tl.load(slot_ptr + b).to(tl.int64)
+            w0 = (b * H + h) * (NSPLIT + NHOT) + s
+            hot_chunk(qs_ptr + b * s_qsb + h * G * s_qsh, s_qsh, k_hot, v_hot, seq * s_hb + h * s_hh, s_hs,
+                      L, sinks, window, (s - NSPLIT) * BLOCK_H, ws_m + w0 * G, ws_l + w0 * G,
+                      ws_acc + w0 * G * (D + VQ_DP), G, D + VQ_DP, D, BLOCK_H)
 
 
 @triton.jit
@@ -427,61 +479,73 @@ def hot_attention(q, m_i, l_i, acc, k_hot, v_hot, hot_base, s_hh, s_hs, L, sinks
 
 @triton.jit
 def _decode_merge_kernel(
-    q_ptr, k_ptr, v_ptr, k_hot, v_hot, slot_ptr, prefix_ptr, ws_m, ws_l, ws_acc, rot_v, qjl_v, out_ptr,
-    sinks, window, s_qt, s_qh, s_kt, s_kh, s_hb, s_hh, s_hs, s_ot, s_oh,
-    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, NSPLIT: tl.constexpr,
-    BLOCK_H: tl.constexpr, V_ROTATED: tl.constexpr, HAS_HOT: tl.constexpr, DVQ: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, prefix_ptr, ws_m, ws_l, ws_acc, rot_v, qjl_rot, out_ptr,
+    sinks, window, s_qt, s_qh, s_kt, s_kh, s_ot, s_oh,
+    H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr,
+    SP: tl.constexpr, SB: tl.constexpr, NHOT: tl.constexpr, HP: tl.constexpr, CJ: tl.constexpr,
+    V_ROTATED: tl.constexpr, DVQ: tl.constexpr,
 ):
+    """One program per query head: a log-sum-exp reduction over the splits with work (vectorised, SB
+    at a time), un-rotation in column chunks of CJ, the hot chunks and the new token added in the
+    original space."""
     b = tl.program_id(0)
     h = tl.program_id(1)
-    g = tl.arange(0, GP)
+    g = tl.program_id(2)
     d = tl.arange(0, D)
-    ws = (b * H + h) * NSPLIT
-    m_i = tl.full([GP], NEG, dtype=tl.float32)
-    l_i = tl.zeros([GP], dtype=tl.float32)
-    acc = tl.zeros([GP, D], dtype=tl.float32)
+    RW: tl.constexpr = D + DVQ
+    L = tl.load(prefix_ptr + b)
+    n_act = split_bounds(L, sinks, window, BLOCK_N, NSPLIT)[4]
+    base = (b * H + h) * (NSPLIT + NHOT)
+    q = tl.load(q_ptr + b * s_qt + (h * G + g) * s_qh + d)
+    sc = tl.sum(q * tl.load(k_ptr + b * s_kt + h * s_kh + d).to(tl.float32), axis=0)  # the new token
+    si = tl.arange(0, SP)
+    m_s = tl.load(ws_m + (base + si) * G + g, mask=si < n_act, other=NEG)
+    l_s = tl.load(ws_l + (base + si) * G + g, mask=si < n_act, other=0.0)
+    mx = tl.maximum(tl.max(m_s, axis=0), sc)
+    hj = tl.arange(0, HP)
+    hmask = hj < NHOT
+    if NHOT > 0:
+        m_h = tl.load(ws_m + (base + NSPLIT + hj) * G + g, mask=hmask, other=NEG)
+        l_h = tl.load(ws_l + (base + NSPLIT + hj) * G + g, mask=hmask, other=0.0)
+        mx = tl.maximum(mx, tl.max(m_h, axis=0))
+    p_new = tl.exp2(sc - mx)
+    l_i = tl.sum(l_s * tl.exp2(m_s - mx), axis=0) + p_new
+    if NHOT > 0:
+        w_h = tl.exp2(m_h - mx)
+        l_i += tl.sum(l_h * w_h, axis=0)
+
+    acc = tl.zeros([D], dtype=tl.float32)
     DQ: tl.constexpr = DVQ if DVQ > 0 else 16
     dq = tl.arange(0, DQ)
-    acc_q = tl.zeros([GP, DQ], dtype=tl.float32)
-    for s in range(NSPLIT):
-        m_s = tl.load(ws_m + (ws + s) * GP + g)
-        l_s = tl.load(ws_l + (ws + s) * GP + g)
-        row = ws_acc + ((ws + s) * GP + g) * (D + DVQ)
-        a_s = tl.load(row[:, None] + d[None, :])
-        m_new = tl.maximum(m_i, m_s)
-        alpha = tl.exp2(m_i - m_new)
-        beta = tl.exp2(m_s - m_new)
-        l_i = l_i * alpha + l_s * beta
-        acc = acc * alpha[:, None] + a_s * beta[:, None]
+    acc_q = tl.zeros([DQ], dtype=tl.float32)
+    for s0 in range(0, n_act, SB):
+        s = s0 + tl.arange(0, SB)
+        smask = s < n_act
+        w = tl.exp2(tl.load(ws_m + (base + s) * G + g, mask=smask, other=NEG) - mx)
+        row = ws_acc + ((base + s) * G + g) * RW
+        a = tl.load(row[:, None] + d[None, :], mask=smask[:, None], other=0.0)
+        acc += tl.sum(a * w[:, None], axis=0)
         if DVQ > 0:
-            q_s = tl.load(row[:, None] + D + dq[None, :])
-            acc_q = acc_q * alpha[:, None] + q_s * beta[:, None]
-        m_i = m_new
-    if DVQ > 0:  # QJL residual of prod-type values: + scale * Sᵀ (Σ p gamma signs), rotated space
-        sv = tl.load(qjl_v + h * DVQ * D + dq[:, None] * D + d[None, :])
-        acc += tl.dot(acc_q, sv, input_precision="ieee")
-    if V_ROTATED:  # x = Πᵀ y, as rows: acc @ Π
-        rot = tl.load(rot_v + h * D * D + d[:, None] * D + d[None, :])
-        acc = tl.dot(acc, rot, input_precision="ieee")
+            aq = tl.load(row[:, None] + D + dq[None, :], mask=smask[:, None], other=0.0)
+            acc_q += tl.sum(aq * w[:, None], axis=0)
 
-    gq = tl.minimum(g, G - 1)
-    q = tl.load(q_ptr + b * s_qt + (h * G + gq)[:, None] * s_qh + d[None, :])
-    if HAS_HOT:
-        L = tl.load(prefix_ptr + b)
-        seq = tl.load(slot_ptr + b).to(tl.int64)
-        m_i, l_i, acc = hot_attention(q, m_i, l_i, acc, k_hot, v_hot, seq * s_hb + h * s_hh, s_hh, s_hs,
-                                      L, sinks, window, D, BLOCK_H)
-    kn = tl.load(k_ptr + b * s_kt + h * s_kh + d).to(tl.float32)
-    vn = tl.load(v_ptr + b * s_kt + h * s_kh + d).to(tl.float32)
-    sc = tl.sum(q * kn[None, :], axis=1)
-    m_new = tl.maximum(m_i, sc)
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(sc - m_new)
-    l_i = l_i * alpha + p
-    acc = acc * alpha[:, None] + p[:, None] * vn[None, :]
-    o = acc / l_i[:, None]
-    tl.store(out_ptr + b * s_ot + (h * G + g)[:, None] * s_oh + d[None, :],
-             o.to(out_ptr.dtype.element_ty), mask=(g < G)[:, None])
+    o_ptr = out_ptr + b * s_ot + (h * G + g) * s_oh
+    for j0 in tl.static_range(0, D, CJ):
+        j = j0 + tl.arange(0, CJ)
+        if V_ROTATED:  # x = Πᵀ y, as rows: y @ Π; QJL residual of prod-type values: + y_q @ (scale S Π)
+            rot = tl.load(rot_v + h * D * D + d[:, None] * D + j[None, :])
+            o = tl.sum(acc[:, None] * rot, axis=0)
+            if DVQ > 0:
+                sv = tl.load(qjl_rot + h * DVQ * D + dq[:, None] * D + j[None, :])
+                o += tl.sum(acc_q[:, None] * sv, axis=0)
+        else:
+            o = acc
+        if NHOT > 0:
+            hrow = ws_acc + ((base + NSPLIT + hj) * G + g) * RW
+            a_h = tl.load(hrow[:, None] + j[None, :], mask=hmask[:, None], other=0.0)
+            o += tl.sum(a_h * w_h[:, None], axis=0)
+        o += p_new * tl.load(v_ptr + b * s_kt + h * s_kh + j).to(tl.float32)
+        tl.store(o_ptr + j, (o / l_i).to(out_ptr.dtype.element_ty))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -656,6 +720,15 @@ def kernel_reads(view, head_dim: int) -> bool:
     return head_dim <= MAX_HEAD_DIM and supports(view.k_codec) and supports(view.v_codec)
 
 
+def _qjl_unrotation(layout: RecordLayout) -> torch.Tensor:
+    """qjl_scale * S[h] @ Π[h] ([H, m, d] float32), kept on the layout: the QJL residual of prod-type
+    values, summed in sign space, goes straight to the original space."""
+    if "_kernel_qjl_rot" not in layout.__dict__:
+        m = torch.matmul(layout.qjl_scaled.double(), layout.rotation.double()).float().contiguous()
+        layout.__dict__["_kernel_qjl_rot"] = m
+    return layout.__dict__["_kernel_qjl_rot"]
+
+
 def default_splits(batch: int, kv_heads: int, sms: int = 132) -> int:
     """Splits per (sequence, KV head), fixed per batch size: about 4 programs per SM in total for one
     sequence, 8 for more (H200, 8 KV heads: 64 splits at B = 1, 17 at B = 8 were the fastest measured)."""
@@ -701,36 +774,46 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
     k_lay, v_lay = _layouts(view, q.device)
     nsplit = num_splits or default_splits(bsz, h)
     qk = prepare_queries(q, h, scale, k_lay, view.k_pool.dtype)
+    qs = (q.float() * (scale * LOG2E)).contiguous()
+    if v.stride() != k.stride() or k.stride(2) != 1:
+        k, v = k.contiguous(), v.contiguous()
+    has_hot, k_hot, v_hot, hs = _hot(view, k)
+    hot_block = max(8, HOT_TILE // d)
+    nhot = -(-(view.sinks + view.window) // hot_block) if has_hot else 0
+    seq_slot = view.seq_slot if has_hot else prefix_lens
     dev = q.device
-    ws_m = torch.empty(bsz * h * nsplit * gp, device=dev, dtype=torch.float32)
-    ws_l = torch.empty_like(ws_m)
     dvq = v_lay.qjl.dim if v_lay is not None and v_lay.qjl is not None else 0
-    ws_acc = torch.empty(bsz * h * nsplit * gp * (d + dvq), device=dev, dtype=torch.float32)
+    # workspace: per (sequence, KV head) NSPLIT splits then nhot hot chunks, G rows each
+    ws_m = torch.empty(bsz * h * (nsplit + nhot) * g, device=dev, dtype=torch.float32)
+    ws_l = torch.empty_like(ws_m)
+    ws_acc = torch.empty(ws_m.numel() * (d + dvq), device=dev, dtype=torch.float32)
     bt = view.block_table
     tab_k, tab_k2 = _tabs(k_lay, ws_m)
     tab_v, tab_v2 = _tabs(v_lay, ws_m)
-    _decode_split_kernel[(bsz, h, nsplit)](
+    _decode_split_kernel[(bsz, h, nsplit + nhot)](
         qk, view.k_pool, view.v_pool, tab_k, tab_k2, tab_v, tab_v2, bt, prefix_lens, ws_m, ws_l, ws_acc,
-        view.sinks, view.window, bt.stride(0), qk.stride(0), qk.stride(1),
-        H=h, G=g, GP=gp, D=d, BS=bs, BLOCK_N=block_n, NSPLIT=nsplit,
+        qs, k_hot, v_hot, seq_slot,
+        view.sinks, view.window, bt.stride(0), qk.stride(0), qk.stride(1), qs.stride(0), qs.stride(1), *hs,
+        H=h, G=g, GP=gp, D=d, BS=bs, BLOCK_N=block_n, NSPLIT=nsplit, NHOT=nhot, BLOCK_H=hot_block,
         **_k_args(k_lay, d), **_v_args(v_lay, d), MODE=LOOKUPS[lookup], DOT_F32=INTERPRET,
         EARLY_V=early_values(v_lay) if early_v is None else early_v, num_warps=num_warps, num_stages=num_stages)
-    if v.stride() != k.stride() or k.stride(2) != 1:
-        k, v = k.contiguous(), v.contiguous()
     out = torch.empty_like(q) if out is None else out
-    qs = (q.float() * (scale * LOG2E)).contiguous()
-    has_hot, k_hot, v_hot, hs = _hot(view, k)
     rot_v = v_lay.rotation if v_lay is not None else ws_m
-    qjl_v = v_lay.qjl_scaled if dvq else ws_m
-    seq_slot = view.seq_slot if has_hot else prefix_lens
-    _decode_merge_kernel[(bsz, h)](
-        qs, k, v, k_hot, v_hot, seq_slot, prefix_lens, ws_m, ws_l, ws_acc, rot_v, qjl_v, out,
-        view.sinks, view.window, qs.stride(0), qs.stride(1), k.stride(0), k.stride(1), *hs,
+    qjl_rot = _qjl_unrotation(v_lay) if dvq else ws_m
+    sp = triton.next_power_of_2(nsplit)
+    chunk = max(16, MERGE_TILE // d)  # elements of an [SB, D] / [D, CJ] tile: MERGE_TILE
+    _decode_merge_kernel[(bsz, h, g)](
+        qs, k, v, prefix_lens, ws_m, ws_l, ws_acc, rot_v, qjl_rot, out,
+        view.sinks, view.window, qs.stride(0), qs.stride(1), k.stride(0), k.stride(1),
         out.stride(0), out.stride(1),
-        H=h, G=g, GP=gp, D=d, NSPLIT=nsplit, BLOCK_H=32, V_ROTATED=v_lay is not None, HAS_HOT=has_hot, DVQ=dvq,
-        num_warps=4)
+        H=h, G=g, D=d, BLOCK_N=block_n, NSPLIT=nsplit, SP=sp, SB=min(sp, chunk), NHOT=nhot,
+        HP=triton.next_power_of_2(max(nhot, 1)), CJ=min(d, chunk) if v_lay is not None else d,
+        V_ROTATED=v_lay is not None, DVQ=dvq, num_warps=MERGE_WARPS)
     return out
 
 
 DEFAULT_BLOCK_N = 64
 DEFAULT_WARPS = 4
+HOT_TILE = 2048  # [tokens, d] elements of hot K (and V) per program: 32 tokens at d 64, 16 at d 128
+MERGE_TILE = 4096  # fp32 elements per register tile of the merge stage
+MERGE_WARPS = 4
