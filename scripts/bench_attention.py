@@ -5,12 +5,15 @@ vs SDPA bf16. Checks correctness first (kernels vs the torch twin), prints the t
 
     PYTHONPATH=. python scripts/bench_attention.py            # the full table (one GPU call, < 10 min)
     PYTHONPATH=. python scripts/bench_attention.py --quick    # a few rows
+    PYTHONPATH=. python scripts/bench_attention.py --quick --decode-only --baseline .bench/old.py
+        # decode rows only, each kernel timed next to another copy of decode_attention.py (before/after)
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import math
 import sys
@@ -123,7 +126,15 @@ def check_decode(shape: str, kinds, t=5000, b=3):
     return rows
 
 
-def bench_decode(shape, b, t, kinds, results, dequant_limit=1 << 20):
+def load_decode_kernel(path: str):
+    """paged_decode_attention of another copy of kernels/decode_attention.py (e.g. the previous commit's)."""
+    spec = importlib.util.spec_from_file_location("tqinfer.kernels._decode_attention_baseline", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.paged_decode_attention
+
+
+def bench_decode(shape, b, t, kinds, results, dequant_limit=1 << 20, baseline=None):
     hq, h, d = SHAPES[shape]
     scale = 1 / math.sqrt(d)
     q = torch.randn(b, hq, d, device=DEV, dtype=torch.bfloat16)
@@ -145,6 +156,12 @@ def bench_decode(shape, b, t, kinds, results, dequant_limit=1 << 20):
         us = graph_time(lambda: paged_decode_attention(q, knew, vnew, cu, lens, view, scale, out=out))
         row[f"{kind}_us"] = us
         row[f"{kind}_GBs"] = kv_bytes(view, b, t, h, d) / us / 1e3
+        if baseline is not None:  # the other kernel on the same cache; each twice, alternating: the best
+            base = [graph_time(lambda: baseline(q, knew, vnew, cu, lens, view, scale, out=out))]
+            us = min(us, graph_time(lambda: paged_decode_attention(q, knew, vnew, cu, lens, view, scale, out=out)))
+            base.append(graph_time(lambda: baseline(q, knew, vnew, cu, lens, view, scale, out=out)))
+            row[f"{kind}_base_us"], row[f"{kind}_us"] = min(base), us
+            row[f"{kind}_GBs"] = kv_bytes(view, b, t, h, d) / us / 1e3
         if kind != "bf16":
             if b * t <= dequant_limit:
                 row[f"{kind}_deq_us"] = graph_time(dequant_then_sdpa(view, q4, b, t, h, d))
@@ -262,16 +279,31 @@ def decode_table(results, kinds):
     return "\n".join(lines)
 
 
+def baseline_table(results, kinds):
+    lines = ["| shape | B | T | kernel | before µs | after µs | before / after |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        for k in kinds:
+            if k + "_base_us" in r:
+                lines.append(f"| {r['shape']} | {r['B']} | {r['T'] // 1024}k | {k} | {r[k + '_base_us']:.1f} | "
+                             f"{r[k + '_us']:.1f} | {r[k + '_base_us'] / r[k + '_us']:.2f}× |")
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--decode-only", action="store_true",
+                    help="the decode rows alone (no dequantize + SDPA, prefill rows or variant sweep)")
+    ap.add_argument("--baseline", default=None,
+                    help="a copy of kernels/decode_attention.py to time next to the current decode kernel")
     args = ap.parse_args()
+    baseline = load_decode_kernel(args.baseline) if args.baseline else None
     t0 = time.time()
     kinds = ["tq3.5", "tq4", "bf16"]
     props = torch.cuda.get_device_properties(0)
     head = (f"{datetime.date.today()} · {props.name} · torch {torch.__version__} · triton {triton.__version__}"
-            f" · `PYTHONPATH=. python scripts/bench_attention.py{' --quick' if args.quick else ''}`")
+            f" · `PYTHONPATH=. python scripts/bench_attention.py {' '.join(sys.argv[1:])}`")
     log("correctness (kernel vs torch twin, GPU):")
     checks = []
     for shape in SHAPES:
@@ -291,17 +323,28 @@ def main():
 
     results = []
     if args.quick:
-        grid = [("llama3-8b", 1, 128 * 1024), ("llama3-8b", 8, 32 * 1024)]
+        grid = [("smollm2-135m", 1, 4 * 1024), ("llama3-8b", 1, 32 * 1024), ("llama3-8b", 1, 128 * 1024),
+                ("llama3-8b", 8, 32 * 1024)]
     else:
         grid = [(s, b, t * 1024) for s in SHAPES for b in (1, 8, 32) for t in (4, 16, 64, 128)]
     for shape, b, t in grid:
         hq, h, d = SHAPES[shape]
         if b * t * h * d * 2 * 2 * 2.5 > 100e9:  # contiguous + paged bf16 copies must fit
             continue
-        bench_decode(shape, b, t, kinds, results)
+        bench_decode(shape, b, t, kinds, results, dequant_limit=0 if args.decode_only else 1 << 20,
+                     baseline=baseline)
     print("\nDecode attention, one query token per sequence; sinks 4 + window 128 bf16; block 64; CUDA-graph "
           "replay, median, L2 flushed; GB/s on the bytes the kernel must read; × = speedup over SDPA\n")
     print(decode_table(results, kinds), flush=True)
+    if baseline is not None:
+        print(f"\nBefore ({args.baseline}) / after (the working tree's kernel), same caches, same process:\n")
+        print(baseline_table(results, kinds), flush=True)
+    if args.decode_only:
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(results=results, checks=checks), f, indent=1)
+        print(f"\n{time.time() - t0:.0f} s")
+        return
 
     presults = []
     pconfigs = {"tq3.5": ({}, dict(block_m=16, num_warps=4), dict(block_m=64, num_warps=8))}

@@ -3,13 +3,16 @@ never for quality): bf16 cache vs TurboQuant caches in the same run, caches fill
 
     PYTHONPATH=. python scripts/bench_e2e.py --shapes default 8b --contexts 4096 32768 --batch 1 16
 
-Prints a markdown table for docs/BENCHMARKS.md.
+Prints a markdown table for docs/BENCHMARKS.md. --baseline FILE times a copy of decode_attention.py
+(e.g. `git show REV:tqinfer/kernels/decode_attention.py > .bench/old.py`) next to the current kernel in
+the same process, decode rows alternating between the two for --rounds rounds.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import sys
 import time
 from datetime import date
@@ -19,7 +22,7 @@ import torch
 from tqinfer.cache.config import CacheConfig, build_cache
 from tqinfer.engine.engine import LLMEngine
 from tqinfer.estimate import largest_context
-from tqinfer.kernels import dispatch
+from tqinfer.kernels import decode_attention, dispatch
 from tqinfer.models.llama import LlamaForCausalLM, ModelArgs
 
 SHAPES = {
@@ -109,6 +112,15 @@ def prefill_tps(engine, n: int, chunk: int) -> float:
     return n / dt
 
 
+def load_decode_kernel(path: str):
+    """paged_decode_attention of another copy of kernels/decode_attention.py (its relative imports
+    resolve inside tqinfer.kernels)."""
+    spec = importlib.util.spec_from_file_location("tqinfer.kernels._decode_attention_baseline", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.paged_decode_attention
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", nargs="*", default=["default", "8b"])
@@ -121,7 +133,13 @@ def main() -> None:
     p.add_argument("--largest", type=float, default=0.0,
                    help="also allocate this fraction of the largest context that fits and time decode there")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--baseline", default=None,
+                   help="a copy of kernels/decode_attention.py to time next to the current one (decode rows)")
+    p.add_argument("--rounds", type=int, default=1, help="decode timings per kernel, alternating; the best is kept")
     args = p.parse_args()
+    current = decode_attention.paged_decode_attention
+    kernels = [("", current)] if args.baseline is None else [("before", load_decode_kernel(args.baseline)),
+                                                              ("after", current)]
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = []
@@ -132,18 +150,26 @@ def main() -> None:
             cc = CacheConfig(k_type=t, v_type=t)
             for b in args.batch:
                 for n in args.contexts:
-                    cache = build_cache(cc, margs, max_seqs=b, max_len=n + args.steps + 64, dtype=dtype, device=device)
-                    engine = LLMEngine(model, cache, device)
-                    fill(cache, list(range(b)), n, dtype)
-                    tps = decode_tps(engine, list(range(b)), n, args.steps)
-                    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0
-                    rows.append((shape, t, f"decode B={b}", n, tps, peak))
-                    print(rows[-1], file=sys.stderr, flush=True)
-                    del engine, cache
-                    gc.collect()  # captured graphs hold their engine: free them before the next cache
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                        torch.cuda.reset_peak_memory_stats()
+                    best = {}
+                    for _ in range(args.rounds):
+                        for label, fn in kernels:
+                            decode_attention.paged_decode_attention = fn  # dispatch looks it up per call
+                            cache = build_cache(cc, margs, max_seqs=b, max_len=n + args.steps + 64, dtype=dtype,
+                                                device=device)
+                            engine = LLMEngine(model, cache, device)
+                            fill(cache, list(range(b)), n, dtype)
+                            tps = decode_tps(engine, list(range(b)), n, args.steps)
+                            peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0
+                            best[label] = max(best.get(label, (0, 0)), (tps, peak))
+                            print((shape, t, b, n, label, round(tps, 1)), file=sys.stderr, flush=True)
+                            del engine, cache
+                            gc.collect()  # captured graphs hold their engine: free them before the next cache
+                            if device.type == "cuda":
+                                torch.cuda.empty_cache()
+                                torch.cuda.reset_peak_memory_stats()
+                    decode_attention.paged_decode_attention = current
+                    for label, _ in kernels:
+                        rows.append((shape, t, f"decode B={b}" + (f", {label}" if label else ""), n) + best[label])
             for n in args.prefill:
                 cache = build_cache(cc, margs, max_seqs=1, max_len=n + 64, dtype=dtype, device=device)
                 engine = LLMEngine(model, cache, device)
