@@ -71,3 +71,51 @@ def test_prompt_longer_than_the_context_is_a_clear_error(llm):
 
     with pytest.raises(ContextError, match=r"2100 tokens .* context holds 2048"):
         llm.generate([1] * 2100, SamplingParams.greedy(max_tokens=1))
+
+
+def test_cpu_fp16_gemv_keeps_the_greedy_tokens_of_bf16_linears(default_model_files):
+    """The CPU path holds a bf16 model's projections in fp16 (HalfGemvLinear: fp16 GEMV for decode
+    rows). Greedy decoding with plain bf16 linears (the reference) gives tokens and top-2 margins;
+    the fp16 path, fed the same tokens, picks the same token at every step whose reference margin
+    is more than a few ulps of the logits (a prompt of this test once met an exact bf16 tie, where
+    either pick is right), with the bf16 cache and tq3.5 (past sinks + window: codes are read)."""
+    from tqinfer.cache.config import CacheConfig
+    from tqinfer.models.llama import HalfGemvLinear
+
+    llm = LLM(default_model_files.folder.as_posix(), device="cpu", dtype="bfloat16", max_context=1024)
+    halves = [(m, name, ch) for m in llm.model.modules() for name, ch in m.named_children()
+              if isinstance(ch, HalfGemvLinear)]
+    assert len(halves) == 4 * llm.args.num_hidden_layers
+    ids = llm.tokenizer.encode(TEXT)[:400]
+    n = 24
+
+    def decode(forced=None):
+        """Logits of n decode steps after ids: greedy, or fed `forced` tokens."""
+        out = {}
+        for t in ("bf16", "tq3.5"):
+            llm.set_cache(CacheConfig(k_type=t, v_type=t))
+            with llm.session() as s:
+                steps = [s.append(ids).float()]
+                for i in range(n - 1):
+                    token = forced[t][i] if forced else int(steps[-1].argmax())
+                    steps.append(s.append([token]).float())
+            out[t] = torch.stack(steps)
+        return out
+
+    for m, name, ch in halves:
+        lin = torch.nn.Linear(ch.in_features, ch.out_features, bias=ch.bias is not None, dtype=torch.bfloat16)
+        lin.weight = torch.nn.Parameter(ch.weight.to(torch.bfloat16), requires_grad=False)
+        lin.bias = ch.bias
+        setattr(m, name, lin)
+    ref = decode()
+    ref_tokens = {t: x.argmax(-1).tolist() for t, x in ref.items()}
+    for m, name, ch in halves:
+        setattr(m, name, ch)
+    got = decode(ref_tokens)
+    for t in ref:
+        top2 = ref[t].topk(2, -1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 0.1
+        assert int(clear.sum()) >= n - 3, (t, clear)
+        assert got[t].argmax(-1)[clear].tolist() == torch.tensor(ref_tokens[t])[clear].tolist(), t
+        rel = float((got[t] - ref[t]).norm() / ref[t].norm())
+        assert 0 < rel < 2e-2, (t, rel)

@@ -132,3 +132,97 @@ def test_fp16_head_is_exact_and_closer_to_fp32_than_bf16():
     assert err(fp16) < err(bf16), (err(fp16), err(bf16))
     model.lm_head.weight = torch.nn.Parameter(torch.full_like(w_bf16, 1e5), requires_grad=False)
     assert not model.fp16_head()  # out of fp16's range: left as it is
+
+
+def _fp16_normal(w):
+    """w with magnitudes below 2^-10 raised to it: bf16 values then lie in fp16's normal range, where
+    fp16 holds them exactly (tinier ones would be fp16 subnormals and lose bits)."""
+    return torch.where(w.abs() < 2**-10, torch.full_like(w, 2**-10) * torch.where(w < 0, -1, 1), w)
+
+
+def _bf16_linear(out_f, in_f, seed, bias=False, std=0.05):
+    g = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Linear(in_f, out_f, bias=bias, dtype=torch.bfloat16)
+    with torch.no_grad():
+        lin.weight.copy_(_fp16_normal(torch.randn(out_f, in_f, generator=g) * std))
+        if bias:
+            lin.bias.copy_(torch.randn(out_f, generator=g))
+    return lin.requires_grad_(False)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1 / 32])
+@pytest.mark.parametrize("bias", [False, True])
+def test_half_gemv_linear_decode_rows_in_fp16_prefill_rows_exactly_bf16(bias, scale):
+    """HalfGemvLinear: the weights are the bf16 ones exactly; up to GEMV_ROWS rows the product is
+    the fp16 GEMV (fp32 accumulation) rounded to bf16, within bf16 rounding of float64 math; more
+    rows give exactly the bf16 linear's output."""
+    from tqinfer.models.llama import GEMV_ROWS, HalfGemvLinear
+
+    lin = _bf16_linear(96, 320, seed=5, bias=bias)
+    half = HalfGemvLinear(lin, in_scale=scale)
+    assert half.weight.dtype == torch.float16 and torch.equal(half.weight.to(torch.bfloat16), lin.weight)
+    g = torch.Generator().manual_seed(6)
+    for rows in (1, GEMV_ROWS, GEMV_ROWS + 3):
+        x = (torch.randn(rows, 320, generator=g) * 4).to(torch.bfloat16)
+        got = half(x)
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, 96)
+        exact = x.double() @ lin.weight.double().T + (lin.bias.double() if bias else 0)
+        rel = float((got.double() - exact).norm() / exact.norm())
+        assert rel < 4e-3, rel
+        if rows <= GEMV_ROWS:  # the fp16 path ran: its rounding, not the bf16 GEMV's
+            fp16 = torch.nn.functional.linear((x.half() * scale), lin.weight.half()).to(torch.bfloat16) / scale
+            assert torch.equal(got, fp16 + lin.bias if bias else fp16)
+            y16 = torch.nn.functional.linear(x.half(), lin.weight.half()).double()
+            plain = x.double() @ lin.weight.double().T
+            assert float((y16 - plain).norm() / plain.norm()) < 5e-4  # fp32 accumulation
+        else:
+            assert torch.equal(got, lin(x))
+
+
+def test_half_gemv_linear_overflow_falls_back_to_bf16():
+    from tqinfer.models.llama import HalfGemvLinear
+
+    lin = _bf16_linear(64, 128, seed=7, std=1.0)
+    half = HalfGemvLinear(lin, guard=True)
+    x = torch.full((1, 128), 4000.0, dtype=torch.bfloat16)  # outputs ~1e5: past fp16's 65504
+    assert not torch.isfinite(torch.nn.functional.linear(x.half(), half.weight)).all()
+    got = half(x)
+    assert torch.isfinite(got).all() and torch.equal(got, lin(x))
+
+
+def test_half_gemv_linears_logits_near_bf16_prefill_identical():
+    """A bf16 model with every projection as HalfGemvLinear (as LLM holds it on CPUs): q/k/v and
+    gate/up proved in range (no run-time check), the prefill (many rows) bit-identical, decode
+    logits (teacher-forced, the same tokens) within bf16 noise of the bf16 model's. Greedy tokens
+    on the real model: tests/test_default_model.py."""
+    from tqinfer.models.llama import HalfGemvLinear
+
+    _, model, args = build_pair("llama")
+    model = model.fuse().to(torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(_fp16_normal(p))
+    g = torch.Generator().manual_seed(8)
+    prompt = torch.randint(0, args.vocab_size, (23,), generator=g).tolist()
+    forced = torch.randint(0, args.vocab_size, (12,), generator=g).tolist()
+
+    def run(dtype=torch.bfloat16):
+        cache = DenseCache(args.num_hidden_layers, args.num_key_value_heads, args.head_dim, 1, 64, dtype, "cpu")
+        eng = LLMEngine(model, cache, "cpu")
+        pre = eng.forward([0], [0], [prompt], all_logits=True).double()
+        steps = [eng.forward([0], [len(prompt) + i], [[t]]).double()[-1] for i, t in enumerate(forced)]
+        return pre, torch.stack(steps)
+
+    pre, steps = run()
+    model.float()
+    exact = run(torch.float32)[1]
+    model.to(torch.bfloat16)
+    assert model.half_gemv_linears() == 4 * args.num_hidden_layers
+    halves = [m for m in model.modules() if isinstance(m, HalfGemvLinear)]
+    fused = ((args.num_attention_heads + 2 * args.num_key_value_heads) * args.head_dim, 2 * args.intermediate_size)
+    assert not any(m.guard for m in halves if m.out_features in fused)
+    assert all(m.guard for m in halves if m.out_features not in fused)
+    pre2, steps2 = run()
+    assert torch.equal(pre2, pre)
+    err = lambda x: float((x - exact).norm() / exact.norm())  # noqa: E731
+    assert 0 < float((steps2 - steps).norm()) and err(steps2) < 1.5 * err(steps) + 1e-3, (err(steps2), err(steps))
