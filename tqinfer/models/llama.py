@@ -248,9 +248,10 @@ class HalfGemvLinear(nn.Module):
             xh = x.to(torch.float16)
             if self.in_scale != 1.0:
                 xh.mul_(self.in_scale)
-            y = F.linear(xh, self.weight)
-            if not self.guard or bool(torch.isfinite(y).all()):
-                y = y.to(self.out_dtype)
+            y = F.linear(xh, self.weight).to(self.out_dtype)
+            # inf / NaN survive the cast, and a bf16 sum of finite values cannot overflow: one
+            # reduction (2 us here, against 8 for isfinite().all())
+            if not self.guard or math.isfinite(y.sum().item()):
                 if self.in_scale != 1.0:
                     y.mul_(1.0 / self.in_scale)
                 return y if self.bias is None else y + self.bias
