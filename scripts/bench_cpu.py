@@ -2,7 +2,9 @@
 transformers eager (same model from the same GGUF, same threads) in the same run.
 
     PYTHONPATH=. python scripts/bench_cpu.py [--contexts 512 2048 6144] [--types bf16 tq3.5 tq4] [--cold]
-        [--dtype bfloat16] [--rounds 3]
+        [--dtype bfloat16] [--rounds 3] [--threads N]
+    PYTHONPATH=. python scripts/bench_cpu.py --head       # the output projection's GEMV per weight dtype
+    PYTHONPATH=. python scripts/bench_cpu.py --linears    # the decoder's projections per dtype and rows
 
 Prints a markdown table for docs/BENCHMARKS.md.
 """
@@ -19,6 +21,7 @@ import time
 from datetime import date
 
 import torch
+import torch.nn.functional as F
 
 from tqinfer.cache.config import CacheConfig
 from tqinfer.evaluation import eval_text
@@ -100,6 +103,49 @@ def head_gemv(vocab: int = 49152, hidden: int = 576, calls: int = 50) -> None:
         print(f"| {str(dt).removeprefix('torch.')} | {ms:.2f} | {w.numel() * w.element_size() / ms / 1e6:.1f} |")
 
 
+LAYER_SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}
+
+
+def linears(layers: int = 30) -> None:
+    """ms per forward of the default model's 30 layers of projections (fused q/k/v and gate/up,
+    distinct weights per layer so that no layer finds its weights in cache), by weight dtype and
+    rows: why models/llama.py's HalfGemvLinear holds them in fp16 and runs fp16 only up to
+    GEMV_ROWS rows. 'fp16 -> bf16' is its prefill path (weights converted back through fp32
+    scratch, then the bf16 GEMM); 512-row figures time 3 layers and scale to 30."""
+    from tqinfer.models.llama import _bf16_copy
+
+    print(f"<!-- {date.today()} · {platform.machine()} {os.cpu_count()} cores · torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads) · `PYTHONPATH=. python scripts/bench_cpu.py --linears` -->")
+    g = torch.Generator().manual_seed(0)
+    w16 = [{k: (torch.randn(o, i, generator=g) * 0.02).half() for k, (o, i) in LAYER_SHAPES.items()}
+           for _ in range(layers)]
+    ways = {"bf16": (torch.bfloat16, lambda x, w: F.linear(x.bfloat16(), w)),
+            "fp16": (torch.float16, lambda x, w: F.linear(x.half(), w)),
+            "fp32": (torch.float32, lambda x, w: F.linear(x, w)),
+            "fp16 -> bf16": (torch.float16, lambda x, w: F.linear(x.bfloat16(), _bf16_copy(w)))}
+    print("| rows | " + " | ".join(ways) + " |")
+    print("| --- |" + " --- |" * len(ways))
+    for rows in (1, 2, 4, 512):
+        n = layers if rows <= 4 else 3
+        xs = {k: torch.randn(rows, i, generator=g) for k, (o, i) in LAYER_SHAPES.items()}
+        cells = []
+        for dtype, fn in ways.values():
+            ws = [{k: w.float().to(dtype) for k, w in layer.items()} for layer in w16[:n]]
+
+            def step():
+                for layer in ws:
+                    for k, w in layer.items():
+                        fn(xs[k], w)
+            step()
+            times = []
+            for _ in range(5 if rows <= 4 else 1):
+                t0 = time.perf_counter()
+                step()
+                times.append((time.perf_counter() - t0) * 1e3 * layers / n)
+            cells.append(f"{min(times):.1f}")
+        print(f"| {rows} | " + " | ".join(cells) + " |", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--contexts", type=int, nargs="*", default=[512, 2048, 6144])
@@ -112,9 +158,16 @@ def main() -> None:
                    help="decode measurements per context (the table shows their min-max; the machine is shared)")
     p.add_argument("--head", action="store_true",
                    help="only time the output projection's GEMV (one token, the default model's shape) per dtype")
+    p.add_argument("--linears", action="store_true",
+                   help="only time the decoder's projections (30 layers, the default model's shapes) per dtype and rows")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.head:
         return head_gemv()
+    if args.linears:
+        return linears()
     load = [os.getloadavg()[0]]
 
     rows = []
