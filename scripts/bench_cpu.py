@@ -159,7 +159,7 @@ def main() -> None:
     p.add_argument("--head", action="store_true",
                    help="only time the output projection's GEMV (one token, the default model's shape) per dtype")
     p.add_argument("--linears", action="store_true",
-                   help="only time the decoder's projections (30 layers, the default model's shapes) per dtype and rows")
+                   help="only time the decoder's projections (30 layers, the default model's shapes) by dtype, rows")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     args = p.parse_args()
     if args.threads:

@@ -224,9 +224,9 @@ class HalfGemvLinear(nn.Module):
     rows (decode) the product runs in fp16 with fp32 accumulation; beyond that (prefill) the weights
     are converted back to the exact bf16 values and the GEMM runs in bf16 as before (bit-identical).
 
-    fp16 range: the input is scaled by `in_scale` (a power of two: exact) and the fp16 output is
-    checked for overflow when `guard` is set (inputs past 65504 overflow too and show up there); an
-    overflowing row set is redone in bf16. Unguarded linears are those whose output the builder
+    fp16 range: the input is scaled by `in_scale` (a power of two: exact above fp16's subnormals)
+    and the fp16 output is checked for overflow when `guard` is set (inputs past 65504 overflow too
+    and show up there); an overflowing row set is redone in bf16. Unguarded linears are those whose output the builder
     proved bounded (an RMSNorm'd input). Output: bf16, rounded from the fp16 result (rel ~2e-4
     before that rounding, the bf16 GEMV's own ~1.7e-3 after)."""
 
