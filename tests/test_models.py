@@ -190,14 +190,15 @@ def test_half_gemv_linear_overflow_falls_back_to_bf16():
     assert torch.isfinite(got).all() and torch.equal(got, lin(x))
 
 
-def test_half_gemv_linears_logits_near_bf16_prefill_identical():
+@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3"])  # tied head; biases; q/k norms
+def test_half_gemv_linears_logits_near_bf16_prefill_identical(name):
     """A bf16 model with every projection as HalfGemvLinear (as LLM holds it on CPUs): q/k/v and
     gate/up proved in range (no run-time check), the prefill (many rows) bit-identical, decode
     logits (teacher-forced, the same tokens) within bf16 noise of the bf16 model's. Greedy tokens
     on the real model: tests/test_default_model.py."""
     from tqinfer.models.llama import HalfGemvLinear
 
-    _, model, args = build_pair("llama")
+    _, model, args = build_pair(name)
     model = model.fuse().to(torch.bfloat16)
     with torch.no_grad():
         for p in model.parameters():

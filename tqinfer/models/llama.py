@@ -361,7 +361,7 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             plan = []
-            if hasattr(attn, "qkv_proj") and attn.q_norm is None:
+            if hasattr(attn, "qkv_proj"):  # (q/k norms, where present, come after it)
                 plan.append((attn, "qkv_proj", layer.input_layernorm))
             plan.append((attn, "o_proj", None))
             if hasattr(mlp, "gate_up_proj"):
