@@ -4,7 +4,9 @@
     PYTHONPATH=. python scripts/eval_quality.py needle --lengths 1024 2048 4096 --depths 0 0.5 1
 
 Prints a markdown table (docs/QUALITY.md). A spec is TYPE (K and V), Kx/Vy, and knobs after a colon:
-`tq3:sinks=4,window=128,protected=1,rotation=orthogonal`.
+`tq3:sinks=4,window=128,protected=1,rotation=orthogonal,seed=1,center=1` (center=1: key centering). `--seeds 0 1 2` runs every compressed
+spec once per rotation seed and reports the mean and each seed (docs/QUALITY.md: the rotation draw alone
+moves a type's perplexity by a few tenths of a percent).
 """
 
 from __future__ import annotations
@@ -32,12 +34,12 @@ def parse_spec(spec: str, default: CacheConfig) -> CacheConfig:
     else:
         k = v = types
     kw = dict(sinks=default.sinks, window=default.window, protected_layers=default.protected_layers,
-              rotation=default.rotation)
-    names = {"protected": "protected_layers"}
+              rotation=default.rotation, center_keys=default.center_keys)
+    names = {"protected": "protected_layers", "center": "center_keys"}
     for item in filter(None, knobs.split(",")):
         key, value = item.split("=")
         key = names.get(key, key)
-        kw[key] = value if key == "rotation" else int(value)
+        kw[key] = value if key == "rotation" else bool(int(value)) if key == "center_keys" else int(value)
     return CacheConfig(k_type=k, v_type=v, **kw)
 
 
@@ -54,6 +56,9 @@ def main() -> None:
     p.add_argument("--lengths", type=int, nargs="*", default=[1024, 2048, 4096])
     p.add_argument("--depths", type=float, nargs="*", default=[0.0, 0.5, 1.0])
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--seeds", type=int, nargs="*", default=None,
+                   help="ppl: run every compressed spec with each of these rotation seeds and report the "
+                        "mean and every seed's result (a spec's own seed=N knob is then overridden)")
     args = p.parse_args()
 
     default = CacheConfig(sinks=args.sinks, window=args.window, protected_layers=args.protected)
@@ -65,15 +70,29 @@ def main() -> None:
         ids = llm.tokenizer.encode(eval_text())[: args.tokens]
         print(f"text: {EVAL_TEXT_NAME}, first {len(ids)} tokens, chunks of {args.chunk}; defaults "
               f"sinks={args.sinks} window={args.window} protected={args.protected}\n")
-        print("| cache (K/V) | bits/value | PPL | vs bf16 | seconds |")
-        print("| --- | --- | --- | --- | --- |")
+        if args.seeds:
+            print("| cache (K/V) | bits/value | PPL, mean over seeds | vs bf16, mean | vs bf16 per seed | seconds |")
+            print("| --- | --- | --- | --- | --- | --- |")
+        else:
+            print("| cache (K/V) | bits/value | PPL | vs bf16 | seconds |")
+            print("| --- | --- | --- | --- | --- |")
         base = None
         for spec in args.specs:
-            llm.set_cache(parse_spec(spec, default))
+            cfg = parse_spec(spec, default)
+            seeds = args.seeds if args.seeds and not cfg.dense else [cfg.seed]
             t0 = time.perf_counter()
-            ppl = perplexity(llm, ids, args.chunk)
+            ppls = []
+            for seed in seeds:
+                cfg.seed = seed
+                llm.set_cache(cfg)
+                ppls.append(perplexity(llm, ids, args.chunk))
+            ppl = sum(ppls) / len(ppls)
             base = base or ppl
-            print(f"| {spec} | {bits_per_value(llm, len(ids)):.2f} | {ppl:.4f} | {100 * (ppl / base - 1):+.2f}% | "
+            rel = f"{100 * (ppl / base - 1):+.2f}%"
+            if args.seeds:
+                each = " ".join(f"{100 * (x / base - 1):+.2f}" for x in ppls)
+                rel += f" | {each}"
+            print(f"| {spec} | {bits_per_value(llm, len(ids)):.2f} | {ppl:.4f} | {rel} | "
                   f"{time.perf_counter() - t0:.0f} |", flush=True)
     else:
         print(f"haystack: {EVAL_TEXT_NAME}; greedy answer must contain the planted passphrase\n")
