@@ -64,8 +64,9 @@ def test_attention_over_codes_equals_float64_oracle(ktype, vtype):
             eff_k, eff_v = keys.clone(), vals.clone()
             comp = torch.arange(S, max(S, p - W))
             if len(comp):
-                recs_k = kc.encode(keys[comp]); recs_v = vc.encode(vals[comp]) if vc else None
-                eff_k[comp] = kc.reconstruct(recs_k)
+                mean = cache.k_center[0] if cache.k_center[0] is not None else 0  # key centering
+                recs_k = kc.encode(keys[comp] - mean); recs_v = vc.encode(vals[comp]) if vc else None
+                eff_k[comp] = kc.reconstruct(recs_k) + mean
                 if vc is not None:
                     eff_v[comp] = vc.reconstruct(recs_v)
             expected = oracle(q[start:start + n], eff_k, eff_v, torch.arange(p, p + n), scale)

@@ -37,6 +37,23 @@ def test_saved_session_continues_exactly_like_the_uninterrupted_one(folder, tmp_
         assert torch.equal(r2.append([5, 6, 7], all_logits=True), cont)
 
 
+def test_a_key_centered_session_saves_its_centers_and_continues_exactly(folder, tmp_path):
+    llm = make(folder, center_keys=True)
+    ids = list(range(3, 90))
+    with llm.session() as s:
+        s.append(ids)
+        s.save(tmp_path / "c.safetensors")
+        cont = s.append([5, 6, 7], all_logits=True)
+    centers = [c.clone() for c in llm.cache.k_center]
+    assert all(c is not None and bool(c.abs().sum() > 0) for c in centers)
+    fresh = make(folder, center_keys=True)
+    with fresh.load_session(tmp_path / "c.safetensors") as r:
+        assert torch.equal(r.append([5, 6, 7], all_logits=True), cont)
+    assert all(torch.equal(a, b) for a, b in zip(centers, fresh.cache.k_center))
+    with pytest.raises(CacheMismatch, match="center_keys"):
+        make(folder).load_session(tmp_path / "c.safetensors")
+
+
 def test_greedy_generation_after_load_equals_uncached(folder, tmp_path):
     llm = make(folder, k_type="tq4", v_type="tq4")
     prompt = list(range(10, 70))

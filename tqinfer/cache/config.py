@@ -32,6 +32,12 @@ class CacheConfig:
     rotation: str = "hadamard"
     seed: int = 0
     block_size: int = 64
+    # keys stored relative to a per-(layer, KV head) center chosen from the first prefill chunk
+    # (paged.attention_weighted_center): softmax does not see a shift shared by every key of a query,
+    # and the codec's error scales with ||k - center|| instead of ||k||. No bits per token. Off by
+    # default: measured over three rotation seeds it helps tq2.5 and hurts tq3, tq3.5 and tq4
+    # (docs/QUALITY.md, "Key smoothing and key centering").
+    center_keys: bool = False
 
     def __post_init__(self):
         # unset types follow the device (see for_device); bf16 until a device is known

@@ -8,6 +8,12 @@ Layout (the kernels read exactly this):
   S + (t - S) % W. A sequence of L tokens keeps [S, L - W) compressed in the pool, the rest hot.
 - Records of a token are written once, when it leaves the window (quantize-on-write); `compressed`
   per sequence says how many leading tokens already have records, so a rollback never re-encodes.
+- Key centering (CacheConfig.center_keys, off by default): k_center[layer] float32 [H, d] is a point
+  per KV head chosen from the first prefill chunk (attention_weighted_center; calibrated with the
+  split types' outlier sets and kept with the cache). Every key the layer stores or attends to, hot
+  or compressed or the chunk's own, is k - k_center: each query's scores all move by the same
+  q . k_center, which softmax does not see, so attention over exact keys is unchanged while the codec
+  quantizes k - k_center. Queries, values and the kernels are untouched.
 """
 
 from __future__ import annotations
@@ -21,6 +27,35 @@ from tqinfer.errors import CacheMemoryError
 
 
 CPU_WRITE_AHEAD = 32
+# key centering: a first prefill chunk with fewer tokens past the sinks leaves the keys uncentered;
+# the center is weighed from the attention of at most CENTER_TOKENS of its tokens
+MIN_CENTER_TOKENS = 16
+CENTER_TOKENS = 512
+
+
+def attention_weighted_center(q: torch.Tensor, k: torch.Tensor, scale: float, sinks: int) -> torch.Tensor:
+    """The point a layer's keys are stored relative to (key centering), from one sequence's first
+    prefill chunk q [T, Hq, d], k [T, H, d] (positions 0..T-1): per KV head, the mean of the keys
+    weighted by the attention each receives from the chunk's queries (causal softmax, the heads of
+    its group summed), the sinks, which stay exact, left out -> float32 [H, d]; zeros when the chunk
+    has fewer than MIN_CENTER_TOKENS tokens past the sinks.
+    The quantization error of a key reaches attention's output in proportion to the attention the key
+    gets, and the codec's error scales with the norm of what it encodes; the keys attention picks are
+    often far from the plain mean of all keys (measured on SmolLM2, docs/QUALITY.md), so their weighted
+    mean is the center that makes the picked keys small."""
+    T = min(k.shape[0], CENTER_TOKENS)
+    H, d = k.shape[1], k.shape[2]
+    if T - sinks < MIN_CENTER_TOKENS:
+        return torch.zeros(H, d, dtype=torch.float32, device=k.device)
+    kf = k[:T].float()
+    qg = q[:T].float().view(T, H, -1, d)
+    s = torch.einsum("nhgd,mhd->hgnm", qg, kf) * scale
+    t = torch.arange(T, device=k.device)
+    s = s.masked_fill(t[None, :] > t[:, None], float("-inf"))
+    w = torch.softmax(s, -1).sum((1, 2))  # [H, T]: attention each key gets
+    w[:, :sinks] = 0
+    c = torch.einsum("hm,mhd->hd", w, kf) / w.sum(-1, keepdim=True)
+    return c if bool(torch.isfinite(c).all()) else torch.zeros_like(c)
 
 
 @dataclass
@@ -91,6 +126,7 @@ class PagedCache:
                 f"use a smaller -c or a smaller cache type (tqinfer estimate shows the options)"
             )
         self.k_codec, self.v_codec, self.k_pool, self.v_pool, self.k_hot, self.v_hot = [], [], [], [], [], []
+        self.k_center: list[torch.Tensor | None] = []  # key centering, per layer with compressed keys
         hot = config.sinks + config.window
         for layer in range(L):
             kt, vt = config.layer_types(layer, L)
@@ -105,6 +141,8 @@ class PagedCache:
                     pools.append(torch.zeros(self.num_blocks + 1, H, BS, codec.record_bytes, dtype=torch.uint8,
                                              device=self.device))
             compressed = (kt, vt) != (DENSE, DENSE)
+            center = config.center_keys and kt != DENSE
+            self.k_center.append(torch.zeros(H, d, dtype=torch.float32, device=self.device) if center else None)
             self.k_hot.append(torch.zeros(max_seqs, H, hot, d, dtype=dtype, device=self.device) if compressed else None)
             self.v_hot.append(torch.zeros(max_seqs, H, hot, d, dtype=dtype, device=self.device) if compressed else None)
         self.block_table = torch.zeros(max_seqs, self.blocks_per_seq, dtype=torch.int32, device=self.device)
@@ -202,7 +240,8 @@ class PagedCache:
             for slot, prefix, n in zip(ctx.slots, ctx.prefix_lens, ctx.chunk_lens):
                 self.reserve(slot, prefix + n)  # a no-op after the step's first layer
         if not self.calibrated[layer]:
-            self._calibrate(layer, k, v)
+            self._calibrate(layer, q, k, v, ctx, scale)
+        k = self.centered(layer, k)
         out = dispatch.paged_attention(q, k, v, ctx.cu_q, ctx.prefix_lens_t, self.view(layer, ctx), scale, window,
                                        prefix_list=ctx.prefix_lens, chunk_list=ctx.chunk_lens)
         if ctx.decode:
@@ -275,8 +314,19 @@ class PagedCache:
 
         return head_dim <= MAX_HEAD_DIM and all(supports(c) for c in self.k_codec + self.v_codec)
 
-    def _calibrate(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Split types choose their outlier channels per KV head from the first prefill chunk."""
+    def centered(self, layer: int, k: torch.Tensor) -> torch.Tensor:
+        """Keys [..., H, d] as the layer stores them: k - k_center[layer] (k itself without centering)."""
+        center = self.k_center[layer]
+        return k if center is None else (k.float() - center).to(k.dtype)
+
+    def _calibrate(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx, scale: float) -> None:
+        """From the first prefill chunk: the key center (key centering, from its first sequence), then
+        the split types' outlier channels per KV head, chosen on the keys as stored (centered)."""
+        center = self.k_center[layer]
+        if center is not None:
+            n = ctx.chunk_lens[0]
+            center.copy_(attention_weighted_center(q[:n], k[:n], scale, self.sinks))
+            k = self.centered(layer, k)
         for codec, x in ((self.k_codec[layer], k), (self.v_codec[layer], v)):
             if codec is not None and getattr(codec, "needs_calibration", False):
                 codec.calibrate(x.float())

@@ -1,7 +1,10 @@
 """Save and load one sequence's cache: safetensors tensors + JSON metadata with a payload checksum.
 
 Per layer: the sequence's records (or dense K/V) in token order, its full-precision sinks + window
-buffer, and the codecs' data-dependent state (outlier channels); rotations are rebuilt from the seed.
+buffer, and the data-dependent state chosen from the first prefill chunk: the codecs' outlier channels
+and, with key centering, the center the stored keys are relative to (`{layer}.k_center`); rotations
+are rebuilt from the seed. A file saved with centering on is refused by a cache with it off, and the
+other way round (header field "center_keys"; files from before it existed count as off).
 """
 
 from __future__ import annotations
@@ -60,7 +63,10 @@ def save_sequence(cache, slot: int, tokens: list[int], path: str | Path, meta: d
             for which, codec in (("k", cache.k_codec[layer]), ("v", cache.v_codec[layer])):
                 for key, value in (codec.state_dict() if codec is not None else {}).items():
                     tensors[f"{layer}.{which}_codec.{key}"] = value.cpu().contiguous()
+            if cache.k_center[layer] is not None:
+                tensors[f"{layer}.k_center"] = cache.k_center[layer].cpu().contiguous()
         compressed = cache.compressed[slot]
+        meta = {**meta, "center_keys": bool(cache.config.center_keys)}
     header = {"format": FORMAT, "compressed": compressed, "tokens": n, **meta,
               "checksum": payload_checksum(tensors)}
     path = Path(path)
@@ -93,6 +99,25 @@ def check_header(header: dict, expected: dict, path) -> None:
         raise CacheMismatch(f"{path} was saved with another setup; " + "; ".join(diffs))
 
 
+def _check_key_centers(cache, slot: int, tensors: dict, header: dict, path) -> None:
+    """Before anything is loaded: the file and the cache agree on key centering, the file holds a key
+    center per centered layer, and where other sequences share the cache, it is the center they use."""
+    check_header({"center_keys": bool(header.get("center_keys", False))},
+                 {"center_keys": bool(cache.config.center_keys)}, path)
+    others = any(cache.lens[s] for s in range(cache.max_seqs) if s != slot)
+    for layer, center in enumerate(cache.k_center):
+        if center is None:
+            continue
+        saved = tensors.get(f"{layer}.k_center")
+        if saved is None or saved.shape != center.shape or saved.dtype != center.dtype:
+            raise CacheFileError(f"{path}: layer {layer} lacks its key center (float32 "
+                                 f"{list(center.shape)}) though it was saved with key centering")
+        if others and cache.calibrated[layer] and not torch.equal(center.cpu(), saved):
+            raise CacheMismatch(
+                f"{path}: layer {layer}'s keys are centered on another point than the sequences now in "
+                "the cache; close the other sessions first")
+
+
 def load_sequence(cache, slot: int, path: str | Path, expected: dict) -> list[int]:
     """Load a saved sequence into slot (emptied first); returns its token ids."""
     header = read_header(path)
@@ -105,6 +130,8 @@ def load_sequence(cache, slot: int, path: str | Path, expected: dict) -> list[in
         raise CacheFileError(f"{path} failed its checksum: the file is corrupt")
     tokens = tensors["tokens"].tolist()
     n = len(tokens)
+    if cache.kind != "dense":
+        _check_key_centers(cache, slot, tensors, header, path)
     cache.set_len(slot, 0)
     if cache.kind == "dense":
         for layer, (k, v) in enumerate(zip(cache.k, cache.v)):
@@ -125,6 +152,8 @@ def load_sequence(cache, slot: int, path: str | Path, expected: dict) -> list[in
                         f"{path}: layer {layer} was calibrated on other data than the sequences now in "
                         "the cache; close the other sessions first")
                 codec.load_state_dict({k: v.to(cache.device) for k, v in state.items()})
+        if cache.k_center[layer] is not None:
+            cache.k_center[layer].copy_(tensors[f"{layer}.k_center"])  # in place: a decode graph reads it
         cache.calibrated[layer] = True
     cache.reserve(slot, n)
     flat = flat_slots(cache.block_table[slot], torch.arange(n, device=cache.device), cache.block_size)

@@ -1,0 +1,210 @@
+"""Key centering (CacheConfig.center_keys): the cache stores k - center, attention equals float64
+attention over center + the dequantized records, the center comes from the first prefill chunk (the
+keys weighted by the attention they get) and travels with saved caches."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from tqinfer.cache.config import CacheConfig
+from tqinfer.cache.paged import MIN_CENTER_TOKENS, PagedCache
+from tqinfer.cache.store import CacheFileError, CacheMismatch, load_sequence, payload_checksum, save_sequence
+from tqinfer.engine.context import StepContext
+from tqinfer.quant.registry import codec_names
+
+
+
+def tiny_args(layers=2, kv_heads=2, head_dim=64):
+    return SimpleNamespace(num_hidden_layers=layers, num_key_value_heads=kv_heads, head_dim=head_dim)
+
+
+def oracle(q, keys, values, qpos, scale):
+    """float64 causal attention; q [n, Hq, d], keys/values [L, H, d] (effective, per position)."""
+    q, keys, values = q.double(), keys.double(), values.double()
+    G = q.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(G, 1), values.repeat_interleave(G, 1)
+    s = torch.einsum("nhd,lhd->hnl", q, keys) * scale
+    mask = torch.arange(keys.shape[0])[None, :] <= qpos[:, None]
+    s = s.masked_fill(~mask[None], float("-inf"))
+    return torch.einsum("hnl,lhd->nhd", torch.softmax(s, -1), values)
+
+KEY_TYPES = [t for t in codec_names() if t != "bf16"]
+
+
+def center64(q, k, scale, sinks):
+    """float64: per KV head, the keys weighted by the causal attention each gets from the chunk's
+    queries (all heads of the group), sinks left out."""
+    q, k = q.double(), k.double()
+    T, H, d = k.shape
+    G = q.shape[1] // H
+    out = torch.zeros(H, d, dtype=torch.float64)
+    for h in range(H):
+        w = torch.zeros(T, dtype=torch.float64)
+        for g in range(G):
+            for i in range(T):
+                w[: i + 1] += torch.softmax(k[: i + 1, h] @ q[i, h * G + g] * scale, 0)
+        w[:sinks] = 0
+        out[h] = (w[:, None] * k[:, h]).sum(0) / w.sum()
+    return out
+
+
+def offset_keys(gen, n, H, d, offset):
+    """Keys sharing a large per-head offset (as real post-RoPE keys do), plus a spread."""
+    return offset + torch.randn(n, H, d, generator=gen, dtype=torch.float64).float()
+
+
+def step(cache, slot, prefix, q, k, v, scale):
+    ctx = StepContext.build(cache, [slot], [prefix], [k.shape[0]], "cpu")
+    out = cache.attend(0, q, k, v, ctx, scale, None)
+    cache.set_len(slot, prefix + k.shape[0])
+    return out
+
+
+@pytest.mark.parametrize("ktype", KEY_TYPES)
+def test_centered_attention_equals_float64_over_the_dequantized_keys(ktype):
+    """Attention through a centered cache == float64 softmax attention over the keys the cache holds,
+    un-centered: center + reconstruct(encode(k - center)) for compressed tokens, the exact keys for
+    the sinks, the window and the chunk itself. The center is the first chunk's keys weighted by the
+    attention they get (center64)."""
+    gen = torch.Generator().manual_seed(11)
+    H, G, d, S, W = 2, 3, 64, 3, 8
+    vtype = "tq3" if ktype == "qjl" else ktype
+    cfg = CacheConfig(k_type=ktype, v_type=vtype, sinks=S, window=W, block_size=16, center_keys=True)
+    cache = PagedCache(cfg, tiny_args(1, H, d), max_seqs=1, max_len=160, dtype=torch.float32, device="cpu")
+    offset = 4 * torch.randn(H, d, generator=gen, dtype=torch.float64).float()
+    kc, vc = cache.k_codec[0], cache.v_codec[0]
+    keys, vals, scale = [], [], d ** -0.5
+    for n in (40, 1, 23, 1, 1):
+        p = len(keys)
+        q = torch.randn(n, H * G, d, generator=gen, dtype=torch.float64).float()
+        k = offset_keys(gen, n, H, d, offset)
+        v = torch.randn(n, H, d, generator=gen, dtype=torch.float64).float()
+        got = step(cache, 0, p, q, k, v, scale).double()
+        if p == 0:  # calibrated on this chunk
+            assert torch.allclose(cache.k_center[0].double(), center64(q, k, scale, S), atol=1e-5)
+        keys += list(k)
+        vals += list(v)
+        center = cache.k_center[0]
+        eff_k, eff_v = torch.stack(keys).double(), torch.stack(vals).double()
+        comp = torch.arange(S, max(S, p - W))
+        if len(comp):
+            xk = torch.stack(keys)[comp]
+            eff_k[comp] = kc.reconstruct(kc.encode(xk - center)).double() + center.double()
+            if vc is not None:
+                eff_v[comp] = vc.reconstruct(vc.encode(torch.stack(vals)[comp])).double()
+        expected = oracle(q, eff_k, eff_v, torch.arange(p, p + n), scale)
+        err = (got - expected).abs().max()
+        assert err < 2e-4, f"{ktype} after {p} tokens: max error {err:.2e}"
+
+
+def attention_error(center: bool, ktype: str = "tq3") -> float:
+    """One decode step over 200 compressed offset keys: relative error against exact attention."""
+    gen = torch.Generator().manual_seed(5)
+    H, d = 2, 64
+    cfg = CacheConfig(k_type=ktype, v_type="bf16", sinks=0, window=0, block_size=16, center_keys=center)
+    cache = PagedCache(cfg, tiny_args(1, H, d), max_seqs=1, max_len=256, dtype=torch.float32, device="cpu")
+    offset = 3 * torch.randn(H, d, generator=gen)
+    k, v = offset_keys(gen, 200, H, d, offset), torch.randn(200, H, d, generator=gen)
+    step(cache, 0, 0, torch.randn(200, H, d, generator=gen), k, v, d ** -0.5)
+    q = (k[50:51] - offset) * 2  # a query that singles out a few keys
+    kn, vn = offset_keys(gen, 1, H, d, offset), torch.randn(1, H, d, generator=gen)
+    got = step(cache, 0, 200, q, kn, vn, d ** -0.5).double()
+    exact = oracle(q, torch.cat([k, kn]), torch.cat([v, vn]), torch.tensor([200]), d ** -0.5)
+    return float((got - exact).norm() / exact.norm())
+
+
+def test_centering_shrinks_the_error_of_keys_that_share_an_offset():
+    on, off = attention_error(True), attention_error(False)
+    assert on < 0.6 * off, (on, off)
+
+
+def test_off_by_default_and_for_dense_layers_and_a_short_first_chunk():
+    H, d = 2, 64
+    assert CacheConfig().center_keys is False
+    off = PagedCache(CacheConfig(k_type="tq4", v_type="tq4"), tiny_args(2, H, d),
+                     max_seqs=1, max_len=64, dtype=torch.float32, device="cpu")
+    assert off.k_center == [None, None]
+    mixed = PagedCache(CacheConfig(k_type="tq4", v_type="tq4", protected_layers=1, center_keys=True),
+                       tiny_args(3, H, d), max_seqs=1, max_len=64, dtype=torch.float32, device="cpu")
+    assert [m is None for m in mixed.k_center] == [True, False, True]
+    dense_k = PagedCache(CacheConfig(k_type="bf16", v_type="tq4", center_keys=True), tiny_args(1, H, d),
+                         max_seqs=1, max_len=64, dtype=torch.float32, device="cpu")
+    assert dense_k.k_center == [None]
+    short = PagedCache(CacheConfig(k_type="tq4", v_type="tq4", center_keys=True), tiny_args(1, H, d),
+                       max_seqs=1, max_len=64, dtype=torch.float32, device="cpu")
+    n = 4 + MIN_CENTER_TOKENS - 1  # 4 sinks (the default) + one token too few
+    step(short, 0, 0, torch.randn(n, H, d), torch.randn(n, H, d) + 5, torch.randn(n, H, d), 0.1)
+    assert short.calibrated[0] and torch.equal(short.k_center[0], torch.zeros(H, d))
+
+
+def filled_cache(center=True, seed=0, n=70):
+    gen = torch.Generator().manual_seed(seed)
+    H, d = 2, 64
+    cfg = CacheConfig(k_type="tq3.5", v_type="tq3", sinks=2, window=8, block_size=16, center_keys=center)
+    cache = PagedCache(cfg, tiny_args(2, H, d), max_seqs=2, max_len=128, dtype=torch.float32, device="cpu")
+    offset = 3 * torch.randn(H, d, generator=gen)
+    for layer in range(2):
+        ctx = StepContext.build(cache, [0], [0], [n], "cpu")
+        cache.attend(layer, torch.randn(n, H, d, generator=gen), offset_keys(gen, n, H, d, offset),
+                     torch.randn(n, H, d, generator=gen), ctx, d ** -0.5, None)
+    cache.set_len(0, n)
+    return cache, offset
+
+
+def next_step(cache, slot, gen_seed=9):
+    gen = torch.Generator().manual_seed(gen_seed)
+    H, d = 2, 64
+    p = cache.lens[slot]
+    ctx = StepContext.build(cache, [slot], [p], [1], "cpu")
+    outs = [cache.attend(layer, torch.randn(1, H, d, generator=gen), torch.randn(1, H, d, generator=gen) + 3,
+                         torch.randn(1, H, d, generator=gen), ctx, d ** -0.5, None) for layer in range(2)]
+    cache.set_len(slot, p + 1)
+    return torch.stack(outs)
+
+
+def test_save_load_round_trip_keeps_the_key_center(tmp_path):
+    cache, _ = filled_cache()
+    tokens = list(range(70))
+    save_sequence(cache, 0, tokens, tmp_path / "c.safetensors", {})
+    fresh, _ = filled_cache(seed=1, n=20)  # calibrated on other data, but no other sequence is live
+    fresh.set_len(0, 0)
+    assert load_sequence(fresh, 1, tmp_path / "c.safetensors", {}) == tokens
+    for a, b in zip(cache.k_center, fresh.k_center):
+        assert torch.equal(a, b)
+    assert torch.equal(next_step(cache, 0), next_step(fresh, 1))
+
+
+def test_a_mismatched_or_missing_key_center_is_refused(tmp_path):
+    cache, _ = filled_cache()
+    save_sequence(cache, 0, list(range(70)), tmp_path / "c.safetensors", {})
+    off, _ = filled_cache(center=False)
+    off.set_len(0, 0)
+    with pytest.raises(CacheMismatch, match="center_keys: file has True, this run has False"):
+        load_sequence(off, 0, tmp_path / "c.safetensors", {})
+    save_sequence(filled_cache(center=False)[0], 0, list(range(70)), tmp_path / "off.safetensors", {})
+    on, _ = filled_cache()
+    on.set_len(0, 0)
+    with pytest.raises(CacheMismatch, match="center_keys: file has False, this run has True"):
+        load_sequence(on, 0, tmp_path / "off.safetensors", {})
+    # another live sequence centered on another point: refused, and nothing of the cache changed
+    busy, _ = filled_cache(seed=3)
+    before = [m.clone() for m in busy.k_center]
+    with pytest.raises(CacheMismatch, match="centered on another point"):
+        load_sequence(busy, 1, tmp_path / "c.safetensors", {})
+    assert all(torch.equal(a, b) for a, b in zip(before, busy.k_center))
+    # a file without its centers
+    with safe_open(str(tmp_path / "c.safetensors"), "pt") as f:
+        meta = f.metadata()
+    tensors = {k: v for k, v in load_file(str(tmp_path / "c.safetensors")).items() if not k.endswith("k_center")}
+    header = json.loads(meta["tqinfer"])
+    header["checksum"] = payload_checksum(tensors)
+    save_file(tensors, str(tmp_path / "nocenter.safetensors"), metadata={"tqinfer": json.dumps(header)})
+    on.set_len(0, 0)
+    with pytest.raises(CacheFileError, match="lacks its key center"):
+        load_sequence(on, 0, tmp_path / "nocenter.safetensors", {})
