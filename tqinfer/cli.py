@@ -20,6 +20,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sinks", type=int, default=None, help="first tokens kept full precision")
     p.add_argument("--window", type=int, default=None, help="most recent tokens kept full precision")
     p.add_argument("--protected-layers", type=int, default=None, help="first/last N layers kept dense")
+    p.add_argument("--center-keys", action="store_true", default=None,
+                   help="store keys relative to a center from the first prompt chunk (docs/QUALITY.md)")
     p.add_argument("-v", "--verbose", action="store_true", help="timings and tracebacks")
 
 
@@ -39,7 +41,7 @@ def cache_config_from_args(args):
 
     k = args.cache_type_k or args.kv_cache
     v = args.cache_type_v or args.kv_cache
-    knobs = {name: getattr(args, name) for name in ("sinks", "window", "protected_layers")
+    knobs = {name: getattr(args, name) for name in ("sinks", "window", "protected_layers", "center_keys")
              if getattr(args, name, None) is not None}
     return CacheConfig(k_type=k, v_type=v, **knobs)
 
