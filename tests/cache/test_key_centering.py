@@ -208,3 +208,47 @@ def test_a_mismatched_or_missing_key_center_is_refused(tmp_path):
     on.set_len(0, 0)
     with pytest.raises(CacheFileError, match="lacks its key center"):
         load_sequence(on, 0, tmp_path / "nocenter.safetensors", {})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the Triton kernels)")
+@pytest.mark.parametrize("ktype,vtype", [("tq3.5", "tq3.5"), ("tq2.5", "tq2.5"), ("tq4", "tq3")])
+def test_centered_cache_through_the_kernels_equals_float64_over_what_it_holds(ktype, vtype):
+    """On CUDA (prefill and decode kernels, the quantize kernel, the planned decode writes): attention
+    == float64 attention over center + the decoded records (read back from the pools) for compressed
+    tokens and the exact keys elsewhere, within the kernels' fp16/bf16 rounding."""
+    from tqinfer.cache.paged import flat_slots, read_tokens
+
+    gen = torch.Generator().manual_seed(3)
+    H, G, d, S, W, dev = 2, 4, 128, 4, 64, "cuda"
+    cfg = CacheConfig(k_type=ktype, v_type=vtype, sinks=S, window=W, block_size=64, center_keys=True)
+    cache = PagedCache(cfg, tiny_args(1, H, d), max_seqs=1, max_len=1024, dtype=torch.bfloat16, device=dev)
+    offset = 3 * torch.randn(H, d, generator=gen)
+    keys, vals, scale = [], [], d ** -0.5
+    for n in [300, 200] + [1] * 5:
+        p = len(keys)
+        q = torch.randn(n, H * G, d, generator=gen)
+        k = offset_keys(gen, n, H, d, offset)
+        v = torch.randn(n, H, d, generator=gen)
+        ctx = StepContext.build(cache, [0], [p], [n], dev)
+        got = cache.attend(0, q.to(dev, torch.bfloat16), k.to(dev, torch.bfloat16), v.to(dev, torch.bfloat16),
+                           ctx, scale, None).double().cpu()
+        cache.set_len(0, p + n)
+        keys += list(k.bfloat16().float())
+        vals += list(v.bfloat16().float())
+        center = cache.k_center[0].cpu()
+        eff_k, eff_v = torch.stack(keys).double(), torch.stack(vals).double()
+        hot = cache.k_hot[0][0].float().cpu()  # [H, S + W, d], centered keys as stored
+        comp = torch.arange(S, max(S, p - W))
+        if len(comp):
+            flat = flat_slots(cache.block_table[0], comp.to(dev), cache.block_size)
+            rk = read_tokens(cache.k_pool[0], flat, cache.block_size).cpu()
+            rv = read_tokens(cache.v_pool[0], flat, cache.block_size).cpu()
+            eff_k[comp] = cache.k_codec[0].reconstruct(rk).double() + center.double()
+            eff_v[comp] = cache.v_codec[0].reconstruct(rv).double()
+        # the hot keys are stored centered, in bf16
+        t_hot = torch.arange(min(S, p))
+        if len(t_hot):
+            eff_k[t_hot] = hot[:, t_hot].transpose(0, 1).double() + center.double()
+        expected = oracle(q.bfloat16().float(), eff_k, eff_v, torch.arange(p, p + n), scale)
+        rel = float((got - expected).norm() / expected.norm())
+        assert rel < 2e-2, f"{ktype}/{vtype} after {p} tokens: relative error {rel:.2e}"
