@@ -384,7 +384,10 @@ class TurboQuantSplit(KVCodec):
             return x @ m[0].T
         if x.dim() < 2 or x.shape[-2] != self.heads:
             raise ValueError(f"codec for {self.heads} heads got input of shape {tuple(x.shape)}")
-        return (m @ x.unsqueeze(-1)).squeeze(-1)
+        # one bmm over heads-first rows (a broadcast batch of [d, d] @ [d, 1] products was ~10x slower
+        # on the CPU: 45-67 us against 5.7 us for a decode step's query)
+        xh = x.reshape(-1, self.heads, self.dim).transpose(0, 1)
+        return torch.bmm(xh, m.transpose(1, 2)).transpose(0, 1).reshape(x.shape)
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         x = check_input(x, self.dim)
