@@ -4,7 +4,7 @@
     PYTHONPATH=. python scripts/eval_quality.py needle --lengths 1024 2048 4096 --depths 0 0.5 1
 
 Prints a markdown table (docs/QUALITY.md). A spec is TYPE (K and V), Kx/Vy, and knobs after a colon:
-`tq3:sinks=4,window=128,protected=1,rotation=orthogonal,seed=1,center=1` (center=1: key centering). `--seeds 0 1 2` runs every compressed
+`tq3:sinks=4,window=128,protected=1,rotation=orthogonal,seed=1,center=on` (center=auto|on|off: key centering). `--seeds 0 1 2` runs every compressed
 spec once per rotation seed and reports the mean and each seed (docs/QUALITY.md: the rotation draw alone
 moves a type's perplexity by a few tenths of a percent).
 """
@@ -39,7 +39,10 @@ def parse_spec(spec: str, default: CacheConfig) -> CacheConfig:
     for item in filter(None, knobs.split(",")):
         key, value = item.split("=")
         key = names.get(key, key)
-        kw[key] = value if key == "rotation" else bool(int(value)) if key == "center_keys" else int(value)
+        if key == "center_keys":  # center=auto|on|off (1 / 0 read as on / off)
+            kw[key] = {"1": "on", "0": "off"}.get(value, value)
+        else:
+            kw[key] = value if key == "rotation" else int(value)
     return CacheConfig(k_type=k, v_type=v, **kw)
 
 

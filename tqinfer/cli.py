@@ -20,8 +20,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sinks", type=int, default=None, help="first tokens kept full precision")
     p.add_argument("--window", type=int, default=None, help="most recent tokens kept full precision")
     p.add_argument("--protected-layers", type=int, default=None, help="first/last N layers kept dense")
-    p.add_argument("--center-keys", action="store_true", default=None,
-                   help="store keys relative to a center from the first prompt chunk (docs/QUALITY.md)")
+    p.add_argument("--center-keys", choices=("auto", "on", "off"), default=None,
+                   help="store keys relative to a center from the first prompt chunk: every KV head, "
+                        "none, or (auto, the default) those a shared offset dominates (docs/QUALITY.md)")
     p.add_argument("-v", "--verbose", action="store_true", help="timings and tracebacks")
 
 

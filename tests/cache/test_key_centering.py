@@ -13,7 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from tqinfer.cache.config import CacheConfig
-from tqinfer.cache.paged import MIN_CENTER_TOKENS, PagedCache
+from tqinfer.cache.paged import (CENTER_AUTO_SHARE, MIN_CENTER_TOKENS, PagedCache, attention_weighted_center,
+                                 center_share)
 from tqinfer.cache.store import CacheFileError, CacheMismatch, load_sequence, payload_checksum, save_sequence
 from tqinfer.engine.context import StepContext
 from tqinfer.quant.registry import codec_names
@@ -124,10 +125,31 @@ def test_centering_shrinks_the_error_of_keys_that_share_an_offset():
     assert on < 0.6 * off, (on, off)
 
 
-def test_off_by_default_and_for_dense_layers_and_a_short_first_chunk():
+def test_auto_by_default_centers_only_the_heads_an_offset_dominates():
+    """center_keys="auto": a head whose keys share a large offset (share of energy >= CENTER_AUTO_SHARE,
+    as Qwen2's k bias gives) is centered, a head of offset-free keys keeps a zero center."""
+    assert CacheConfig().center_keys == "auto" and CacheConfig(center_keys=True).center_keys == "on"
+    with pytest.raises(ValueError, match="valid: auto, on, off"):
+        CacheConfig(center_keys="sometimes")
+    gen = torch.Generator().manual_seed(11)
+    H, d, n = 2, 64, 120
+    cache = PagedCache(CacheConfig(k_type="tq4", v_type="tq4", sinks=4), tiny_args(1, H, d),
+                       max_seqs=1, max_len=256, dtype=torch.float32, device="cpu")
+    k = torch.randn(n, H, d, generator=gen)
+    k[:, 0] += 8 * torch.randn(d, generator=gen)  # head 0: ~98% of the energy in a shared offset
+    q = torch.randn(n, H, d, generator=gen)
+    step(cache, 0, 0, q, k, torch.randn(n, H, d, generator=gen), d ** -0.5)
+    full = attention_weighted_center(q, k, d ** -0.5, 4).double()  # what "on" would use
+    share = full.pow(2).sum(-1) / k[4:].double().pow(2).sum(-1).mean(0)
+    assert share[0] > CENTER_AUTO_SHARE > 0.1 > share[1], share
+    assert torch.allclose(center_share(k, full.float(), 4).double(), share, rtol=1e-5)
+    assert torch.allclose(cache.k_center[0][0].double(), full[0], rtol=1e-5, atol=1e-6)
+    assert torch.equal(cache.k_center[0][1], torch.zeros(d))
+
+
+def test_off_and_for_dense_layers_and_a_short_first_chunk():
     H, d = 2, 64
-    assert CacheConfig().center_keys is False
-    off = PagedCache(CacheConfig(k_type="tq4", v_type="tq4"), tiny_args(2, H, d),
+    off = PagedCache(CacheConfig(k_type="tq4", v_type="tq4", center_keys="off"), tiny_args(2, H, d),
                      max_seqs=1, max_len=64, dtype=torch.float32, device="cpu")
     assert off.k_center == [None, None]
     mixed = PagedCache(CacheConfig(k_type="tq4", v_type="tq4", protected_layers=1, center_keys=True),
@@ -185,12 +207,12 @@ def test_a_mismatched_or_missing_key_center_is_refused(tmp_path):
     save_sequence(cache, 0, list(range(70)), tmp_path / "c.safetensors", {})
     off, _ = filled_cache(center=False)
     off.set_len(0, 0)
-    with pytest.raises(CacheMismatch, match="center_keys: file has True, this run has False"):
+    with pytest.raises(CacheMismatch, match="center_keys: file has 'on', this run has 'off'"):
         load_sequence(off, 0, tmp_path / "c.safetensors", {})
     save_sequence(filled_cache(center=False)[0], 0, list(range(70)), tmp_path / "off.safetensors", {})
     on, _ = filled_cache()
     on.set_len(0, 0)
-    with pytest.raises(CacheMismatch, match="center_keys: file has False, this run has True"):
+    with pytest.raises(CacheMismatch, match="center_keys: file has 'off', this run has 'on'"):
         load_sequence(on, 0, tmp_path / "off.safetensors", {})
     # another live sequence centered on another point: refused, and nothing of the cache changed
     busy, _ = filled_cache(seed=3)

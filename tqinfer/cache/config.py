@@ -19,6 +19,8 @@ def cache_type_names() -> list[str]:
     return codec_names()
 
 
+CENTER_MODES = ("auto", "on", "off")
+
 @dataclass
 class CacheConfig:
     """K and V types separately; sinks and a recent window stay full precision; protected layers
@@ -34,10 +36,12 @@ class CacheConfig:
     block_size: int = 64
     # keys stored relative to a per-(layer, KV head) center chosen from the first prefill chunk
     # (paged.attention_weighted_center): softmax does not see a shift shared by every key of a query,
-    # and the codec's error scales with ||k - center|| instead of ||k||. No bits per token. Off by
-    # default: measured over three rotation seeds it helps tq2.5 and hurts tq3, tq3.5 and tq4
-    # (docs/QUALITY.md, "Key smoothing and key centering").
-    center_keys: bool = False
+    # and the codec's error scales with ||k - center|| instead of ||k||. No bits per token.
+    # "on": every KV head; "auto" (default): the heads whose center holds at least
+    # paged.CENTER_AUTO_SHARE of their keys' energy (a key bias, as in Qwen2: tq3.5 +63% -> +1%
+    # perplexity there), none on SmolLM2, where centering every head costs a little (docs/QUALITY.md,
+    # "Key smoothing and key centering"); "off": none.
+    center_keys: str = "auto"
 
     def __post_init__(self):
         # unset types follow the device (see for_device); bf16 until a device is known
@@ -55,6 +59,10 @@ class CacheConfig:
         for name in ("sinks", "window", "protected_layers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if isinstance(self.center_keys, bool):  # (a bool reads as on / off)
+            self.center_keys = "on" if self.center_keys else "off"
+        if self.center_keys not in CENTER_MODES:
+            raise ValueError(f"unknown center_keys {self.center_keys!r}; valid: {', '.join(CENTER_MODES)}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
 

@@ -8,9 +8,10 @@ Layout (the kernels read exactly this):
   S + (t - S) % W. A sequence of L tokens keeps [S, L - W) compressed in the pool, the rest hot.
 - Records of a token are written once, when it leaves the window (quantize-on-write); `compressed`
   per sequence says how many leading tokens already have records, so a rollback never re-encodes.
-- Key centering (CacheConfig.center_keys, off by default): k_center[layer] float32 [H, d] is a point
-  per KV head chosen from the first prefill chunk (attention_weighted_center; calibrated with the
-  split types' outlier sets and kept with the cache). Every key the layer stores or attends to, hot
+- Key centering (CacheConfig.center_keys): k_center[layer] float32 [H, d] is a point per KV head
+  chosen from the first prefill chunk (attention_weighted_center; calibrated with the split types'
+  outlier sets and kept with the cache); "auto" (the default) keeps it only for the heads where it
+  holds >= CENTER_AUTO_SHARE of the keys' energy, and zero (no centering) elsewhere. Every key the layer stores or attends to, hot
   or compressed or the chunk's own, is k - k_center: each query's scores all move by the same
   q . k_center, which softmax does not see, so attention over exact keys is unchanged while the codec
   quantizes k - k_center. Queries, values and the kernels are untouched.
@@ -31,6 +32,17 @@ CPU_WRITE_AHEAD = 32
 # the center is weighed from the attention of at most CENTER_TOKENS of its tokens
 MIN_CENTER_TOKENS = 16
 CENTER_TOKENS = 512
+# center_keys="auto" centers a KV head when its center holds at least this share of its keys' energy
+# in the calibration chunk: 0.95-0.998 in Qwen2.5-0.5B's layers 0, 1, 2 and 8 (a k_proj bias), at most
+# 0.82 on SmolLM2, where centering every head measured slightly worse (docs/QUALITY.md)
+CENTER_AUTO_SHARE = 0.9
+
+
+def center_share(k: torch.Tensor, center: torch.Tensor, sinks: int) -> torch.Tensor:
+    """||center||^2 / mean ||k||^2 per KV head over the calibration tokens past the sinks (those the
+    center was weighed from): k [T, H, d], center [H, d] -> float32 [H]."""
+    kf = k[sinks:CENTER_TOKENS].float()
+    return center.pow(2).sum(-1) / kf.pow(2).sum(-1).mean(0).clamp_min(1e-30)
 
 
 def attention_weighted_center(q: torch.Tensor, k: torch.Tensor, scale: float, sinks: int) -> torch.Tensor:
@@ -141,7 +153,7 @@ class PagedCache:
                     pools.append(torch.zeros(self.num_blocks + 1, H, BS, codec.record_bytes, dtype=torch.uint8,
                                              device=self.device))
             compressed = (kt, vt) != (DENSE, DENSE)
-            center = config.center_keys and kt != DENSE
+            center = config.center_keys != "off" and kt != DENSE
             self.k_center.append(torch.zeros(H, d, dtype=torch.float32, device=self.device) if center else None)
             self.k_hot.append(torch.zeros(max_seqs, H, hot, d, dtype=dtype, device=self.device) if compressed else None)
             self.v_hot.append(torch.zeros(max_seqs, H, hot, d, dtype=dtype, device=self.device) if compressed else None)
@@ -325,7 +337,10 @@ class PagedCache:
         center = self.k_center[layer]
         if center is not None:
             n = ctx.chunk_lens[0]
-            center.copy_(attention_weighted_center(q[:n], k[:n], scale, self.sinks))
+            c = attention_weighted_center(q[:n], k[:n], scale, self.sinks)
+            if self.config.center_keys == "auto":  # only the heads a shared offset dominates
+                c = c * (center_share(k[:n], c, self.sinks) >= CENTER_AUTO_SHARE)[:, None]
+            center.copy_(c)
             k = self.centered(layer, k)
         for codec, x in ((self.k_codec[layer], k), (self.v_codec[layer], v)):
             if codec is not None and getattr(codec, "needs_calibration", False):

@@ -3,8 +3,8 @@
 Per layer: the sequence's records (or dense K/V) in token order, its full-precision sinks + window
 buffer, and the data-dependent state chosen from the first prefill chunk: the codecs' outlier channels
 and, with key centering, the center the stored keys are relative to (`{layer}.k_center`); rotations
-are rebuilt from the seed. A file saved with centering on is refused by a cache with it off, and the
-other way round (header field "center_keys"; files from before it existed count as off).
+are rebuilt from the seed. A file saved with one centering mode (auto / on / off) is refused by a
+cache with another (header field "center_keys"; files from before it existed count as off).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def save_sequence(cache, slot: int, tokens: list[int], path: str | Path, meta: d
             if cache.k_center[layer] is not None:
                 tensors[f"{layer}.k_center"] = cache.k_center[layer].cpu().contiguous()
         compressed = cache.compressed[slot]
-        meta = {**meta, "center_keys": bool(cache.config.center_keys)}
+        meta = {**meta, "center_keys": cache.config.center_keys}
     header = {"format": FORMAT, "compressed": compressed, "tokens": n, **meta,
               "checksum": payload_checksum(tensors)}
     path = Path(path)
@@ -102,8 +102,10 @@ def check_header(header: dict, expected: dict, path) -> None:
 def _check_key_centers(cache, slot: int, tensors: dict, header: dict, path) -> None:
     """Before anything is loaded: the file and the cache agree on key centering, the file holds a key
     center per centered layer, and where other sequences share the cache, it is the center they use."""
-    check_header({"center_keys": bool(header.get("center_keys", False))},
-                 {"center_keys": bool(cache.config.center_keys)}, path)
+    saved_mode = header.get("center_keys", "off")  # (absent: saved before key centering existed)
+    if isinstance(saved_mode, bool):
+        saved_mode = "on" if saved_mode else "off"
+    check_header({"center_keys": saved_mode}, {"center_keys": cache.config.center_keys}, path)
     others = any(cache.lens[s] for s in range(cache.max_seqs) if s != slot)
     for layer, center in enumerate(cache.k_center):
         if center is None:
