@@ -5,7 +5,6 @@ keys weighted by the attention they get) and travels with saved caches."""
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,21 +18,8 @@ from tqinfer.cache.store import CacheFileError, CacheMismatch, load_sequence, pa
 from tqinfer.engine.context import StepContext
 from tqinfer.quant.registry import codec_names
 
+from .oracles import oracle, tiny_args
 
-
-def tiny_args(layers=2, kv_heads=2, head_dim=64):
-    return SimpleNamespace(num_hidden_layers=layers, num_key_value_heads=kv_heads, head_dim=head_dim)
-
-
-def oracle(q, keys, values, qpos, scale):
-    """float64 causal attention; q [n, Hq, d], keys/values [L, H, d] (effective, per position)."""
-    q, keys, values = q.double(), keys.double(), values.double()
-    G = q.shape[1] // keys.shape[1]
-    keys, values = keys.repeat_interleave(G, 1), values.repeat_interleave(G, 1)
-    s = torch.einsum("nhd,lhd->hnl", q, keys) * scale
-    mask = torch.arange(keys.shape[0])[None, :] <= qpos[:, None]
-    s = s.masked_fill(~mask[None], float("-inf"))
-    return torch.einsum("hnl,lhd->nhd", torch.softmax(s, -1), values)
 
 KEY_TYPES = [t for t in codec_names() if t != "bf16"]
 

@@ -318,24 +318,39 @@ def split_bounds(L, sinks, window, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr):
 
 
 @triton.jit
+def hot_count(L, sinks, window):
+    """(tokens kept hot for a prefix of L: the sinks, then the recent window; sinks held, window start)."""
+    n_sink = tl.minimum(sinks, L)
+    w_lo = tl.where(window > 0, tl.maximum(sinks, L - window), L)
+    return n_sink + tl.maximum(L - w_lo, 0), n_sink, w_lo
+
+
+@triton.jit
+def hot_tokens(k_hot, v_hot, hot_base, s_hs, sinks, window, i0, n_hot, n_sink, w_lo,
+               D: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Hot tokens i0 .. i0 + BLOCK_H - 1 of one sequence in order (sinks, then the window, read from
+    their ring slots): K and V [BLOCK_H, D] in fp32 (zeros past n_hot) and the mask of real ones."""
+    d = tl.arange(0, D)
+    i = i0 + tl.arange(0, BLOCK_H)
+    hmask = i < n_hot
+    t = tl.where(i < n_sink, i, w_lo + i - n_sink)
+    slot = tl.where(i < n_sink, i, sinks + (t - sinks) % tl.maximum(window, 1))
+    ptr = hot_base + slot[:, None] * s_hs + d[None, :]
+    kh = tl.load(k_hot + ptr, mask=hmask[:, None], other=0.0).to(tl.float32)
+    vh = tl.load(v_hot + ptr, mask=hmask[:, None], other=0.0).to(tl.float32)
+    return kh, vh, hmask
+
+
+@triton.jit
 def hot_chunk(q_row, s_qh, k_hot, v_hot, hot_base, s_hs, L, sinks, window, i0, ws_m, ws_l, ws_acc,
               G: tl.constexpr, RW: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr):
     """Softmax state of query rows r < G (fp32, log2-scaled, at q_row + r * s_qh) over hot tokens i0 ..
     i0 + BLOCK_H - 1 of one sequence (the sinks, then the recent window in order; past the end: m = NEG,
     l = 0, acc = 0), stored at ws_m / ws_l + r and ws_acc + r * RW. Row by row in fp32 on the CUDA
     cores: no fp32 tl.dot, so the split kernel keeps the registers of its tile loop."""
-    n_sink = tl.minimum(sinks, L)
-    w_lo = tl.where(window > 0, tl.maximum(sinks, L - window), L)
-    n_hot = n_sink + tl.maximum(L - w_lo, 0)
-    w_safe = tl.maximum(window, 1)
+    n_hot, n_sink, w_lo = hot_count(L, sinks, window)
+    kh, vh, hmask = hot_tokens(k_hot, v_hot, hot_base, s_hs, sinks, window, i0, n_hot, n_sink, w_lo, D, BLOCK_H)
     d = tl.arange(0, D)
-    i = i0 + tl.arange(0, BLOCK_H)
-    hmask = i < n_hot
-    t = tl.where(i < n_sink, i, w_lo + i - n_sink)
-    slot = tl.where(i < n_sink, i, sinks + (t - sinks) % w_safe)
-    ptr = hot_base + slot[:, None] * s_hs + d[None, :]
-    kh = tl.load(k_hot + ptr, mask=hmask[:, None], other=0.0).to(tl.float32)
-    vh = tl.load(v_hot + ptr, mask=hmask[:, None], other=0.0).to(tl.float32)
     for r in range(0, G):
         q = tl.load(q_row + r * s_qh + d)
         sc = tl.where(hmask, tl.sum(kh * q[None, :], axis=1), float("-inf"))
@@ -453,19 +468,10 @@ def hot_attention(q, m_i, l_i, acc, k_hot, v_hot, hot_base, s_hh, s_hs, L, sinks
                   D: tl.constexpr, BLOCK_H: tl.constexpr):
     """Fold the full-precision sink and recent-window tokens of one sequence (prefix length L) into the
     running softmax of q[rows, D] (fp32, log2-scaled); hot_base points at this sequence's KV head."""
-    n_sink = tl.minimum(sinks, L)
-    w_lo = tl.where(window > 0, tl.maximum(sinks, L - window), L)
-    n_hot = n_sink + tl.maximum(L - w_lo, 0)
-    w_safe = tl.maximum(window, 1)
-    d = tl.arange(0, D)
+    n_hot, n_sink, w_lo = hot_count(L, sinks, window)
     for i0 in range(0, n_hot, BLOCK_H):
-        i = i0 + tl.arange(0, BLOCK_H)
-        hmask = i < n_hot
-        t = tl.where(i < n_sink, i, w_lo + i - n_sink)
-        slot = tl.where(i < n_sink, i, sinks + (t - sinks) % w_safe)
-        ptr = hot_base + slot[:, None] * s_hs + d[None, :]
-        kh = tl.load(k_hot + ptr, mask=hmask[:, None], other=0.0).to(tl.float32)
-        vh = tl.load(v_hot + ptr, mask=hmask[:, None], other=0.0).to(tl.float32)
+        kh, vh, hmask = hot_tokens(k_hot, v_hot, hot_base, s_hs, sinks, window, i0, n_hot, n_sink, w_lo,
+                                   D, BLOCK_H)
         sc = tl.dot(q, tl.trans(kh), input_precision="ieee")
         sc = tl.where(hmask[None, :], sc, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sc, axis=1))
