@@ -179,6 +179,20 @@ def test_half_gemv_linear_decode_rows_in_fp16_prefill_rows_exactly_bf16(bias, sc
             assert torch.equal(got, lin(x))
 
 
+def test_half_gemv_linear_prefill_rows_inside_and_outside_inference_mode():
+    """The bf16 conversion buffers are per thread and reused: ones made under inference_mode (an
+    engine step) must not be written outside it (a model called directly afterwards)."""
+    from tqinfer.models.llama import GEMV_ROWS, HalfGemvLinear
+
+    lin = _bf16_linear(96, 320, seed=9)
+    half = HalfGemvLinear(lin)
+    x = (torch.randn(GEMV_ROWS + 5, 320, generator=torch.Generator().manual_seed(3))).to(torch.bfloat16)
+    with torch.inference_mode():
+        inside = half(x)
+    outside = half(x)
+    assert torch.equal(inside, outside) and torch.equal(outside, lin(x))
+
+
 def test_half_gemv_linear_overflow_falls_back_to_bf16():
     from tqinfer.models.llama import HalfGemvLinear
 

@@ -209,11 +209,14 @@ _convert = threading.local()
 
 def _bf16_copy(w16: torch.Tensor) -> torch.Tensor:
     """fp16 weights -> bf16 through reused fp32 / bf16 buffers (a direct fp16 -> bf16 copy runs
-    ~1.5 ns an element here, through fp32 ~0.2). Valid until the next call on this thread."""
-    bufs = getattr(_convert, "bufs", None)
+    ~1.5 ns an element here, through fp32 ~0.2). Valid until the next call on this thread. Buffers
+    made under torch.inference_mode cannot be written outside it: one pair per mode."""
+    mode = torch.is_inference_mode_enabled()
+    pairs = _convert.__dict__.setdefault("bufs", {})
+    bufs = pairs.get(mode)
     n = w16.numel()
     if bufs is None or bufs[0].numel() < n:
-        bufs = _convert.bufs = (torch.empty(n, dtype=torch.float32), torch.empty(n, dtype=torch.bfloat16))
+        bufs = pairs[mode] = (torch.empty(n, dtype=torch.float32), torch.empty(n, dtype=torch.bfloat16))
     f32, b16 = bufs[0][:n].view(w16.shape), bufs[1][:n].view(w16.shape)
     return b16.copy_(f32.copy_(w16))
 
