@@ -43,6 +43,21 @@ def test_saved_documents_answer_like_an_uncached_run(llm):
     uncached.close()
 
 
+def test_another_key_centering_mode_has_its_own_prompt_cache(llm):
+    """The centering mode is part of the cache identity: a run with another mode prefills its own
+    file instead of finding (and refusing) the first one."""
+    qa = DocumentQA(llm, [Document("a.txt", DOC)])
+    auto_answer = answer(qa, "What is the code?", "prefilled")
+    auto_path = qa.cache_path
+    llm.set_cache(CacheConfig(k_type="tq3.5", v_type="tq3", sinks=2, window=16, block_size=16, center_keys="on"))
+    on = DocumentQA(llm, [Document("a.txt", DOC)])
+    assert on.cache_path != auto_path
+    answer(on, "What is the code?", "prefilled")
+    assert answer(on, "What is the code?", "loaded") and auto_path.is_file()
+    llm.set_cache(CacheConfig(k_type="tq3.5", v_type="tq3", sinks=2, window=16, block_size=16))
+    assert answer(DocumentQA(llm, [Document("a.txt", DOC)]), "What is the code?", "loaded") == auto_answer
+
+
 def test_corrupt_prompt_cache_is_rebuilt_with_a_notice(llm):
     qa = DocumentQA(llm, [Document("a.txt", DOC)])
     expected = answer(qa, "What is the code?", "prefilled")

@@ -192,10 +192,13 @@ class LLM:
         import tqinfer
 
         c = self.cache_config
-        return {"weights_id": self.files.weights_id, "dtype": str(self.dtype),
-                "k_type": c.k_type, "v_type": c.v_type, "sinks": c.sinks, "window": c.window,
-                "protected_layers": c.protected_layers, "rotation": c.rotation, "seed": c.seed,
-                "tqinfer": tqinfer.__version__}
+        ident = {"weights_id": self.files.weights_id, "dtype": str(self.dtype),
+                 "k_type": c.k_type, "v_type": c.v_type, "sinks": c.sinks, "window": c.window,
+                 "protected_layers": c.protected_layers, "rotation": c.rotation, "seed": c.seed,
+                 "tqinfer": tqinfer.__version__}
+        if not c.dense:  # (a dense cache has no keys to center: its saved files stay valid)
+            ident["center_keys"] = c.center_keys
+        return ident
 
     # --- sessions and generation ------------------------------------------------------------
     def load_session(self, path) -> "Session":
