@@ -145,8 +145,7 @@ class LLM:
         self.model = net.to(self.device, self.dtype).eval().fuse()
         if self.device.type == "cpu":
             self.model.fp16_head()
-            if hasattr(self.model, "half_gemv_linears"):
-                self.model.half_gemv_linears()
+            self.model.half_gemv_linears()
         report("allocating cache", None)
         limit = self.args.max_position_embeddings
         if max_context is not None and max_context > limit:

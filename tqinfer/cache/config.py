@@ -21,6 +21,11 @@ def cache_type_names() -> list[str]:
 
 CENTER_MODES = ("auto", "on", "off")
 
+
+def center_mode(value) -> str:
+    """A key-centering setting as its mode name: a bool (and a saved header's bool) reads as on / off."""
+    return ("on" if value else "off") if isinstance(value, bool) else value
+
 @dataclass
 class CacheConfig:
     """K and V types separately; sinks and a recent window stay full precision; protected layers
@@ -59,8 +64,7 @@ class CacheConfig:
         for name in ("sinks", "window", "protected_layers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if isinstance(self.center_keys, bool):  # (a bool reads as on / off)
-            self.center_keys = "on" if self.center_keys else "off"
+        self.center_keys = center_mode(self.center_keys)
         if self.center_keys not in CENTER_MODES:
             raise ValueError(f"unknown center_keys {self.center_keys!r}; valid: {', '.join(CENTER_MODES)}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -139,6 +139,7 @@ class PagedCache:
             )
         self.k_codec, self.v_codec, self.k_pool, self.v_pool, self.k_hot, self.v_hot = [], [], [], [], [], []
         self.k_center: list[torch.Tensor | None] = []  # key centering, per layer with compressed keys
+        self.center_on = [False] * L  # a layer's center is not all zeros (else its keys are stored as is)
         hot = config.sinks + config.window
         for layer in range(L):
             kt, vt = config.layer_types(layer, L)
@@ -309,12 +310,13 @@ class PagedCache:
         vhot[seq, :, hot_new] = v.to(vhot.dtype)
 
     def kernel_state(self) -> list:
-        """What a captured decode step reads beside the pools: each codec's layout state (a split
-        codec's channel permutation, replaced by calibration and by loading a saved sequence). A graph
-        captured under other state would read freed layout tensors (tqinfer/engine/engine.py)."""
+        """What a captured decode step depends on beside the pools: each codec's layout state (a split
+        codec's channel permutation, replaced by calibration and by loading a saved sequence; a graph
+        captured under other state would read freed layout tensors) and which layers center their
+        keys (tqinfer/engine/engine.py)."""
         from tqinfer.kernels.quantize import layout_state
 
-        return [layout_state(c) for c in self.k_codec + self.v_codec]
+        return [layout_state(c) for c in self.k_codec + self.v_codec] + self.center_on
 
     def graph_ready(self, head_dim: int) -> bool:
         """Whether a decode step runs entirely on the device (fused kernels for every layer, a
@@ -327,9 +329,15 @@ class PagedCache:
         return head_dim <= MAX_HEAD_DIM and all(supports(c) for c in self.k_codec + self.v_codec)
 
     def centered(self, layer: int, k: torch.Tensor) -> torch.Tensor:
-        """Keys [..., H, d] as the layer stores them: k - k_center[layer] (k itself without centering)."""
-        center = self.k_center[layer]
-        return k if center is None else (k.float() - center).to(k.dtype)
+        """Keys [..., H, d] as the layer stores them: k - k_center[layer] (k itself where no head is
+        centered: no work on a step's path for a zero center)."""
+        return (k.float() - self.k_center[layer]).to(k.dtype) if self.center_on[layer] else k
+
+    def set_center(self, layer: int, center: torch.Tensor) -> None:
+        """A layer's key center (calibrated, or a loaded sequence's), written in place: a decode graph
+        reads the tensor, and whether the layer is centered at all is part of kernel_state."""
+        self.k_center[layer].copy_(center)
+        self.center_on[layer] = bool(self.k_center[layer].any())
 
     def _calibrate(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx, scale: float) -> None:
         """From the first prefill chunk: the key center (key centering, from its first sequence), then
@@ -340,7 +348,7 @@ class PagedCache:
             c = attention_weighted_center(q[:n], k[:n], scale, self.sinks)
             if self.config.center_keys == "auto":  # only the heads a shared offset dominates
                 c = c * (center_share(k[:n], c, self.sinks) >= CENTER_AUTO_SHARE)[:, None]
-            center.copy_(c)
+            self.set_center(layer, c)
             k = self.centered(layer, k)
         for codec, x in ((self.k_codec[layer], k), (self.v_codec[layer], v)):
             if codec is not None and getattr(codec, "needs_calibration", False):

@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from tqinfer.cache.config import center_mode
 from tqinfer.cache.paged import flat_slots, read_tokens, write_dense
 from tqinfer.errors import TqinferError
 
@@ -102,9 +103,7 @@ def check_header(header: dict, expected: dict, path) -> None:
 def _check_key_centers(cache, slot: int, tensors: dict, header: dict, path) -> None:
     """Before anything is loaded: the file and the cache agree on key centering, the file holds a key
     center per centered layer, and where other sequences share the cache, it is the center they use."""
-    saved_mode = header.get("center_keys", "off")  # (absent: saved before key centering existed)
-    if isinstance(saved_mode, bool):
-        saved_mode = "on" if saved_mode else "off"
+    saved_mode = center_mode(header.get("center_keys", "off"))  # (absent: saved before centering existed)
     check_header({"center_keys": saved_mode}, {"center_keys": cache.config.center_keys}, path)
     others = any(cache.lens[s] for s in range(cache.max_seqs) if s != slot)
     for layer, center in enumerate(cache.k_center):
@@ -155,7 +154,7 @@ def load_sequence(cache, slot: int, path: str | Path, expected: dict) -> list[in
                         "the cache; close the other sessions first")
                 codec.load_state_dict({k: v.to(cache.device) for k, v in state.items()})
         if cache.k_center[layer] is not None:
-            cache.k_center[layer].copy_(tensors[f"{layer}.k_center"])  # in place: a decode graph reads it
+            cache.set_center(layer, tensors[f"{layer}.k_center"].to(cache.device))
         cache.calibrated[layer] = True
     cache.reserve(slot, n)
     flat = flat_slots(cache.block_table[slot], torch.arange(n, device=cache.device), cache.block_size)

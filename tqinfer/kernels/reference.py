@@ -85,23 +85,25 @@ class _Scratch:
     """Buffers reused by every layer of every decode step for its multi-MB intermediates (records,
     code indices, looked-up centroids). Fresh ones page-fault in each time and, with 2 threads, their
     release costs TLB shootdowns: measured 1.5-1.9x slower decode over codes at 6k context on the
-    2-core machine. A buffer is valid until its name is asked for again."""
+    2-core machine. A buffer is valid until its name is asked for again. Buffers made under
+    torch.inference_mode cannot be written outside it: each mode has its own."""
 
     def __init__(self):
         self.buffers: dict[tuple, torch.Tensor] = {}
 
     def __call__(self, name, shape, dtype: torch.dtype) -> torch.Tensor:
         n = math.prod(shape)
-        buf = self.buffers.get((name, dtype))
+        key = (name, dtype, torch.is_inference_mode_enabled())
+        buf = self.buffers.get(key)
         if buf is None or buf.numel() < n:
-            buf = self.buffers[(name, dtype)] = torch.empty(n + n // 4, dtype=dtype)
+            buf = self.buffers[key] = torch.empty(n + n // 4, dtype=dtype)
         return buf[:n].view(shape)
 
 
 _scratch = threading.local()
 
 
-def _cpu_scratch(device: torch.device) -> _Scratch | None:
+def cpu_scratch(device: torch.device) -> _Scratch | None:
     """This thread's scratch on CPU; None elsewhere (the CUDA caching allocator already reuses)."""
     if device.type != "cpu":
         return None
@@ -205,7 +207,7 @@ def _decode_row(q1, k1, v1, view, row: int, slot: int, p: int, scale: float) -> 
     scores = [torch.bmm(qh, hot_k.transpose(1, 2))]  # [H, G, nh + 1]
     tiles = [(t0, min(p - W, t0 + MAX_TILE_TOKENS)) for t0 in range(S, p - W, MAX_TILE_TOKENS)]
     table = view.block_table[row]
-    scratch = _cpu_scratch(qh.device)
+    scratch = cpu_scratch(qh.device)
     if tiles:
         q_rot = qh if kc is None else kc.rotate(qh.transpose(0, 1)).transpose(0, 1)
         sq = kc.qjl_project(q_rot.transpose(0, 1)).transpose(0, 1) if kc is not None and kc.has_qjl else None

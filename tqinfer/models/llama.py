@@ -7,7 +7,6 @@ Tokens of all sequences in a step are flattened into one [T] batch; attention go
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass, fields
 
 import torch
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tqinfer.attention import attention
-from tqinfer.kernels import fused
+from tqinfer.kernels import fused, reference
 
 
 @dataclass
@@ -204,21 +203,14 @@ class MLP(nn.Module):
 # at 4 rows and 11x slower than bf16 at 512).
 GEMV_ROWS = 2
 _FP16_MAX = 65504.0
-_convert = threading.local()
 
 
 def _bf16_copy(w16: torch.Tensor) -> torch.Tensor:
-    """fp16 weights -> bf16 through reused fp32 / bf16 buffers (a direct fp16 -> bf16 copy runs
-    ~1.5 ns an element here, through fp32 ~0.2). Valid until the next call on this thread. Buffers
-    made under torch.inference_mode cannot be written outside it: one pair per mode."""
-    mode = torch.is_inference_mode_enabled()
-    pairs = _convert.__dict__.setdefault("bufs", {})
-    bufs = pairs.get(mode)
-    n = w16.numel()
-    if bufs is None or bufs[0].numel() < n:
-        bufs = pairs[mode] = (torch.empty(n, dtype=torch.float32), torch.empty(n, dtype=torch.bfloat16))
-    f32, b16 = bufs[0][:n].view(w16.shape), bufs[1][:n].view(w16.shape)
-    return b16.copy_(f32.copy_(w16))
+    """fp16 weights (CPU) -> bf16 through this thread's reused fp32 / bf16 scratch (a direct fp16 ->
+    bf16 copy runs ~1.5 ns an element here, through fp32 ~0.2). Valid until the next call."""
+    scratch = reference.cpu_scratch(w16.device)
+    f32 = scratch("bf16_copy.f32", w16.shape, torch.float32)
+    return scratch("bf16_copy.bf16", w16.shape, torch.bfloat16).copy_(f32.copy_(w16))
 
 
 class HalfGemvLinear(nn.Module):
@@ -341,10 +333,8 @@ class LlamaForCausalLM(nn.Module):
         head's. bf16 weights convert exactly unless a value leaves fp16's range; then nothing
         changes (returns False)."""
         w = self.lm_head.weight
-        if w.dtype != torch.bfloat16:
-            return False
-        w16 = w.detach().to(torch.float16)
-        if not torch.equal(w16.to(w.dtype), w):
+        w16 = HalfGemvLinear.exact(w)
+        if w16 is None:
             return False
         tied = self.model.embed_tokens.weight is w
         self.lm_head.weight = nn.Parameter(w16, requires_grad=False)
