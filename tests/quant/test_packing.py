@@ -61,3 +61,22 @@ def test_identity_any_shape(bits, lead, n, seed):
     g = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 1 << bits, (*lead, n), generator=g, dtype=torch.uint8)
     assert torch.equal(unpack(pack(codes, bits), bits, n), codes)
+
+
+def test_contiguous_bytes_of_record_fields():
+    """Fields of strided records copied through wide elements equal the byte-wise copy, for every
+    alignment (widths 8, 4, 2 and the byte fallback), offsets into the pool, inference tensors."""
+    from tqinfer.quant.records import contiguous_bytes, read_fp16
+
+    pool = torch.randint(0, 256, (6, 40, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        frozen = pool.clone()
+    fields = [pool[:, 3:39, 0:16], pool[:, :, 16:24], pool[:, 5:9, 28:32], pool[:, :, 24:26], pool[:, :, 1:5],
+              pool[1:3, 7:, 8:16], pool[..., 3], pool[:, :, 30:31], pool.transpose(0, 1)[..., 4:8],
+              frozen[:, 1:, 8:24]]
+    for field in fields:
+        got = contiguous_bytes(field)
+        assert got.is_contiguous() and torch.equal(got, field.contiguous()), field.shape
+    norms = torch.randn(6, 40, 2).half()
+    rec = torch.cat([pool[..., :28], norms.view(torch.uint8)], -1)
+    assert torch.equal(read_fp16(rec[:, 2:], 28, 2), norms[:, 2:].float())

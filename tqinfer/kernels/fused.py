@@ -46,15 +46,20 @@ def rope_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def rope_split(qkv: torch.Tensor, positions: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
-               nq: int, nkv: int, hd: int, kernel: bool | None = None):
+               nq: int, nkv: int, hd: int, kernel: bool | None = None, gathered=None):
     """qkv [T, (nq + 2 nkv) * hd] -> q [T, nq, hd], k [T, nkv, hd] with RoPE at `positions` (tables
-    [max_pos, hd], halves duplicated), v [T, nkv, hd]; all contiguous."""
+    [max_pos, hd], halves duplicated), v [T, nkv, hd]; all contiguous. gathered: a callable giving
+    the tables at `positions` as (cos, sin) [T, 1, hd] (the torch path: one gather per step, shared
+    by the layers, not one per layer)."""
     t = qkv.shape[0]
     if not use_triton(qkv, kernel) or hd % 2 or (hd // 2) & (hd // 2 - 1):  # halves of 2^n lanes
-        q, k, v = qkv.split([nq * hd, nkv * hd, nkv * hd], dim=-1)
-        cos, sin = cos_table[positions].unsqueeze(1), sin_table[positions].unsqueeze(1)
-        return (rope_torch(q.view(t, nq, hd), cos, sin), rope_torch(k.view(t, nkv, hd), cos, sin),
-                v.reshape(t, nkv, hd))
+        # q and k heads are adjacent in qkv: rotated by one call (a CPU decode step is op-bound)
+        cos, sin = gathered() if gathered else (cos_table[positions].unsqueeze(1), sin_table[positions].unsqueeze(1))
+        qk = rope_torch(qkv[:, :(nq + nkv) * hd].view(t, nq + nkv, hd), cos, sin)
+        q, k = qk[:, :nq], qk[:, nq:]
+        if t > 1:
+            q, k = q.contiguous(), k.contiguous()
+        return q, k, qkv[:, (nq + nkv) * hd:].reshape(t, nkv, hd)
     from tqinfer.kernels import fused_triton
 
     return fused_triton.rope_split(qkv, positions, cos_table, sin_table, nq, nkv, hd)

@@ -165,7 +165,7 @@ class Attention(nn.Module):
         T, hd = x.shape[0], self.head_dim
         if hasattr(self, "qkv_proj") and self.q_norm is None:
             q, k, v = fused.rope_split(self.qkv_proj(x), rope.positions, rope.cos_table, rope.sin_table,
-                                       self.n_heads, self.n_kv, hd)
+                                       self.n_heads, self.n_kv, hd, gathered=rope.gathered)
         else:
             if hasattr(self, "qkv_proj"):
                 q, k, v = self.qkv_proj(x).split([self.n_heads * hd, self.n_kv * hd, self.n_kv * hd], -1)

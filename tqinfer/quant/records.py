@@ -40,9 +40,26 @@ def fp16_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float16).contiguous().view(torch.uint8)
 
 
+_WIDE = ((8, torch.int64), (4, torch.int32), (2, torch.int16))
+
+
+def contiguous_bytes(x: torch.Tensor) -> torch.Tensor:
+    """A strided uint8 [..., n] (one field of every record) as a contiguous copy, moved in the widest
+    elements its layout allows: on the CPU a strided copy costs per element, so byte-wise (or
+    converting) copies of record fields cost ~2-4x more (the CPU decode step copies fields of every
+    cached record)."""
+    if x.is_contiguous() or x.dim() == 0 or x.stride(-1) != 1:
+        return x.contiguous()
+    strides = x.stride()[:-1]
+    for w, wide in _WIDE:
+        if x.shape[-1] % w == 0 and x.storage_offset() % w == 0 and all(s % w == 0 for s in strides):
+            return x.view(wide).contiguous().view(torch.uint8)
+    return x.contiguous()
+
+
 def read_fp16(rec: torch.Tensor, offset: int, count: int) -> torch.Tensor:
     """`count` fp16 fields starting at byte `offset` of each record -> float32 [..., count]."""
-    return rec[..., offset : offset + 2 * count].contiguous().view(torch.float16).float()
+    return contiguous_bytes(rec[..., offset : offset + 2 * count]).view(torch.float16).float()
 
 
 def pad_to(t: torch.Tensor, nbytes: int) -> torch.Tensor:

@@ -16,7 +16,8 @@ from .base import KVCodec
 from .codebook import codebook
 from .packing import pack, packed_bytes, unpack
 from .qjl import QJLSketch, SketchedCodec
-from .records import assemble, check_input, check_norms, check_record, even, fp16_bytes, pad_to, read_fp16
+from .records import (assemble, check_input, check_norms, check_record, contiguous_bytes, even, fp16_bytes, pad_to,
+                      read_fp16)
 from .rotation import Rotation, derive_seed
 
 
@@ -140,6 +141,7 @@ class TurboQuantMSE(RotatedCodec):
         lead, d = codes.shape[:-1], self.dim
 
         def as_int(x, name):  # uint8 -> int32 index, contiguous
+            x = contiguous_bytes(x)
             if scratch is None:
                 return x.int()
             return scratch(name, x.shape, torch.int32).copy_(x)
@@ -158,7 +160,8 @@ class TurboQuantMSE(RotatedCodec):
             q = d // 4
             hi = select(t["nibbles"], as_int(codes[..., q:q + d // 8], "hi"), "nibbles")
             hi = hi.view(torch.int32).view(*lead, q)
-            return lookup(t["lo_hi"], hi.add_(codes[..., :q]))
+            # lo-plane bytes made int32 first: an int32 += uint8 would copy them through a promotion
+            return lookup(t["lo_hi"], as_int(codes[..., :q], "lo").add_(hi))
         return lookup(t["byte"], as_int(codes, "index"))
 
     def quantize(self, x: torch.Tensor) -> QuantizedVectors:
