@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from tqinfer.kernels.quantize import record_layout, supports, write_tokens
+from tqinfer.kernels import quantize
+from tqinfer.kernels.quantize import record_layout, supports, write_kv_tokens, write_tokens
 
 from .cachegen import codec_for
 
@@ -31,6 +32,42 @@ def test_records_equal_codec_encode(name, d):
         assert not diff.any(), f"{int(diff.sum())} records differ"
     else:  # a different summation order may move a coordinate across a boundary, rarely
         assert diff.float().mean() < 1e-2
+
+
+@pytest.mark.parametrize("kt,vt", [("tq3.5", "tq3.5"), ("tq4", "tq4"), ("tqp3", "tqp3"), ("tq4", "tq3"),
+                                   ("tq2.5", "polar")])
+def test_kv_write_equals_two_writes(kt, vt, monkeypatch):
+    """One launch for K and V (same layout; K and V codecs with their own rotations and calibration)
+    stores the bytes two write_tokens calls store; other pairs fall back to two calls."""
+    h, d, bs, n = 3, 64, 16, 21
+    kc, vc = codec_for(kt, d, h, seed=4), codec_for(vt, d, h, seed=5)
+    g = torch.Generator().manual_seed(7)
+    if kt == "tq3.5":  # different outlier channels for K and V: per-codec rotations in one launch
+        kc.calibrate(torch.randn(64, h, d, generator=g) * torch.linspace(0.1, 5, d))
+        vc.calibrate(torch.randn(64, h, d, generator=g) * torch.linspace(5, 0.1, d))
+    k = (torch.randn(n, h, d, generator=g) * 3).to(DEV)
+    v = torch.randn(n, h, d, generator=g).to(DEV)
+    slots = torch.randperm(4 * bs, generator=g)[:n].to(DEV)
+    pools = [torch.randint(0, 256, (4, h, bs, c.record_bytes), generator=g, dtype=torch.uint8).to(DEV)
+             for c in (kc, vc)]
+    want = [p.clone() for p in pools]
+    write_tokens(kc, k, want[0], slots)
+    write_tokens(vc, v, want[1], slots)
+    launches = []
+    monkeypatch.setattr(quantize, "_quantize_kv_kernel", _Counting(quantize._quantize_kv_kernel, launches))
+    write_kv_tokens(kc, k, pools[0], vc, v, pools[1], slots)
+    assert len(launches) == (kt == vt)
+    for got, exp in zip(pools, want):
+        assert torch.equal(got, exp)
+
+
+class _Counting:
+    def __init__(self, kernel, log):
+        self.kernel, self.log = kernel, log
+
+    def __getitem__(self, grid):
+        self.log.append(grid)
+        return self.kernel[grid]
 
 
 def test_large_and_zero_vectors():

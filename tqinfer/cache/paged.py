@@ -300,12 +300,12 @@ class PagedCache:
             write_dense(self.v_pool[layer], v, dense_dst, self.block_size)
             return
         if self.window == 0:
-            dispatch.write_tokens(self.k_codec[layer], k, self.k_pool[layer], rec_dst)
-            dispatch.write_tokens(self.v_codec[layer], v, self.v_pool[layer], rec_dst)
+            dispatch.write_kv_tokens(self.k_codec[layer], k, self.k_pool[layer], self.v_codec[layer], v,
+                                     self.v_pool[layer], rec_dst)
             return
         # the window's oldest token gets its records before the new token takes its hot slot
-        dispatch.write_tokens(self.k_codec[layer], khot[seq, :, src_hot], self.k_pool[layer], rec_dst)
-        dispatch.write_tokens(self.v_codec[layer], vhot[seq, :, src_hot], self.v_pool[layer], rec_dst)
+        dispatch.write_kv_tokens(self.k_codec[layer], khot[seq, :, src_hot], self.k_pool[layer],
+                                 self.v_codec[layer], vhot[seq, :, src_hot], self.v_pool[layer], rec_dst)
         khot[seq, :, hot_new] = k.to(khot.dtype)
         vhot[seq, :, hot_new] = v.to(vhot.dtype)
 
@@ -386,8 +386,8 @@ class PagedCache:
                     xs_k.append(kc[max(first, p) - p:upto - p])
                     xs_v.append(vc[max(first, p) - p:upto - p])
                 flat = flat_slots(table, torch.arange(first, upto, device=dev), BS)
-                dispatch.write_tokens(self.k_codec[layer], torch.cat(xs_k), self.k_pool[layer], flat)
-                dispatch.write_tokens(self.v_codec[layer], torch.cat(xs_v), self.v_pool[layer], flat)
+                dispatch.write_kv_tokens(self.k_codec[layer], torch.cat(xs_k), self.k_pool[layer],
+                                         self.v_codec[layer], torch.cat(xs_v), self.v_pool[layer], flat)
             # the chunk's tokens that stay full precision: sinks and the last W
             keep = list(range(p, min(end, S))) + list(range(max(p, S, end - W), end))
             if keep:

@@ -39,3 +39,16 @@ def write_tokens(codec, x, pool, slots):
         if kernel is not None:
             return kernel(codec, x, pool, slots)
     return reference.write_tokens(codec, x, pool, slots)
+
+
+def write_kv_tokens(k_codec, k, k_pool, v_codec, v, v_pool, slots):
+    """K and V records of the same tokens (one launch on CUDA where their layouts agree)."""
+    if use_triton(k):
+        try:
+            from tqinfer.kernels.quantize import write_kv_tokens as kernel
+        except ImportError:
+            kernel = None
+        if kernel is not None:
+            return kernel(k_codec, k, k_pool, v_codec, v, v_pool, slots)
+    reference.write_tokens(k_codec, k, k_pool, slots)
+    reference.write_tokens(v_codec, v, v_pool, slots)

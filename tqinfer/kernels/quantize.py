@@ -218,8 +218,45 @@ def _quantize_kernel(x_ptr, slot_ptr, pool_ptr, rot_ptr, bnd_ptr, tab_ptr, s_ptr
                      CH_B: tl.constexpr, D_B: tl.constexpr, BITS_B: tl.constexpr, PL_B: tl.constexpr,
                      SC_B: tl.constexpr, BND_B: tl.constexpr,
                      M_Q: tl.constexpr, PL_Q: tl.constexpr, SC_Q: tl.constexpr):
+    _quantize_rows(x_ptr, slot_ptr, pool_ptr, rot_ptr, bnd_ptr, tab_ptr, s_ptr, N, sx_t, sx_h, tl.program_id(1),
+                   H, BS, REC, D, BT, CH_A, D_A, BITS_A, PL_A, SC_A, BND_A, TAB_A,
+                   CH_B, D_B, BITS_B, PL_B, SC_B, BND_B, M_Q, PL_Q, SC_Q)
+
+
+@triton.jit
+def _quantize_kv_kernel(xk_ptr, xv_ptr, slot_ptr, pk_ptr, pv_ptr, rk_ptr, rv_ptr, bk_ptr, bv_ptr, tk_ptr, tv_ptr,
+                        sk_ptr, sv_ptr, N, sk_t, sk_h, sv_t, sv_h,
+                        H: tl.constexpr, BS: tl.constexpr, REC: tl.constexpr, D: tl.constexpr,
+                        BT: tl.constexpr,
+                        CH_A: tl.constexpr, D_A: tl.constexpr, BITS_A: tl.constexpr, PL_A: tl.constexpr,
+                        SC_A: tl.constexpr, BND_A: tl.constexpr, TAB_A: tl.constexpr,
+                        CH_B: tl.constexpr, D_B: tl.constexpr, BITS_B: tl.constexpr, PL_B: tl.constexpr,
+                        SC_B: tl.constexpr, BND_B: tl.constexpr,
+                        M_Q: tl.constexpr, PL_Q: tl.constexpr, SC_Q: tl.constexpr):
+    """K and V of the same record layout in one launch: programs [0, H) write K, [H, 2H) V (a decode
+    step writes one token per layer, where the launch, not the work, is the cost)."""
+    hh = tl.program_id(1)
+    if hh < H:
+        _quantize_rows(xk_ptr, slot_ptr, pk_ptr, rk_ptr, bk_ptr, tk_ptr, sk_ptr, N, sk_t, sk_h, hh,
+                       H, BS, REC, D, BT, CH_A, D_A, BITS_A, PL_A, SC_A, BND_A, TAB_A,
+                       CH_B, D_B, BITS_B, PL_B, SC_B, BND_B, M_Q, PL_Q, SC_Q)
+    else:
+        _quantize_rows(xv_ptr, slot_ptr, pv_ptr, rv_ptr, bv_ptr, tv_ptr, sv_ptr, N, sv_t, sv_h, hh - H,
+                       H, BS, REC, D, BT, CH_A, D_A, BITS_A, PL_A, SC_A, BND_A, TAB_A,
+                       CH_B, D_B, BITS_B, PL_B, SC_B, BND_B, M_Q, PL_Q, SC_Q)
+
+
+@triton.jit
+def _quantize_rows(x_ptr, slot_ptr, pool_ptr, rot_ptr, bnd_ptr, tab_ptr, s_ptr, N, sx_t, sx_h, h,
+                   H: tl.constexpr, BS: tl.constexpr, REC: tl.constexpr, D: tl.constexpr,
+                   BT: tl.constexpr,
+                   CH_A: tl.constexpr, D_A: tl.constexpr, BITS_A: tl.constexpr, PL_A: tl.constexpr,
+                   SC_A: tl.constexpr, BND_A: tl.constexpr, TAB_A: tl.constexpr,
+                   CH_B: tl.constexpr, D_B: tl.constexpr, BITS_B: tl.constexpr, PL_B: tl.constexpr,
+                   SC_B: tl.constexpr, BND_B: tl.constexpr,
+                   M_Q: tl.constexpr, PL_Q: tl.constexpr, SC_Q: tl.constexpr):
+    """Tokens [pid * BT, pid * BT + BT) of head h: records into their pool slots."""
     pid_t = tl.program_id(0)
-    h = tl.program_id(1)
     t = pid_t * BT + tl.arange(0, BT)
     tmask = t < N
     cols = tl.arange(0, D)
@@ -274,9 +311,42 @@ def write_tokens(codec, x: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor
                          f"{layout.record_bytes}], got {pool.dtype} {list(pool.shape)}")
     if x.stride(2) != 1:
         x = x.contiguous()
-    bt = 16
-    grid = (triton.cdiv(n, bt), h)
+    grid = (triton.cdiv(n, BT), h)
+    _quantize_kernel[grid](x, slots, pool, *_tensors(layout), n, x.stride(0), x.stride(1), H=h, BS=bs,
+                           REC=layout.record_bytes, D=d, BT=BT, **_part_args(layout))
+
+
+BT = 16  # tokens per program
+
+
+def _tensors(layout: RecordLayout) -> tuple[torch.Tensor, ...]:
+    """The kernel's per-layout tensors: rotation, boundaries, tables, QJL matrix (tables if none)."""
     s_mat = layout.qjl_matrix if layout.qjl is not None else layout.tables
-    _quantize_kernel[grid](x, slots, pool, layout.rotation, layout.boundaries, layout.tables, s_mat, n,
-                           x.stride(0), x.stride(1), H=h, BS=bs, REC=layout.record_bytes, D=d, BT=bt,
-                           **_part_args(layout))
+    return layout.rotation, layout.boundaries, layout.tables, s_mat
+
+
+def write_kv_tokens(k_codec, k: torch.Tensor, k_pool: torch.Tensor, v_codec, v: torch.Tensor,
+                    v_pool: torch.Tensor, slots: torch.Tensor) -> None:
+    """write_tokens for K and V at the same slots, in one launch where both codecs have the same
+    record layout (K and V of one cache type); two writes otherwise."""
+    fused = (k_codec is not None and v_codec is not None and k.shape == v.shape and k.shape[0] > 0
+             and supports(k_codec) and supports(v_codec) and k_pool.shape == v_pool.shape)
+    if fused:
+        kl, vl = record_layout(k_codec, k.device), record_layout(v_codec, v.device)
+        fused = kl.record_bytes == vl.record_bytes and _part_args(kl) == _part_args(vl)
+    if not fused:
+        write_tokens(k_codec, k, k_pool, slots)
+        write_tokens(v_codec, v, v_pool, slots)
+        return
+    n, h, d = k.shape
+    for pool in (k_pool, v_pool):
+        if pool.dtype != torch.uint8 or pool.shape[1] != h or pool.shape[3] != kl.record_bytes \
+                or not pool.is_contiguous():
+            raise ValueError(f"{k_codec.name} pools must be contiguous uint8 [blocks, {h}, BS, "
+                             f"{kl.record_bytes}], got {pool.dtype} {list(pool.shape)}")
+    k, v = (x if x.stride(2) == 1 else x.contiguous() for x in (k, v))
+    slots = slots.to(device=k.device, dtype=torch.int64)
+    (rk, bk, tk, sk), (rv, bv, tv, sv) = _tensors(kl), _tensors(vl)
+    _quantize_kv_kernel[(triton.cdiv(n, BT), 2 * h)](
+        k, v, slots, k_pool, v_pool, rk, rv, bk, bv, tk, tv, sk, sv, n, k.stride(0), k.stride(1), v.stride(0),
+        v.stride(1), H=h, BS=k_pool.shape[2], REC=kl.record_bytes, D=d, BT=BT, **_part_args(kl))
