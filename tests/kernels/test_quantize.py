@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tqinfer.kernels import quantize
+from tqinfer.kernels import quantize, reference
 from tqinfer.kernels.quantize import record_layout, supports, write_kv_tokens, write_tokens
 
 from .cachegen import codec_for
@@ -59,6 +59,36 @@ def test_kv_write_equals_two_writes(kt, vt, monkeypatch):
     assert len(launches) == (kt == vt)
     for got, exp in zip(pools, want):
         assert torch.equal(got, exp)
+
+
+@pytest.mark.parametrize("kt,vt", [("tq3.5", "tq3.5"), ("tq4", "tq4"), ("tqp3", "tqp3"), ("tq4", "tq3")])
+def test_shift_window_equals_twin(kt, vt, monkeypatch):
+    """A decode step's window shift in one launch (records of the leaving hot rows, then the new
+    tokens into their hot rows, the same row for most sequences) leaves pools and hot buffers as the
+    twin's gathers, writes and scatters do; a sequence whose token does not leave writes the scratch
+    slot, as the plan says. Other pairs fall back to the twin."""
+    h, d, bs, hot, seqs = 3, 64, 16, 12, 5
+    kc, vc = codec_for(kt, d, h, seed=2), codec_for(vt, d, h, seed=3)
+    g = torch.Generator().manual_seed(11)
+    k_hot = torch.randn(seqs, h, hot, d, generator=g).to(torch.bfloat16)
+    v_hot = torch.randn(seqs, h, hot, d, generator=g).to(torch.bfloat16)
+    pools = [torch.randint(0, 256, (5, h, bs, c.record_bytes), generator=g, dtype=torch.uint8) for c in (kc, vc)]
+    seq = torch.tensor([3, 0, 4, 1])
+    src_hot = torch.tensor([5, 11, 7, 4])
+    hot_new = torch.tensor([5, 11, 2, 4])  # the leaving row reused, except sequence 4
+    rec_dst = torch.tensor([17, 40, 4 * bs, 63])  # sequence 4's token does not leave: the scratch block
+    k = torch.randn(4, h, d, generator=g) * 2
+    v = torch.randn(4, h, d, generator=g)
+    want = [x.clone() for x in (k_hot, v_hot, *pools)]
+    reference.shift_window(kc, vc, *want, k, v, seq, src_hot, hot_new, rec_dst)
+    got = [x.clone().to(DEV) for x in (k_hot, v_hot, *pools)]
+    launches = []
+    monkeypatch.setattr(quantize, "_quantize_kv_kernel", _Counting(quantize._quantize_kv_kernel, launches))
+    quantize.shift_window(kc, vc, *got, *(x.to(DEV) for x in (k, v, seq, src_hot, hot_new, rec_dst)))
+    assert len(launches) == (kt == vt)
+    for a, b in zip(got, want):
+        assert torch.equal(a.cpu(), b)
+    assert not torch.equal(want[0], k_hot) and not torch.equal(want[2], pools[0])  # it wrote
 
 
 class _Counting:

@@ -304,10 +304,8 @@ class PagedCache:
                                      self.v_pool[layer], rec_dst)
             return
         # the window's oldest token gets its records before the new token takes its hot slot
-        dispatch.write_kv_tokens(self.k_codec[layer], khot[seq, :, src_hot], self.k_pool[layer],
-                                 self.v_codec[layer], vhot[seq, :, src_hot], self.v_pool[layer], rec_dst)
-        khot[seq, :, hot_new] = k.to(khot.dtype)
-        vhot[seq, :, hot_new] = v.to(vhot.dtype)
+        dispatch.shift_window(self.k_codec[layer], self.v_codec[layer], khot, vhot, self.k_pool[layer],
+                              self.v_pool[layer], k, v, seq, src_hot, hot_new, rec_dst)
 
     def kernel_state(self) -> list:
         """What a captured decode step depends on beside the pools: each codec's layout state (a split
@@ -341,10 +339,17 @@ class PagedCache:
 
     def _calibrate(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx, scale: float) -> None:
         """From the first prefill chunk: the key center (key centering, from its first sequence), then
-        the split types' outlier channels per KV head, chosen on the keys as stored (centered)."""
+        the split types' outlier channels per KV head, chosen on the keys as stored (centered), and the
+        query energy of query-aware rounding (CacheConfig.query_aware: the K codecs that have it, where
+        records are written by the torch encode; the fused CUDA write kernels round to the nearest)."""
+        from tqinfer.kernels import dispatch
+
         center = self.k_center[layer]
+        n = ctx.chunk_lens[0]
+        kc = self.k_codec[layer]
+        if self.config.query_aware and hasattr(kc, "calibrate_queries") and not dispatch.use_triton(k):
+            kc.calibrate_queries(q[:n])
         if center is not None:
-            n = ctx.chunk_lens[0]
             c = attention_weighted_center(q[:n], k[:n], scale, self.sinks)
             if self.config.center_keys == "auto":  # only the heads a shared offset dominates
                 c = c * (center_share(k[:n], c, self.sinks) >= CENTER_AUTO_SHARE)[:, None]

@@ -218,36 +218,59 @@ def _quantize_kernel(x_ptr, slot_ptr, pool_ptr, rot_ptr, bnd_ptr, tab_ptr, s_ptr
                      CH_B: tl.constexpr, D_B: tl.constexpr, BITS_B: tl.constexpr, PL_B: tl.constexpr,
                      SC_B: tl.constexpr, BND_B: tl.constexpr,
                      M_Q: tl.constexpr, PL_Q: tl.constexpr, SC_Q: tl.constexpr):
-    _quantize_rows(x_ptr, slot_ptr, pool_ptr, rot_ptr, bnd_ptr, tab_ptr, s_ptr, N, sx_t, sx_h, tl.program_id(1),
-                   H, BS, REC, D, BT, CH_A, D_A, BITS_A, PL_A, SC_A, BND_A, TAB_A,
+    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    tmask = t < N
+    _quantize_rows(x_ptr + t.to(tl.int64) * sx_t, t, tmask, slot_ptr, pool_ptr, rot_ptr, bnd_ptr, tab_ptr, s_ptr,
+                   sx_h, tl.program_id(1), H, BS, REC, D, BT, CH_A, D_A, BITS_A, PL_A, SC_A, BND_A, TAB_A,
                    CH_B, D_B, BITS_B, PL_B, SC_B, BND_B, M_Q, PL_Q, SC_Q)
 
 
 @triton.jit
 def _quantize_kv_kernel(xk_ptr, xv_ptr, slot_ptr, pk_ptr, pv_ptr, rk_ptr, rv_ptr, bk_ptr, bv_ptr, tk_ptr, tv_ptr,
-                        sk_ptr, sv_ptr, N, sk_t, sk_h, sv_t, sv_h,
+                        sk_ptr, sv_ptr, N, s_t, s_h, s_pos, seq_ptr, src_ptr, new_ptr, nk_ptr, nv_ptr, n_t, n_h,
                         H: tl.constexpr, BS: tl.constexpr, REC: tl.constexpr, D: tl.constexpr,
                         BT: tl.constexpr,
                         CH_A: tl.constexpr, D_A: tl.constexpr, BITS_A: tl.constexpr, PL_A: tl.constexpr,
                         SC_A: tl.constexpr, BND_A: tl.constexpr, TAB_A: tl.constexpr,
                         CH_B: tl.constexpr, D_B: tl.constexpr, BITS_B: tl.constexpr, PL_B: tl.constexpr,
                         SC_B: tl.constexpr, BND_B: tl.constexpr,
-                        M_Q: tl.constexpr, PL_Q: tl.constexpr, SC_Q: tl.constexpr):
+                        M_Q: tl.constexpr, PL_Q: tl.constexpr, SC_Q: tl.constexpr, HOT: tl.constexpr):
     """K and V of the same record layout in one launch: programs [0, H) write K, [H, 2H) V (a decode
-    step writes one token per layer, where the launch, not the work, is the cost)."""
+    step writes one token per layer, where the launches, not the work, are the cost). HOT: token i is
+    row src[i] of sequence seq[i] in the hot buffers x[slot, h, pos, :] (strides s_t, s_h, s_pos); once
+    its records are stored, the new token n[i] takes hot row new[i] (the recent window shifts by one)."""
     hh = tl.program_id(1)
+    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    tmask = t < N
+    if HOT:
+        seq = tl.load(seq_ptr + t, mask=tmask, other=0).to(tl.int64)
+        rows = seq * s_t + tl.load(src_ptr + t, mask=tmask, other=0).to(tl.int64) * s_pos
+    else:
+        rows = t.to(tl.int64) * s_t
+    h = hh % H
     if hh < H:
-        _quantize_rows(xk_ptr, slot_ptr, pk_ptr, rk_ptr, bk_ptr, tk_ptr, sk_ptr, N, sk_t, sk_h, hh,
+        _quantize_rows(xk_ptr + rows, t, tmask, slot_ptr, pk_ptr, rk_ptr, bk_ptr, tk_ptr, sk_ptr, s_h, h,
                        H, BS, REC, D, BT, CH_A, D_A, BITS_A, PL_A, SC_A, BND_A, TAB_A,
                        CH_B, D_B, BITS_B, PL_B, SC_B, BND_B, M_Q, PL_Q, SC_Q)
     else:
-        _quantize_rows(xv_ptr, slot_ptr, pv_ptr, rv_ptr, bv_ptr, tv_ptr, sv_ptr, N, sv_t, sv_h, hh - H,
+        _quantize_rows(xv_ptr + rows, t, tmask, slot_ptr, pv_ptr, rv_ptr, bv_ptr, tv_ptr, sv_ptr, s_h, h,
                        H, BS, REC, D, BT, CH_A, D_A, BITS_A, PL_A, SC_A, BND_A, TAB_A,
                        CH_B, D_B, BITS_B, PL_B, SC_B, BND_B, M_Q, PL_Q, SC_Q)
+    if HOT:
+        tl.debug_barrier()  # every thread's reads of the leaving rows precede the overwrite
+        cols = tl.arange(0, D)
+        dst = seq * s_t + h * s_h + tl.load(new_ptr + t, mask=tmask, other=0).to(tl.int64) * s_pos
+        src = t.to(tl.int64)[:, None] * n_t + h * n_h + cols[None, :]
+        if hh < H:
+            x = tl.load(nk_ptr + src, mask=tmask[:, None], other=0.0)
+            tl.store(xk_ptr + dst[:, None] + cols[None, :], x.to(xk_ptr.dtype.element_ty), mask=tmask[:, None])
+        else:
+            x = tl.load(nv_ptr + src, mask=tmask[:, None], other=0.0)
+            tl.store(xv_ptr + dst[:, None] + cols[None, :], x.to(xv_ptr.dtype.element_ty), mask=tmask[:, None])
 
 
 @triton.jit
-def _quantize_rows(x_ptr, slot_ptr, pool_ptr, rot_ptr, bnd_ptr, tab_ptr, s_ptr, N, sx_t, sx_h, h,
+def _quantize_rows(x_rows, t, tmask, slot_ptr, pool_ptr, rot_ptr, bnd_ptr, tab_ptr, s_ptr, sx_h, h,
                    H: tl.constexpr, BS: tl.constexpr, REC: tl.constexpr, D: tl.constexpr,
                    BT: tl.constexpr,
                    CH_A: tl.constexpr, D_A: tl.constexpr, BITS_A: tl.constexpr, PL_A: tl.constexpr,
@@ -255,12 +278,9 @@ def _quantize_rows(x_ptr, slot_ptr, pool_ptr, rot_ptr, bnd_ptr, tab_ptr, s_ptr, 
                    CH_B: tl.constexpr, D_B: tl.constexpr, BITS_B: tl.constexpr, PL_B: tl.constexpr,
                    SC_B: tl.constexpr, BND_B: tl.constexpr,
                    M_Q: tl.constexpr, PL_Q: tl.constexpr, SC_Q: tl.constexpr):
-    """Tokens [pid * BT, pid * BT + BT) of head h: records into their pool slots."""
-    pid_t = tl.program_id(0)
-    t = pid_t * BT + tl.arange(0, BT)
-    tmask = t < N
+    """Tokens t[BT] (head-0 rows x_rows[BT]) of head h: records into their pool slots."""
     cols = tl.arange(0, D)
-    x = tl.load(x_ptr + t[:, None] * sx_t + h * sx_h + cols[None, :], mask=tmask[:, None], other=0.0)
+    x = tl.load(x_rows[:, None] + h * sx_h + cols[None, :], mask=tmask[:, None], other=0.0)
     x = x.to(tl.float32)
     slot = tl.load(slot_ptr + t, mask=tmask, other=0)
     blk = slot // BS
@@ -325,28 +345,58 @@ def _tensors(layout: RecordLayout) -> tuple[torch.Tensor, ...]:
     return layout.rotation, layout.boundaries, layout.tables, s_mat
 
 
+def _same_layout(k_codec, v_codec, device) -> RecordLayout | None:
+    """K's layout where K and V records share one (same type): then one launch writes both."""
+    if k_codec is None or v_codec is None or not (supports(k_codec) and supports(v_codec)):
+        return None
+    kl, vl = record_layout(k_codec, device), record_layout(v_codec, device)
+    return kl if kl.record_bytes == vl.record_bytes and _part_args(kl) == _part_args(vl) else None
+
+
+def _check_pools(name: str, layout: RecordLayout, h: int, *pools: torch.Tensor) -> None:
+    for pool in pools:
+        if pool.dtype != torch.uint8 or pool.shape[1] != h or pool.shape[3] != layout.record_bytes \
+                or not pool.is_contiguous():
+            raise ValueError(f"{name} pools must be contiguous uint8 [blocks, {h}, BS, "
+                             f"{layout.record_bytes}], got {pool.dtype} {list(pool.shape)}")
+
+
+def _kv_launch(k_codec, v_codec, layout, xk, xv, k_pool, v_pool, slots, n, strides, hot=None) -> None:
+    h, d = k_pool.shape[1], xk.shape[-1]
+    _check_pools(k_codec.name, layout, h, k_pool, v_pool)
+    (rk, bk, tk, sk), (rv, bv, tv, sv) = _tensors(layout), _tensors(record_layout(v_codec, xk.device))
+    seq, src, new, nk, nv = hot if hot is not None else (slots, slots, slots, xk, xv)
+    _quantize_kv_kernel[(triton.cdiv(n, BT), 2 * h)](
+        xk, xv, slots.to(torch.int64), k_pool, v_pool, rk, rv, bk, bv, tk, tv, sk, sv, n, *strides, seq, src, new,
+        nk, nv, nk.stride(0), nk.stride(1), H=h, BS=k_pool.shape[2], REC=layout.record_bytes, D=d, BT=BT,
+        HOT=hot is not None, **_part_args(layout))
+
+
 def write_kv_tokens(k_codec, k: torch.Tensor, k_pool: torch.Tensor, v_codec, v: torch.Tensor,
                     v_pool: torch.Tensor, slots: torch.Tensor) -> None:
     """write_tokens for K and V at the same slots, in one launch where both codecs have the same
     record layout (K and V of one cache type); two writes otherwise."""
-    fused = (k_codec is not None and v_codec is not None and k.shape == v.shape and k.shape[0] > 0
-             and supports(k_codec) and supports(v_codec) and k_pool.shape == v_pool.shape)
-    if fused:
-        kl, vl = record_layout(k_codec, k.device), record_layout(v_codec, v.device)
-        fused = kl.record_bytes == vl.record_bytes and _part_args(kl) == _part_args(vl)
-    if not fused:
+    layout = _same_layout(k_codec, v_codec, k.device) if k.shape == v.shape and k.shape[0] else None
+    if layout is None:
         write_tokens(k_codec, k, k_pool, slots)
         write_tokens(v_codec, v, v_pool, slots)
         return
-    n, h, d = k.shape
-    for pool in (k_pool, v_pool):
-        if pool.dtype != torch.uint8 or pool.shape[1] != h or pool.shape[3] != kl.record_bytes \
-                or not pool.is_contiguous():
-            raise ValueError(f"{k_codec.name} pools must be contiguous uint8 [blocks, {h}, BS, "
-                             f"{kl.record_bytes}], got {pool.dtype} {list(pool.shape)}")
-    k, v = (x if x.stride(2) == 1 else x.contiguous() for x in (k, v))
-    slots = slots.to(device=k.device, dtype=torch.int64)
-    (rk, bk, tk, sk), (rv, bv, tv, sv) = _tensors(kl), _tensors(vl)
-    _quantize_kv_kernel[(triton.cdiv(n, BT), 2 * h)](
-        k, v, slots, k_pool, v_pool, rk, rv, bk, bv, tk, tv, sk, sv, n, k.stride(0), k.stride(1), v.stride(0),
-        v.stride(1), H=h, BS=k_pool.shape[2], REC=kl.record_bytes, D=d, BT=BT, **_part_args(kl))
+    k, v = k.contiguous(), v.contiguous()
+    _kv_launch(k_codec, v_codec, layout, k, v, k_pool, v_pool, slots.to(k.device), k.shape[0],
+               (k.stride(0), k.stride(1), 0))
+
+
+def shift_window(k_codec, v_codec, k_hot, v_hot, k_pool, v_pool, k, v, seq, src_hot, hot_new, rec_dst) -> None:
+    """A decode step's writes to a layer with a recent window, for tokens i of sequences seq[i]: hot
+    row src_hot[i] (the token leaving the window) gets its records at flat pool slot rec_dst[i], then
+    the new token k[i] / v[i] takes hot row hot_new[i]. One launch where K and V share a layout
+    (otherwise: gathers, two writes, two scatters, as the torch twin does)."""
+    layout = _same_layout(k_codec, v_codec, k.device)
+    if layout is None or k_hot.stride() != v_hot.stride() or not (k_hot.is_contiguous() and v_hot.is_contiguous()):
+        from . import reference
+        return reference.shift_window(k_codec, v_codec, k_hot, v_hot, k_pool, v_pool, k, v, seq, src_hot, hot_new,
+                                      rec_dst)
+    # in the hot buffers' dtype already (a no-op in the engine): torch rounds, as the twin does
+    k, v = k.to(k_hot.dtype).contiguous(), v.to(v_hot.dtype).contiguous()
+    _kv_launch(k_codec, v_codec, layout, k_hot, v_hot, k_pool, v_pool, rec_dst, k.shape[0],
+               (k_hot.stride(0), k_hot.stride(1), k_hot.stride(2)), hot=(seq, src_hot, hot_new, k, v))
