@@ -390,12 +390,12 @@ def shift_window(k_codec, v_codec, k_hot, v_hot, k_pool, v_pool, k, v, seq, src_
     """A decode step's writes to a layer with a recent window, for tokens i of sequences seq[i]: hot
     row src_hot[i] (the token leaving the window) gets its records at flat pool slot rec_dst[i], then
     the new token k[i] / v[i] takes hot row hot_new[i]. One launch where K and V share a layout
-    (otherwise: gathers, two writes, two scatters, as the torch twin does)."""
+    (otherwise the twin's gathers and scatters around two kernel writes)."""
     layout = _same_layout(k_codec, v_codec, k.device)
     if layout is None or k_hot.stride() != v_hot.stride() or not (k_hot.is_contiguous() and v_hot.is_contiguous()):
         from . import reference
         return reference.shift_window(k_codec, v_codec, k_hot, v_hot, k_pool, v_pool, k, v, seq, src_hot, hot_new,
-                                      rec_dst)
+                                      rec_dst, write=write_tokens)
     # in the hot buffers' dtype already (a no-op in the engine): torch rounds, as the twin does
     k, v = k.to(k_hot.dtype).contiguous(), v.to(v_hot.dtype).contiguous()
     _kv_launch(k_codec, v_codec, layout, k_hot, v_hot, k_pool, v_pool, rec_dst, k.shape[0],

@@ -28,12 +28,13 @@ def write_tokens(codec, x: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor
     write_dense(pool, x if codec is None else codec.encode(x), slots.long(), pool.shape[2])
 
 
-def shift_window(k_codec, v_codec, k_hot, v_hot, k_pool, v_pool, k, v, seq, src_hot, hot_new, rec_dst) -> None:
+def shift_window(k_codec, v_codec, k_hot, v_hot, k_pool, v_pool, k, v, seq, src_hot, hot_new, rec_dst,
+                 write=write_tokens) -> None:
     """A decode step's writes to a layer with a recent window: hot rows src_hot of sequences seq (the
-    tokens leaving the window) get records at flat pool slots rec_dst, then the new tokens k / v
-    [N, H, d] take hot rows hot_new (quantize.shift_window does both in one launch)."""
-    write_tokens(k_codec, k_hot[seq, :, src_hot], k_pool, rec_dst)
-    write_tokens(v_codec, v_hot[seq, :, src_hot], v_pool, rec_dst)
+    tokens leaving the window) get records at flat pool slots rec_dst (through `write`), then the new
+    tokens k / v [N, H, d] take hot rows hot_new (quantize.shift_window does both in one launch)."""
+    write(k_codec, k_hot[seq, :, src_hot], k_pool, rec_dst)
+    write(v_codec, v_hot[seq, :, src_hot], v_pool, rec_dst)
     k_hot[seq, :, hot_new] = k.to(k_hot.dtype)
     v_hot[seq, :, hot_new] = v.to(v_hot.dtype)
 
