@@ -43,6 +43,10 @@ def _float(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
+# query-aware rounding: ridge added to H = Π diag(query energy) Πᵀ, as a share of its mean diagonal
+# (0.01 measured better than 0.1 for tq4 over rotation seeds, docs/QUALITY.md)
+QUERY_RIDGE = 0.01
+
 _TABLES: dict[tuple, dict[str, torch.Tensor]] = {}  # TurboQuantMSE._tables, by (bits, dim, device)
 
 
@@ -63,7 +67,17 @@ class TurboQuantMSE(RotatedCodec):
 
     Record [code planes: packed_bytes(d, b) bytes, zero-padded to even][norm ||x|| fp16]
     (d = 128: b = 1..4 -> 18, 34, 50, 66 bytes). Rotated space: Π x.
+
+    Query-aware rounding (keys; set by calibrate_queries, saved as state "query_energy"): a key's
+    error reaches attention as q . e, so the codes are chosen to make e^T E[q q^T] e small rather
+    than ||e||^2: coordinate by coordinate in the rotated space, each coordinate's rounding error fed
+    forward to the ones not yet rounded (GPTQ/OBQ error feedback under H = Π diag(energy) Πᵀ, energy
+    the queries' mean square per channel, averaged within RoPE pairs). The codebook, rotation, norm and
+    record are the plain ones, so every decoder (the torch twin, the kernels) reads the records as it
+    is; only the choice among the 2^b centroids changes (docs/QUALITY.md, "Query-aware rounding").
     """
+
+    query_energy: torch.Tensor | None = None  # float64 [heads, d] while query-aware rounding is on
 
     def __init__(self, dim: int, bits: int, *, seed: int = 0, rotation: str = "hadamard",
                  heads: int = 1, name: str | None = None):
@@ -166,7 +180,79 @@ class TurboQuantMSE(RotatedCodec):
 
     def quantize(self, x: torch.Tensor) -> QuantizedVectors:
         _, n, u = _unit(x, self.dim)
-        return QuantizedVectors(pack(self.codes_of(self.rot.apply(u)), self.bits), n.half())
+        y = self.rot.apply(u)
+        codes = self.codes_of(y) if self.query_energy is None else self._query_aware_codes(y)
+        return QuantizedVectors(pack(codes, self.bits), n.half())
+
+    # query-aware rounding
+    def calibrate_queries(self, q: torch.Tensor) -> None:
+        """Turn on query-aware rounding for the queries q [T, Hq, d] (post-RoPE, Hq a multiple of the
+        codec's heads; the query heads of a KV head's group are pooled): energy = E[q²] per channel,
+        each RoPE pair (i, i + d/2) given its mean (a pair's energy does not change with the position,
+        its cross terms do)."""
+        q = check_input(q, self.dim)
+        if q.dim() != 3 or q.shape[1] % self.heads:
+            raise ValueError(f"{self.name}: queries must be [T, Hq, {self.dim}] with Hq a multiple of "
+                             f"{self.heads} heads, got {tuple(q.shape)}")
+        T, hq, d = q.shape
+        e = q.double().reshape(T, self.heads, hq // self.heads, d).pow(2).mean((0, 2)).cpu()
+        if d % 2 == 0:
+            pair = (e[:, : d // 2] + e[:, d // 2 :]) / 2
+            e = torch.cat([pair, pair], -1)
+        self.set_query_energy(e)
+
+    def set_query_energy(self, energy: torch.Tensor | None) -> None:
+        """Query energy per (head, channel) [heads, d] for query-aware rounding; None: nearest centroid."""
+        if energy is not None:
+            # float32 values (the saved state's dtype), so a loaded cache encodes as the saved one
+            energy = energy.detach().to("cpu", torch.float32).double()
+            if energy.shape != (self.heads, self.dim) or not bool(torch.isfinite(energy).all()) \
+                    or bool((energy < 0).any()):
+                raise ValueError(f"{self.name}: query energy must be finite, >= 0, [{self.heads}, {self.dim}]")
+            if not bool((energy.sum(-1) > 0).all()):
+                energy = None  # a head without query energy gives no weighting: keep the plain codes
+        self.query_energy = energy
+        self._feedback: dict[tuple, torch.Tensor] = {}
+
+    def _feedback_rows(self, like: torch.Tensor) -> torch.Tensor:
+        """U [heads, d, d] (upper triangular, like's device and dtype): Cholesky factor of H⁻¹, H the
+        query energy rotated into the codec's space plus a ridge of QUERY_RIDGE times its mean."""
+        key = (like.device, like.dtype)
+        if key not in self._feedback:
+            e = self.query_energy
+            h = torch.diag_embed(e + QUERY_RIDGE * e.mean(-1, keepdim=True))
+            p = self.rot.matrix64
+            u = torch.linalg.cholesky(torch.linalg.inv(p @ h @ p.T), upper=True)
+            self._feedback[key] = u.to(like.device, like.dtype)
+        return self._feedback[key]
+
+    def _query_aware_codes(self, y: torch.Tensor) -> torch.Tensor:
+        """Rotated unit coordinates [..., heads, d] (or [..., d] with one head) -> code indices uint8,
+        rounded in coordinate order with each error fed forward through U's row."""
+        if self.heads > 1 and (y.dim() < 2 or y.shape[-2] != self.heads):
+            raise ValueError(f"codec for {self.heads} heads got input of shape {tuple(y.shape)}")
+        u = self._feedback_rows(y)
+        if self.heads == 1 and (y.dim() < 2 or y.shape[-2] != 1):
+            u = u[0]
+        c, b = self._book(y)
+        y = y.clone()
+        idx = torch.empty(y.shape, dtype=torch.uint8, device=y.device)
+        for j in range(self.dim):
+            yj = y[..., j].contiguous()
+            ij = torch.bucketize(yj, b)
+            idx[..., j] = ij.to(torch.uint8)
+            if j + 1 < self.dim:
+                err = (yj - c[ij]) / u[..., j, j]
+                y[..., j + 1 :] -= err.unsqueeze(-1) * u[..., j, j + 1 :]
+        return idx
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {} if self.query_energy is None else {"query_energy": self.query_energy.float()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if set(state) - {"query_energy"}:
+            raise ValueError(f"{self.name}: unknown state {sorted(set(state) - {'query_energy'})}")
+        self.set_query_energy(state.get("query_energy"))
 
     def dequantize(self, q: QuantizedVectors) -> torch.Tensor:
         return self.rot.inverse(self.values(q.codes, q.norms))
