@@ -391,6 +391,8 @@ def shift_window(k_codec, v_codec, k_hot, v_hot, k_pool, v_pool, k, v, seq, src_
     row src_hot[i] (the token leaving the window) gets its records at flat pool slot rec_dst[i], then
     the new token k[i] / v[i] takes hot row hot_new[i]. One launch where K and V share a layout
     (otherwise the twin's gathers and scatters around two kernel writes)."""
+    if k.shape[0] == 0:
+        return
     layout = _same_layout(k_codec, v_codec, k.device)
     if layout is None or k_hot.stride() != v_hot.stride() or not (k_hot.is_contiguous() and v_hot.is_contiguous()):
         from . import reference
