@@ -1,7 +1,7 @@
 """Perplexity through the compressed cache with an encode-side variant of the plain TurboQuant-mse
-codec (tq3, tq4): the experiments behind docs/QUALITY.md, "Rotation choice, codebook fit and record
-bias, measured" (issue 4). Every variant is decided per layer from the first prefill chunk (as the
-split types' outlier sets are), changes only what a record encodes or which rotation a layer uses,
+codec (tq3, tq4): the experiments behind docs/QUALITY.md, "Rotation choice, codebook fit, record
+bias and query-aware rounding" (issue 4). Every variant is decided per layer from the first prefill
+chunk (as the split types' outlier sets are), changes only what a record encodes or which rotation a layer uses,
 and keeps the bits per token and the kernels' decode.
 
     CV=kcm OMP_NUM_THREADS=1 PYTHONPATH=. python scripts/eval_codec_variants.py ppl --tokens 4096 \

@@ -51,8 +51,8 @@ class CacheConfig:
     # to make its error small along the queries (their energy per channel from the first prefill
     # chunk, kept with the cache) instead of in plain norm; same codebook, record and bits. Where the
     # cache's writes run the torch encode (CPU, the twins); the fused CUDA write kernels round to the
-    # nearest centroid. Three-seed perplexity on SmolLM2: tq4 +0.28% -> +0.19%, tq3 +1.00% -> +0.82%
-    # (docs/QUALITY.md, "Query-aware rounding").
+    # nearest centroid. Three-seed perplexity on SmolLM2: tq4 +0.28% -> +0.20%, tq3 +1.00% -> +0.83%
+    # (docs/QUALITY.md, "Rotation choice, codebook fit, record bias and query-aware rounding").
     query_aware: bool = True
 
     def __post_init__(self):

@@ -74,7 +74,7 @@ class TurboQuantMSE(RotatedCodec):
     forward to the ones not yet rounded (GPTQ/OBQ error feedback under H = Π diag(energy) Πᵀ, energy
     the queries' mean square per channel, averaged within RoPE pairs). The codebook, rotation, norm and
     record are the plain ones, so every decoder (the torch twin, the kernels) reads the records as it
-    is; only the choice among the 2^b centroids changes (docs/QUALITY.md, "Query-aware rounding").
+    is; only the choice among the 2^b centroids changes (docs/QUALITY.md, "... and query-aware rounding").
     """
 
     query_energy: torch.Tensor | None = None  # float64 [heads, d] while query-aware rounding is on
