@@ -210,22 +210,6 @@ def _quantize_residual(u, code, n, tab_ptr, s_ptr, out_row, tmask, TAB: tl.const
 
 
 @triton.jit
-def _quantize_kernel(x_ptr, slot_ptr, pool_ptr, rot_ptr, bnd_ptr, tab_ptr, s_ptr, N, sx_t, sx_h,
-                     H: tl.constexpr, BS: tl.constexpr, REC: tl.constexpr, D: tl.constexpr,
-                     BT: tl.constexpr,
-                     CH_A: tl.constexpr, D_A: tl.constexpr, BITS_A: tl.constexpr, PL_A: tl.constexpr,
-                     SC_A: tl.constexpr, BND_A: tl.constexpr, TAB_A: tl.constexpr,
-                     CH_B: tl.constexpr, D_B: tl.constexpr, BITS_B: tl.constexpr, PL_B: tl.constexpr,
-                     SC_B: tl.constexpr, BND_B: tl.constexpr,
-                     M_Q: tl.constexpr, PL_Q: tl.constexpr, SC_Q: tl.constexpr):
-    t = tl.program_id(0) * BT + tl.arange(0, BT)
-    tmask = t < N
-    _quantize_rows(x_ptr + t.to(tl.int64) * sx_t, t, tmask, slot_ptr, pool_ptr, rot_ptr, bnd_ptr, tab_ptr, s_ptr,
-                   sx_h, tl.program_id(1), H, BS, REC, D, BT, CH_A, D_A, BITS_A, PL_A, SC_A, BND_A, TAB_A,
-                   CH_B, D_B, BITS_B, PL_B, SC_B, BND_B, M_Q, PL_Q, SC_Q)
-
-
-@triton.jit
 def _quantize_kv_kernel(xk_ptr, xv_ptr, slot_ptr, pk_ptr, pv_ptr, rk_ptr, rv_ptr, bk_ptr, bv_ptr, tk_ptr, tv_ptr,
                         sk_ptr, sv_ptr, N, s_t, s_h, s_pos, seq_ptr, src_ptr, new_ptr, nk_ptr, nv_ptr, n_t, n_h,
                         H: tl.constexpr, BS: tl.constexpr, REC: tl.constexpr, D: tl.constexpr,
@@ -236,7 +220,8 @@ def _quantize_kv_kernel(xk_ptr, xv_ptr, slot_ptr, pk_ptr, pv_ptr, rk_ptr, rv_ptr
                         SC_B: tl.constexpr, BND_B: tl.constexpr,
                         M_Q: tl.constexpr, PL_Q: tl.constexpr, SC_Q: tl.constexpr, HOT: tl.constexpr):
     """K and V of the same record layout in one launch: programs [0, H) write K, [H, 2H) V (a decode
-    step writes one token per layer, where the launches, not the work, are the cost). HOT: token i is
+    step writes one token per layer, where the launches, not the work, are the cost); a grid of H
+    programs writes K alone (write_tokens, one codec's tokens). HOT: token i is
     row src[i] of sequence seq[i] in the hot buffers x[slot, h, pos, :] (strides s_t, s_h, s_pos); once
     its records are stored, the new token n[i] takes hot row new[i] (the recent window shifts by one)."""
     hh = tl.program_id(1)
@@ -325,15 +310,9 @@ def write_tokens(codec, x: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor
     if not supports(codec):  # records no kernel writes (polar, q8, q4, qjl, *-paper): the codec's own
         from . import reference
         return reference.write_tokens(codec, x, pool, slots)
-    layout = record_layout(codec, x.device)
-    if pool.dtype != torch.uint8 or pool.shape[3] != layout.record_bytes or not pool.is_contiguous():
-        raise ValueError(f"{codec.name} pool must be contiguous uint8 [blocks, H, BS, "
-                         f"{layout.record_bytes}], got {pool.dtype} {list(pool.shape)}")
     if x.stride(2) != 1:
         x = x.contiguous()
-    grid = (triton.cdiv(n, BT), h)
-    _quantize_kernel[grid](x, slots, pool, *_tensors(layout), n, x.stride(0), x.stride(1), H=h, BS=bs,
-                           REC=layout.record_bytes, D=d, BT=BT, **_part_args(layout))
+    _kv_launch(codec, None, record_layout(codec, x.device), x, x, pool, pool, slots, n, (x.stride(0), x.stride(1), 0))
 
 
 BT = 16  # tokens per program
@@ -357,16 +336,18 @@ def _check_pools(name: str, layout: RecordLayout, h: int, *pools: torch.Tensor) 
     for pool in pools:
         if pool.dtype != torch.uint8 or pool.shape[1] != h or pool.shape[3] != layout.record_bytes \
                 or not pool.is_contiguous():
-            raise ValueError(f"{name} pools must be contiguous uint8 [blocks, {h}, BS, "
+            raise ValueError(f"{name} pool must be contiguous uint8 [blocks, {h}, BS, "
                              f"{layout.record_bytes}], got {pool.dtype} {list(pool.shape)}")
 
 
 def _kv_launch(k_codec, v_codec, layout, xk, xv, k_pool, v_pool, slots, n, strides, hot=None) -> None:
+    """One launch of _quantize_kv_kernel: K and V, or K alone where v_codec is None."""
     h, d = k_pool.shape[1], xk.shape[-1]
     _check_pools(k_codec.name, layout, h, k_pool, v_pool)
-    (rk, bk, tk, sk), (rv, bv, tv, sv) = _tensors(layout), _tensors(record_layout(v_codec, xk.device))
+    rk, bk, tk, sk = _tensors(layout)
+    rv, bv, tv, sv = (rk, bk, tk, sk) if v_codec is None else _tensors(record_layout(v_codec, xk.device))
     seq, src, new, nk, nv = hot if hot is not None else (slots, slots, slots, xk, xv)
-    _quantize_kv_kernel[(triton.cdiv(n, BT), 2 * h)](
+    _quantize_kv_kernel[(triton.cdiv(n, BT), h if v_codec is None else 2 * h)](
         xk, xv, slots.to(torch.int64), k_pool, v_pool, rk, rv, bk, bv, tk, tv, sk, sv, n, *strides, seq, src, new,
         nk, nv, nk.stride(0), nk.stride(1), H=h, BS=k_pool.shape[2], REC=layout.record_bytes, D=d, BT=BT,
         HOT=hot is not None, **_part_args(layout))
