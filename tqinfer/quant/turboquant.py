@@ -213,6 +213,7 @@ class TurboQuantMSE(RotatedCodec):
                 energy = None  # a head without query energy gives no weighting: keep the plain codes
         self.query_energy = energy
         self._feedback: dict[tuple, torch.Tensor] = {}
+        self._feedback_views: dict[tuple, list] = {}
 
     def _feedback_rows(self, like: torch.Tensor) -> torch.Tensor:
         """U [heads, d, d] (upper triangular, like's device and dtype): Cholesky factor of H⁻¹, H the
@@ -231,20 +232,24 @@ class TurboQuantMSE(RotatedCodec):
         rounded in coordinate order with each error fed forward through U's row."""
         if self.heads > 1 and (y.dim() < 2 or y.shape[-2] != self.heads):
             raise ValueError(f"codec for {self.heads} heads got input of shape {tuple(y.shape)}")
-        u = self._feedback_rows(y)
-        if self.heads == 1 and (y.dim() < 2 or y.shape[-2] != 1):
-            u = u[0]
+        one = self.heads == 1 and (y.dim() < 2 or y.shape[-2] != 1)
+        key = (y.device, y.dtype, one)
+        if key not in self._feedback_views:  # U's diagonal and the rest of each row as views, made once:
+            u = self._feedback_rows(y)      # the loop below is op-bound on the CPU
+            u = u[0] if one else u
+            self._feedback_views[key] = [(u[..., j, j], u[..., j, j + 1 :]) for j in range(self.dim)]
+        rows = self._feedback_views[key]
         c, b = self._book(y)
         y = y.clone()
-        idx = torch.empty(y.shape, dtype=torch.uint8, device=y.device)
+        cols = []
         for j in range(self.dim):
             yj = y[..., j].contiguous()
             ij = torch.bucketize(yj, b)
-            idx[..., j] = ij.to(torch.uint8)
+            cols.append(ij)
             if j + 1 < self.dim:
-                err = (yj - c[ij]) / u[..., j, j]
-                y[..., j + 1 :] -= err.unsqueeze(-1) * u[..., j, j + 1 :]
-        return idx
+                diag, rest = rows[j]
+                y[..., j + 1 :] -= ((yj - c[ij]) / diag).unsqueeze(-1) * rest
+        return torch.stack(cols, -1).to(torch.uint8)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {} if self.query_energy is None else {"query_energy": self.query_energy.float()}
