@@ -312,7 +312,7 @@ def write_tokens(codec, x: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor
         return reference.write_tokens(codec, x, pool, slots)
     if x.stride(2) != 1:
         x = x.contiguous()
-    _kv_launch(codec, None, record_layout(codec, x.device), x, x, pool, pool, slots, n, (x.stride(0), x.stride(1), 0))
+    _kv_launch(codec, None, x, x, pool, pool, slots, n, (x.stride(0), x.stride(1), 0))
 
 
 BT = 16  # tokens per program
@@ -324,12 +324,12 @@ def _tensors(layout: RecordLayout) -> tuple[torch.Tensor, ...]:
     return layout.rotation, layout.boundaries, layout.tables, s_mat
 
 
-def _same_layout(k_codec, v_codec, device) -> RecordLayout | None:
-    """K's layout where K and V records share one (same type): then one launch writes both."""
+def _same_layout(k_codec, v_codec, device) -> bool:
+    """Whether K and V records share one layout (same type): then one launch writes both."""
     if k_codec is None or v_codec is None or not (supports(k_codec) and supports(v_codec)):
-        return None
+        return False
     kl, vl = record_layout(k_codec, device), record_layout(v_codec, device)
-    return kl if kl.record_bytes == vl.record_bytes and _part_args(kl) == _part_args(vl) else None
+    return kl.record_bytes == vl.record_bytes and _part_args(kl) == _part_args(vl)
 
 
 def _check_pools(name: str, layout: RecordLayout, h: int, *pools: torch.Tensor) -> None:
@@ -340,9 +340,11 @@ def _check_pools(name: str, layout: RecordLayout, h: int, *pools: torch.Tensor) 
                              f"{layout.record_bytes}], got {pool.dtype} {list(pool.shape)}")
 
 
-def _kv_launch(k_codec, v_codec, layout, xk, xv, k_pool, v_pool, slots, n, strides, hot=None) -> None:
-    """One launch of _quantize_kv_kernel: K and V, or K alone where v_codec is None."""
+def _kv_launch(k_codec, v_codec, xk, xv, k_pool, v_pool, slots, n, strides, hot=None) -> None:
+    """One launch of _quantize_kv_kernel: K and V (layouts alike, _same_layout), or K alone where
+    v_codec is None."""
     h, d = k_pool.shape[1], xk.shape[-1]
+    layout = record_layout(k_codec, xk.device)
     _check_pools(k_codec.name, layout, h, k_pool, v_pool)
     rk, bk, tk, sk = _tensors(layout)
     rv, bv, tv, sv = (rk, bk, tk, sk) if v_codec is None else _tensors(record_layout(v_codec, xk.device))
@@ -357,14 +359,12 @@ def write_kv_tokens(k_codec, k: torch.Tensor, k_pool: torch.Tensor, v_codec, v: 
                     v_pool: torch.Tensor, slots: torch.Tensor) -> None:
     """write_tokens for K and V at the same slots, in one launch where both codecs have the same
     record layout (K and V of one cache type); two writes otherwise."""
-    layout = _same_layout(k_codec, v_codec, k.device) if k.shape == v.shape and k.shape[0] else None
-    if layout is None:
+    if not (k.shape == v.shape and k.shape[0] and _same_layout(k_codec, v_codec, k.device)):
         write_tokens(k_codec, k, k_pool, slots)
         write_tokens(v_codec, v, v_pool, slots)
         return
     k, v = k.contiguous(), v.contiguous()
-    _kv_launch(k_codec, v_codec, layout, k, v, k_pool, v_pool, slots.to(k.device), k.shape[0],
-               (k.stride(0), k.stride(1), 0))
+    _kv_launch(k_codec, v_codec, k, v, k_pool, v_pool, slots.to(k.device), k.shape[0], (k.stride(0), k.stride(1), 0))
 
 
 def shift_window(k_codec, v_codec, k_hot, v_hot, k_pool, v_pool, k, v, seq, src_hot, hot_new, rec_dst) -> None:
@@ -374,12 +374,11 @@ def shift_window(k_codec, v_codec, k_hot, v_hot, k_pool, v_pool, k, v, seq, src_
     (otherwise the twin's gathers and scatters around two kernel writes)."""
     if k.shape[0] == 0:
         return
-    layout = _same_layout(k_codec, v_codec, k.device)
-    if layout is None or k_hot.stride() != v_hot.stride() or not (k_hot.is_contiguous() and v_hot.is_contiguous()):
+    if not _same_layout(k_codec, v_codec, k.device) or k_hot.stride() != v_hot.stride() or not (k_hot.is_contiguous() and v_hot.is_contiguous()):
         from . import reference
         return reference.shift_window(k_codec, v_codec, k_hot, v_hot, k_pool, v_pool, k, v, seq, src_hot, hot_new,
                                       rec_dst, write=write_tokens)
     # in the hot buffers' dtype already (a no-op in the engine): torch rounds, as the twin does
     k, v = k.to(k_hot.dtype).contiguous(), v.to(v_hot.dtype).contiguous()
-    _kv_launch(k_codec, v_codec, layout, k_hot, v_hot, k_pool, v_pool, rec_dst, k.shape[0],
+    _kv_launch(k_codec, v_codec, k_hot, v_hot, k_pool, v_pool, rec_dst, k.shape[0],
                (k_hot.stride(0), k_hot.stride(1), k_hot.stride(2)), hot=(seq, src_hot, hot_new, k, v))

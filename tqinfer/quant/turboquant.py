@@ -212,20 +212,15 @@ class TurboQuantMSE(RotatedCodec):
             if not bool((energy.sum(-1) > 0).all()):
                 energy = None  # a head without query energy gives no weighting: keep the plain codes
         self.query_energy = energy
-        self._feedback: dict[tuple, torch.Tensor] = {}
-        self._feedback_views: dict[tuple, list] = {}
+        self._feedback: dict[tuple, list] = {}
 
     def _feedback_rows(self, like: torch.Tensor) -> torch.Tensor:
         """U [heads, d, d] (upper triangular, like's device and dtype): Cholesky factor of H⁻¹, H the
         query energy rotated into the codec's space plus a ridge of QUERY_RIDGE times its mean."""
-        key = (like.device, like.dtype)
-        if key not in self._feedback:
-            e = self.query_energy
-            h = torch.diag_embed(e + QUERY_RIDGE * e.mean(-1, keepdim=True))
-            p = self.rot.matrix64
-            u = torch.linalg.cholesky(torch.linalg.inv(p @ h @ p.T), upper=True)
-            self._feedback[key] = u.to(like.device, like.dtype)
-        return self._feedback[key]
+        e = self.query_energy
+        h = torch.diag_embed(e + QUERY_RIDGE * e.mean(-1, keepdim=True))
+        p = self.rot.matrix64
+        return torch.linalg.cholesky(torch.linalg.inv(p @ h @ p.T), upper=True).to(like.device, like.dtype)
 
     def _query_aware_codes(self, y: torch.Tensor) -> torch.Tensor:
         """Rotated unit coordinates [..., heads, d] (or [..., d] with one head) -> code indices uint8,
@@ -234,11 +229,11 @@ class TurboQuantMSE(RotatedCodec):
             raise ValueError(f"codec for {self.heads} heads got input of shape {tuple(y.shape)}")
         one = self.heads == 1 and (y.dim() < 2 or y.shape[-2] != 1)
         key = (y.device, y.dtype, one)
-        if key not in self._feedback_views:  # U's diagonal and the rest of each row as views, made once:
-            u = self._feedback_rows(y)      # the loop below is op-bound on the CPU
+        if key not in self._feedback:  # U's diagonal and the rest of each row as views, made once:
+            u = self._feedback_rows(y)  # the loop below is op-bound on the CPU
             u = u[0] if one else u
-            self._feedback_views[key] = [(u[..., j, j], u[..., j, j + 1 :]) for j in range(self.dim)]
-        rows = self._feedback_views[key]
+            self._feedback[key] = [(u[..., j, j], u[..., j, j + 1 :]) for j in range(self.dim)]
+        rows = self._feedback[key]
         c, b = self._book(y)
         y = y.clone()
         cols = []
