@@ -128,9 +128,10 @@ def test_decode_is_not_blind():
 
 @pytest.mark.parametrize("kw", [dict(lookup="lut"), dict(lookup="pair"), dict(early_v=True), dict(early_v=False),
                                 dict(wide=True)], ids=["lut", "pair", "early", "late", "wide"])
-@pytest.mark.parametrize("kt,vt,d", [("tq3.5", "tq4", 64), ("tqp3", "tq1", 64), ("tq4", "tq3.5", 128)])
+@pytest.mark.parametrize("kt,vt,d", [("tq3.5", "tq4", 64), ("tqp3", "tq1", 64), ("tq4", "tq3.5", 128),
+                                    ("tq3", "tq2.5", 64)])
 def test_decode_variants(kt, vt, d, kw, monkeypatch):
-    """The register centroid table, the fp16x2 pair table (4-bit planes), value loads issued early or
+    """The register centroid table, the fp16x2 pair tables (4- and 3-bit codes), value loads issued early or
     late, and planes read in words split in registers all compute the same."""
     kw = dict(kw)
     if kw.pop("wide", False):
@@ -145,3 +146,29 @@ def test_unread_types_fall_back_to_the_twin(kt):
     out, ref, args = _run(kt, "tq4", 64, 1, 4, [1, 30], 4, 8, torch.float32, splits=2, seed=2)
     assert torch.isfinite(out).all()
     assert rel_err(out, reference.paged_attention(*args)) < 1e-6
+
+
+@pytest.mark.parametrize("kt,d,h,g", [("tq3.5", 128, 2, 4), ("tq4", 64, 3, 3), ("bf16", 64, 2, 1), ("tq3", 64, 1, 8)])
+def test_decode_queries_match_float64(kt, d, h, g):
+    """The one-launch query preparation == the rotation (permuted as the tiles read it) in float64,
+    and the scaled fp32 queries; a strided q is read in place."""
+    view, _, _ = build_cache(kt, kt, [5], heads=h, d=d, sinks=4, window=8, block_size=BS,
+                             dtype=torch.bfloat16, device=DEV, seed=4)
+    k_lay = decode_attention._layouts(view, torch.device(DEV))[0]
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(3, h * g, 2 * d, generator=gen).to(torch.bfloat16).to(DEV)[..., :d]  # strided rows
+    scale = 0.37
+    qk, qs = decode_attention.decode_queries(q, h, scale, k_lay, view.k_pool.dtype)
+    x = q.double() * (scale * decode_attention.LOG2E)
+    assert (qs.double() - x).abs().max() <= 1e-6 * x.abs().max()
+    assert torch.equal(qs, q.float() * (scale * decode_attention.LOG2E))  # the same fp32 product
+    if k_lay is None:
+        # within one bf16 step (the interpreter truncates fp32 -> bf16; the GPU rounds to nearest)
+        assert qk.dtype == view.k_pool.dtype
+        assert ((qk.float() - qs).abs() <= qs.abs() * 2.0 ** -7).all()
+        return
+    rot = decode_attention._q_perm(k_lay)[1].double()
+    want = torch.einsum("bhgi,hoi->bhgo", x.view(3, h, g, d), rot).reshape(3, h * g, d)
+    assert qk.dtype == torch.float16
+    assert torch.isfinite(qk).all()
+    assert (qk.double() - want).abs().max() <= 1e-3 * want.abs().max()

@@ -108,9 +108,13 @@ def _cent(code, tab, tabr, TB: tl.constexpr, MODE: tl.constexpr):
 @triton.jit
 def _sub2(w, w2, tab, tab2, tabr, S: tl.constexpr, BITS: tl.constexpr, TB: tl.constexpr, TP: tl.constexpr,
           MODE: tl.constexpr):
-    """Centroids (fp16) of sub-tiles S and S + 1; 4-bit codes in 'pair' mode: one fp16x2 lookup per byte."""
-    if MODE == 2 and BITS == 4:
-        x = tl.load(tab2 + TP + ((w >> (4 * S)) & 255))
+    """Centroids (fp16) of sub-tiles S and S + 1; 4- and 3-bit codes in 'pair' mode: one fp16x2 lookup for
+    both (4-bit: the byte at shift S; 3-bit: their four low bits and two high bits, a 6-bit index)."""
+    if MODE == 2 and (BITS == 4 or BITS == 3):
+        if BITS == 4:
+            x = tl.load(tab2 + TP + ((w >> (4 * S)) & 255))
+        else:
+            x = tl.load(tab2 + TP + (((w >> (2 * S)) & 15) | (((w2 >> S) & 3) << 4)))
         c0 = x.to(tl.int16).to(tl.float16, bitcast=True)
         c1 = (x >> 16).to(tl.int16).to(tl.float16, bitcast=True)
     else:
@@ -306,7 +310,7 @@ def tile_tokens(bt_ptr, b, s_bt, ti, tok, c_end, h, H: tl.constexpr, BS: tl.cons
 
 
 @triton.jit
-def split_bounds(L, sinks, window, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr):
+def split_bounds(L, sinks, window, BLOCK_N: tl.constexpr, NSPLIT):
     """For a prefix of L tokens: the end of the compressed tokens, the first tile, the tile bound, tiles
     per split and the number of splits with work (the first n_act; the rest are empty)."""
     c_end = tl.where(window > 0, L - window, L)
@@ -367,7 +371,7 @@ def _decode_split_kernel(
     qs_ptr, k_hot, v_hot, slot_ptr,
     sinks, window, s_bt, s_qb, s_qh, s_qsb, s_qsh, s_hb, s_hh, s_hs,
     H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-    BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr, NHOT: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr, NSPLIT, NHOT: tl.constexpr, BLOCK_H: tl.constexpr,
     K_DENSE: tl.constexpr, REC_K: tl.constexpr,
     KA_CH: tl.constexpr, KA_DP: tl.constexpr, KA_BT: tl.constexpr, KA_PL: tl.constexpr,
     KA_SC: tl.constexpr, KA_TB: tl.constexpr, KA_TP: tl.constexpr, KA_NC: tl.constexpr, KA_WD: tl.constexpr,
@@ -487,7 +491,7 @@ def hot_attention(q, m_i, l_i, acc, k_hot, v_hot, hot_base, s_hh, s_hs, L, sinks
 def _decode_merge_kernel(
     q_ptr, k_ptr, v_ptr, prefix_ptr, ws_m, ws_l, ws_acc, rot_v, qjl_rot, out_ptr,
     sinks, window, s_qt, s_qh, s_kt, s_kh, s_ot, s_oh,
-    H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT: tl.constexpr,
+    H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT,
     SP: tl.constexpr, SB: tl.constexpr, NHOT: tl.constexpr, HP: tl.constexpr, CJ: tl.constexpr,
     V_ROTATED: tl.constexpr, DVQ: tl.constexpr,
 ):
@@ -554,6 +558,34 @@ def _decode_merge_kernel(
         tl.store(o_ptr + j, (o / l_i).to(out_ptr.dtype.element_ty))
 
 
+@triton.jit
+def _decode_queries_kernel(q_ptr, rot_ptr, qk_ptr, qs_ptr, scale, s_qb, s_qh, s_kb, s_kh, s_sb, s_sh,
+                           G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, CJ: tl.constexpr,
+                           ROTATE: tl.constexpr):
+    """Grid (sequence, KV head, column chunk): the group's queries scaled (fp32, for the hot tokens and
+    the merge; stored by chunk 0) and, for the key tiles, CJ columns of their rotation by the key
+    codec's (column-permuted) rotation in fp32, stored as fp16; or, dense keys, cast to the pool's
+    dtype. One launch instead of the scale, cast, rotate and copy kernels of `prepare_queries` (each
+    ~2-3 µs in a CUDA graph); the chunks keep each program to one [CJ, d] load of the rotation."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    j0 = tl.program_id(2) * CJ
+    g = tl.arange(0, GP)
+    d = tl.arange(0, D)
+    gm = (g < G)[:, None]
+    rows = h * G + g
+    x = tl.load(q_ptr + b * s_qb + rows[:, None] * s_qh + d[None, :], mask=gm, other=0.0).to(tl.float32) * scale
+    if j0 == 0:
+        tl.store(qs_ptr + b * s_sb + rows[:, None] * s_sh + d[None, :], x, mask=gm)
+    if ROTATE:  # q_rot[g, o] = sum_i x[g, i] rot[h, o, i] for o in this chunk
+        j = j0 + tl.arange(0, CJ)
+        r = tl.load(rot_ptr + h * D * D + j[:, None] * D + d[None, :])
+        y = tl.sum(x[:, None, :] * r[None, :, :], axis=2)
+        tl.store(qk_ptr + b * s_kb + rows[:, None] * s_kh + j[None, :], y.to(qk_ptr.dtype.element_ty), mask=gm)
+    else:
+        tl.store(qk_ptr + b * s_kb + rows[:, None] * s_kh + d[None, :], x.to(qk_ptr.dtype.element_ty), mask=gm)
+
+
 # ----------------------------------------------------------------------------------------------------
 # host side
 
@@ -616,18 +648,24 @@ def _parts(layout: RecordLayout) -> tuple:
 
 
 def _tables(layout: RecordLayout) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """(centroids as fp16, fp16x2 pair tables of the 4-bit parts as int32 [256 each], pair offsets),
-    kept on the layout."""
+    """(centroids as fp16, fp16x2 pair tables of the 4- and 3-bit parts as int32 (256 / 64 entries each),
+    pair offsets), kept on the layout. A 4-bit pair's index is the byte of its two codes; a 3-bit pair's
+    is the two codes' 2-bit fields (bits 0-3) and their high bits (bits 4, 5)."""
     if "_kernel_tables" not in layout.__dict__:
         tab16 = layout.tables.to(torch.float16).contiguous()
         bits16 = tab16.view(torch.int16).to(torch.int64) & 0xFFFF
-        pairs, offs = [], {}
+        pairs, offs, at = [], {}, 0
         for p in _parts(layout):
-            if p is not None and p.bits == 4:
-                c = bits16[p.table:p.table + 16]
-                byte = torch.arange(256, device=tab16.device)
-                v = c[byte & 15] | (c[byte >> 4] << 16)
-                offs[id(p)] = 256 * len(pairs)
+            if p is not None and p.bits in (3, 4):
+                c = bits16[p.table:p.table + (1 << p.bits)]
+                i = torch.arange(1 << (2 * p.bits), device=tab16.device)
+                if p.bits == 4:
+                    first, second = i & 15, i >> 4
+                else:
+                    first, second = (i & 3) | ((i >> 2) & 4), ((i >> 2) & 3) | ((i >> 3) & 4)
+                v = c[first] | (c[second] << 16)
+                offs[id(p)] = at
+                at += v.numel()
                 pairs.append(torch.where(v >= 2 ** 31, v - 2 ** 32, v))
         tab2 = (torch.cat(pairs) if pairs else torch.zeros(1, dtype=torch.int64, device=tab16.device)).to(torch.int32)
         layout.__dict__["_kernel_tables"] = (tab16, tab2.contiguous(), offs)
@@ -707,6 +745,26 @@ def prepare_queries(q: torch.Tensor, kv_heads: int, scale: float, k_layout: Reco
     return q_rot.reshape(t, hq, -1).to(torch.float16).contiguous()
 
 
+def decode_queries(q: torch.Tensor, kv_heads: int, scale: float, k_layout: RecordLayout | None,
+                   dense_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the key tiles' queries as `prepare_queries` makes them, q scaled by scale·log2(e) in fp32) for
+    decode queries q[B, Hq, d], in one launch (QJL keys: the torch path)."""
+    if k_layout is not None and k_layout.qjl is not None:
+        return prepare_queries(q, kv_heads, scale, k_layout, dense_dtype), (q.float() * (scale * LOG2E)).contiguous()
+    bsz, hq, d = q.shape
+    g = hq // kv_heads
+    q = q if q.stride(2) == 1 else q.contiguous()
+    qs = torch.empty(bsz, hq, d, device=q.device, dtype=torch.float32)
+    qk = torch.empty(bsz, hq, d, device=q.device, dtype=torch.float16 if k_layout is not None else dense_dtype)
+    rot = _q_perm(k_layout)[1] if k_layout is not None else qs
+    gp = triton.next_power_of_2(g)
+    cj = max(1, min(d, QUERY_TILE // (gp * d))) if k_layout is not None else d
+    _decode_queries_kernel[(bsz, kv_heads, d // cj)](
+        q, rot, qk, qs, scale * LOG2E, q.stride(0), q.stride(1), qk.stride(0), qk.stride(1), qs.stride(0),
+        qs.stride(1), G=g, GP=gp, D=d, CJ=cj, ROTATE=k_layout is not None)
+    return qk, qs
+
+
 def _layouts(view, device):
     k_lay = None if view.k_codec is None else record_layout(view.k_codec, device)
     v_lay = None if view.v_codec is None else record_layout(view.v_codec, device)
@@ -735,11 +793,40 @@ def _qjl_unrotation(layout: RecordLayout) -> torch.Tensor:
     return layout.__dict__["_kernel_qjl_rot"]
 
 
-def default_splits(batch: int, kv_heads: int, sms: int = 132) -> int:
-    """Splits per (sequence, KV head), fixed per batch size: about 4 programs per SM in total for one
-    sequence, 8 for more (H200, 8 KV heads: 64 splits at B = 1, 17 at B = 8 were the fastest measured)."""
-    waves = 4 if batch == 1 else 8
-    return max(1, min(64, -(-waves * sms // (batch * kv_heads))))
+def default_splits(batch: int, kv_heads: int, sms: int = 132, per_sm: int | None = None) -> int:
+    """Splits per (sequence, KV head), fixed per batch size. With the split kernel's occupancy known
+    (per_sm programs resident on each of `sms` multiprocessors), the count whose programs fill whole
+    waves: a split of n tiles costs about n / splits * waves, and a last wave left part-empty is paid
+    in full (H200, tq3.5, B = 1, 8 KV heads, 3 programs per SM: 48 splits 308 µs, 64 splits 342 µs,
+    96 splits 314 µs at 128k). The fewest splits within 2% of the best. Before the occupancy is known:
+    about 4 programs per SM for one sequence, 8 for more."""
+    if per_sm is None:
+        waves = 4 if batch == 1 else 8
+        return max(1, min(MAX_SPLITS, -(-waves * sms // (batch * kv_heads))))
+    slots, progs = sms * per_sm, batch * kv_heads
+    cost = {n: -(-progs * n // slots) / n for n in range(1, MAX_SPLITS + 1)}
+    best = min(cost.values())
+    return min(n for n, c in cost.items() if c <= best * 1.02)
+
+
+def resident_programs(kernel, num_warps: int, device) -> int | None:
+    """Programs of a compiled kernel resident on one multiprocessor at once, limited by its registers
+    and shared memory (the CUDA occupancy rules: registers allocated per warp in units of 256); None
+    when the launch returned no compiled kernel (the interpreter)."""
+    regs = getattr(kernel, "n_regs", None)
+    if not regs:
+        return None
+    props = torch.cuda.get_device_properties(device)
+    per_warp = -(-regs * 32 // 256) * 256
+    by_regs = getattr(props, "regs_per_multiprocessor", 65536) // (per_warp * num_warps)
+    smem = getattr(kernel, "metadata", None)
+    smem = getattr(smem, "shared", 0) + 1024  # the driver reserves 1 KB a block
+    by_smem = getattr(props, "shared_memory_per_multiprocessor", 233472) // smem
+    by_warps = props.max_threads_per_multi_processor // (32 * num_warps)
+    return max(1, min(by_regs, by_smem, by_warps, 32))
+
+
+_RESIDENT: dict = {}  # split kernel configuration -> programs resident per SM (measured at first launch)
 
 
 def _hot(view, like):
@@ -753,14 +840,15 @@ def _hot(view, like):
 
 def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_splits: int | None = None,
                            block_n: int | None = None, out: torch.Tensor | None = None,
-                           num_warps: int | None = None, lookup: str = "mem",
-                           num_stages: int = 1, early_v: bool | None = None) -> torch.Tensor:
+                           num_warps: int | None = None, lookup: str | None = None,
+                           num_stages: int = 1, early_v: bool | None = None,
+                           max_registers: int | None = None) -> torch.Tensor:
     """Decode attention (every chunk one token: cu_q == arange(B + 1)) over a paged, possibly compressed
     cache: q[B, Hq, d], k/v[B, H, d] the new tokens -> [B, Hq, d] in q's dtype. See kernels/reference.py.
     num_splits fixes the grid (default: by batch size); `out` may be given (written, never read).
     The first call per codec builds its RecordLayout and tables (host work and copies): call once before
-    capturing a CUDA graph. lookup / num_stages / block_n / num_warps / early_v select measured variants
-    (docs/BENCHMARKS.md)."""
+    capturing a CUDA graph. lookup / num_stages / block_n / num_warps / early_v / max_registers (ptxas's
+    register cap for the split kernel) select measured variants (docs/BENCHMARKS.md)."""
     bsz, hq, d = q.shape
     h = k.shape[1]
     if hq % h:
@@ -778,9 +866,16 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
         raise ValueError(f"block_n {block_n} must divide the block size {bs}")
     num_warps = num_warps or DEFAULT_WARPS
     k_lay, v_lay = _layouts(view, q.device)
-    nsplit = num_splits or default_splits(bsz, h)
-    qk = prepare_queries(q, h, scale, k_lay, view.k_pool.dtype)
-    qs = (q.float() * (scale * LOG2E)).contiguous()
+    lookup = lookup or DEFAULT_LOOKUP
+    early_v = early_values(v_lay) if early_v is None else early_v
+    kv_args = {**_k_args(k_lay, d), **_v_args(v_lay, d)}
+    max_registers = max_registers or DEFAULT_MAX_REGISTERS
+    regs = {"maxnreg": max_registers}
+    config = (tuple(kv_args.items()), d, g, block_n, num_warps, num_stages, lookup, early_v, max_registers,
+              q.device)
+    sms = q.device.type == "cuda" and torch.cuda.get_device_properties(q.device).multi_processor_count
+    nsplit = num_splits or default_splits(bsz, h, sms or 132, _RESIDENT.get(config))
+    qk, qs = decode_queries(q, h, scale, k_lay, view.k_pool.dtype)
     if v.stride() != k.stride() or k.stride(2) != 1:
         k, v = k.contiguous(), v.contiguous()
     has_hot, k_hot, v_hot, hs = _hot(view, k)
@@ -796,13 +891,15 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
     bt = view.block_table
     tab_k, tab_k2 = _tabs(k_lay, ws_m)
     tab_v, tab_v2 = _tabs(v_lay, ws_m)
-    _decode_split_kernel[(bsz, h, nsplit + nhot)](
+    kernel = _decode_split_kernel[(bsz, h, nsplit + nhot)](
         qk, view.k_pool, view.v_pool, tab_k, tab_k2, tab_v, tab_v2, bt, prefix_lens, ws_m, ws_l, ws_acc,
         qs, k_hot, v_hot, seq_slot,
         view.sinks, view.window, bt.stride(0), qk.stride(0), qk.stride(1), qs.stride(0), qs.stride(1), *hs,
         H=h, G=g, GP=gp, D=d, BS=bs, BLOCK_N=block_n, NSPLIT=nsplit, NHOT=nhot, BLOCK_H=hot_block,
-        **_k_args(k_lay, d), **_v_args(v_lay, d), MODE=LOOKUPS[lookup], DOT_F32=INTERPRET,
-        EARLY_V=early_values(v_lay) if early_v is None else early_v, num_warps=num_warps, num_stages=num_stages)
+        **kv_args, MODE=LOOKUPS[lookup], DOT_F32=INTERPRET, EARLY_V=early_v, num_warps=num_warps, num_stages=num_stages,
+        **regs)
+    if sms and config not in _RESIDENT:
+        _RESIDENT[config] = resident_programs(kernel, num_warps, q.device)
     out = torch.empty_like(q) if out is None else out
     rot_v = v_lay.rotation if v_lay is not None else ws_m
     qjl_rot = _qjl_unrotation(v_lay) if dvq else ws_m
@@ -819,7 +916,14 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
 
 
 DEFAULT_BLOCK_N = 64
+DEFAULT_LOOKUP = "pair"  # H200, B = 1, 128k: tq3.5 270.8 µs against 342.3 ("mem"), tq4 214.7 against 224.9
+MAX_SPLITS = 128
 DEFAULT_WARPS = 4
+# ptxas's register cap for the split kernel: tq3.5 at d 128 needs ~140-150 (3 programs a SM), capped it
+# runs 4 with a few spills. H200, 8B shape: 128k B 1 247 µs against 262, 32k B 8 457 against 494,
+# 32k B 1 90.5 against 96.0; tq4 (128 already) and the 135M shape unchanged
+DEFAULT_MAX_REGISTERS = 128
 HOT_TILE = 2048  # [tokens, d] elements of hot K (and V) per program: 32 tokens at d 64, 16 at d 128
 MERGE_TILE = 4096  # fp32 elements per register tile of the merge stage
 MERGE_WARPS = 4
+QUERY_TILE = 4096  # fp32 elements of a program's [G, CJ, d] product tile of the query rotation
