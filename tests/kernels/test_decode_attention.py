@@ -172,3 +172,37 @@ def test_decode_queries_match_float64(kt, d, h, g):
     assert qk.dtype == torch.float16
     assert torch.isfinite(qk).all()
     assert (qk.double() - want).abs().max() <= 1e-3 * want.abs().max()
+
+
+def test_splits_fill_whole_waves():
+    """With the split kernel's occupancy known, the split count fills whole waves of the H200's 132 SMs:
+    one sequence of 8 KV heads at 3 programs an SM takes 49 splits (392 of 396 slots, one wave) rather
+    than the 64 of the occupancy-blind rule (1.3 waves, a second wave paid almost empty)."""
+    assert decode_attention.default_splits(1, 8, 132, 3) == 49
+    assert decode_attention.default_splits(1, 8, 132, 4) == 65  # 520 of 528 slots
+    assert decode_attention.default_splits(8, 8, 132, 3) == 37  # 2368 programs: 5.98 waves
+    for b, h, per_sm in [(1, 8, 3), (1, 3, 4), (8, 8, 4), (16, 8, 3), (3, 2, 5)]:
+        n = decode_attention.default_splits(b, h, 132, per_sm)
+        slots, progs = 132 * per_sm, b * h * n
+        waves = -(-progs // slots)
+        assert 1 <= n <= decode_attention.MAX_SPLITS
+        # the last wave nearly full, unless even the most splits cannot fill one
+        assert progs / (waves * slots) > 0.9 or b * h * decode_attention.MAX_SPLITS < slots
+    assert decode_attention.default_splits(1, 8, 132) == 66  # occupancy unknown: ~4 programs an SM
+
+
+def test_resident_programs(monkeypatch):
+    """Occupancy from a compiled kernel's registers and shared memory (H200: 64k registers, 228 KB)."""
+    from types import SimpleNamespace
+    props = SimpleNamespace(regs_per_multiprocessor=65536, shared_memory_per_multiprocessor=233472,
+                            max_threads_per_multi_processor=2048, multi_processor_count=132)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+
+    def kernel(regs, shared=14336):
+        return SimpleNamespace(n_regs=regs, metadata=SimpleNamespace(shared=shared))
+
+    assert decode_attention.resident_programs(kernel(168), 4, "cuda") == 3  # ncu: "Block Limit Registers 3"
+    assert decode_attention.resident_programs(kernel(128), 4, "cuda") == 4
+    assert decode_attention.resident_programs(kernel(64), 4, "cuda") == 8
+    assert decode_attention.resident_programs(kernel(32, shared=100_000), 4, "cuda") == 2  # shared memory
+    assert decode_attention.resident_programs(None, 4, "cuda") is None  # the interpreter returns no kernel
