@@ -798,13 +798,15 @@ def default_splits(batch: int, kv_heads: int, sms: int = 132, per_sm: int | None
     (per_sm programs resident on each of `sms` multiprocessors), the count whose programs fill whole
     waves: a split of n tiles costs about n / splits * waves, and a last wave left part-empty is paid
     in full (H200, tq3.5, B = 1, 8 KV heads, 3 programs per SM: 48 splits 308 µs, 64 splits 342 µs,
-    96 splits 314 µs at 128k). The fewest splits within 2% of the best. Before the occupancy is known:
+    96 splits 314 µs at 128k). The fewest splits within 2% of the best, at most about 8 waves' worth
+    (a large batch fills the SMs without splitting). Before the occupancy is known:
     about 4 programs per SM for one sequence, 8 for more."""
     if per_sm is None:
         waves = 4 if batch == 1 else 8
         return max(1, min(MAX_SPLITS, -(-waves * sms // (batch * kv_heads))))
     slots, progs = sms * per_sm, batch * kv_heads
-    cost = {n: -(-progs * n // slots) / n for n in range(1, MAX_SPLITS + 1)}
+    most = min(MAX_SPLITS, -(-8 * slots // progs))  # at most ~8 waves: more only grow the workspace and merge
+    cost = {n: -(-progs * n // slots) / n for n in range(1, most + 1)}
     best = min(cost.values())
     return min(n for n, c in cost.items() if c <= best * 1.02)
 
