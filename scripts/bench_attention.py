@@ -365,10 +365,10 @@ def main():
     sw = []
     for kind in ("tq3.5", "tq4"):
         sw += [(kind,) + x for x in sweep("llama3-8b", 1, 128 * 1024, kind, [
-            dict(), dict(lookup="lut"), dict(lookup="pair"), dict(num_warps=8), dict(num_splits=32),
-            dict(num_splits=128), dict(early_v=kind != "tq4")])]
-    print("\nDecode variants, llama3-8b, B=1, T=128k (default: lookup='mem', 4 warps, block_n 64, 64 splits; "
-          "early_v True for tq4 only):")
+            dict(), dict(lookup="mem"), dict(lookup="lut"), dict(num_warps=8), dict(num_splits=32),
+            dict(num_splits=128), dict(early_v=kind != "tq4"), dict(max_registers=255)])]
+    print("\nDecode variants, llama3-8b, B=1, T=128k (default: lookup='pair', 4 warps, block_n 64, splits from "
+          "the kernel's occupancy, 128 registers at most; early_v True for tq4 only):")
     for kind, cfg, us, gbs in sw:
         print(f"  {kind} {cfg}: {us:.1f} µs, {gbs:.0f} GB/s")
     if args.json:
