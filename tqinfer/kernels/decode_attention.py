@@ -365,7 +365,7 @@ def hot_chunk(q_row, s_qh, k_hot, v_hot, hot_base, s_hs, L, sinks, window, i0, w
         tl.store(ws_acc + r * RW + d, tl.sum(p[:, None] * vh, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NSPLIT"])  # one compile whatever the split count
 def _decode_split_kernel(
     q_ptr, k_pool, v_pool, tab_k, tab_k2, tab_v, tab_v2, bt_ptr, prefix_ptr, ws_m, ws_l, ws_acc,
     qs_ptr, k_hot, v_hot, slot_ptr,
@@ -487,7 +487,7 @@ def hot_attention(q, m_i, l_i, acc, k_hot, v_hot, hot_base, s_hh, s_hs, L, sinks
     return m_i, l_i, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NSPLIT"])
 def _decode_merge_kernel(
     q_ptr, k_ptr, v_ptr, prefix_ptr, ws_m, ws_l, ws_acc, rot_v, qjl_rot, out_ptr,
     sinks, window, s_qt, s_qh, s_kt, s_kh, s_ot, s_oh,
@@ -824,7 +824,7 @@ def resident_programs(kernel, num_warps: int, device) -> int | None:
     smem = getattr(kernel, "metadata", None)
     smem = getattr(smem, "shared", 0) + 1024  # the driver reserves 1 KB a block
     by_smem = getattr(props, "shared_memory_per_multiprocessor", 233472) // smem
-    by_warps = props.max_threads_per_multi_processor // (32 * num_warps)
+    by_warps = getattr(props, "max_threads_per_multi_processor", 2048) // (32 * num_warps)
     return max(1, min(by_regs, by_smem, by_warps, 32))
 
 
@@ -872,17 +872,18 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
     early_v = early_values(v_lay) if early_v is None else early_v
     kv_args = {**_k_args(k_lay, d), **_v_args(v_lay, d)}
     max_registers = max_registers or DEFAULT_MAX_REGISTERS
-    regs = {"maxnreg": max_registers}
-    config = (tuple(kv_args.items()), d, g, block_n, num_warps, num_stages, lookup, early_v, max_registers,
-              q.device)
-    sms = q.device.type == "cuda" and torch.cuda.get_device_properties(q.device).multi_processor_count
-    nsplit = num_splits or default_splits(bsz, h, sms or 132, _RESIDENT.get(config))
-    qk, qs = decode_queries(q, h, scale, k_lay, view.k_pool.dtype)
+    regs = {"maxnreg": max_registers} if torch.version.hip is None else {}  # a CUDA-only option
     if v.stride() != k.stride() or k.stride(2) != 1:
         k, v = k.contiguous(), v.contiguous()
     has_hot, k_hot, v_hot, hs = _hot(view, k)
     hot_block = max(8, HOT_TILE // d)
     nhot = -(-(view.sinks + view.window) // hot_block) if has_hot else 0
+    # what the compiled split kernel (its registers, hence its occupancy) depends on
+    config = (tuple(kv_args.items()), h, d, g, bs, block_n, nhot, num_warps, num_stages, lookup, early_v,
+              max_registers, q.dtype, view.k_pool.dtype, k_hot.dtype, q.device)
+    sms = q.device.type == "cuda" and torch.cuda.get_device_properties(q.device).multi_processor_count
+    nsplit = num_splits or default_splits(bsz, h, sms or 132, _RESIDENT.get(config))
+    qk, qs = decode_queries(q, h, scale, k_lay, view.k_pool.dtype)
     seq_slot = view.seq_slot if has_hot else prefix_lens
     dev = q.device
     dvq = v_lay.qjl.dim if v_lay is not None and v_lay.qjl is not None else 0
@@ -905,7 +906,7 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
     out = torch.empty_like(q) if out is None else out
     rot_v = v_lay.rotation if v_lay is not None else ws_m
     qjl_rot = _qjl_unrotation(v_lay) if dvq else ws_m
-    sp = triton.next_power_of_2(nsplit)
+    sp = triton.next_power_of_2(max(nsplit, MAX_SPLITS))  # fixed: one merge compile whatever the count
     chunk = max(16, MERGE_TILE // d)  # elements of an [SB, D] / [D, CJ] tile: MERGE_TILE
     _decode_merge_kernel[(bsz, h, g)](
         qs, k, v, prefix_lens, ws_m, ws_l, ws_acc, rot_v, qjl_rot, out,
