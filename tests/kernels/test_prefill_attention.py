@@ -47,3 +47,26 @@ def test_prefill_matches_float64(kt, vt, d, h, g):
     assert rel_err(out, ref) < tol
     twin = reference.paged_attention(q, k, v, cu, pl, view, scale)
     assert rel_err(out, twin) < tol
+
+
+@pytest.mark.parametrize("unit_loads", [True, False, "lut", "pair"], ids=["units", "bytes", "lut", "pairs"])
+@pytest.mark.parametrize("kt,vt,d", [("tq3.5", "tq4", 64), ("tq3", "tq3.5", 128), ("tq2.5", "tqp3", 64)])
+def test_prefill_lookups_agree(unit_loads, kt, vt, d):
+    """Codes read in whole units with L1 gathers (the default), byte by byte, through a register table,
+    or by fp16x2 pairs (4- and 3-bit parts; a side with other parts keeps whole units): the same
+    attention, against float64."""
+    prefixes, chunks = [45, 30], [9, 20]
+    view, kd, vd = build_cache(kt, vt, prefixes, heads=2, d=d, sinks=4, window=8, block_size=BS,
+                               dtype=torch.float32, device=DEV, seed=11)
+    gen = torch.Generator().manual_seed(12)
+    t = sum(chunks)
+    q = torch.randn(t, 8, d, generator=gen).to(DEV)
+    k = torch.randn(t, 2, d, generator=gen).to(DEV)
+    v = torch.randn(t, 2, d, generator=gen).to(DEV)
+    cu = torch.tensor([0, chunks[0], t], dtype=torch.int32, device=DEV)
+    pl = torch.tensor(prefixes, dtype=torch.int32, device=DEV)
+    out = torch.full_like(q, float("nan"))
+    scale = 1 / math.sqrt(d)
+    paged_prefill_attention(q, k, v, cu, pl, view, scale, block_m=8, out=out, unit_loads=unit_loads)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, attention64(q, k, v, cu, prefixes, kd, vd, scale)) < 3e-3
