@@ -126,6 +126,9 @@ def cases(quick: bool):
                    lambda: prefill_attention.paged_prefill_attention(qp, kp, kp.clone(), cu, lens, view, 0.1))
             if kind == "bf16":
                 continue
+            yield (f"prefill pairs {kind} d{d}", prefill_attention, ["_prefill_kernel"],
+                   lambda: prefill_attention.paged_prefill_attention(qp, kp, kp.clone(), cu, lens, view, 0.1,
+                                                                     unit_loads="pair"))
             xs, slots = torch.zeros(3, h, d, dtype=x), torch.arange(3)
             yield (f"quantize {kind} d{d}", quantize, ["_quantize_kv_kernel"],
                    lambda: (quantize.write_tokens(view.k_codec, xs, view.k_pool, slots),

@@ -22,5 +22,5 @@ def test_every_kernel_compiles_for_sm90():
     report = run.stdout[-4000:] + run.stderr[-4000:]
     assert run.returncode == 0, report
     assert run.stdout.rstrip().endswith("0 failed"), report
-    # decode (3 kernels), prefill, quantize (3 launches) per compressed type and shape, and the fused kernels
-    assert run.stdout.count(": REG:") >= 70, report
+    # decode (3 kernels), prefill (2 lookups), quantize (3 launches) per compressed type and shape, the fused
+    assert run.stdout.count(": REG:") >= 80, report
