@@ -61,15 +61,13 @@ def _pair_codes(wp, ws, tab_ptr, S: tl.constexpr, BITS: tl.constexpr, TAB: tl.co
 
 
 @triton.jit
-def _ptree2(wp, ws, tab_ptr, S0: tl.constexpr, ST: tl.constexpr, BITS: tl.constexpr, TAB: tl.constexpr):
-    return tl.interleave(_pair_codes(wp, ws, tab_ptr, S0, BITS, TAB),
-                         _pair_codes(wp, ws, tab_ptr, S0 + ST, BITS, TAB))
-
-
-@triton.jit
-def _ptree4(wp, ws, tab_ptr, S0: tl.constexpr, ST: tl.constexpr, BITS: tl.constexpr, TAB: tl.constexpr):
-    return tl.interleave(_ptree2(wp, ws, tab_ptr, S0, 2 * ST, BITS, TAB),
-                         _ptree2(wp, ws, tab_ptr, S0 + ST, 2 * ST, BITS, TAB))
+def _leaf(wp, ws, tab_ptr, S: tl.constexpr, BITS: tl.constexpr, TAB: tl.constexpr):
+    """A tree's leaf: sub-tile S's centroids, or in pair mode (BITS // 16 == 3) sub-tiles S and S + 1."""
+    if BITS // 16 == 3:
+        out = _pair_codes(wp, ws, tab_ptr, S, BITS, TAB)
+    else:
+        out = _unit_codes(wp, ws, tab_ptr, S, BITS, TAB)
+    return out
 
 
 @triton.jit
@@ -84,8 +82,7 @@ def _split_pairs(x):
 
 @triton.jit
 def _tree2(wp, ws, tab_ptr, S0: tl.constexpr, ST: tl.constexpr, BITS: tl.constexpr, TAB: tl.constexpr):
-    return tl.interleave(_unit_codes(wp, ws, tab_ptr, S0, BITS, TAB),
-                         _unit_codes(wp, ws, tab_ptr, S0 + ST, BITS, TAB))
+    return tl.interleave(_leaf(wp, ws, tab_ptr, S0, BITS, TAB), _leaf(wp, ws, tab_ptr, S0 + ST, BITS, TAB))
 
 
 @triton.jit
@@ -136,11 +133,11 @@ def _unit_tile(row, tab_ptr, D: tl.constexpr, BITS: tl.constexpr, UNIT: tl.const
         tab = tab_ptr
     if BITS // 16 == 3:  # fp16x2 pairs (sub-tiles S, S + 1) from the pair table: the top interleave
         if NS == 8:
-            out = _split_pairs(_ptree4(wp, ws, tab, 0, 2, BITS, TAB))
+            out = _split_pairs(_tree4(wp, ws, tab, 0, 2, BITS, TAB))
         elif NS == 4:
-            out = _split_pairs(_ptree2(wp, ws, tab, 0, 2, BITS, TAB))
+            out = _split_pairs(_tree2(wp, ws, tab, 0, 2, BITS, TAB))
         else:
-            out = _split_pairs(_pair_codes(wp, ws, tab, 0, BITS, TAB))
+            out = _split_pairs(_leaf(wp, ws, tab, 0, BITS, TAB))
     elif NS == 8:
         out = _tree8(wp, ws, tab, 0, 1, BITS, TAB)
     elif NS == 4:
