@@ -106,15 +106,24 @@ def _cent(code, tab, tabr, TB: tl.constexpr, MODE: tl.constexpr):
 
 
 @triton.jit
+def pair_centroids(w, w2, tab2, S: tl.constexpr, BITS: tl.constexpr):
+    """The centroids of the 4- or 3-bit codes at shifts S and S + 1 of units w (3-bit: w2 the 1-bit
+    plane's units) as one fp16x2 int32, from a part's pair table at tab2 (_tables): 4-bit codes index it
+    by their byte, 3-bit codes by their 2-bit fields (bits 0-3) and their high bits (bits 4, 5)."""
+    if BITS == 4:
+        idx = (w >> (4 * S)) & 255
+    else:
+        idx = ((w >> (2 * S)) & 15) | (((w2 >> S) & 3) << 4)
+    return tl.load(tab2 + idx)
+
+
+@triton.jit
 def _sub2(w, w2, tab, tab2, tabr, S: tl.constexpr, BITS: tl.constexpr, TB: tl.constexpr, TP: tl.constexpr,
           MODE: tl.constexpr):
     """Centroids (fp16) of sub-tiles S and S + 1; 4- and 3-bit codes in 'pair' mode: one fp16x2 lookup for
-    both (4-bit: the byte at shift S; 3-bit: their four low bits and two high bits, a 6-bit index)."""
+    both (pair_centroids)."""
     if MODE == 2 and (BITS == 4 or BITS == 3):
-        if BITS == 4:
-            x = tl.load(tab2 + TP + ((w >> (4 * S)) & 255))
-        else:
-            x = tl.load(tab2 + TP + (((w >> (2 * S)) & 15) | (((w2 >> S) & 3) << 4)))
+        x = pair_centroids(w, w2, tab2 + TP, S, BITS)
         c0 = x.to(tl.int16).to(tl.float16, bitcast=True)
         c1 = (x >> 16).to(tl.int16).to(tl.float16, bitcast=True)
     else:

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from . import reference
 from .decode_attention import (INTERPRET, LOG2E, NEG, _hot, _layouts, _tables, hot_attention, kernel_reads,
-                               prepare_queries)
+                               pair_centroids, prepare_queries)
 from .quantize import CodePart, RecordLayout
 
 # ----------------------------------------------------------------------------------------------------
@@ -31,7 +31,7 @@ def _unit_codes(wp, ws, tab_ptr, S: tl.constexpr, BITS: tl.constexpr, TAB: tl.co
     """Centroids of sub-tile S: codes at shift S of the primary plane's units wp (and the 1-bit
     plane's units ws, pre-shifted, for 3-bit codes). BITS // 16: 0 gathers the centroid table from
     memory (L1), 2 from a register copy (tab_ptr is then the table broadcast over rows), 1 is a
-    diagnostic that uses the codes themselves as values (3, pairs of codes, is _pair_codes)."""
+    diagnostic that uses the codes themselves as values (3, pairs of codes, is _leaf's)."""
     if BITS % 16 == 4:
         code = (wp >> (4 * S)) & 15
     elif BITS % 16 == 2:
@@ -50,21 +50,11 @@ def _unit_codes(wp, ws, tab_ptr, S: tl.constexpr, BITS: tl.constexpr, TAB: tl.co
 
 
 @triton.jit
-def _pair_codes(wp, ws, tab_ptr, S: tl.constexpr, BITS: tl.constexpr, TAB: tl.constexpr):
-    """Centroids of sub-tiles S and S + 1 as one fp16x2 int32 from the pair table (decode_attention's
-    _tables): 4-bit codes index it by their byte, 3-bit codes by their 2-bit fields and high bits."""
-    if BITS % 16 == 4:
-        idx = (wp >> (4 * S)) & 255
-    else:
-        idx = ((wp >> (2 * S)) & 15) | (((ws >> S) & 3) << 4)
-    return tl.load(tab_ptr + TAB + idx)
-
-
-@triton.jit
 def _leaf(wp, ws, tab_ptr, S: tl.constexpr, BITS: tl.constexpr, TAB: tl.constexpr):
-    """A tree's leaf: sub-tile S's centroids, or in pair mode (BITS // 16 == 3) sub-tiles S and S + 1."""
+    """A tree's leaf: sub-tile S's centroids, or in pair mode (BITS // 16 == 3) sub-tiles S and S + 1 as
+    fp16x2 pairs from the part's pair table (decode_attention.pair_centroids)."""
     if BITS // 16 == 3:
-        out = _pair_codes(wp, ws, tab_ptr, S, BITS, TAB)
+        out = pair_centroids(wp, ws, tab_ptr + TAB, S, BITS % 16)
     else:
         out = _unit_codes(wp, ws, tab_ptr, S, BITS, TAB)
     return out
