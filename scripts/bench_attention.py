@@ -350,8 +350,8 @@ def main():
         return
 
     presults = []
-    pconfigs = {"tq3.5": ({}, dict(unit_loads="pair"), dict(block_m=16, num_warps=4), dict(block_m=64, num_warps=8)),
-                "tq4": ({}, dict(unit_loads="pair"))}
+    pconfigs = {"tq3.5": ({}, dict(unit_loads=True), dict(block_m=16, num_warps=4), dict(block_m=64, num_warps=8)),
+                "tq4": ({}, dict(unit_loads=True))}
     for shape, prefix, chunk in ([("llama3-8b", 32768, 1024)] if args.quick else
                                  [("llama3-8b", 32768, 512), ("llama3-8b", 32768, 2048),
                                   ("smollm2-135m", 32768, 2048)]):

@@ -371,9 +371,14 @@ def _part(layout: RecordLayout | None, part: CodePart | None, unit_loads: bool) 
 
 def _mode(layout: RecordLayout, unit_loads) -> bool | str:
     """unit_loads="pair" where every part of the side has 4- or 3-bit codes (one table pointer a side);
-    plain units (True) otherwise. Other values are kept."""
-    pairs = layout.qjl is None and all(p.bits in (3, 4) for p in layout.parts)
-    return unit_loads if unit_loads != "pair" or pairs else True
+    "lut" where the side has no QJL signs (triton 3.6 fails to compile the register table's gather next
+    to them for sm_90: a TritonGPUOptimizeThreadLocality assertion, 2026-11-30); plain units (True)
+    otherwise. Other values are kept."""
+    if unit_loads == "pair" and not (layout.qjl is None and all(p.bits in (3, 4) for p in layout.parts)):
+        return True
+    if unit_loads == "lut" and layout.qjl is not None:
+        return True
+    return unit_loads
 
 
 def _table(layout: RecordLayout | None, unit_loads, none: torch.Tensor) -> torch.Tensor:
@@ -413,14 +418,15 @@ def _tile_v_args(layout: RecordLayout | None, d: int, unit_loads: bool = True) -
 
 def paged_prefill_attention(q, k, v, cu_q, prefix_lens, view, scale: float, block_m: int | None = None,
                             block_n: int | None = None, out: torch.Tensor | None = None,
-                            num_warps: int | None = None, unit_loads: bool | str = True) -> torch.Tensor:
+                            num_warps: int | None = None, unit_loads: bool | str = "pair") -> torch.Tensor:
     """Chunked-prefill attention with the paged_attention signature (kernels/reference.py):
     q[T, Hq, d], k/v[T, H, d] the chunks' own tokens, cu_q[B + 1] chunk bounds, prefix_lens[B].
     Default tiles: 128 query rows (chunk tokens x padded group) and 8 warps over a compressed prefix,
-    64 rows and 4 warps over a dense one (the faster of those measured on the H200). unit_loads: True
-    (codes read in whole units, centroids gathered through L1), False (bytes), "lut" (a register table),
-    "pair" (fp16x2 pairs of 4- and 3-bit codes: 17% fewer instructions in the tq3.5 tile loop, sm_90,
-    triton 3.6; not yet timed on a GPU, so not the default)."""
+    64 rows and 4 warps over a dense one (the faster of those measured on the H200). unit_loads: "pair"
+    (the default: fp16x2 pairs of 4- and 3-bit codes, 17% fewer instructions in the tq3.5 tile loop and
+    1.17x (tq3.5) / 1.08x (tq4) faster over a 32k prefix on the H200, 2026-11-30; sides with other
+    parts read whole units), True (codes read in whole units, centroids gathered through L1), False
+    (bytes), "lut" (a register table)."""
     t, hq, d = q.shape
     h = k.shape[1]
     if hq % h:
