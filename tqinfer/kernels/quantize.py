@@ -167,13 +167,29 @@ def _pack_plane(code, out_row, tmask, POS: tl.constexpr, W: tl.constexpr, OFF: t
 
 
 @triton.jit
-def _quantize_part(x, rot_ptr, bnd_ptr, out_row, tmask, CH: tl.constexpr, DP: tl.constexpr,
-                   BITS: tl.constexpr, PLANE: tl.constexpr, SCALE: tl.constexpr, BND: tl.constexpr,
-                   D: tl.constexpr, BT: tl.constexpr):
+def _rotate_rows(x_rows, tmask, rot_ptr, CH: tl.constexpr, DP: tl.constexpr, D: tl.constexpr,
+                 BT: tl.constexpr, KC: tl.constexpr):
+    """Rotated channels [CH, CH + DP) of the rows x_rows[BT] as fp32 [BT, DP]. The product runs KC
+    input channels at a time (x's slice loaded per step: a register tile cannot be sliced), so only a
+    [DP, KC] slice of the rotation is live: the whole [DP, D] matrix as a tf32x3 dot operand (two fp32
+    tiles: high and low parts) spilled registers at d 128. Slicing changes only the order of an fp32
+    sum: a coordinate within rounding of a boundary may flip, as it may between any two fp32 products
+    (the codec's and the kernel's), not more often."""
     rows = CH + tl.arange(0, DP)
-    cols = tl.arange(0, D)
-    m = tl.load(rot_ptr + rows[:, None] * D + cols[None, :])  # [DP, D]
-    y = tl.dot(x, tl.trans(m), input_precision=PREC)  # [BT, DP] rotated coordinates
+    y = tl.zeros([BT, DP], dtype=tl.float32)
+    for k in tl.range(0, D, KC):
+        cols = k + tl.arange(0, KC)
+        x = tl.load(x_rows[:, None] + cols[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
+        m = tl.load(rot_ptr + rows[:, None] * D + cols[None, :])  # [DP, KC]
+        y = tl.dot(x, tl.trans(m), y, input_precision=PREC)
+    return y
+
+
+@triton.jit
+def _quantize_part(x_rows, rot_ptr, bnd_ptr, out_row, tmask, CH: tl.constexpr, DP: tl.constexpr,
+                   BITS: tl.constexpr, PLANE: tl.constexpr, SCALE: tl.constexpr, BND: tl.constexpr,
+                   D: tl.constexpr, BT: tl.constexpr, KC: tl.constexpr):
+    y = _rotate_rows(x_rows, tmask, rot_ptr, CH, DP, D, BT, KC)  # [BT, DP] rotated coordinates
     n = tl.sqrt(tl.sum(y * y, axis=1))
     u = y / tl.where(n > 0, n, 1.0)[:, None]
     code = tl.zeros([BT, DP], dtype=tl.int32)
@@ -196,15 +212,18 @@ def _quantize_part(x, rot_ptr, bnd_ptr, out_row, tmask, CH: tl.constexpr, DP: tl
 
 @triton.jit
 def _quantize_residual(u, code, n, tab_ptr, s_ptr, out_row, tmask, TAB: tl.constexpr, M: tl.constexpr,
-                       PLANE: tl.constexpr, SCALE: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
+                       PLANE: tl.constexpr, SCALE: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
+                       KC: tl.constexpr):
     """TurboQuant-prod: QJL signs of the rotated unit residual r = u - c[code] (bit set where
-    <s_i, r> >= 0) and gamma = ||x|| * ||r||."""
+    <s_i, r> >= 0) and gamma = ||x|| * ||r||. The signs go KC rows of S at a time (KC / 8 bytes of
+    the plane each), for the reason _rotate_rows gives."""
     r = u - tl.load(tab_ptr + TAB + code)
-    rows = tl.arange(0, M)
     cols = tl.arange(0, D)
-    sm = tl.load(s_ptr + rows[:, None] * D + cols[None, :])  # [M, D]
-    proj = tl.dot(r, tl.trans(sm), input_precision=PREC)  # [BT, M]
-    _pack_plane((proj >= 0).to(tl.int32), out_row, tmask, 0, 1, PLANE, BT, M)
+    for i in tl.range(0, M, KC):
+        rows = i + tl.arange(0, KC)
+        sm = tl.load(s_ptr + rows[:, None] * D + cols[None, :])  # [KC, D]
+        proj = tl.dot(r, tl.trans(sm), input_precision=PREC)  # [BT, KC]
+        _pack_plane((proj >= 0).to(tl.int32), out_row + i // 8, tmask, 0, 1, PLANE, BT, KC)
     gamma = n * tl.sqrt(tl.sum(r * r, axis=1))
     tl.store((out_row + SCALE).to(tl.pointer_type(tl.float16)), gamma.to(tl.float16), mask=tmask)
 
@@ -213,7 +232,7 @@ def _quantize_residual(u, code, n, tab_ptr, s_ptr, out_row, tmask, TAB: tl.const
 def _quantize_kv_kernel(xk_ptr, xv_ptr, slot_ptr, pk_ptr, pv_ptr, rk_ptr, rv_ptr, bk_ptr, bv_ptr, tk_ptr, tv_ptr,
                         sk_ptr, sv_ptr, N, s_t, s_h, s_pos, seq_ptr, src_ptr, new_ptr, nk_ptr, nv_ptr, n_t, n_h,
                         H: tl.constexpr, BS: tl.constexpr, REC: tl.constexpr, D: tl.constexpr,
-                        BT: tl.constexpr,
+                        BT: tl.constexpr, KC: tl.constexpr,
                         CH_A: tl.constexpr, D_A: tl.constexpr, BITS_A: tl.constexpr, PL_A: tl.constexpr,
                         SC_A: tl.constexpr, BND_A: tl.constexpr, TAB_A: tl.constexpr,
                         CH_B: tl.constexpr, D_B: tl.constexpr, BITS_B: tl.constexpr, PL_B: tl.constexpr,
@@ -235,11 +254,11 @@ def _quantize_kv_kernel(xk_ptr, xv_ptr, slot_ptr, pk_ptr, pv_ptr, rk_ptr, rv_ptr
     h = hh % H
     if hh < H:
         _quantize_rows(xk_ptr + rows, t, tmask, slot_ptr, pk_ptr, rk_ptr, bk_ptr, tk_ptr, sk_ptr, s_h, h,
-                       H, BS, REC, D, BT, CH_A, D_A, BITS_A, PL_A, SC_A, BND_A, TAB_A,
+                       H, BS, REC, D, BT, KC, CH_A, D_A, BITS_A, PL_A, SC_A, BND_A, TAB_A,
                        CH_B, D_B, BITS_B, PL_B, SC_B, BND_B, M_Q, PL_Q, SC_Q)
     else:
         _quantize_rows(xv_ptr + rows, t, tmask, slot_ptr, pv_ptr, rv_ptr, bv_ptr, tv_ptr, sv_ptr, s_h, h,
-                       H, BS, REC, D, BT, CH_A, D_A, BITS_A, PL_A, SC_A, BND_A, TAB_A,
+                       H, BS, REC, D, BT, KC, CH_A, D_A, BITS_A, PL_A, SC_A, BND_A, TAB_A,
                        CH_B, D_B, BITS_B, PL_B, SC_B, BND_B, M_Q, PL_Q, SC_Q)
     if HOT:
         tl.debug_barrier()  # every thread's reads of the leaving rows precede the overwrite
@@ -257,28 +276,27 @@ def _quantize_kv_kernel(xk_ptr, xv_ptr, slot_ptr, pk_ptr, pv_ptr, rk_ptr, rv_ptr
 @triton.jit
 def _quantize_rows(x_rows, t, tmask, slot_ptr, pool_ptr, rot_ptr, bnd_ptr, tab_ptr, s_ptr, sx_h, h,
                    H: tl.constexpr, BS: tl.constexpr, REC: tl.constexpr, D: tl.constexpr,
-                   BT: tl.constexpr,
+                   BT: tl.constexpr, KC: tl.constexpr,
                    CH_A: tl.constexpr, D_A: tl.constexpr, BITS_A: tl.constexpr, PL_A: tl.constexpr,
                    SC_A: tl.constexpr, BND_A: tl.constexpr, TAB_A: tl.constexpr,
                    CH_B: tl.constexpr, D_B: tl.constexpr, BITS_B: tl.constexpr, PL_B: tl.constexpr,
                    SC_B: tl.constexpr, BND_B: tl.constexpr,
                    M_Q: tl.constexpr, PL_Q: tl.constexpr, SC_Q: tl.constexpr):
     """Tokens t[BT] (head-0 rows x_rows[BT]) of head h: records into their pool slots."""
-    cols = tl.arange(0, D)
-    x = tl.load(x_rows[:, None] + h * sx_h + cols[None, :], mask=tmask[:, None], other=0.0)
-    x = x.to(tl.float32)
+    x_head = x_rows + h * sx_h
     slot = tl.load(slot_ptr + t, mask=tmask, other=0)
     blk = slot // BS
     off = slot % BS
     out_row = pool_ptr + ((blk * H + h) * BS + off) * REC
     rot_h = rot_ptr + h * D * D
-    u, code, n = _quantize_part(x, rot_h, bnd_ptr, out_row, tmask, CH_A, D_A, BITS_A, PL_A, SC_A, BND_A,
-                                D, BT)
+    u, code, n = _quantize_part(x_head, rot_h, bnd_ptr, out_row, tmask, CH_A, D_A, BITS_A, PL_A, SC_A,
+                                BND_A, D, BT, KC)
     if D_B > 0:
-        _quantize_part(x, rot_h, bnd_ptr, out_row, tmask, CH_B, D_B, BITS_B, PL_B, SC_B, BND_B, D, BT)
+        _quantize_part(x_head, rot_h, bnd_ptr, out_row, tmask, CH_B, D_B, BITS_B, PL_B, SC_B, BND_B, D, BT,
+                       KC)
     if M_Q > 0:
         _quantize_residual(u, code, n, tab_ptr, s_ptr + h * M_Q * D, out_row, tmask, TAB_A, M_Q, PL_Q,
-                           SC_Q, D, BT)
+                           SC_Q, D, BT, KC)
 
 
 def _part_args(layout: RecordLayout) -> dict[str, int]:
@@ -316,6 +334,10 @@ def write_tokens(codec, x: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor
 
 
 BT = 16  # tokens per program
+# rotation columns (QJL rows) per step of the kernel's products. sm_90, triton 3.6, d 128: 32 spills
+# in no case (128-229 registers; the whole matrix at once: 255 and up to 1.2 KB of stack), 64 sits at
+# 255 registers and spills again, 16 takes twice the steps for no fewer registers in tqp types
+KC = 32
 
 
 def _tensors(layout: RecordLayout) -> tuple[torch.Tensor, ...]:
@@ -349,10 +371,12 @@ def _kv_launch(k_codec, v_codec, xk, xv, k_pool, v_pool, slots, n, strides, hot=
     rk, bk, tk, sk = _tensors(layout)
     rv, bv, tv, sv = (rk, bk, tk, sk) if v_codec is None else _tensors(record_layout(v_codec, xk.device))
     seq, src, new, nk, nv = hot if hot is not None else (slots, slots, slots, xk, xv)
+    parts = _part_args(layout)
+    kc = min(KC, d, parts["M_Q"] or d)  # a step no wider than the matrices it walks
     _quantize_kv_kernel[(triton.cdiv(n, BT), h if v_codec is None else 2 * h)](
         xk, xv, slots.to(torch.int64), k_pool, v_pool, rk, rv, bk, bv, tk, tv, sk, sv, n, *strides, seq, src, new,
         nk, nv, nk.stride(0), nk.stride(1), H=h, BS=k_pool.shape[2], REC=layout.record_bytes, D=d, BT=BT,
-        HOT=hot is not None, **_part_args(layout))
+        KC=kc, HOT=hot is not None, **parts)
 
 
 def write_kv_tokens(k_codec, k: torch.Tensor, k_pool: torch.Tensor, v_codec, v: torch.Tensor,
