@@ -5,6 +5,7 @@ transformers eager (same model from the same GGUF, same threads) in the same run
         [--dtype bfloat16] [--rounds 3] [--threads N]
     PYTHONPATH=. python scripts/bench_cpu.py --head       # the output projection's GEMV per weight dtype
     PYTHONPATH=. python scripts/bench_cpu.py --linears    # the decoder's projections per dtype and rows
+    PYTHONPATH=. python scripts/bench_cpu.py --attention  # one layer's decode work over records: C kernel vs twin
 
 Prints a markdown table for docs/BENCHMARKS.md.
 """
@@ -146,6 +147,56 @@ def linears(layers: int = 30) -> None:
         print(f"| {rows} | " + " | ".join(cells) + " |", flush=True)
 
 
+def attention(contexts, types, rounds: int = 2) -> None:
+    """µs of one layer's decode work over its records at the default model's shape (3 KV heads, groups
+    of 3, d 64): scores and weighted values by the C kernel (tqinfer/kernels/cpu.py) and by the torch
+    twin's tile functions, on the same records, alternating; x30 for a step's layers."""
+    from tqinfer.kernels import cpu, reference
+    from tqinfer.quant.registry import make_codec
+
+    print(f"<!-- {date.today()} · {platform.machine()} {os.cpu_count()} cores · torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads) · `PYTHONPATH=. python scripts/bench_cpu.py --attention` -->")
+    print("| type | records | C kernel µs / layer | torch twin µs / layer | speedup | a step's 30 layers: C / twin ms |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    h, g, d, bs = 3, 3, 64, 64
+    gen = torch.Generator().manual_seed(0)
+    scratch = reference.cpu_scratch(torch.device("cpu"))
+    for kind in types:
+        codec = make_codec(kind, d, h, seed=1)
+        kernel = cpu.cpu_attention(codec, g, torch.device("cpu"))
+        if kernel is None:
+            print(f"| {kind} | – | no C kernel reads these records | | | |")
+            continue
+        for n in contexts:
+            blocks = -(-n // bs)
+            pool = codec.encode(torch.randn(blocks * bs, h, d, generator=gen))
+            pool = pool.view(blocks, bs, h, -1).transpose(1, 2).contiguous()
+            table = torch.randperm(blocks, generator=gen).to(torch.int32)
+            q = torch.randn(h, g, d, generator=gen)
+            p = torch.softmax(torch.randn(h, g, n, generator=gen), -1)
+            scores, values = torch.empty(h, g, n), torch.empty(h, g, d)
+
+            def kernel_layer():
+                kernel.scores(pool, table, 0, n, q, scores)
+                kernel.values(pool, table, 0, n, p, values)
+
+            def twin_layer():
+                rec = reference._head_records(pool, table, 0, n, bs, scratch)
+                reference._scores(codec, q, None, rec, scratch)
+                rec = reference._head_records(pool, table, 0, n, bs, scratch)
+                reference._weighted_values(codec, p, rec, scratch)
+
+            best = {}
+            for name, fn in (("c", kernel_layer), ("twin", twin_layer)) * rounds:
+                fn()
+                t0 = time.perf_counter()
+                for _ in range(20):
+                    fn()
+                best[name] = min(best.get(name, float("inf")), (time.perf_counter() - t0) / 20 * 1e6)
+            print(f"| {kind} | {n} | {best['c']:.0f} | {best['twin']:.0f} | {best['twin'] / best['c']:.1f}x | "
+                  f"{30 * best['c'] / 1e3:.1f} / {30 * best['twin'] / 1e3:.1f} |", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--contexts", type=int, nargs="*", default=[512, 2048, 6144])
@@ -160,6 +211,8 @@ def main() -> None:
                    help="only time the output projection's GEMV (one token, the default model's shape) per dtype")
     p.add_argument("--linears", action="store_true",
                    help="only time the decoder's projections (30 layers, the default model's shapes) by dtype, rows")
+    p.add_argument("--attention", action="store_true",
+                   help="only time one layer's decode work over records (C kernel vs torch twin) per type, context")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     args = p.parse_args()
     if args.threads:
@@ -168,6 +221,8 @@ def main() -> None:
         return head_gemv()
     if args.linears:
         return linears()
+    if args.attention:
+        return attention(args.contexts, [t for t in args.types if t != "bf16"])
     load = [os.getloadavg()[0]]
 
     rows = []

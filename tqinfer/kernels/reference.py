@@ -14,6 +14,7 @@ import threading
 import torch
 
 from tqinfer.cache.paged import flat_slots, read_tokens, write_dense
+from tqinfer.kernels import cpu
 
 # Tokens per tile: a tile's score matrix [H, n * G, N] stays below TILE_SCORES elements (long prefill
 # chunks get TILE_TOKENS-token tiles), and a decode step reads up to MAX_TILE_TOKENS in one tile, so
@@ -196,16 +197,25 @@ def _compressed_part(qg, view, row, lo, hi, qpos, scale, window, merger):
     if kc is not None and kc.has_qjl:
         sq = kc.qjl_project(q_rot).permute(2, 0, 1, 3).reshape(H, n * G, -1)
     tile = min(MAX_TILE_TOKENS, max(TILE_TOKENS, TILE_SCORES // (H * n * G)))
+    c_k, c_v = (cpu.cpu_attention(c, 1, qg.device) for c in (kc, vc))  # tiles of rotated values from C
     part = _Merger()
     for t0 in range(lo, hi, tile):
         t1 = min(hi, t0 + tile)
-        s = _scores(kc, qh, sq, _head_records(view.k_pool, table, t0, t1, bs)) * scale  # [H, nG, N]
+        if c_k is not None and sq is None:
+            keys = c_k.values_rotated(view.k_pool, table, t0, t1 - t0, torch.empty(H, t1 - t0, d))
+            s = torch.bmm(qh, keys.transpose(1, 2)) * scale
+        else:
+            s = _scores(kc, qh, sq, _head_records(view.k_pool, table, t0, t1, bs)) * scale  # [H, nG, N]
         if window is not None:  # causal holds already: every compressed token precedes the chunk
             t = torch.arange(t0, t1, device=qg.device)
             seen = (t[None, :] > qpos[:, None] - window).repeat_interleave(G, 0)  # [nG, N]
             s = s.masked_fill(~seen, float("-inf"))
         m, l, p = _softmax_part(s)
-        part.add(m, l, _weighted_values(vc, p, _head_records(view.v_pool, table, t0, t1, bs)))
+        if c_v is not None:
+            o = torch.bmm(p, c_v.values_rotated(view.v_pool, table, t0, t1 - t0, torch.empty(H, t1 - t0, d)))
+        else:
+            o = _weighted_values(vc, p, _head_records(view.v_pool, table, t0, t1, bs))
+        part.add(m, l, o)
     m, l = (x.view(H, n, G).permute(1, 2, 0) for x in (part.m, part.l))
     o = part.o.view(H, n, G, d).permute(1, 2, 0, 3)
     merger.add(m, l, o if vc is None else vc.unrotate(o))  # un-rotate once per step
@@ -228,19 +238,30 @@ def _decode_row(q1, k1, v1, view, row: int, slot: int, p: int, scale: float) -> 
     tiles = [(t0, min(p - W, t0 + MAX_TILE_TOKENS)) for t0 in range(S, p - W, MAX_TILE_TOKENS)]
     table = view.block_table[row]
     scratch = cpu_scratch(qh.device)
+    n_rec = max(0, p - W - S)  # tokens in records: [S, p - W)
     if tiles:
         q_rot = qh if kc is None else kc.rotate(qh.transpose(0, 1)).transpose(0, 1)
         sq = kc.qjl_project(q_rot.transpose(0, 1)).transpose(0, 1) if kc is not None and kc.has_qjl else None
-        scores += [_scores(kc, q_rot, sq, _head_records(view.k_pool, table, t0, t1, bs, scratch), scratch)
-                   for t0, t1 in tiles]
+        c_k = cpu.cpu_attention(kc, G, qh.device)
+        if c_k is not None:  # the C kernel: every record in one call, straight from the pool
+            scores.append(c_k.scores(view.k_pool, table, S, n_rec, q_rot.contiguous(),
+                                     scratch("c_scores", (H, G, n_rec), torch.float32)))
+        else:
+            scores += [_scores(kc, q_rot, sq, _head_records(view.k_pool, table, t0, t1, bs, scratch), scratch)
+                       for t0, t1 in tiles]
     prob = torch.softmax(torch.cat(scores, -1), -1)
     out = torch.bmm(prob[..., :nh + 1], hot_v)
     if tiles:
-        o, at = None, nh + 1
-        for t0, t1 in tiles:
-            rec = _head_records(view.v_pool, table, t0, t1, bs, scratch)
-            part = _weighted_values(vc, prob[..., at:at + t1 - t0], rec, scratch)
-            o, at = part if o is None else o + part, at + t1 - t0
+        c_v = cpu.cpu_attention(vc, G, qh.device)
+        if c_v is not None:
+            o = c_v.values(view.v_pool, table, S, n_rec, prob[..., nh + 1:],
+                           scratch("c_values", (H, G, d), torch.float32))
+        else:
+            o, at = None, nh + 1
+            for t0, t1 in tiles:
+                rec = _head_records(view.v_pool, table, t0, t1, bs, scratch)
+                part = _weighted_values(vc, prob[..., at:at + t1 - t0], rec, scratch)
+                o, at = part if o is None else o + part, at + t1 - t0
         out = out + (o if vc is None else vc.unrotate(o.transpose(0, 1)).transpose(0, 1))
     return out.reshape(H * G, d)
 

@@ -500,3 +500,28 @@ class TurboQuantSplit(KVCodec):
             def sb(name, shape, dtype): return scratch(("b", name), shape, dtype)
         return [(0, k, self.a.unit_values(rec[..., :na], sa), norms[..., 0]),
                 (k, self.dim, self.b.unit_values(rec[..., na:na + self.b.code_bytes], sb), norms[..., 1])]
+
+
+@dataclass(frozen=True)
+class RecordPart:
+    """One TurboQuant-mse quantizer inside a record, as kernels read it: its codes are rotated channels
+    [channel, channel + quantizer.dim), their planes start at byte `planes`, its fp16 norm sits at byte
+    `scale`."""
+
+    channel: int
+    quantizer: TurboQuantMSE
+    planes: int
+    scale: int
+
+
+def mse_parts(codec) -> list[RecordPart]:
+    """The MSE parts of a TurboQuant codec's records in record order (a prod codec: its (b-1)-bit
+    part; the QJL signs are not an MSE part). NotImplementedError for any other codec."""
+    if type(codec) is TurboQuantMSE:
+        return [RecordPart(0, codec, 0, codec.norm_at)]
+    if type(codec) is TurboQuantSplit:
+        return [RecordPart(0, codec.a, 0, codec.norm_at),
+                RecordPart(codec.outliers, codec.b, codec.a.code_bytes, codec.norm_at + 2)]
+    if type(codec) is TurboQuantProd and codec.mse is not None:
+        return [RecordPart(0, codec.mse, 0, codec.norm_at)]
+    raise NotImplementedError(f"no kernel reads {getattr(codec, 'name', codec)!r} records")

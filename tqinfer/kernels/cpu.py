@@ -1,0 +1,208 @@
+"""Attention over TurboQuant records on the CPU, in C: cpu_attention.c compiled for each record layout
+by the system's C compiler (like torch.compile's CPU backend, which needs one too), cached on disk and
+called through ctypes.
+
+The torch twin decodes a step's compressed prefix in several passes over multi-MB intermediates (code
+indices, looked-up centroids); the C kernel decodes sixteen codes per vector instruction in registers
+and never writes them out, so a decode step at 6k context spends milliseconds, not tens of
+milliseconds, on its cache. Same math as the twin (tests/kernels/test_cpu_attention.py holds them to
+float64 attention); a layout or machine the kernel does not cover (no compiler, QJL records,
+parts whose width is not a multiple of 16) keeps the twin, and TQINFER_KERNELS=torch forces it.
+
+Compiled libraries live in cache_dir()/cpu-kernels, one per (source, layout, compiler, CPU flags):
+the first use of a layout costs one compile (~0.3 s), later processes load the file.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from tqinfer.kernels import dispatch
+from tqinfer.quant.turboquant import mse_parts
+
+SOURCE = Path(__file__).with_name("cpu_attention.c")
+FLAGS = ["-O3", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast"]
+# tried in order: OpenMP threads and this CPU's vector units, then without OpenMP, then portable code
+VARIANTS = (["-march=native", "-fopenmp"], ["-march=native"], [])
+MAX_HEAD_DIM = 512
+MAX_GROUP = 16
+
+_lock = threading.Lock()
+_failed: set[str] = set()
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+@lru_cache(maxsize=None)
+def _toolchain_id(cc: str) -> str:
+    """The compiler's version line and this CPU's feature flags: a library built with -march=native on
+    one machine must not be loaded on another sharing the cache directory."""
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    cpu = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu += next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return version.split("\n")[0] + "|" + cpu
+
+
+def _defines(layout: tuple, dim: int, group: int) -> list[str]:
+    out = [f"-DTQ_D={dim}", f"-DTQ_G={group}", f"-DTQ_PARTS={len(layout)}"]
+    for k, (channel, width, bits, planes, scale) in enumerate(layout):
+        out += [f"-DTQ_P{k}_CH={channel}", f"-DTQ_P{k}_DIM={width}", f"-DTQ_P{k}_BITS={bits}",
+                f"-DTQ_P{k}_PLANES={planes}", f"-DTQ_P{k}_SCALE={scale}"]
+    return out
+
+
+def _library(layout: tuple, dim: int, group: int) -> ctypes.CDLL | None:
+    """The compiled kernel for this layout, from the disk cache or compiled now; None if no compiler
+    builds it (said once per layout)."""
+    from tqinfer.hub import cache_dir
+
+    cc = _compiler()
+    if cc is None:
+        return None
+    defines = _defines(layout, dim, group)
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(defines + FLAGS).encode(), cc.encode(),
+                                     _toolchain_id(cc).encode()])).hexdigest()[:24]
+    if key in _failed:
+        return None
+    folder = cache_dir() / "cpu-kernels"
+    path = folder / f"tq_attention_{key}.so"
+    with _lock:
+        if not path.exists():
+            errors = []
+            folder.mkdir(parents=True, exist_ok=True)
+            for extra in VARIANTS:
+                fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+                os.close(fd)
+                cmd = [cc, *FLAGS, *extra, *defines, "-o", tmp, str(SOURCE)]
+                try:
+                    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+                except (OSError, subprocess.SubprocessError) as e:
+                    run = None
+                    errors.append(str(e))
+                if run is not None and run.returncode == 0:
+                    os.replace(tmp, path)  # atomic: a concurrent process sees the whole file or none
+                    break
+                os.unlink(tmp)
+                if run is not None:
+                    errors.append(run.stderr.strip().splitlines()[-1:] or [f"exit {run.returncode}"])
+            else:
+                _failed.add(key)
+                warnings.warn(f"the CPU attention kernel did not compile with {cc} ({errors[-1]}); "
+                              "decoding over compressed caches uses the slower torch path", stacklevel=4)
+                return None
+        lib = ctypes.CDLL(str(path))
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.tq_scores.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64]
+    lib.tq_values.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, ptr, i64, ptr, ptr, ptr]
+    lib.tq_values_rotated.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr]
+    for f in (lib.tq_scores, lib.tq_values, lib.tq_values_rotated):
+        f.restype = None
+    return lib
+
+
+def _layout(codec) -> tuple | None:
+    """(channel, dim, bits, planes, scale) per MSE part, or None where the kernel cannot read the
+    records (QJL signs, other codec families, part widths that are not multiples of 16)."""
+    if codec is None or getattr(codec, "has_qjl", False):
+        return None
+    try:
+        parts = mse_parts(codec)
+    except NotImplementedError:
+        return None
+    out = tuple((p.channel, p.quantizer.dim, p.quantizer.bits, p.planes, p.scale) for p in parts)
+    if not all(1 <= bits <= 4 and width % 16 == 0 for _, width, bits, _, _ in out):
+        return None
+    return out
+
+
+class CpuAttention:
+    """One codec's records read by the C kernel for query groups of `group` heads (see the module
+    docstring). Every method reads tokens [t0, t0 + n) of one sequence, all heads, from pool
+    [blocks, H, BS, R] uint8 through `table` (that sequence's int32 block ids)."""
+
+    def __init__(self, lib: ctypes.CDLL, codec, group: int):
+        self.lib, self.dim, self.group = lib, codec.dim, group
+        self.centroids = torch.cat([p.quantizer.centroids64.float() for p in mse_parts(codec)]).contiguous()
+        self._work: torch.Tensor | None = None
+
+    @staticmethod
+    def _pool_args(pool: torch.Tensor, table: torch.Tensor):
+        if pool.dtype != torch.uint8 or not pool.is_contiguous() or table.dtype != torch.int32 \
+                or table.stride(-1) != 1:
+            raise ValueError("the CPU kernel reads contiguous uint8 pools through int32 block tables")
+        _, h, bs, r = pool.shape
+        return pool.data_ptr(), table.data_ptr(), h, bs, r
+
+    def scores(self, pool, table, t0: int, n: int, q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Rotated queries q [H, group, d] float32 (contiguous) -> out [H, group, n] (row stride may
+        exceed n) of <q, rotated values> per token: norms applied, no softmax scale."""
+        p_pool, p_table, h, bs, r = self._pool_args(pool, table)
+        assert q.is_contiguous() and q.dtype == torch.float32 and q.shape == (h, self.group, self.dim)
+        assert out.dtype == torch.float32 and out.shape == (h, self.group, n) and out.stride(-1) == 1 \
+            and out.stride(0) == self.group * out.stride(1)
+        self.lib.tq_scores(p_pool, p_table, t0, n, h, bs, r, q.data_ptr(), self.centroids.data_ptr(),
+                           out.data_ptr(), out.stride(1))
+        return out
+
+    def values(self, pool, table, t0: int, n: int, p: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Probabilities p [H, group, n] float32 (rows may be strided) -> out [H, group, d] = their
+        weighted sum of the tokens' rotated values."""
+        p_pool, p_table, h, bs, r = self._pool_args(pool, table)
+        assert p.dtype == torch.float32 and p.shape == (h, self.group, n) and p.stride(-1) == 1 \
+            and p.stride(0) == self.group * p.stride(1)
+        assert out.is_contiguous() and out.dtype == torch.float32 and out.shape == (h, self.group, self.dim)
+        need = h * max(1, torch.get_num_threads()) * self.group * self.dim
+        if self._work is None or self._work.numel() < need:
+            self._work = torch.empty(need)
+        self.lib.tq_values(p_pool, p_table, t0, n, h, bs, r, p.data_ptr(), p.stride(1),
+                           self.centroids.data_ptr(), out.data_ptr(), self._work.data_ptr())
+        return out
+
+    def values_rotated(self, pool, table, t0: int, n: int, out: torch.Tensor) -> torch.Tensor:
+        """out [H, n, d] float32 (contiguous) = the tokens' rotated values (a prefill tile)."""
+        p_pool, p_table, h, bs, r = self._pool_args(pool, table)
+        assert out.is_contiguous() and out.dtype == torch.float32 and out.shape == (h, n, self.dim)
+        self.lib.tq_values_rotated(p_pool, p_table, t0, n, h, bs, r, self.centroids.data_ptr(), out.data_ptr())
+        return out
+
+
+_kernels: dict[tuple, CpuAttention | None] = {}
+
+
+def cpu_attention(codec, group: int, device: torch.device) -> CpuAttention | None:
+    """The C kernel for this codec's records and query group on the CPU, or None (the twin runs)."""
+    if device.type != "cpu" or not dispatch.kernels_enabled() or codec is None:
+        return None
+    mine = codec.__dict__.setdefault("_cpu_attention", {})  # asked per layer and step: keep it at hand
+    if group not in mine:
+        layout = _layout(codec)
+        ok = layout is not None and codec.dim % 16 == 0 and codec.dim <= MAX_HEAD_DIM and group <= MAX_GROUP
+        key = (layout, codec.dim, group, tuple(tuple(p.quantizer.centroids64.tolist()) for p in mse_parts(codec))) \
+            if ok else None
+        if ok and key not in _kernels:
+            lib = _library(layout, codec.dim, group)
+            _kernels[key] = None if lib is None else CpuAttention(lib, codec, group)
+        mine[group] = _kernels[key] if ok else None
+    return mine[group]

@@ -1,0 +1,250 @@
+/* Attention over TurboQuant records on the CPU: the decode step's scores and weighted values, and a
+ * prefill chunk's dequantized tiles, read straight from the paged pool through the block table.
+ *
+ * tqinfer/kernels/cpu.py compiles this file once per record layout, with the layout as macros
+ * (TQ_D, TQ_G, the parts' TQ_P<k>_CH/DIM/BITS/PLANES/SCALE), so every loop below has constant
+ * trip counts and the compiler unrolls and vectorizes them. Sixteen codes at a time: their bit
+ * fields go to the lanes of a 16 x int32 vector (one broadcast and one variable shift), the
+ * centroids come from a 16-entry table held in a register (one permute), then the norm. The
+ * torch twin (tqinfer/kernels/reference.py) does the same math in many passes over memory.
+ *
+ * Record layout (tqinfer/quant/packing.py, turboquant.py): a part's codes are planes of widths 4, 2,
+ * 1 (b = 3: a 2-bit plane, then a 1-bit plane), code j of a width-w plane at bit (j * w) % 8 of byte
+ * j * w / 8; the part's fp16 norm at byte TQ_P<k>_SCALE. Rotated space: part k's values occupy
+ * channels [TQ_P<k>_CH, + TQ_P<k>_DIM). The query arrives rotated and the output leaves rotated.
+ *
+ * Pool [blocks, H, BS, R] uint8; table: the sequence's block ids (int32); token t of head h sits at
+ * ((table[t / BS] * H + h) * BS + t % BS) * R. Threads: OpenMP over (head, token range) units, in
+ * the process's own OpenMP runtime (torch's), so torch.set_num_threads governs both.
+ */
+#include <stdint.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#ifndef TQ_D
+#error "compile with the layout macros (tqinfer/kernels/cpu.py)"
+#endif
+
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+typedef uint32_t vu __attribute__((vector_size(64)));
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf4 __attribute__((vector_size(16)));
+
+#define NV (TQ_D / 16)   /* 16-lane vectors per head vector */
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE float fp16(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    uint32_t s = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 31, m = h & 1023, b;
+    if (e == 31) {
+        b = s | 0x7f800000u | (m << 13);
+    } else if (e) {
+        b = s | ((e + 112) << 23) | (m << 13);
+    } else {  /* zero or subnormal: m * 2^-24 */
+        float v = (float)m * (1.0f / 16777216.0f);
+        memcpy(&b, &v, 4);
+        b |= s;
+    }
+    float f;
+    memcpy(&f, &b, 4);
+    return f;
+}
+
+/* The 16 fields of width W for codes j .. j + 15 of the plane at src, one per lane. */
+INLINE vi fields(const uint8_t *src, int j, int W) {
+    if (W == 4) {
+        const vu sh = {0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28};
+        uint32_t w[2];
+        memcpy(w, src + j / 2, 8);
+        vu x = {w[0], w[0], w[0], w[0], w[0], w[0], w[0], w[0], w[1], w[1], w[1], w[1], w[1], w[1], w[1], w[1]};
+        return (vi)((x >> sh) & 15);
+    }
+    if (W == 2) {
+        const vu sh = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+        uint32_t w;
+        memcpy(&w, src + j / 4, 4);
+        return (vi)((((vu){}) + w) >> sh & 3);
+    }
+    const vu sh = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    uint16_t w;
+    memcpy(&w, src + j / 8, 2);
+    return (vi)((((vu){}) + (uint32_t)w) >> sh & 1);
+}
+
+/* Codes j .. j + 15 of a part of `dim` codes of `bits` bits whose planes start at src. */
+INLINE vi codes16(const uint8_t *src, int dim, int bits, int j) {
+    switch (bits) {
+    case 4: return fields(src, j, 4);
+    case 3: return fields(src, j, 2) | fields(src + dim / 4, j, 1) << 2;
+    case 2: return fields(src, j, 2);
+    default: return fields(src, j, 1);
+    }
+}
+
+INLINE vf lookup(vi idx, vf tab) {
+#if defined(__clang__)
+    vf r;
+    for (int i = 0; i < 16; i++) r[i] = tab[idx[i] & 15];
+    return r;
+#else
+    return __builtin_shuffle(tab, idx);
+#endif
+}
+
+INLINE float hsum(vf v) {
+    vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    vf4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+/* One record -> its rotated values u[NV] (centroids times the part's norm). */
+INLINE void decode(const uint8_t *rec, const vf *tabs, vf *u) {
+    float n0 = fp16(rec + TQ_P0_SCALE);
+    for (int j = 0; j < TQ_P0_DIM; j += 16)
+        u[(TQ_P0_CH + j) / 16] = lookup(codes16(rec + TQ_P0_PLANES, TQ_P0_DIM, TQ_P0_BITS, j), tabs[0]) * n0;
+#if TQ_PARTS == 2
+    float n1 = fp16(rec + TQ_P1_SCALE);
+    for (int j = 0; j < TQ_P1_DIM; j += 16)
+        u[(TQ_P1_CH + j) / 16] = lookup(codes16(rec + TQ_P1_PLANES, TQ_P1_DIM, TQ_P1_BITS, j), tabs[1]) * n1;
+#endif
+}
+
+/* The parts' centroids (2^bits floats each, concatenated in part order) as register tables. */
+static void load_tables(const float *centroids, vf *tabs) {
+    float t[16] = {0};
+    memcpy(t, centroids, sizeof(float) << TQ_P0_BITS);
+    memcpy(&tabs[0], t, sizeof(vf));
+#if TQ_PARTS == 2
+    memset(t, 0, sizeof t);
+    memcpy(t, centroids + (1 << TQ_P0_BITS), sizeof(float) << TQ_P1_BITS);
+    memcpy(&tabs[1], t, sizeof(vf));
+#endif
+}
+
+/* One call's work: the records, the centroid tables, and its units: every head's tokens in `chunks`
+ * ranges, so that two threads share three heads evenly. */
+typedef struct {
+    const uint8_t *pool;
+    const int32_t *table;
+    int64_t t0, n, H, BS, R, chunks;
+    vf tabs[2];
+} job_t;
+
+static job_t job_of(const uint8_t *pool, const int32_t *table, int64_t t0, int64_t n, int64_t H, int64_t BS,
+                    int64_t R, const float *centroids) {
+    job_t j = {pool, table, t0, n, H, BS, R, 1, {{0}}};
+    load_tables(centroids, j.tabs);
+#ifdef _OPENMP
+    int64_t threads = omp_get_max_threads();
+    if (threads > 1 && n >= 512) {
+        j.chunks = threads;
+        while (j.chunks > 1 && n / j.chunks < 256) j.chunks--;
+    }
+#endif
+    return j;
+}
+
+/* Walks one head's records over a unit's tokens, a block-table lookup per block. */
+typedef struct {
+    const job_t *j;
+    int64_t h, tok;
+    const uint8_t *rec;
+} cursor_t;
+
+/* Unit `unit` of a job: head *h, token indices [*lo, *hi) of the call's range. */
+INLINE cursor_t unit_cursor(const job_t *j, int64_t unit, int64_t *h, int64_t *lo, int64_t *hi) {
+    int64_t c = unit % j->chunks;
+    *h = unit / j->chunks;
+    *lo = j->n * c / j->chunks;
+    *hi = j->n * (c + 1) / j->chunks;
+    cursor_t cur = {j, *h, j->t0 + *lo, NULL};
+    return cur;
+}
+
+INLINE const uint8_t *cursor_next(cursor_t *c) {
+    const job_t *j = c->j;
+    int64_t in_block = c->tok % j->BS;
+    if (c->rec == NULL || in_block == 0)
+        c->rec = j->pool + (((int64_t)j->table[c->tok / j->BS] * j->H + c->h) * j->BS + in_block) * j->R;
+    else
+        c->rec += j->R;
+    c->tok++;
+    return c->rec;
+}
+
+/* Scores of tokens [t0, t0 + n) against rotated queries q [H, G, D]: out[(h * G + g) * ld + i] for
+ * token t0 + i. */
+void tq_scores(const uint8_t *pool, const int32_t *table, int64_t t0, int64_t n, int64_t H, int64_t BS,
+               int64_t R, const float *q, const float *centroids, float *out, int64_t ld) {
+    const job_t j = job_of(pool, table, t0, n, H, BS, R, centroids);
+#pragma omp parallel for schedule(static) if (j.chunks * H > 1)
+    for (int64_t unit = 0; unit < H * j.chunks; unit++) {
+        int64_t h, lo, hi;
+        cursor_t cur = unit_cursor(&j, unit, &h, &lo, &hi);
+        vf qv[TQ_G][NV];
+        memcpy(qv, q + h * TQ_G * TQ_D, sizeof qv);
+        float *o = out + h * TQ_G * ld;
+        for (int64_t i = lo; i < hi; i++) {
+            vf u[NV];
+            decode(cursor_next(&cur), j.tabs, u);
+            for (int g = 0; g < TQ_G; g++) {
+                vf acc = u[0] * qv[g][0];
+                for (int k = 1; k < NV; k++) acc += u[k] * qv[g][k];
+                o[g * ld + i] = hsum(acc);
+            }
+        }
+    }
+}
+
+/* Probabilities p[(h * G + g) * ld + i] of tokens [t0, t0 + n) times their values -> out [H, G, D]
+ * (rotated space). work: H * threads * G * D floats of scratch for the units' partial sums. */
+void tq_values(const uint8_t *pool, const int32_t *table, int64_t t0, int64_t n, int64_t H, int64_t BS,
+               int64_t R, const float *p, int64_t ld, const float *centroids, float *out, float *work) {
+    const job_t j = job_of(pool, table, t0, n, H, BS, R, centroids);
+#pragma omp parallel for schedule(static) if (j.chunks * H > 1)
+    for (int64_t unit = 0; unit < H * j.chunks; unit++) {
+        int64_t h, lo, hi;
+        cursor_t cur = unit_cursor(&j, unit, &h, &lo, &hi);
+        vf acc[TQ_G][NV];
+        memset(acc, 0, sizeof acc);
+        const float *ph = p + h * TQ_G * ld;
+        for (int64_t i = lo; i < hi; i++) {
+            vf u[NV];
+            decode(cursor_next(&cur), j.tabs, u);
+            for (int g = 0; g < TQ_G; g++) {
+                float w = ph[g * ld + i];
+                for (int k = 0; k < NV; k++) acc[g][k] += w * u[k];
+            }
+        }
+        memcpy(work + unit * TQ_G * TQ_D, acc, sizeof acc);
+    }
+    for (int64_t h = 0; h < H; h++) {  /* the units' partial sums, in token order */
+        float *o = out + h * TQ_G * TQ_D;
+        memcpy(o, work + h * j.chunks * TQ_G * TQ_D, sizeof(float) * TQ_G * TQ_D);
+        for (int64_t c = 1; c < j.chunks; c++) {
+            const float *w = work + (h * j.chunks + c) * TQ_G * TQ_D;
+            for (int k = 0; k < TQ_G * TQ_D; k++) o[k] += w[k];
+        }
+    }
+}
+
+/* Rotated values of tokens [t0, t0 + n) -> out [H, n, D] (a prefill chunk's tile, for matmuls). */
+void tq_values_rotated(const uint8_t *pool, const int32_t *table, int64_t t0, int64_t n, int64_t H,
+                       int64_t BS, int64_t R, const float *centroids, float *out) {
+    const job_t j = job_of(pool, table, t0, n, H, BS, R, centroids);
+#pragma omp parallel for schedule(static) if (j.chunks * H > 1)
+    for (int64_t unit = 0; unit < H * j.chunks; unit++) {
+        int64_t h, lo, hi;
+        cursor_t cur = unit_cursor(&j, unit, &h, &lo, &hi);
+        float *o = out + (h * n + lo) * TQ_D;
+        for (int64_t i = lo; i < hi; i++, o += TQ_D) {
+            vf u[NV];
+            decode(cursor_next(&cur), j.tabs, u);
+            memcpy(o, u, sizeof u);
+        }
+    }
+}
