@@ -76,22 +76,14 @@ class RecordLayout:
 
 def _codec_parts(codec) -> tuple[list[dict], dict | None]:
     """The MSE parts (and QJL part) of a tqinfer.quant codec, in record order."""
-    from tqinfer.quant.turboquant import TurboQuantMSE, TurboQuantProd, TurboQuantSplit
+    from tqinfer.quant.turboquant import TurboQuantProd, mse_parts
 
-    def mse(q, channel, planes, scale):
-        return dict(channel=channel, dim=q.dim, bits=q.bits, planes=planes, scale=scale,
-                    centroids=q.centroids64, boundaries=q.boundaries64)
-
-    if type(codec) is TurboQuantMSE:
-        return [mse(codec, 0, 0, codec.norm_at)], None
-    if type(codec) is TurboQuantSplit:
-        return [mse(codec.a, 0, 0, codec.norm_at),
-                mse(codec.b, codec.outliers, codec.a.code_bytes, codec.norm_at + 2)], None
-    if type(codec) is TurboQuantProd and codec.mse is not None:
-        qjl = dict(dim=codec.sketch.m, planes=codec.code_bytes, scale=codec.norm_at + 2,
-                   matrix=codec.sketch.matrix64, gamma_scale=codec.sketch.scale)
-        return [mse(codec.mse, 0, 0, codec.norm_at)], qjl
-    raise NotImplementedError(f"no fused kernel reads {getattr(codec, 'name', codec)!r} records")
+    parts = [dict(channel=p.channel, dim=p.quantizer.dim, bits=p.quantizer.bits, planes=p.planes, scale=p.scale,
+                  centroids=p.quantizer.centroids64, boundaries=p.quantizer.boundaries64) for p in mse_parts(codec)]
+    if type(codec) is TurboQuantProd:
+        return parts, dict(dim=codec.sketch.m, planes=codec.code_bytes, scale=codec.norm_at + 2,
+                           matrix=codec.sketch.matrix64, gamma_scale=codec.sketch.scale)
+    return parts, None
 
 
 def supports(codec) -> bool:
