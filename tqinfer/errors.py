@@ -11,3 +11,8 @@ class ContextError(TqinferError, ValueError):
 
 class CacheMemoryError(TqinferError, MemoryError):
     """A cache that would not fit in memory, refused before allocating."""
+
+
+class Cancelled(TqinferError):
+    """The caller asked a running step to stop (Esc or Ctrl-C while a prompt is read); the cache is
+    left as it was before the step."""

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tqinfer.errors import ContextError
+from tqinfer.errors import Cancelled, ContextError
 from tqinfer.engine.request import Generation
 from tqinfer.sampling import SamplingParams
 
@@ -326,9 +326,11 @@ class Session:
         del self.tokens[n:]
 
     def append(self, ids: list[int], all_logits: bool = False, chunk: int | None = None,
-               on_chunk: Callable[[int, int], None] | None = None) -> torch.Tensor:
+               on_chunk: Callable[[int, int], None] | None = None, cancel: threading.Event | None = None) -> torch.Tensor:
         """Prefill ids after the cached tokens in chunks; returns the last token's logits [vocab]
-        (or every token's [len(ids), vocab] when all_logits)."""
+        (or every token's [len(ids), vocab] when all_logits). cancel: once set, errors.Cancelled
+        within a layer's time; the chunks done so far stay cached (a later prompt with the same
+        start reuses them), the interrupted one is not."""
         if not ids:
             raise ValueError("nothing to append")
         if len(self.tokens) + len(ids) > self.llm.max_context:
@@ -340,7 +342,10 @@ class Session:
         outs = []
         for i in range(0, len(ids), chunk):
             piece = ids[i:i + chunk]
-            logits = self.llm.engine.forward([self.slot], [len(self.tokens)], [piece], all_logits=all_logits)
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("stopped while reading the prompt")
+            logits = self.llm.engine.forward([self.slot], [len(self.tokens)], [piece], all_logits=all_logits,
+                                             cancel=cancel)
             self.tokens.extend(piece)
             outs.append(logits)
             if on_chunk:
@@ -365,7 +370,11 @@ class Session:
         self.truncate(reuse)
         stats.reused_tokens = reuse
         t0 = time.perf_counter()
-        logits = self.append(prompt_ids[reuse:])
+        try:
+            logits = self.append(prompt_ids[reuse:], cancel=cancel)
+        except Cancelled:  # Esc while the prompt was read: no answer, the conversation stays as it was
+            yield StreamEvent(text="", stats=self._fill(stats), finish_reason="cancelled")
+            return
         self._sync()
         stats.prompt_tokens = len(prompt_ids) - reuse
         stats.prompt_seconds = time.perf_counter() - t0

@@ -65,6 +65,25 @@ async def test_answer_is_visible_while_streaming_and_escape_keeps_what_came():
         assert len(screen.query(AssistantMessage)) == 2
 
 
+async def test_escape_before_the_first_token_takes_the_message_back():
+    """Stopped while the prompt is read (nothing generated yet): no empty answer stays behind; the
+    message returns to the input and the conversation is as it was."""
+    llm = FakeLLM(reply="one two", pause_after=0)
+    async with make_app(llm).run_test() as pilot:
+        screen = await ready(pilot)
+        screen.query_one(PromptInput).load_text("read this long document")
+        await pilot.press("enter")
+        await wait_for(pilot, llm.paused.is_set)
+        await pilot.press("escape")
+        llm.gate.set()
+        await idle(pilot)
+        assert not screen.query(UserMessage) and not screen.query(AssistantMessage)
+        assert screen.query_one(PromptInput).text == "read this long document"
+        assert screen.chat.conversation.messages == []
+        assert any("Stopped before the answer began" in n for n in notices(screen))
+        assert not screen.busy
+
+
 async def test_ctrl_c_stops_too():
     llm = FakeLLM(reply="a b c d e f g h", pause_after=1)
     async with make_app(llm).run_test() as pilot:

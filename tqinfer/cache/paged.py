@@ -210,6 +210,21 @@ class PagedCache:
             upto = max(upto, min(end, first + self.write_ahead))
         return first, upto
 
+    def hot_rows(self, slots: list[int]) -> list:
+        """A copy of these sequences' hot buffers (sinks and recent window) in every compressed layer,
+        for restore_hot_rows after a step that stopped midway. Nothing else needs putting back: the
+        step wrote records and dense rows only at positions past the sequences' lengths or ahead of
+        their `compressed` mark, which later steps write again with the same bytes."""
+        index = torch.tensor(slots, device=self.device)
+        return [(layer, kh[index].clone(), vh[index].clone())
+                for layer, (kh, vh) in enumerate(zip(self.k_hot, self.v_hot)) if kh is not None]
+
+    def restore_hot_rows(self, slots: list[int], saved: list) -> None:
+        index = torch.tensor(slots, device=self.device)
+        for layer, kh, vh in saved:
+            self.k_hot[layer][index] = kh
+            self.v_hot[layer][index] = vh
+
     def truncate(self, slot: int, n: int) -> None:
         """Roll a sequence back to n tokens. Window tokens that had already left it are restored to
         the hot buffer from their records (their exact values are gone)."""

@@ -16,6 +16,7 @@ import warnings
 import torch
 
 from tqinfer.engine.context import StepContext, set_context, step_meta
+from tqinfer.errors import Cancelled
 from tqinfer.kernels import dispatch
 
 
@@ -38,10 +39,14 @@ class LLMEngine:
 
     @torch.inference_mode()
     def forward(self, slots: list[int], prefix_lens: list[int], chunks: list[list[int]],
-                all_logits: bool = False) -> torch.Tensor:
+                all_logits: bool = False, cancel=None) -> torch.Tensor:
         """Run one step: chunk i (token ids) of sequence `slots[i]` starts at prefix_lens[i].
 
-        Returns fp32 logits: for every token when all_logits, else for each chunk's last token."""
+        Returns fp32 logits: for every token when all_logits, else for each chunk's last token.
+        cancel (a threading.Event, prefill steps): set while the step runs, it stops between layers
+        with errors.Cancelled, and the sequences' hot buffers are put back as they were (the layers
+        that ran had moved tokens out of their windows); their lengths stay, so the cache holds
+        what it held before the step."""
         lens = [len(c) for c in chunks]
         ids = [t for c in chunks for t in c]
         with self.lock:
@@ -51,7 +56,12 @@ class LLMEngine:
             if graph is not None and graph.valid():
                 logits = graph.replay(meta).clone()
             else:
-                logits = self._eager(slots, prefix_lens, lens, meta, all_logits)
+                saved = self.cache.hot_rows(slots) if cancel is not None and not decode else None
+                try:
+                    logits = self._eager(slots, prefix_lens, lens, meta, all_logits, cancel)
+                except Cancelled:
+                    self.cache.restore_hot_rows(slots, saved)
+                    raise
                 if decode and self.cuda_graphs:
                     self._capture(slots, prefix_lens, meta)
             for slot, prefix, n in zip(slots, prefix_lens, lens):
@@ -65,14 +75,15 @@ class LLMEngine:
             self.cuda_graphs = False
             warnings.warn(f"CUDA graph capture failed, decoding without graphs: {e}", stacklevel=3)
 
-    def _eager(self, slots, prefix_lens, lens, meta, all_logits):
+    def _eager(self, slots, prefix_lens, lens, meta, all_logits, cancel=None):
         t = sum(lens)
         buf = torch.tensor(meta, dtype=torch.long, device=self.device)  # one host-to-device copy
         ctx = StepContext.from_meta(self.cache, slots, prefix_lens, lens, buf[t:])
         index = None if all_logits else (ctx.cu_q[1:] - 1).long()
         set_context(ctx)
         try:
-            return self.model(buf[:t], ctx.positions_t, index, max(p + n for p, n in zip(prefix_lens, lens)) - 1)
+            return self.model(buf[:t], ctx.positions_t, index, max(p + n for p, n in zip(prefix_lens, lens)) - 1,
+                              stop=cancel)
         finally:
             set_context(None)
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tqinfer.attention import attention
+from tqinfer.errors import Cancelled
 from tqinfer.kernels import fused, reference
 
 
@@ -311,15 +312,19 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, logits_index: torch.Tensor | None = None,
-                max_position: int | None = None):
+                max_position: int | None = None, stop=None):
         """input_ids, positions [T] -> logits [len(logits_index) or T, vocab] (fp32).
-        max_position (a host int) spares a device sync when given."""
+        max_position (a host int) spares a device sync when given. stop: a threading.Event looked at
+        before every layer; once set, the step raises errors.Cancelled (a long prompt's chunk takes
+        seconds on a CPU: Esc must not wait for it)."""
         x = self.model.embed_tokens(input_ids).to(self.model.norm.weight.dtype)  # (an fp16 head's table)
         if max_position is None:
             max_position = int(positions.max())
         rope = self.model.rotary.cos_sin(positions, max_position, x.dtype)
         h = None
         for layer in self.model.layers:
+            if stop is not None and stop.is_set():
+                raise Cancelled("stopped while reading the prompt")
             x, h = layer(x, h, rope)
         if logits_index is not None:
             x, h = x[logits_index], h[logits_index]

@@ -102,6 +102,9 @@ def mib(n: int) -> str:
     return f"{v:.2f} MiB" if v < 10 else f"{v:.1f} MiB" if v < 100 else f"{v:,.0f} MiB"
 
 
+STOPPED_EARLY = "Stopped before the answer began: the message was taken back."
+
+
 def finish_notice(reason: str | None, params) -> str | None:
     """What to tell the user about how an answer ended (nothing for a normal stop)."""
     if reason == "length":
@@ -179,24 +182,34 @@ class Chat:
         return Turn(ids, dropped_messages=dropped, notice=notice)
 
     def stream(self, turn: Turn, cancel: threading.Event | None = None) -> Iterator[StreamEvent]:
-        """Generate the answer to the turn, appending it to the conversation as it comes; saves at the end."""
+        """Generate the answer to the turn, appending it to the conversation as it comes; saves at the end.
+        Stopped (cancel) before its first token, while the prompt was read, the turn never happened:
+        the stream ends without a final event and turn.rolled_back says so."""
         conv = self.conversation
         answer = Message("assistant", "")
         conv.messages.append(answer)
         try:
             with self._lock:
                 for event in self.session.stream(turn.prompt_ids, self.params, cancel):
+                    if event.finish_reason == "cancelled" and not (answer.content or event.text):
+                        self._roll_back(turn)
+                        return
                     answer.content += event.text
                     self.stats = event.stats
                     yield event
         except BaseException:
             if not answer.content:  # nothing came: the turn never happened
-                conv.messages.pop()
-                conv.pending = conv.messages.pop().documents + conv.pending
-                turn.rolled_back = True
+                self._roll_back(turn)
             raise
         finally:
             self._autosave()
+
+    def _roll_back(self, turn: Turn) -> None:
+        """Take back the turn's empty answer and its user message (documents return to pending)."""
+        conv = self.conversation
+        conv.messages.pop()
+        conv.pending = conv.messages.pop().documents + conv.pending
+        turn.rolled_back = True
 
     # ---- status ------------------------------------------------------------------------------
     def status(self) -> Status:

@@ -10,7 +10,7 @@ import sys
 import threading
 from typing import TextIO
 
-from tqinfer.tui.chat import Chat, finish_notice
+from tqinfer.tui.chat import STOPPED_EARLY, Chat, finish_notice
 
 _DONE = object()
 
@@ -85,7 +85,7 @@ def stream_answer(chat: Chat, text: str, stdout: TextIO, stderr: TextIO) -> None
     worker.join()
     stdout.write("\n")
     stdout.flush()
-    notice = finish_notice(finish, chat.params)
+    notice = STOPPED_EARLY if turn.rolled_back else finish_notice(finish, chat.params)
     if notice:
         stderr.write(f"[{notice}]\n")
 

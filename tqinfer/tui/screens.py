@@ -12,7 +12,7 @@ from textual.message import Message as TextualMessage
 from textual.screen import Screen
 from textual.widgets import Footer, Label, Markdown, ProgressBar
 
-from tqinfer.tui.chat import Chat, CommandResult, Turn, finish_notice
+from tqinfer.tui.chat import STOPPED_EARLY, Chat, CommandResult, Turn, finish_notice
 from tqinfer.tui.conversation import Message
 from tqinfer.tui.widgets import AssistantMessage, Notice, PromptInput, StatusBar, UserMessage
 
@@ -70,11 +70,12 @@ class AnswerDelta(TextualMessage):
 
 
 class TurnFailed(TextualMessage):
-    def __init__(self, error: str, text: str, rolled_back: bool):
+    def __init__(self, error: str, text: str, rolled_back: bool, level: str = "error"):
         super().__init__()
         self.error = error
         self.text = text
         self.rolled_back = rolled_back
+        self.level = level
 
 
 class CommandDone(TextualMessage):
@@ -196,6 +197,9 @@ class ChatScreen(Screen):
                 self.post_message(AnswerDelta(event.text, event.finish_reason))
         except Exception as e:
             self.post_message(TurnFailed(describe(e), text, rolled_back=turn.rolled_back))
+            return
+        if turn.rolled_back:  # stopped while the prompt was read
+            self.post_message(TurnFailed(STOPPED_EARLY, text, rolled_back=True, level="info"))
 
     async def on_turn_started(self, message: TurnStarted) -> None:
         turn = message.turn
@@ -226,7 +230,7 @@ class ChatScreen(Screen):
             prompt = self.query_one(PromptInput)
             if not prompt.text:
                 prompt.restore(message.text)
-        await self._add_notice(message.error, "error")
+        await self._add_notice(message.error, message.level)
         self._refresh_status()
 
     async def _end_answer(self) -> None:
