@@ -94,10 +94,13 @@ def test_layouts_it_reads():
     assert cpu._layout(make_codec("tq3", 72, 2, seed=0)) is None  # 72 channels: not whole vectors of 16
 
 
-@pytest.mark.parametrize("kt,vt", [("tq3.5", "tq3.5"), ("tq4", "tq2.5"), ("tqp3", "tq3.5"), ("tq3.5", "bf16")])
+@pytest.mark.parametrize("kt,vt", [("tq3.5", "tq3.5"), ("tq4", "tq2.5"), ("tqp3", "tq3.5"), ("tq3.5", "bf16"),
+                                   ("bf16", "bf16")])
 def test_decode_and_prefill_paths_match_twin(kt, vt, monkeypatch):
-    """paged_attention with the C kernel (where a side's records allow it) against the twin's own path
-    and float64: a decode step per sequence and a prefill chunk, lengths across sinks, window, blocks."""
+    """paged_attention on the CPU's fast paths (decode steps through the C kernel where a side's records
+    allow it; prefill chunks as one SDPA over the decoded prefix, _prefill_sdpa, where both sides' do,
+    and over a dense layer's pool) against the twin's own path and float64: a decode step per sequence
+    and a prefill chunk, lengths across sinks, window, blocks."""
     S, W, h, g, d = 4, 8, 3, 3, 64
     lens = [3, S + W + 1, 5 * BS - 1, 700]
     view, kd, vd = build_cache(kt, vt, lens, heads=h, d=d, sinks=S, window=W, block_size=BS,
