@@ -126,7 +126,7 @@ def test_decode_and_prefill_paths_match_twin(kt, vt, monkeypatch):
 
 
 def test_no_compiler_keeps_the_twin(tmp_path, monkeypatch):
-    """A compiler that fails: one warning, no kernel, and the decode path still answers (the twin)."""
+    """A compiler that fails: one warning, no kernel (the callers then take the twin), remembered."""
     monkeypatch.setenv("TQINFER_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setattr(cpu, "_kernels", {})
@@ -135,3 +135,38 @@ def test_no_compiler_keeps_the_twin(tmp_path, monkeypatch):
         assert cpu.cpu_attention(codec, 2, torch.device("cpu")) is None
     assert not list((tmp_path / "cpu-kernels").glob("*.so"))
     assert cpu.cpu_attention(codec, 2, torch.device("cpu")) is None  # remembered: no second warning
+
+
+def test_an_unwritable_cache_or_a_damaged_library_is_no_crash(tmp_path, monkeypatch):
+    """A cache directory that cannot be created: a warning and the twin. A damaged library file in the
+    cache: built again."""
+    monkeypatch.setattr(cpu, "_kernels", {})
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    monkeypatch.setenv("TQINFER_CACHE", str(blocked))
+    with pytest.warns(UserWarning, match="not available"):
+        assert cpu.cpu_attention(make_codec("tq2", 48, 2, seed=5), 2, torch.device("cpu")) is None
+    monkeypatch.setenv("TQINFER_CACHE", str(tmp_path / "cache"))
+    codec = make_codec("tq2", 32, 2, seed=6)
+    if cpu._compiler() is None:
+        pytest.skip("no C compiler here")
+    lib = cpu.library_path(cpu._layout(codec), 32, 2, cpu._compiler())
+    lib.parent.mkdir(parents=True)
+    lib.write_bytes(b"damaged")
+    if cpu.cpu_attention(codec, 2, torch.device("cpu")) is None:
+        pytest.skip("no C compiler builds the CPU kernel here")
+    assert lib.stat().st_size > 1000
+
+
+def test_nan_propagates():
+    """A NaN query coordinate gives NaN scores for its row only; a NaN probability, NaN values for its row."""
+    codec, kern = kernel_for("tq3.5", 64, 2, 3)
+    pool, table, _ = paged_records(codec, 700, 2, torch.Generator().manual_seed(9))
+    q = torch.randn(2, 3, 64)
+    q[1, 2, 5] = float("nan")
+    s = kern.scores(pool, table, 0, 700, q, torch.empty(2, 3, 700))
+    assert s[1, 2].isnan().all() and not s[1, :2].isnan().any() and not s[0].isnan().any()
+    p = torch.rand(2, 3, 700)
+    p[0, 1, 650] = float("nan")  # in the second thread's chunk
+    o = kern.values(pool, table, 0, 700, p, torch.empty(2, 3, 64))
+    assert o[0, 1].isnan().all() and not o[0, 0].isnan().any() and not o[1].isnan().any()

@@ -138,11 +138,11 @@ class DenseCache:
     def set_len(self, slot: int, n: int) -> None:
         self.lens[slot] = n
 
-    def hot_rows(self, slots: list[int]) -> None:
+    def step_state(self, slots: list[int]) -> None:
         """Nothing to save before a step that may stop midway: it writes past the sequences' lengths only."""
         return None
 
-    def restore_hot_rows(self, slots: list[int], saved: None) -> None:
+    def restore_step_state(self, slots: list[int], saved: None) -> None:
         pass
 
     def truncate(self, slot: int, n: int) -> None:

@@ -210,20 +210,23 @@ class PagedCache:
             upto = max(upto, min(end, first + self.write_ahead))
         return first, upto
 
-    def hot_rows(self, slots: list[int]) -> list:
-        """A copy of these sequences' hot buffers (sinks and recent window) in every compressed layer,
-        for restore_hot_rows after a step that stopped midway. Nothing else needs putting back: the
-        step wrote records and dense rows only at positions past the sequences' lengths or ahead of
-        their `compressed` mark, which later steps write again with the same bytes."""
+    def step_state(self, slots: list[int]) -> dict:
+        """What a step that stops midway must put back (restore_step_state): these sequences' hot
+        buffers (sinks and recent window) in every compressed layer, and which layers are calibrated
+        (a stopped first chunk must not leave some layers calibrated on it and the rest on the next
+        prompt). Nothing else: the step's records lie at or past each sequence's `compressed` mark or
+        length, and are written again before anything reads them; blocks it reserved stay reserved."""
         index = torch.tensor(slots, device=self.device)
-        return [(layer, kh[index].clone(), vh[index].clone())
-                for layer, (kh, vh) in enumerate(zip(self.k_hot, self.v_hot)) if kh is not None]
+        return {"calibrated": list(self.calibrated),
+                "hot": [(layer, kh[index].clone(), vh[index].clone())
+                        for layer, (kh, vh) in enumerate(zip(self.k_hot, self.v_hot)) if kh is not None]}
 
-    def restore_hot_rows(self, slots: list[int], saved: list) -> None:
+    def restore_step_state(self, slots: list[int], saved: dict) -> None:
         index = torch.tensor(slots, device=self.device)
-        for layer, kh, vh in saved:
+        for layer, kh, vh in saved["hot"]:
             self.k_hot[layer][index] = kh
             self.v_hot[layer][index] = vh
+        self.calibrated[:] = saved["calibrated"]
 
     def truncate(self, slot: int, n: int) -> None:
         """Roll a sequence back to n tokens. Window tokens that had already left it are restored to

@@ -43,10 +43,10 @@ class LLMEngine:
         """Run one step: chunk i (token ids) of sequence `slots[i]` starts at prefix_lens[i].
 
         Returns fp32 logits: for every token when all_logits, else for each chunk's last token.
-        cancel (a threading.Event, prefill steps): set while the step runs, it stops between layers
-        with errors.Cancelled, and the sequences' hot buffers are put back as they were (the layers
-        that ran had moved tokens out of their windows); their lengths stay, so the cache holds
-        what it held before the step."""
+        cancel (a threading.Event): set while an eager step runs, it stops between layers with
+        errors.Cancelled, and the cache's step state is put back (the layers that ran had moved
+        tokens out of the sequences' windows, or calibrated on a first chunk); the lengths stay, so
+        the cache reads as it did before the step."""
         lens = [len(c) for c in chunks]
         ids = [t for c in chunks for t in c]
         with self.lock:
@@ -56,11 +56,11 @@ class LLMEngine:
             if graph is not None and graph.valid():
                 logits = graph.replay(meta).clone()
             else:
-                saved = self.cache.hot_rows(slots) if cancel is not None and not decode else None
+                saved = self.cache.step_state(slots) if cancel is not None else None
                 try:
                     logits = self._eager(slots, prefix_lens, lens, meta, all_logits, cancel)
                 except Cancelled:
-                    self.cache.restore_hot_rows(slots, saved)
+                    self.cache.restore_step_state(slots, saved)
                     raise
                 if decode and self.cuda_graphs:
                     self._capture(slots, prefix_lens, meta)

@@ -19,6 +19,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -52,7 +53,7 @@ def _toolchain_id(cc: str) -> str:
     """The compiler's version line and this CPU's feature flags: a library built with -march=native on
     one machine must not be loaded on another sharing the cache directory."""
     try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+        version = subprocess.run([*shlex.split(cc), "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         version = ""
     cpu = platform.machine()
@@ -72,50 +73,80 @@ def _defines(layout: tuple, dim: int, group: int) -> list[str]:
     return out
 
 
-def _library(layout: tuple, dim: int, group: int) -> ctypes.CDLL | None:
-    """The compiled kernel for this layout, from the disk cache or compiled now; None if no compiler
-    builds it (said once per layout)."""
+def _fallback(key: str, why: str) -> None:
+    """Remember a layout the kernel cannot serve here and say why, once."""
+    _failed.add(key)
+    warnings.warn(f"the CPU attention kernel is not available ({why}); decoding over compressed caches "
+                  "uses the slower torch path", stacklevel=5)
+
+
+def _build(cc: str, defines: list[str], path: Path) -> str | None:
+    """Compile the source to `path` (atomically: a concurrent process sees the whole file or none);
+    None, or the last line the compiler said for the last variant tried."""
+    said = ""
+    for extra in VARIANTS:
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+        os.close(fd)
+        try:
+            run = subprocess.run([*shlex.split(cc), *FLAGS, *extra, *defines, "-o", tmp, str(SOURCE)],
+                                 capture_output=True, text=True, timeout=120)
+            if run.returncode == 0:
+                os.replace(tmp, path)
+                return None
+            said = (run.stderr.strip().splitlines() or [f"exit status {run.returncode}"])[-1]
+        except (OSError, subprocess.SubprocessError) as e:
+            said = str(e)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return said
+
+
+def library_path(layout: tuple, dim: int, group: int, cc: str) -> Path:
+    """Where the library of this layout lives: cache_dir()/cpu-kernels, named by a hash of the source,
+    the layout, the flags, the compiler and this CPU."""
     from tqinfer.hub import cache_dir
 
+    text = b"\0".join([SOURCE.read_bytes(), " ".join(_defines(layout, dim, group) + FLAGS).encode(), cc.encode(),
+                        _toolchain_id(cc).encode()])
+    return cache_dir() / "cpu-kernels" / f"tq_attention_{hashlib.sha256(text).hexdigest()[:24]}.so"
+
+
+def _library(layout: tuple, dim: int, group: int) -> ctypes.CDLL | None:
+    """The compiled kernel for this layout, from the disk cache or compiled now; None (said once) where
+    no compiler builds it, the cache directory is not writable or the library does not load."""
     cc = _compiler()
     if cc is None:
+        if "no compiler" not in _failed:
+            _fallback("no compiler", "no C compiler: set CC or install cc / gcc / clang")
         return None
     defines = _defines(layout, dim, group)
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(defines + FLAGS).encode(), cc.encode(),
-                                     _toolchain_id(cc).encode()])).hexdigest()[:24]
+    path = library_path(layout, dim, group, cc)
+    key = path.name
     if key in _failed:
         return None
-    folder = cache_dir() / "cpu-kernels"
-    path = folder / f"tq_attention_{key}.so"
     with _lock:
-        if not path.exists():
-            errors = []
-            folder.mkdir(parents=True, exist_ok=True)
-            for extra in VARIANTS:
-                fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
-                os.close(fd)
-                cmd = [cc, *FLAGS, *extra, *defines, "-o", tmp, str(SOURCE)]
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            for attempt in range(2):
+                if not path.exists():
+                    said = _build(cc, defines, path)
+                    if said is not None:
+                        _fallback(key, f"{cc} did not compile it: {said}")
+                        return None
                 try:
-                    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-                except (OSError, subprocess.SubprocessError) as e:
-                    run = None
-                    errors.append(str(e))
-                if run is not None and run.returncode == 0:
-                    os.replace(tmp, path)  # atomic: a concurrent process sees the whole file or none
+                    lib = ctypes.CDLL(str(path))
                     break
-                os.unlink(tmp)
-                if run is not None:
-                    errors.append(run.stderr.strip().splitlines()[-1:] or [f"exit {run.returncode}"])
-            else:
-                _failed.add(key)
-                warnings.warn(f"the CPU attention kernel did not compile with {cc} ({errors[-1]}); "
-                              "decoding over compressed caches uses the slower torch path", stacklevel=4)
-                return None
-        lib = ctypes.CDLL(str(path))
+                except OSError:  # a damaged file in the cache: build it again, once
+                    if attempt:
+                        raise
+                    path.unlink()
+        except OSError as e:
+            _fallback(key, f"{path.parent}: {e}")
+            return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.tq_scores.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64]
-    lib.tq_values.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, ptr, i64, ptr, ptr, ptr]
+    lib.tq_values.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, ptr, i64, ptr, ptr, ptr, i64]
     lib.tq_values_rotated.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr]
     for f in (lib.tq_scores, lib.tq_values, lib.tq_values_rotated):
         f.restype = None
@@ -145,23 +176,28 @@ class CpuAttention:
     def __init__(self, lib: ctypes.CDLL, codec, group: int):
         self.lib, self.dim, self.group = lib, codec.dim, group
         self.centroids = torch.cat([p.quantizer.centroids64.float() for p in mse_parts(codec)]).contiguous()
-        self._work: torch.Tensor | None = None
 
     @staticmethod
-    def _pool_args(pool: torch.Tensor, table: torch.Tensor):
-        if pool.dtype != torch.uint8 or not pool.is_contiguous() or table.dtype != torch.int32 \
-                or table.stride(-1) != 1:
-            raise ValueError("the CPU kernel reads contiguous uint8 pools through int32 block tables")
+    def _pool_args(pool: torch.Tensor, table: torch.Tensor, t0: int, n: int):
         _, h, bs, r = pool.shape
+        _check(pool.dtype == torch.uint8 and pool.is_contiguous() and table.dtype == torch.int32
+               and table.stride(-1) == 1, "the CPU kernel reads contiguous uint8 pools through int32 block tables")
+        _check(0 <= t0 and n >= 0 and (t0 + n + bs - 1) // bs <= table.shape[-1],
+               f"tokens [{t0}, {t0 + n}) are past the block table's {table.shape[-1]} blocks of {bs}")
         return pool.data_ptr(), table.data_ptr(), h, bs, r
+
+    def _rows(self, x: torch.Tensor, h: int, n: int, name: str) -> None:
+        """x [H, group, n] float32 whose rows may be strided (a wider buffer's first n columns)."""
+        _check(x.dtype == torch.float32 and tuple(x.shape) == (h, self.group, n) and x.stride(-1) == 1
+               and x.stride(0) == self.group * x.stride(1), f"{name} must be float32 [{h}, {self.group}, {n}] rows")
 
     def scores(self, pool, table, t0: int, n: int, q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Rotated queries q [H, group, d] float32 (contiguous) -> out [H, group, n] (row stride may
         exceed n) of <q, rotated values> per token: norms applied, no softmax scale."""
-        p_pool, p_table, h, bs, r = self._pool_args(pool, table)
-        assert q.is_contiguous() and q.dtype == torch.float32 and q.shape == (h, self.group, self.dim)
-        assert out.dtype == torch.float32 and out.shape == (h, self.group, n) and out.stride(-1) == 1 \
-            and out.stride(0) == self.group * out.stride(1)
+        p_pool, p_table, h, bs, r = self._pool_args(pool, table, t0, n)
+        _check(q.is_contiguous() and q.dtype == torch.float32 and tuple(q.shape) == (h, self.group, self.dim),
+               f"queries must be contiguous float32 [{h}, {self.group}, {self.dim}]")
+        self._rows(out, h, n, "out")
         self.lib.tq_scores(p_pool, p_table, t0, n, h, bs, r, q.data_ptr(), self.centroids.data_ptr(),
                            out.data_ptr(), out.stride(1))
         return out
@@ -169,23 +205,31 @@ class CpuAttention:
     def values(self, pool, table, t0: int, n: int, p: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Probabilities p [H, group, n] float32 (rows may be strided) -> out [H, group, d] = their
         weighted sum of the tokens' rotated values."""
-        p_pool, p_table, h, bs, r = self._pool_args(pool, table)
-        assert p.dtype == torch.float32 and p.shape == (h, self.group, n) and p.stride(-1) == 1 \
-            and p.stride(0) == self.group * p.stride(1)
-        assert out.is_contiguous() and out.dtype == torch.float32 and out.shape == (h, self.group, self.dim)
-        need = h * max(1, torch.get_num_threads()) * self.group * self.dim
-        if self._work is None or self._work.numel() < need:
-            self._work = torch.empty(need)
+        p_pool, p_table, h, bs, r = self._pool_args(pool, table, t0, n)
+        self._rows(p, h, n, "p")
+        _check(out.is_contiguous() and out.dtype == torch.float32 and tuple(out.shape) == (h, self.group, self.dim),
+               f"out must be contiguous float32 [{h}, {self.group}, {self.dim}]")
+        # the units' partial sums: a fresh buffer per call (callers on other threads share this object)
+        # whose capacity the C side respects, whatever thread count its OpenMP runtime reports
+        chunks = max(1, torch.get_num_threads())
+        work = torch.empty(h * chunks * self.group * self.dim, dtype=torch.float32)
         self.lib.tq_values(p_pool, p_table, t0, n, h, bs, r, p.data_ptr(), p.stride(1),
-                           self.centroids.data_ptr(), out.data_ptr(), self._work.data_ptr())
+                           self.centroids.data_ptr(), out.data_ptr(), work.data_ptr(), chunks)
         return out
 
     def values_rotated(self, pool, table, t0: int, n: int, out: torch.Tensor) -> torch.Tensor:
         """out [H, n, d] float32 (contiguous) = the tokens' rotated values (a prefill tile)."""
-        p_pool, p_table, h, bs, r = self._pool_args(pool, table)
-        assert out.is_contiguous() and out.dtype == torch.float32 and out.shape == (h, n, self.dim)
+        p_pool, p_table, h, bs, r = self._pool_args(pool, table, t0, n)
+        _check(out.is_contiguous() and out.dtype == torch.float32 and tuple(out.shape) == (h, n, self.dim),
+               f"out must be contiguous float32 [{h}, {n}, {self.dim}]")
         self.lib.tq_values_rotated(p_pool, p_table, t0, n, h, bs, r, self.centroids.data_ptr(), out.data_ptr())
         return out
+
+
+def _check(ok: bool, message: str) -> None:
+    """Raw pointers go to C next: a wrong shape must stop here (not an assert: python -O drops those)."""
+    if not ok:
+        raise ValueError(message)
 
 
 _kernels: dict[tuple, CpuAttention | None] = {}

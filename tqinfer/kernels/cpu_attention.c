@@ -26,12 +26,16 @@
 #ifndef TQ_D
 #error "compile with the layout macros (tqinfer/kernels/cpu.py)"
 #endif
+#if TQ_PARTS < 1 || TQ_PARTS > 2
+#error "records of one or two parts"
+#endif
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "records are little-endian"
+#endif
 
 typedef float vf __attribute__((vector_size(64)));
 typedef int32_t vi __attribute__((vector_size(64)));
 typedef uint32_t vu __attribute__((vector_size(64)));
-typedef float vf8 __attribute__((vector_size(32)));
-typedef float vf4 __attribute__((vector_size(16)));
 
 #define NV (TQ_D / 16)   /* 16-lane vectors per head vector */
 #define INLINE static inline __attribute__((always_inline))
@@ -95,10 +99,20 @@ INLINE vf lookup(vi idx, vf tab) {
 #endif
 }
 
+/* Constant lane permutations of one vector (GCC's __builtin_shuffle predates __builtin_shufflevector,
+ * which GCC has only from version 12). */
+#if defined(__clang__)
+#define PERMUTE(v, ...) __builtin_shufflevector(v, v, __VA_ARGS__)
+#else
+#define PERMUTE(v, ...) __builtin_shuffle(v, (vi){__VA_ARGS__})
+#endif
+
 INLINE float hsum(vf v) {
-    vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    vf4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-    return (b[0] + b[2]) + (b[1] + b[3]);
+    v += PERMUTE(v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    v += PERMUTE(v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+    v += PERMUTE(v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+    v += PERMUTE(v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+    return v[0];
 }
 
 /* One record -> its rotated values u[NV] (centroids times the part's norm). */
@@ -135,15 +149,17 @@ typedef struct {
 } job_t;
 
 static job_t job_of(const uint8_t *pool, const int32_t *table, int64_t t0, int64_t n, int64_t H, int64_t BS,
-                    int64_t R, const float *centroids) {
+                    int64_t R, const float *centroids, int64_t max_chunks) {
     job_t j = {pool, table, t0, n, H, BS, R, 1, {{0}}};
     load_tables(centroids, j.tabs);
 #ifdef _OPENMP
     int64_t threads = omp_get_max_threads();
     if (threads > 1 && n >= 512) {
-        j.chunks = threads;
+        j.chunks = threads < max_chunks ? threads : max_chunks;
         while (j.chunks > 1 && n / j.chunks < 256) j.chunks--;
     }
+#else
+    (void)max_chunks;
 #endif
     return j;
 }
@@ -180,7 +196,7 @@ INLINE const uint8_t *cursor_next(cursor_t *c) {
  * token t0 + i. */
 void tq_scores(const uint8_t *pool, const int32_t *table, int64_t t0, int64_t n, int64_t H, int64_t BS,
                int64_t R, const float *q, const float *centroids, float *out, int64_t ld) {
-    const job_t j = job_of(pool, table, t0, n, H, BS, R, centroids);
+    const job_t j = job_of(pool, table, t0, n, H, BS, R, centroids, INT64_MAX);
 #pragma omp parallel for schedule(static) if (j.chunks * H > 1)
     for (int64_t unit = 0; unit < H * j.chunks; unit++) {
         int64_t h, lo, hi;
@@ -201,10 +217,11 @@ void tq_scores(const uint8_t *pool, const int32_t *table, int64_t t0, int64_t n,
 }
 
 /* Probabilities p[(h * G + g) * ld + i] of tokens [t0, t0 + n) times their values -> out [H, G, D]
- * (rotated space). work: H * threads * G * D floats of scratch for the units' partial sums. */
+ * (rotated space). work: H * max_chunks * G * D floats of scratch for the units' partial sums. */
 void tq_values(const uint8_t *pool, const int32_t *table, int64_t t0, int64_t n, int64_t H, int64_t BS,
-               int64_t R, const float *p, int64_t ld, const float *centroids, float *out, float *work) {
-    const job_t j = job_of(pool, table, t0, n, H, BS, R, centroids);
+               int64_t R, const float *p, int64_t ld, const float *centroids, float *out, float *work,
+               int64_t max_chunks) {
+    const job_t j = job_of(pool, table, t0, n, H, BS, R, centroids, max_chunks);
 #pragma omp parallel for schedule(static) if (j.chunks * H > 1)
     for (int64_t unit = 0; unit < H * j.chunks; unit++) {
         int64_t h, lo, hi;
@@ -235,7 +252,7 @@ void tq_values(const uint8_t *pool, const int32_t *table, int64_t t0, int64_t n,
 /* Rotated values of tokens [t0, t0 + n) -> out [H, n, D] (a prefill chunk's tile, for matmuls). */
 void tq_values_rotated(const uint8_t *pool, const int32_t *table, int64_t t0, int64_t n, int64_t H,
                        int64_t BS, int64_t R, const float *centroids, float *out) {
-    const job_t j = job_of(pool, table, t0, n, H, BS, R, centroids);
+    const job_t j = job_of(pool, table, t0, n, H, BS, R, centroids, INT64_MAX);
 #pragma omp parallel for schedule(static) if (j.chunks * H > 1)
     for (int64_t unit = 0; unit < H * j.chunks; unit++) {
         int64_t h, lo, hi;

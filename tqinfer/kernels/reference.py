@@ -202,7 +202,7 @@ def _compressed_part(qg, view, row, lo, hi, qpos, scale, window, merger):
     for t0 in range(lo, hi, tile):
         t1 = min(hi, t0 + tile)
         if c_k is not None and sq is None:
-            keys = c_k.values_rotated(view.k_pool, table, t0, t1 - t0, torch.empty(H, t1 - t0, d))
+            keys = c_k.values_rotated(view.k_pool, table, t0, t1 - t0, torch.empty(H, t1 - t0, d, dtype=torch.float32))
             s = torch.bmm(qh, keys.transpose(1, 2)) * scale
         else:
             s = _scores(kc, qh, sq, _head_records(view.k_pool, table, t0, t1, bs)) * scale  # [H, nG, N]
@@ -212,7 +212,7 @@ def _compressed_part(qg, view, row, lo, hi, qpos, scale, window, merger):
             s = s.masked_fill(~seen, float("-inf"))
         m, l, p = _softmax_part(s)
         if c_v is not None:
-            o = torch.bmm(p, c_v.values_rotated(view.v_pool, table, t0, t1 - t0, torch.empty(H, t1 - t0, d)))
+            o = torch.bmm(p, c_v.values_rotated(view.v_pool, table, t0, t1 - t0, torch.empty(H, t1 - t0, d, dtype=torch.float32)))
         else:
             o = _weighted_values(vc, p, _head_records(view.v_pool, table, t0, t1, bs))
         part.add(m, l, o)
@@ -293,7 +293,7 @@ def _prefill_sdpa(q, k, v, view, row: int, slot: int, p: int, scale: float) -> t
         n_rec = max(0, p - W - S)
         if n_rec:
             for c, kern, pool, out in ((view.k_codec, c_k, view.k_pool, keys), (view.v_codec, c_v, view.v_pool, values)):
-                rot = kern.values_rotated(pool, table, S, n_rec, torch.empty(H, n_rec, d))
+                rot = kern.values_rotated(pool, table, S, n_rec, torch.empty(H, n_rec, d, dtype=torch.float32))
                 out.append(c.unrotate(rot.transpose(0, 1)).transpose(0, 1))
     keys = torch.cat([x.to(q.dtype) for x in keys] + [k.transpose(0, 1).to(q.dtype)], 1)
     values = torch.cat([x.to(q.dtype) for x in values] + [v.transpose(0, 1).to(q.dtype)], 1)

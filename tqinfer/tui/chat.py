@@ -205,10 +205,12 @@ class Chat:
             self._autosave()
 
     def _roll_back(self, turn: Turn) -> None:
-        """Take back the turn's empty answer and its user message (documents return to pending)."""
+        """Take back the turn's empty answer and its user message (documents return to pending), and
+        the older messages the turn had dropped from the context to fit."""
         conv = self.conversation
         conv.messages.pop()
         conv.pending = conv.messages.pop().documents + conv.pending
+        conv.context_start -= turn.dropped_messages
         turn.rolled_back = True
 
     # ---- status ------------------------------------------------------------------------------
