@@ -94,17 +94,18 @@ def test_layouts_it_reads():
     assert cpu._layout(make_codec("tq3", 72, 2, seed=0)) is None  # 72 channels: not whole vectors of 16
 
 
-@pytest.mark.parametrize("kt,vt", [("tq3.5", "tq3.5"), ("tq4", "tq2.5"), ("tqp3", "tq3.5"), ("tq3.5", "bf16"),
-                                   ("bf16", "bf16")])
-def test_decode_and_prefill_paths_match_twin(kt, vt, monkeypatch):
+@pytest.mark.parametrize("kt,vt,dtype", [("tq3.5", "tq3.5", torch.float32), ("tq3.5", "tq3.5", torch.bfloat16),
+                                         ("tq4", "tq2.5", torch.float32), ("tqp3", "tq3.5", torch.float32),
+                                         ("tq3.5", "bf16", torch.float32), ("bf16", "bf16", torch.float32)])
+def test_decode_and_prefill_paths_match_twin(kt, vt, dtype, monkeypatch):
     """paged_attention on the CPU's fast paths (decode steps through the C kernel where a side's records
     allow it; prefill chunks as one SDPA over the decoded prefix, _prefill_sdpa, where both sides' do,
     and over a dense layer's pool) against the twin's own path and float64: a decode step per sequence
-    and a prefill chunk, lengths across sinks, window, blocks."""
+    and a prefill chunk, lengths across sinks, window, blocks; hot rows in float32 and bf16."""
     S, W, h, g, d = 4, 8, 3, 3, 64
     lens = [3, S + W + 1, 5 * BS - 1, 700]
     view, kd, vd = build_cache(kt, vt, lens, heads=h, d=d, sinks=S, window=W, block_size=BS,
-                               dtype=torch.float32, device="cpu", seed=11)
+                               dtype=dtype, device="cpu", seed=11)
     gen = torch.Generator().manual_seed(12)
     scale = 1 / math.sqrt(d)
     for chunk in (1, 5):
@@ -122,7 +123,8 @@ def test_decode_and_prefill_paths_match_twin(kt, vt, monkeypatch):
         want = attention64(q, k, v, cu, lens, kd, vd, scale)
         assert torch.isfinite(fast).all()
         assert rel_err(fast, twin) < 1e-5, chunk
-        assert rel_err(fast, want) < 1e-5, chunk
+        # (bf16 hot rows: both paths store the chunk's own float32 k / v rounded to bf16, the oracle not)
+        assert rel_err(fast, want) < (1e-5 if dtype == torch.float32 else 2e-3), chunk
 
 
 def test_no_compiler_keeps_the_twin(tmp_path, monkeypatch):

@@ -412,6 +412,12 @@ class PagedCache:
                 dispatch.write_kv_tokens(self.k_codec[layer], torch.cat(xs_k), self.k_pool[layer],
                                          self.v_codec[layer], torch.cat(xs_v), self.v_pool[layer], flat)
             # the chunk's tokens that stay full precision: sinks and the last W
+            if n == 1:  # a decode token (the CPU's steps): its hot row by host integers, two copies
+                if p < S or W > 0:
+                    row = p if p < S else S + (p - S) % W
+                    khot[slot, :, row] = kc[0]
+                    vhot[slot, :, row] = vc[0]
+                continue
             keep = list(range(p, min(end, S))) + list(range(max(p, S, end - W), end))
             if keep:
                 tk = torch.tensor(keep, device=self.device)

@@ -88,7 +88,7 @@ def _build(cc: str, defines: list[str], path: Path) -> str | None:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
         os.close(fd)
         try:
-            run = subprocess.run([*shlex.split(cc), *FLAGS, *extra, *defines, "-o", tmp, str(SOURCE)],
+            run = subprocess.run([*shlex.split(cc), *FLAGS, *extra, *defines, "-o", tmp, str(SOURCE), "-lm"],
                                  capture_output=True, text=True, timeout=120)
             if run.returncode == 0:
                 os.replace(tmp, path)
@@ -148,7 +148,10 @@ def _library(layout: tuple, dim: int, group: int) -> ctypes.CDLL | None:
     lib.tq_scores.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64]
     lib.tq_values.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, ptr, i64, ptr, ptr, ptr, i64]
     lib.tq_values_rotated.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr]
-    for f in (lib.tq_scores, lib.tq_values, lib.tq_values_rotated):
+    f32 = ctypes.c_float
+    lib.tq_decode_weights.argtypes = [ptr, ptr, f32, ptr, ptr, i64, i64, ptr, ptr, i64,
+                                      ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr]
+    for f in (lib.tq_scores, lib.tq_values, lib.tq_values_rotated, lib.tq_decode_weights):
         f.restype = None
     return lib
 
@@ -216,6 +219,33 @@ class CpuAttention:
         self.lib.tq_values(p_pool, p_table, t0, n, h, bs, r, p.data_ptr(), p.stride(1),
                            self.centroids.data_ptr(), out.data_ptr(), work.data_ptr(), chunks)
         return out
+
+    def decode_weights(self, q: torch.Tensor, scale: float, rot: torch.Tensor, k_hot: torch.Tensor,
+                       v_hot: torch.Tensor, nh: int, k1: torch.Tensor, v1: torch.Tensor, pool, table, t0: int, n: int):
+        """A decode token's softmax over its sequence's hot rows (k_hot / v_hot [H, rows, d], the first
+        nh valid; k1 / v1 [H, d] the token's own), and the records of tokens [t0, t0 + n) (this codec's:
+        the keys', rotated by rot [H, d, d] float32, turboquant.rotation_matrices), in one call:
+        -> (p [H, group, n] the records' weights, o_hot [H, group, d] the hot rows' weighted values,
+        original space). q [H, group, d] float32, unscaled (original space)."""
+        p_pool, p_table, h, bs, r = self._pool_args(pool, table, t0, n)
+        _check(q.is_contiguous() and q.dtype == torch.float32 and tuple(q.shape) == (h, self.group, self.dim),
+               f"queries must be contiguous float32 [{h}, {self.group}, {self.dim}]")
+        dtype = k_hot.dtype
+        _check(dtype in (torch.bfloat16, torch.float32) and all(
+            t.dtype == dtype and t.is_contiguous() for t in (k_hot, v_hot, k1, v1))
+            and k_hot.shape == v_hot.shape and k_hot.shape[0] == h and k_hot.shape[2] == self.dim
+            and 0 <= nh <= k_hot.shape[1] and tuple(k1.shape) == tuple(v1.shape) == (h, self.dim),
+            "hot rows and the token must be contiguous bf16 or float32 [H, rows, d] / [H, d] alike")
+        _check(rot.dtype == torch.float32 and rot.is_contiguous() and tuple(rot.shape) == (h, self.dim, self.dim),
+               f"the rotation must be contiguous float32 [{h}, {self.dim}, {self.dim}]")
+        scores = torch.empty(h * self.group * (nh + 1 + n), dtype=torch.float32)
+        p = torch.empty(h, self.group, n, dtype=torch.float32)
+        o_hot = torch.empty(h, self.group, self.dim, dtype=torch.float32)
+        self.lib.tq_decode_weights(q.data_ptr(), rot.data_ptr(), scale, k_hot.data_ptr(), v_hot.data_ptr(),
+                                   k_hot.shape[1], nh, k1.data_ptr(), v1.data_ptr(), int(dtype == torch.bfloat16),
+                                   p_pool, p_table, t0, n, h, bs, r, self.centroids.data_ptr(), scores.data_ptr(),
+                                   p.data_ptr(), o_hot.data_ptr())
+        return p, o_hot
 
     def values_rotated(self, pool, table, t0: int, n: int, out: torch.Tensor) -> torch.Tensor:
         """out [H, n, d] float32 (contiguous) = the tokens' rotated values (a prefill tile)."""

@@ -17,6 +17,7 @@
  * ((table[t / BS] * H + h) * BS + t % BS) * R. Threads: OpenMP over (head, token range) units, in
  * the process's own OpenMP runtime (torch's), so torch.set_num_threads governs both.
  */
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 #ifdef _OPENMP
@@ -263,5 +264,118 @@ void tq_values_rotated(const uint8_t *pool, const int32_t *table, int64_t t0, in
             decode(cursor_next(&cur), j.tabs, u);
             memcpy(o, u, sizeof u);
         }
+    }
+}
+
+/* A hot row (sinks, recent window, the new token) as fp32 vectors: bf16 rows are the high halves. */
+typedef uint16_t vh __attribute__((vector_size(32)));
+
+INLINE void hot_row(const void *rows, int64_t i, int64_t bf16, vf *x) {
+    if (bf16) {
+        const uint16_t *r = (const uint16_t *)rows + i * TQ_D;
+        for (int k = 0; k < NV; k++) {
+            vh a;
+            memcpy(&a, r + 16 * k, sizeof a);
+            x[k] = (vf)(__builtin_convertvector(a, vu) << 16);
+        }
+    } else {
+        memcpy(x, (const float *)rows + i * TQ_D, sizeof(vf) * NV);
+    }
+}
+
+INLINE vf select(vi mask, vf a, vf b) { return (vf)((mask & (vi)a) | (~mask & (vi)b)); }
+
+/* e^x on 16 lanes (Cephes' expf: a degree-6 polynomial after 2^n is split off; ~1-2 ulp where the
+ * result is a normal float; below e^-87.3 it returns ~1e-38, not 0; NaN stays NaN). */
+INLINE vf vexp(vf x) {
+    const vf one = (vf){} + 1.f, magic = (vf){} + 12582912.f;  /* 1.5 * 2^23: adding it rounds */
+    vf c = select(x > (vf){} + 88.37f, (vf){} + 88.37f, x);
+    c = select(c < (vf){} - 87.33f, (vf){} - 87.33f, c);
+    vf n = (c * 1.44269504088896341f + magic) - magic;
+    vf r = c - n * 0.693359375f + n * 2.12194440e-4f;
+    vf y = ((((((vf){} + 1.9875691500e-4f) * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r
+             + 4.1665795894e-2f) * r + 1.6666665459e-1f) * r + 5.0000001201e-1f;
+    y = y * r * r + r + one;
+    vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+    return select(x != x, x, y * (vf)e);
+}
+
+/* A row of scores -> e^(score - max) in place; returns 1 / their sum. */
+static float exp_row(float *row, int64_t m) {
+    float mx = row[0];
+    for (int64_t i = 1; i < m; i++) mx = (row[i] > mx || row[i] != row[i]) ? row[i] : mx;
+    vf sum = {0};
+    int64_t i = 0;
+    for (; i + 16 <= m; i += 16) {
+        vf v;
+        memcpy(&v, row + i, sizeof v);
+        v = vexp(v - mx);
+        memcpy(row + i, &v, sizeof v);
+        sum += v;
+    }
+    float tail = 0.f;
+    for (; i < m; i++) tail += (row[i] = expf(row[i] - mx));
+    return 1.f / (hsum(sum) + tail);
+}
+
+/* A decode token's attention weights over one sequence's hot rows and records, and the hot rows'
+ * share of its output, in one call (the torch twin's _decode_row spends ~35 small ops a layer on this).
+ *   q [H, G, D]: the queries (original space, unscaled); rk [H, D, D]: the keys' rotation
+ *     (rotated = rk[h] @ x); scale: the softmax scale.
+ *   k_hot / v_hot [H, hs, D] (bf16 when hot_bf16, else fp32): nh valid rows each; k1 / v1 [H, D]: the
+ *     token's own key and value, the same dtype.
+ *   records of tokens [t0, t0 + n) in pool / table (this library's layout: the keys').
+ *   p [H, G, n] out: the records' softmax weights; o_hot [H, G, D] out: sum over the hot rows and
+ *   the token of weight * value (original space). scores: H * G * (nh + 1 + n) floats of scratch.
+ * The records' values are the caller's (tq_values of the values' layout, then the un-rotation). */
+void tq_decode_weights(const float *q, const float *rk, float scale, const void *k_hot, const void *v_hot,
+                       int64_t hs, int64_t nh, const void *k1, const void *v1, int64_t hot_bf16,
+                       const uint8_t *pool, const int32_t *table, int64_t t0, int64_t n, int64_t H, int64_t BS,
+                       int64_t R, const float *centroids, float *scores, float *p, float *o_hot) {
+    const int64_t m = nh + 1 + n;  /* a row of scores: hot rows, the token, the records */
+    float *q_rot = o_hot;  /* o_hot holds the rotated queries until the records are scored */
+    for (int64_t h = 0; h < H; h++) {
+        vf qv[TQ_G][NV], x[NV];
+        memcpy(qv, q + h * TQ_G * TQ_D, sizeof qv);
+        for (int g = 0; g < TQ_G; g++) {
+            for (int k = 0; k < NV; k++) qv[g][k] *= scale;
+            for (int i = 0; i < TQ_D; i++) {
+                memcpy(x, rk + (h * TQ_D + i) * TQ_D, sizeof x);
+                vf acc = x[0] * qv[g][0];
+                for (int k = 1; k < NV; k++) acc += x[k] * qv[g][k];
+                q_rot[(h * TQ_G + g) * TQ_D + i] = hsum(acc);
+            }
+        }
+        for (int64_t i = 0; i <= nh; i++) {
+            hot_row(i < nh ? k_hot : k1, i < nh ? h * hs + i : h, hot_bf16, x);
+            for (int g = 0; g < TQ_G; g++) {
+                vf acc = x[0] * qv[g][0];
+                for (int k = 1; k < NV; k++) acc += x[k] * qv[g][k];
+                scores[(h * TQ_G + g) * m + i] = hsum(acc);
+            }
+        }
+    }
+    if (n > 0)
+        tq_scores(pool, table, t0, n, H, BS, R, q_rot, centroids, scores + nh + 1, m);
+    float inv_all[H * TQ_G];
+#pragma omp parallel for schedule(static) if (H * TQ_G * m >= 16384)
+    for (int64_t r = 0; r < H * TQ_G; r++) {  /* each query row's softmax; the records' weights out */
+        const float *row = scores + r * m;
+        inv_all[r] = exp_row(scores + r * m, m);
+        float *pr = p + r * n;
+        for (int64_t i = 0; i < n; i++) pr[i] = row[nh + 1 + i] * inv_all[r];
+    }
+    for (int64_t h = 0; h < H; h++) {
+        const float *inv = inv_all + h * TQ_G;
+        vf o[TQ_G][NV], x[NV];
+        memset(o, 0, sizeof o);
+        for (int64_t i = 0; i <= nh; i++) {
+            hot_row(i < nh ? v_hot : v1, i < nh ? h * hs + i : h, hot_bf16, x);
+            for (int g = 0; g < TQ_G; g++) {
+                float w = scores[(h * TQ_G + g) * m + i] * inv[g];
+                for (int k = 0; k < NV; k++) o[g][k] += w * x[k];
+            }
+        }
+        memcpy(o_hot + h * TQ_G * TQ_D, o, sizeof o);
     }
 }

@@ -116,9 +116,10 @@ def layout_state(codec):
 
 
 def _build_layout(codec) -> RecordLayout:
+    from tqinfer.quant.turboquant import rotation_matrices
+
     d, h = codec.dim, codec.heads
-    eye = torch.eye(d, dtype=torch.float64).unsqueeze(1).expand(d, h, d).contiguous()
-    rotation = codec.rotate(eye).float().permute(1, 2, 0).contiguous()  # [H, d_out, d_in]
+    rotation = rotation_matrices(codec)  # [H, d_out, d_in]
     mse_parts, qjl_info = _codec_parts(codec)
     parts, tables, bounds, t_off, b_off = [], [], [], 0, 0
     for p in mse_parts:

@@ -221,6 +221,28 @@ def _compressed_part(qg, view, row, lo, hi, qpos, scale, window, merger):
     merger.add(m, l, o if vc is None else vc.unrotate(o))  # un-rotate once per step
 
 
+def _decode_row_c(q1, k1, v1, view, row: int, slot: int, p: int, scale: float, c_k, c_v) -> torch.Tensor | None:
+    """_decode_row by the C kernel (kernels/cpu.py): the softmax over hot rows, token and records and
+    the hot rows' share of the output in one call, the records' values in a second, then the
+    un-rotation; None where the hot rows' dtype is neither bf16 nor fp32 (the twin serves)."""
+    from tqinfer.quant.turboquant import rotation_matrices
+
+    H, d = k1.shape
+    G = q1.shape[0] // H
+    S, W = view.sinks, view.window
+    k_hot, v_hot = view.k_hot[slot], view.v_hot[slot]
+    if k_hot.dtype not in (torch.bfloat16, torch.float32):
+        return None
+    n_rec, table = max(0, p - W - S), view.block_table[row]
+    probs, out = c_k.decode_weights(q1.float().reshape(H, G, d).contiguous(), scale, rotation_matrices(view.k_codec),
+                                    k_hot, v_hot, min(p, S + W), k1.to(k_hot.dtype).contiguous(),
+                                    v1.to(k_hot.dtype).contiguous(), view.k_pool, table, S, n_rec)
+    if n_rec:
+        rec = c_v.values(view.v_pool, table, S, n_rec, probs, torch.empty(H, G, d, dtype=torch.float32))
+        out = out + view.v_codec.unrotate(rec.transpose(0, 1)).transpose(0, 1)
+    return out.reshape(H * G, d)
+
+
 def _decode_row(q1, k1, v1, view, row: int, slot: int, p: int, scale: float) -> torch.Tensor:
     """One decode token of a compressed layer without a sliding window: q1 [Hq, d], k1/v1 [H, d]
     -> [Hq, d] float32. One softmax over the hot buffer (read in place: slots [0, p) until the
@@ -230,6 +252,11 @@ def _decode_row(q1, k1, v1, view, row: int, slot: int, p: int, scale: float) -> 
     G = q1.shape[0] // H
     S, W, bs = view.sinks, view.window, view.block_size
     kc, vc = view.k_codec, view.v_codec
+    c_k, c_v = (cpu.cpu_attention(c, G, q1.device) for c in (kc, vc))
+    if c_k is not None and c_v is not None:
+        out = _decode_row_c(q1, k1, v1, view, row, slot, p, scale, c_k, c_v)
+        if out is not None:
+            return out
     qh = q1.float().view(H, G, d) * scale  # [H, G, d]: head h = kv * G + g
     nh = min(p, S + W)
     hot_k = torch.cat([view.k_hot[slot, :, :nh], k1.unsqueeze(1).to(view.k_hot.dtype)], 1).float()
@@ -242,7 +269,6 @@ def _decode_row(q1, k1, v1, view, row: int, slot: int, p: int, scale: float) -> 
     if tiles:
         q_rot = qh if kc is None else kc.rotate(qh.transpose(0, 1)).transpose(0, 1)
         sq = kc.qjl_project(q_rot.transpose(0, 1)).transpose(0, 1) if kc is not None and kc.has_qjl else None
-        c_k = cpu.cpu_attention(kc, G, qh.device)
         if c_k is not None:  # the C kernel: every record in one call, straight from the pool
             scores.append(c_k.scores(view.k_pool, table, S, n_rec, q_rot.contiguous(),
                                      scratch("c_scores", (H, G, n_rec), torch.float32)))
@@ -252,7 +278,6 @@ def _decode_row(q1, k1, v1, view, row: int, slot: int, p: int, scale: float) -> 
     prob = torch.softmax(torch.cat(scores, -1), -1)
     out = torch.bmm(prob[..., :nh + 1], hot_v)
     if tiles:
-        c_v = cpu.cpu_attention(vc, G, qh.device)
         if c_v is not None:
             o = c_v.values(view.v_pool, table, S, n_rec, prob[..., nh + 1:],
                            scratch("c_values", (H, G, d), torch.float32))

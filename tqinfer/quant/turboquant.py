@@ -525,3 +525,17 @@ def mse_parts(codec) -> list[RecordPart]:
     if type(codec) is TurboQuantProd and codec.mse is not None:
         return [RecordPart(0, codec.mse, 0, codec.norm_at)]
     raise NotImplementedError(f"no kernel reads {getattr(codec, 'name', codec)!r} records")
+
+
+def rotation_matrices(codec) -> torch.Tensor:
+    """[H, d, d] float32 with codec.rotate(x)[..., h, :] = M[h] @ x[..., h, :] (a split codec's channel
+    permutation and both rotations in one matrix), for kernels that rotate by a matrix product. Kept
+    on the codec until its state (a split codec's calibrated channels: `perm`) changes."""
+    state = getattr(codec, "perm", None)
+    cached = codec.__dict__.get("_rotation_matrices")
+    if cached is None or cached[0] is not state:
+        d = codec.dim
+        eye = torch.eye(d, dtype=torch.float64).unsqueeze(1).expand(d, codec.heads, d).contiguous()
+        cached = (state, codec.rotate(eye).float().permute(1, 2, 0).contiguous())  # [H, d_out, d_in]
+        codec.__dict__["_rotation_matrices"] = cached
+    return cached[1]
