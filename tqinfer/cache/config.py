@@ -80,8 +80,8 @@ class CacheConfig:
     def for_device(self, device) -> "CacheConfig":
         """Fill the types the user left unset: tq3.5 on CUDA (measured +0.2% perplexity at 4 bits per
         value, docs/QUALITY.md), the dense cache elsewhere: on the 2-core CPU, tq3.5 (through the C
-        kernel, kernels/cpu.py) prefills at 0.75-0.86x the dense cache's speed and decodes at 0.7x of it
-        at 512 tokens, 0.8-0.9x at 2k, and passes it from ~6k (docs/BENCHMARKS.md, "CPU")."""
+        kernel, kernels/cpu.py) prefills at 0.73-0.88x the dense cache's speed and decodes at 0.8-0.9x of
+        it at 512 tokens, ~1.0x at 2k, 1.2-1.35x at 6k (docs/BENCHMARKS.md, "CPU")."""
         default = "tq3.5" if torch.device(device).type == "cuda" else DENSE
         out = replace(self, k_type=default if self.auto_k else self.k_type,
                       v_type=default if self.auto_v else self.v_type)
