@@ -116,6 +116,13 @@ INLINE float hsum(vf v) {
     return v[0];
 }
 
+/* <a, b> of two head vectors held as NV 16-lane vectors. */
+INLINE float dot(const vf *a, const vf *b) {
+    vf acc = a[0] * b[0];
+    for (int k = 1; k < NV; k++) acc += a[k] * b[k];
+    return hsum(acc);
+}
+
 /* One record -> its rotated values u[NV] (centroids times the part's norm). */
 INLINE void decode(const uint8_t *rec, const vf *tabs, vf *u) {
     float n0 = fp16(rec + TQ_P0_SCALE);
@@ -208,11 +215,7 @@ void tq_scores(const uint8_t *pool, const int32_t *table, int64_t t0, int64_t n,
         for (int64_t i = lo; i < hi; i++) {
             vf u[NV];
             decode(cursor_next(&cur), j.tabs, u);
-            for (int g = 0; g < TQ_G; g++) {
-                vf acc = u[0] * qv[g][0];
-                for (int k = 1; k < NV; k++) acc += u[k] * qv[g][k];
-                o[g * ld + i] = hsum(acc);
-            }
+            for (int g = 0; g < TQ_G; g++) o[g * ld + i] = dot(u, qv[g]);
         }
     }
 }
@@ -341,18 +344,12 @@ void tq_decode_weights(const float *q, const float *rk, float scale, const void 
             for (int k = 0; k < NV; k++) qv[g][k] *= scale;
             for (int i = 0; i < TQ_D; i++) {
                 memcpy(x, rk + (h * TQ_D + i) * TQ_D, sizeof x);
-                vf acc = x[0] * qv[g][0];
-                for (int k = 1; k < NV; k++) acc += x[k] * qv[g][k];
-                q_rot[(h * TQ_G + g) * TQ_D + i] = hsum(acc);
+                q_rot[(h * TQ_G + g) * TQ_D + i] = dot(x, qv[g]);
             }
         }
         for (int64_t i = 0; i <= nh; i++) {
             hot_row(i < nh ? k_hot : k1, i < nh ? h * hs + i : h, hot_bf16, x);
-            for (int g = 0; g < TQ_G; g++) {
-                vf acc = x[0] * qv[g][0];
-                for (int k = 1; k < NV; k++) acc += x[k] * qv[g][k];
-                scores[(h * TQ_G + g) * m + i] = hsum(acc);
-            }
+            for (int g = 0; g < TQ_G; g++) scores[(h * TQ_G + g) * m + i] = dot(x, qv[g]);
         }
     }
     if (n > 0)
