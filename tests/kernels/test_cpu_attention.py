@@ -102,6 +102,7 @@ def test_decode_and_prefill_paths_match_twin(kt, vt, dtype, monkeypatch):
     allow it; prefill chunks as one SDPA over the decoded prefix, _prefill_sdpa, where both sides' do,
     and over a dense layer's pool) against the twin's own path and float64: a decode step per sequence
     and a prefill chunk, lengths across sinks, window, blocks; hot rows in float32 and bf16."""
+    monkeypatch.setattr(reference, "TILE_TOKENS", 100)  # records in several tiles, the last one partial
     S, W, h, g, d = 4, 8, 2, 3, 64  # (h != g: a mix-up of KV heads and group members shows)
     lens = [3, S + W + 1, 5 * BS - 1, 700]
     view, kd, vd = build_cache(kt, vt, lens, heads=h, d=d, sinks=S, window=W, block_size=BS,

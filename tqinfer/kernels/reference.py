@@ -233,8 +233,11 @@ def _decode_row_c(q1, k1, v1, view, row: int, slot: int, p: int, scale: float, c
     k_hot, v_hot = view.k_hot[slot], view.v_hot[slot]
     if k_hot.dtype not in (torch.bfloat16, torch.float32):
         return None
+    rot = rotation_matrices(view.k_codec)
+    if rot.shape[0] != H:  # a codec of one head over a pool of several: the twin broadcasts it
+        return None
     n_rec, table = max(0, p - W - S), view.block_table[row]
-    probs, out = c_k.decode_weights(q1.float().reshape(H, G, d).contiguous(), scale, rotation_matrices(view.k_codec),
+    probs, out = c_k.decode_weights(q1.float().reshape(H, G, d).contiguous(), scale, rot,
                                     k_hot, v_hot, min(p, S + W), k1.to(k_hot.dtype).contiguous(),
                                     v1.to(k_hot.dtype).contiguous(), view.k_pool, table, S, n_rec)
     if n_rec:
@@ -314,12 +317,18 @@ def _prefill_sdpa(q, k, v, view, row: int, slot: int, p: int, scale: float) -> t
         lo_w = max(S, p - W)
         hot_t = torch.cat([torch.arange(min(S, p)), torch.arange(lo_w, max(lo_w, p))])
         hidx = torch.where(hot_t < S, hot_t, S + (hot_t - S) % max(W, 1))
-        keys, values = [view.k_hot[slot][:, hidx]], [view.v_hot[slot][:, hidx]]
-        n_rec = max(0, p - W - S)
-        if n_rec:
-            for c, kern, pool, out in ((view.k_codec, c_k, view.k_pool, keys), (view.v_codec, c_v, view.v_pool, values)):
-                rot = kern.values_rotated(pool, table, S, n_rec, torch.empty(H, n_rec, d, dtype=torch.float32))
-                out.append(c.unrotate(rot.transpose(0, 1)).transpose(0, 1))
+        nh, n_rec = len(hot_t), max(0, p - W - S)  # hot rows + records = the p prefix tokens
+        keys, values = (torch.empty(H, p + n, d, dtype=q.dtype) for _ in range(2))  # [hot | records | chunk]
+        tile = torch.empty(H * min(n_rec, TILE_TOKENS) * d, dtype=torch.float32)
+        for c, kern, pool, hot, own, x in ((view.k_codec, c_k, view.k_pool, view.k_hot, k, keys),
+                                           (view.v_codec, c_v, view.v_pool, view.v_hot, v, values)):
+            x[:, :nh] = hot[slot][:, hidx]
+            for t0 in range(0, n_rec, TILE_TOKENS):  # records decoded a tile at a time: bounded memory
+                t1 = min(n_rec, t0 + TILE_TOKENS)
+                rot = kern.values_rotated(pool, table, S + t0, t1 - t0, tile[:H * (t1 - t0) * d].view(H, t1 - t0, d))
+                x[:, nh + t0:nh + t1] = c.unrotate(rot.transpose(0, 1)).transpose(0, 1)
+            x[:, p:] = own.transpose(0, 1)
+        return sdpa(q, keys, values, causal_mask(p, n, None, q.device), scale)
     keys = torch.cat([x.to(q.dtype) for x in keys] + [k.transpose(0, 1).to(q.dtype)], 1)
     values = torch.cat([x.to(q.dtype) for x in values] + [v.transpose(0, 1).to(q.dtype)], 1)
     return sdpa(q, keys, values, causal_mask(p, n, None, q.device), scale)
