@@ -173,3 +173,26 @@ def test_nan_propagates():
     p[0, 1, 650] = float("nan")  # in the second thread's chunk
     o = kern.values(pool, table, 0, 700, p, torch.empty(2, 3, 64))
     assert o[0, 1].isnan().all() and not o[0, 0].isnan().any() and not o[1].isnan().any()
+
+
+def test_a_one_head_codec_over_several_heads_is_served(monkeypatch):
+    """A codec built for one head over a pool of two (its rotation broadcast, as the twin does): the
+    decode and prefill paths answer as the twin, not with an error."""
+    import dataclasses
+
+    S, W, h, g, d, lens = 4, 8, 2, 3, 64, [40, 300]
+    view, _, _ = build_cache("tq4", "tq4", lens, heads=h, d=d, sinks=S, window=W, block_size=BS,
+                             dtype=torch.float32, device="cpu", seed=11)
+    view = dataclasses.replace(view, k_codec=make_codec("tq4", d, 1, seed=11 * 2 + 11),
+                               v_codec=make_codec("tq4", d, 1, seed=11 * 2 + 12))
+    gen = torch.Generator().manual_seed(3)
+    for chunk in (1, 5):
+        q = torch.randn(2 * chunk, h * g, d, generator=gen)
+        k, v = torch.randn(2 * chunk, h, d, generator=gen), torch.randn(2 * chunk, h, d, generator=gen)
+        args = (q, k, v, torch.tensor([0, chunk, 2 * chunk], dtype=torch.int32), torch.tensor(lens, dtype=torch.int32),
+                view, 0.125)
+        kw = dict(prefix_list=lens, chunk_list=[chunk, chunk])
+        monkeypatch.delenv("TQINFER_KERNELS", raising=False)
+        fast = reference.paged_attention(*args, **kw)
+        monkeypatch.setenv("TQINFER_KERNELS", "torch")
+        assert rel_err(fast, reference.paged_attention(*args, **kw)) < 1e-5, chunk
