@@ -35,7 +35,8 @@ LOG2E = 1.4426950408889634
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_HEAD_DIM = 128  # wider heads: out of shared memory on an H200 (d = 256 needs 272 KB); torch twin
 NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima, so empty splits merge without NaN
-LOOKUPS = {"mem": 0, "lut": 1, "pair": 2}  # centroid lookup: fp16 table in L1, in registers, fp16x2 per byte
+# centroid lookup: fp16 table in L1, in registers (shuffles), fp16x2 per byte, PRMT (keys; values: pairs)
+LOOKUPS = {"mem": 0, "lut": 1, "pair": 2, "asm": 3}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -117,12 +118,59 @@ def pair_centroids(w, w2, tab2, S: tl.constexpr, BITS: tl.constexpr):
     return tl.load(tab2 + idx)
 
 
+# "asm" lookups (MODE 3, keys only, compiled GPU code): the centroid table lives in the instruction
+# stream. PRMT picks bytes out of a register pair by the nibbles of a selector, so the four codes of a
+# selector's nibbles map to their centroids' low and high bytes by two PRMTs each (a 16-entry table by
+# two pairs of PRMTs and a per-byte choice on bit 3), and a last PRMT packs code S's two bytes. Every
+# step is elementwise on the loaded units, so Triton builds the sub-tiles straight in the dot operand's
+# layout (no shared-memory round trip, no L1 gathers); ptxas shares the common steps of a unit's
+# sub-tiles. LT: the table as PRMT words (lut_words).
+_PICK = tl.constexpr(("0x40", "0x51", "0x62", "0x73"))
+
+
+@triton.jit
+def _lut4(w, S: tl.constexpr, LT: tl.constexpr):
+    """fp16 centroids of the 4-bit codes at shift S of units w (four codes a selector: S >= 4 reads the
+    unit's high half)."""
+    pre: tl.constexpr = "shr.u32 u, $1, 16;" if S >= 4 else "mov.b32 u, $1;"
+    return tl.inline_asm_elementwise(
+        "{.reg .b32 u, s, t, m, la, lb, ha, hb, lo, hi, o; .reg .b16 z; " + pre
+        + "and.b32 s, u, 0x7777; shr.u32 t, u, 1; or.b32 t, t, 0x8888; prmt.b32 m, 0, 0x80808080, t;"
+        + "prmt.b32 la, " + LT[0] + ", " + LT[1] + ", s; prmt.b32 lb, " + LT[2] + ", " + LT[3] + ", s;"
+        + "prmt.b32 ha, " + LT[4] + ", " + LT[5] + ", s; prmt.b32 hb, " + LT[6] + ", " + LT[7] + ", s;"
+        + "lop3.b32 lo, la, lb, m, 0xD8; lop3.b32 hi, ha, hb, m, 0xD8; prmt.b32 o, lo, hi, " + _PICK[S % 4] + ";"
+        + "mov.b32 {$0, z}, o;}",
+        "=h,r", [w], dtype=tl.float16, is_pure=True, pack=1)
+
+
+@triton.jit
+def _lut3(w, w2, S: tl.constexpr, LT: tl.constexpr):
+    """fp16 centroids of the 3-bit codes at shift S of units w (2-bit fields) and w2 (high bits): the
+    fields are spread to nibbles (selector bits 0-1 and 2) for one PRMT per byte plane."""
+    pre: tl.constexpr = "shr.u32 a, $1, 8; shr.u32 b, $2, 4;" if S >= 4 else "mov.b32 a, $1; mov.b32 b, $2;"
+    return tl.inline_asm_elementwise(
+        "{.reg .b32 a, b, x, y, s, lo, hi, o; .reg .b16 z; " + pre
+        + "and.b32 a, a, 0xFF; shl.b32 x, a, 4; or.b32 x, x, a; and.b32 x, x, 0x0F0F;"
+        + "shl.b32 y, x, 2; or.b32 x, x, y; and.b32 x, x, 0x3333;"
+        + "and.b32 b, b, 0xF; shl.b32 y, b, 6; or.b32 y, y, b; and.b32 y, y, 0x0303;"
+        + "shl.b32 s, y, 3; or.b32 y, y, s; and.b32 y, y, 0x1111; shl.b32 y, y, 2; or.b32 s, x, y;"
+        + "prmt.b32 lo, " + LT[0] + ", " + LT[1] + ", s; prmt.b32 hi, " + LT[2] + ", " + LT[3] + ", s;"
+        + "prmt.b32 o, lo, hi, " + _PICK[S % 4] + "; mov.b32 {$0, z}, o;}",
+        "=h,r,r", [w, w2], dtype=tl.float16, is_pure=True, pack=1)
+
+
 @triton.jit
 def _sub2(w, w2, tab, tab2, tabr, S: tl.constexpr, BITS: tl.constexpr, TB: tl.constexpr, TP: tl.constexpr,
-          MODE: tl.constexpr):
+          MODE: tl.constexpr, LT: tl.constexpr = 0):
     """Centroids (fp16) of sub-tiles S and S + 1; 4- and 3-bit codes in 'pair' mode: one fp16x2 lookup for
-    both (pair_centroids)."""
-    if MODE == 2 and (BITS == 4 or BITS == 3):
+    both (pair_centroids); in 'asm' mode (LT given): PRMT lookups (_lut4, _lut3)."""
+    if MODE == 3 and BITS == 4:
+        c0 = _lut4(w, S, LT)
+        c1 = _lut4(w, S + 1, LT)
+    elif MODE == 3 and BITS == 3:
+        c0 = _lut3(w, w2, S, LT)
+        c1 = _lut3(w, w2, S + 1, LT)
+    elif MODE >= 2 and (BITS == 4 or BITS == 3):
         x = pair_centroids(w, w2, tab2 + TP, S, BITS)
         c0 = x.to(tl.int16).to(tl.float16, bitcast=True)
         c1 = (x >> 16).to(tl.int16).to(tl.float16, bitcast=True)
@@ -164,25 +212,25 @@ def _qdot(qrow, CO: tl.constexpr, NC: tl.constexpr, c, acc):
 @triton.jit
 def part_scores(qrow, row, tab, tab2, tmask, CH: tl.constexpr, DP: tl.constexpr, BITS: tl.constexpr,
                 PL: tl.constexpr, SC: tl.constexpr, TB: tl.constexpr, TP: tl.constexpr, NC: tl.constexpr,
-                WD: tl.constexpr, MODE: tl.constexpr):
+                WD: tl.constexpr, MODE: tl.constexpr, LT: tl.constexpr):
     """[rows, N] = scale * sum_S q_S . c_S^T over one part's sub-tiles (q columns permuted on the host:
     sub-tile S at CH + S * NC)."""
     NS: tl.constexpr = DP // NC
     w, w2, tabr = _part_units(row, tab, DP, BITS, PL, TB, NC, MODE, WD)
     s = tl.zeros([qrow.shape[0], row.shape[0]], dtype=tl.float32)
-    c0, c1 = _sub2(w, w2, tab, tab2, tabr, 0, BITS, TB, TP, MODE)
+    c0, c1 = _sub2(w, w2, tab, tab2, tabr, 0, BITS, TB, TP, MODE, LT)
     s = _qdot(qrow, CH, NC, c0, s)
     if NS > 1:
         s = _qdot(qrow, CH + NC, NC, c1, s)
     if NS > 2:
-        c2, c3 = _sub2(w, w2, tab, tab2, tabr, 2, BITS, TB, TP, MODE)
+        c2, c3 = _sub2(w, w2, tab, tab2, tabr, 2, BITS, TB, TP, MODE, LT)
         s = _qdot(qrow, CH + 2 * NC, NC, c2, s)
         s = _qdot(qrow, CH + 3 * NC, NC, c3, s)
     if NS > 4:
-        c4, c5 = _sub2(w, w2, tab, tab2, tabr, 4, BITS, TB, TP, MODE)
+        c4, c5 = _sub2(w, w2, tab, tab2, tabr, 4, BITS, TB, TP, MODE, LT)
         s = _qdot(qrow, CH + 4 * NC, NC, c4, s)
         s = _qdot(qrow, CH + 5 * NC, NC, c5, s)
-        c6, c7 = _sub2(w, w2, tab, tab2, tabr, 6, BITS, TB, TP, MODE)
+        c6, c7 = _sub2(w, w2, tab, tab2, tabr, 6, BITS, TB, TP, MODE, LT)
         s = _qdot(qrow, CH + 6 * NC, NC, c6, s)
         s = _qdot(qrow, CH + 7 * NC, NC, c7, s)
     return s * record_scale(row, tmask, SC)[None, :]
@@ -272,10 +320,13 @@ def tile_scores(qrow, k_pool, tab_k, tab_k2, tok_base, tmask,
                 D: tl.constexpr, K_DENSE: tl.constexpr, REC_K: tl.constexpr,
                 KA_CH: tl.constexpr, KA_DP: tl.constexpr, KA_BT: tl.constexpr, KA_PL: tl.constexpr,
                 KA_SC: tl.constexpr, KA_TB: tl.constexpr, KA_TP: tl.constexpr, KA_NC: tl.constexpr, KA_WD: tl.constexpr,
+                KA_LT: tl.constexpr,
                 KB_CH: tl.constexpr, KB_DP: tl.constexpr, KB_BT: tl.constexpr, KB_PL: tl.constexpr,
                 KB_SC: tl.constexpr, KB_TB: tl.constexpr, KB_TP: tl.constexpr, KB_NC: tl.constexpr, KB_WD: tl.constexpr,
+                KB_LT: tl.constexpr,
                 KQ_CH: tl.constexpr, KQ_DP: tl.constexpr, KQ_BT: tl.constexpr, KQ_PL: tl.constexpr,
                 KQ_SC: tl.constexpr, KQ_TB: tl.constexpr, KQ_TP: tl.constexpr, KQ_NC: tl.constexpr, KQ_WD: tl.constexpr,
+                KQ_LT: tl.constexpr,
                 MODE: tl.constexpr, DOT_F32: tl.constexpr):
     """Scores [rows, N] (log2 units) of the prepared queries (rows at qrow) against one tile of cached
     keys; tok_base[N] is the slot index (block * H + h) * BS + offset of each token."""
@@ -290,13 +341,13 @@ def tile_scores(qrow, k_pool, tab_k, tab_k2, tok_base, tmask,
     else:
         row = k_pool + tok_base * REC_K
         qk = part_scores(qrow, row, tab_k, tab_k2, tmask, KA_CH, KA_DP, KA_BT, KA_PL, KA_SC, KA_TB, KA_TP,
-                         KA_NC, KA_WD, MODE)
+                         KA_NC, KA_WD, MODE, KA_LT)
         if KB_DP > 0:
             qk += part_scores(qrow, row, tab_k, tab_k2, tmask, KB_CH, KB_DP, KB_BT, KB_PL, KB_SC, KB_TB, KB_TP,
-                              KB_NC, KB_WD, MODE)
+                              KB_NC, KB_WD, MODE, KB_LT)
         if KQ_DP > 0:
             qk += part_scores(qrow, row, tab_k, tab_k2, tmask, KQ_CH, KQ_DP, KQ_BT, KQ_PL, KQ_SC, KQ_TB, KQ_TP,
-                              KQ_NC, KQ_WD, MODE)
+                              KQ_NC, KQ_WD, MODE, KQ_LT)
     return qk
 
 
@@ -384,18 +435,24 @@ def _decode_split_kernel(
     K_DENSE: tl.constexpr, REC_K: tl.constexpr,
     KA_CH: tl.constexpr, KA_DP: tl.constexpr, KA_BT: tl.constexpr, KA_PL: tl.constexpr,
     KA_SC: tl.constexpr, KA_TB: tl.constexpr, KA_TP: tl.constexpr, KA_NC: tl.constexpr, KA_WD: tl.constexpr,
+                KA_LT: tl.constexpr,
     KB_CH: tl.constexpr, KB_DP: tl.constexpr, KB_BT: tl.constexpr, KB_PL: tl.constexpr,
     KB_SC: tl.constexpr, KB_TB: tl.constexpr, KB_TP: tl.constexpr, KB_NC: tl.constexpr, KB_WD: tl.constexpr,
+                KB_LT: tl.constexpr,
     KQ_CH: tl.constexpr, KQ_DP: tl.constexpr, KQ_BT: tl.constexpr, KQ_PL: tl.constexpr,
     KQ_SC: tl.constexpr, KQ_TB: tl.constexpr, KQ_TP: tl.constexpr, KQ_NC: tl.constexpr, KQ_WD: tl.constexpr,
+                KQ_LT: tl.constexpr,
     V_DENSE: tl.constexpr, REC_V: tl.constexpr,
     VA_CH: tl.constexpr, VA_DP: tl.constexpr, VA_BT: tl.constexpr, VA_PL: tl.constexpr,
     VA_SC: tl.constexpr, VA_TB: tl.constexpr, VA_TP: tl.constexpr, VA_NC: tl.constexpr, VA_WD: tl.constexpr,
+    VA_LT: tl.constexpr,
     VB_CH: tl.constexpr, VB_DP: tl.constexpr, VB_BT: tl.constexpr, VB_PL: tl.constexpr,
     VB_SC: tl.constexpr, VB_TB: tl.constexpr, VB_TP: tl.constexpr, VB_NC: tl.constexpr, VB_WD: tl.constexpr,
+    VB_LT: tl.constexpr,
     VQ_CH: tl.constexpr, VQ_DP: tl.constexpr, VQ_BT: tl.constexpr, VQ_PL: tl.constexpr,
     VQ_SC: tl.constexpr, VQ_TB: tl.constexpr, VQ_TP: tl.constexpr, VQ_NC: tl.constexpr, VQ_WD: tl.constexpr,
-    MODE: tl.constexpr, EARLY_V: tl.constexpr, DOT_F32: tl.constexpr,
+    VQ_LT: tl.constexpr,
+    MODE: tl.constexpr, V_MODE: tl.constexpr, EARLY_V: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -423,11 +480,11 @@ def _decode_split_kernel(
         tok_base = tile_tokens(bt_ptr, b, s_bt, ti, tok, c_end, h, H, BS, BLOCK_N)
         rowv = v_pool + tok_base * REC_V
         if not V_DENSE and EARLY_V:  # the value tile's loads go out with the keys' (one-part values)
-            wa, wa2, ta, sa = part_load(rowv, tab_v, tmask, VA_DP, VA_BT, VA_PL, VA_SC, VA_TB, VA_NC, VA_WD, MODE)
+            wa, wa2, ta, sa = part_load(rowv, tab_v, tmask, VA_DP, VA_BT, VA_PL, VA_SC, VA_TB, VA_NC, VA_WD, V_MODE)
         qk = tile_scores(qrow, k_pool, tab_k, tab_k2, tok_base, tmask, D, K_DENSE, REC_K,
-                         KA_CH, KA_DP, KA_BT, KA_PL, KA_SC, KA_TB, KA_TP, KA_NC, KA_WD,
-                         KB_CH, KB_DP, KB_BT, KB_PL, KB_SC, KB_TB, KB_TP, KB_NC, KB_WD,
-                         KQ_CH, KQ_DP, KQ_BT, KQ_PL, KQ_SC, KQ_TB, KQ_TP, KQ_NC, KQ_WD, MODE, DOT_F32)
+                         KA_CH, KA_DP, KA_BT, KA_PL, KA_SC, KA_TB, KA_TP, KA_NC, KA_WD, KA_LT,
+                         KB_CH, KB_DP, KB_BT, KB_PL, KB_SC, KB_TB, KB_TP, KB_NC, KB_WD, KB_LT,
+                         KQ_CH, KQ_DP, KQ_BT, KQ_PL, KQ_SC, KQ_TB, KQ_TP, KQ_NC, KQ_WD, KQ_LT, MODE, DOT_F32)
         qk = tl.where(tmask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
         alpha = tl.exp2(m_i - m_new)
@@ -437,20 +494,20 @@ def _decode_split_kernel(
             a0 = dense_values(p, alpha, a0, v_pool, tok_base, tmask, D, DOT_F32)
         else:
             if not EARLY_V:
-                wa, wa2, ta, sa = part_load(rowv, tab_v, tmask, VA_DP, VA_BT, VA_PL, VA_SC, VA_TB, VA_NC, VA_WD, MODE)
+                wa, wa2, ta, sa = part_load(rowv, tab_v, tmask, VA_DP, VA_BT, VA_PL, VA_SC, VA_TB, VA_NC, VA_WD, V_MODE)
             a0, a1, a2, a3, a4, a5, a6, a7 = part_values(
                 p, alpha, a0, a1, a2, a3, a4, a5, a6, a7, wa, wa2, ta, sa, tab_v, tab_v2,
-                VA_DP, VA_BT, VA_TB, VA_TP, VA_NC, MODE)
+                VA_DP, VA_BT, VA_TB, VA_TP, VA_NC, V_MODE)
             if VB_DP > 0:
-                wb, wb2, tb, sb = part_load(rowv, tab_v, tmask, VB_DP, VB_BT, VB_PL, VB_SC, VB_TB, VB_NC, VB_WD, MODE)
+                wb, wb2, tb, sb = part_load(rowv, tab_v, tmask, VB_DP, VB_BT, VB_PL, VB_SC, VB_TB, VB_NC, VB_WD, V_MODE)
                 b0, b1, b2, b3, b4, b5, b6, b7 = part_values(
                     p, alpha, b0, b1, b2, b3, b4, b5, b6, b7, wb, wb2, tb, sb, tab_v, tab_v2,
-                    VB_DP, VB_BT, VB_TB, VB_TP, VB_NC, MODE)
+                    VB_DP, VB_BT, VB_TB, VB_TP, VB_NC, V_MODE)
             if VQ_DP > 0:  # prod-type values: the QJL residual term, sign space, scaled by gamma
-                wq, wq2, tq, sq = part_load(rowv, tab_v, tmask, VQ_DP, VQ_BT, VQ_PL, VQ_SC, VQ_TB, VQ_NC, VQ_WD, MODE)
+                wq, wq2, tq, sq = part_load(rowv, tab_v, tmask, VQ_DP, VQ_BT, VQ_PL, VQ_SC, VQ_TB, VQ_NC, VQ_WD, V_MODE)
                 q0, q1, q2, q3, q4, q5, q6, q7 = part_values(
                     p, alpha, q0, q1, q2, q3, q4, q5, q6, q7, wq, wq2, tq, sq, tab_v, tab_v2,
-                    VQ_DP, VQ_BT, VQ_TB, VQ_TP, VQ_NC, MODE)
+                    VQ_DP, VQ_BT, VQ_TB, VQ_TP, VQ_NC, V_MODE)
         m_i = m_new
 
     # the workspace holds the G real rows of each split (the merge reads only splits < n_act)
@@ -599,7 +656,8 @@ def _decode_queries_kernel(q_ptr, rot_ptr, qk_ptr, qs_ptr, scale, s_qb, s_qh, s_
 # host side
 
 MIN_COLS = 32
-PART_KEYS = ("CH", "DP", "BT", "PL", "SC", "TB", "TP", "NC", "WD")
+ASM_COLS = 16  # keys in 'asm' mode: four codes a selector (16-bit 4-bit units, 8-bit 2-bit fields)
+PART_KEYS = ("CH", "DP", "BT", "PL", "SC", "TB", "TP", "NC", "WD", "LT")
 WIDE_LOADS = False  # measured slower on the H200 (the split goes through shared memory): a variant
 
 
@@ -617,11 +675,11 @@ def _align(layout: RecordLayout, offset: int) -> int:
     return a
 
 
-def part_columns(layout: RecordLayout, part: CodePart) -> int:
-    """NC, the columns (units) a part's plane is read as: >= MIN_COLS (tl.dot's smallest K is 16), units
+def part_columns(layout: RecordLayout, part: CodePart, min_cols: int = MIN_COLS) -> int:
+    """NC, the columns (units) a part's plane is read as: >= min_cols (tl.dot's smallest K is 16), units
     of at most 32 bits that the records' alignment allows; NS = dim / NC sub-tiles."""
     pb = 4 if part.bits == 4 else (2 if part.bits >= 2 else 1)
-    nc = min(MIN_COLS, part.dim)
+    nc = min(min_cols, part.dim)
     while nc < part.dim:
         ns = part.dim // nc
         ok = ns * pb <= 32 and (ns * pb < 8 or ns * pb // 8 <= _align(layout, part.planes))
@@ -681,55 +739,74 @@ def _tables(layout: RecordLayout) -> tuple[torch.Tensor, torch.Tensor, dict]:
     return layout.__dict__["_kernel_tables"]
 
 
-def _part(layout: RecordLayout | None, part: CodePart | None) -> tuple:
-    """(channel, dim, bits, planes, scale, table, pair table, columns, load widths) of a part; dim 0 when
-    absent."""
+def lut_words(layout: RecordLayout, part: CodePart) -> tuple:
+    """A 4- or 3-bit part's centroids (fp16) as the PRMT tables of 'asm' lookups (_lut4, _lut3): the low
+    bytes of entries 4i .. 4i + 3 in word i, then the high bytes; 0 for other parts."""
+    if part.bits not in (3, 4):
+        return 0
+    cache = layout.__dict__.setdefault("_kernel_luts", {})  # host copies: not while a graph is captured
+    if part.table not in cache:
+        c = _tables(layout)[0][part.table:part.table + (1 << part.bits)].view(torch.int16).to(torch.int64).cpu()
+        words = []
+        for plane in (c & 0xFF, (c >> 8) & 0xFF):
+            for i in range(0, len(c), 4):
+                words.append(sum(int(plane[i + j]) << (8 * j) for j in range(4)))
+        cache[part.table] = tuple(f"0x{w:08x}" for w in words)
+    return cache[part.table]
+
+
+def _part(layout: RecordLayout | None, part: CodePart | None, min_cols: int = MIN_COLS, lut: bool = False) -> tuple:
+    """(channel, dim, bits, planes, scale, table, pair table, columns, load widths, PRMT tables) of a
+    part; dim 0 when absent."""
     if part is None:
-        return 0, 0, 1, 0, 0, 0, 0, 16, 0
+        return 0, 0, 1, 0, 0, 0, 0, 16, 0, 0
     tp = _tables(layout)[2].get(id(part), 0)
-    nc = part_columns(layout, part)
+    words = lut_words(layout, part) if lut else 0
+    nc = part_columns(layout, part, min_cols if words else MIN_COLS)
     return (part.channel, part.dim, part.bits, part.planes, part.scale, part.table, tp, nc,
-            part_words(layout, part, nc))
+            part_words(layout, part, nc), words)
 
 
-def _side_args(layout: RecordLayout | None, side: str) -> dict:
-    """Kernel constants of one side ('K' or 'V'): dense, or parts A/B (+ QJL) of a layout."""
+def _side_args(layout: RecordLayout | None, side: str, lut: bool = False) -> dict:
+    """Kernel constants of one side ('K' or 'V'): dense, or parts A/B (+ QJL) of a layout; lut: the
+    4- and 3-bit parts read by PRMT lookups, in ASM_COLS columns."""
     out = {f"{side}_DENSE": layout is None, f"REC_{side}": 0 if layout is None else layout.record_bytes}
     parts = (None, None, None) if layout is None else _parts(layout)
     for tag, part in zip("ABQ", parts):
-        out.update(zip((f"{side}{tag}_{x}" for x in PART_KEYS), _part(layout, part)))
+        out.update(zip((f"{side}{tag}_{x}" for x in PART_KEYS), _part(layout, part, ASM_COLS, lut)))
     return out
 
 
-def _k_args(layout: RecordLayout | None, d: int) -> dict:
-    return _side_args(layout, "K")
+def _k_args(layout: RecordLayout | None, d: int, lut: bool = False) -> dict:
+    return _side_args(layout, "K", lut)
 
 
 def _v_args(layout: RecordLayout | None, d: int) -> dict:
     return _side_args(layout, "V")
 
 
-def _q_perm(layout: RecordLayout) -> torch.Tensor:
+def _q_perm(layout: RecordLayout, lut: bool = False) -> torch.Tensor:
     """Column order of the prepared query: new channel CH + S * NC + c <- rotated channel CH + c * NS + S
-    for every part (the QJL part over the channels after d)."""
-    if "_kernel_qperm" not in layout.__dict__:
+    for every part (the QJL part over the channels after d); lut: the key columns of 'asm' lookups."""
+    key = "_kernel_qperm_lut" if lut else "_kernel_qperm"
+    if key not in layout.__dict__:
         perm = list(range(layout.dim + (layout.qjl.dim if layout.qjl is not None else 0)))
         for part in _parts(layout):
             if part is None:
                 continue
-            nc = part_columns(layout, part)
+            nc = _part(layout, part, ASM_COLS, lut)[7]
             ns = part.dim // nc
             for s in range(ns):
                 for c in range(nc):
                     perm[part.channel + s * nc + c] = part.channel + c * ns + s
         p = torch.tensor(perm, device=layout.rotation.device)
         rot = layout.rotation[:, p[:layout.dim], :].contiguous() if layout.qjl is None else None
-        layout.__dict__["_kernel_qperm"] = (p, rot)
-    return layout.__dict__["_kernel_qperm"]
+        layout.__dict__[key] = (p, rot)
+    return layout.__dict__[key]
 
 
 def prepare_queries(q: torch.Tensor, kv_heads: int, scale: float, k_layout: RecordLayout | None,
-                    dense_dtype: torch.dtype, permute: bool = True) -> torch.Tensor:
+                    dense_dtype: torch.dtype, permute: bool = True, lut: bool = False) -> torch.Tensor:
     """q[T, Hq, d] -> the queries the compressed-key tiles read: scaled by scale·log2(e), rotated by
     the key codec (with S q_rot appended for QJL keys), fp16, columns in sub-tile order (_q_perm) or,
     with permute=False, in channel order; or in the dense pool's dtype."""
@@ -744,7 +821,7 @@ def prepare_queries(q: torch.Tensor, kv_heads: int, scale: float, k_layout: Reco
             qq = torch.einsum("thgi,hmi->thgm", q_rot, k_layout.qjl_matrix) * k_layout.qjl_scale
             q_rot = torch.cat([q_rot, qq], -1)
         return q_rot.reshape(t, hq, -1).to(torch.float16).contiguous()
-    perm, rot = _q_perm(k_layout)
+    perm, rot = _q_perm(k_layout, lut)
     if rot is not None:  # the permutation folded into the rotation's rows
         q_rot = torch.einsum("thgi,hoi->thgo", qs.view(t, kv_heads, g, d), rot)
         return q_rot.reshape(t, hq, -1).to(torch.float16).contiguous()
@@ -755,17 +832,18 @@ def prepare_queries(q: torch.Tensor, kv_heads: int, scale: float, k_layout: Reco
 
 
 def decode_queries(q: torch.Tensor, kv_heads: int, scale: float, k_layout: RecordLayout | None,
-                   dense_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                   dense_dtype: torch.dtype, lut: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(the key tiles' queries as `prepare_queries` makes them, q scaled by scale·log2(e) in fp32) for
-    decode queries q[B, Hq, d], in one launch (QJL keys: the torch path)."""
+    decode queries q[B, Hq, d], in one launch (QJL keys: the torch path); lut: columns for 'asm' keys."""
     if k_layout is not None and k_layout.qjl is not None:
-        return prepare_queries(q, kv_heads, scale, k_layout, dense_dtype), (q.float() * (scale * LOG2E)).contiguous()
+        return (prepare_queries(q, kv_heads, scale, k_layout, dense_dtype, lut=lut),
+                (q.float() * (scale * LOG2E)).contiguous())
     bsz, hq, d = q.shape
     g = hq // kv_heads
     q = q if q.stride(2) == 1 else q.contiguous()
     qs = torch.empty(bsz, hq, d, device=q.device, dtype=torch.float32)
     qk = torch.empty(bsz, hq, d, device=q.device, dtype=torch.float16 if k_layout is not None else dense_dtype)
-    rot = _q_perm(k_layout)[1] if k_layout is not None else qs
+    rot = _q_perm(k_layout, lut)[1] if k_layout is not None else qs
     gp = triton.next_power_of_2(g)
     cj = max(1, min(d, QUERY_TILE // (gp * d))) if k_layout is not None else d
     _decode_queries_kernel[(bsz, kv_heads, d // cj)](
@@ -878,8 +956,11 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
     num_warps = num_warps or DEFAULT_WARPS
     k_lay, v_lay = _layouts(view, q.device)
     lookup = lookup or DEFAULT_LOOKUP
+    if lookup == "asm" and INTERPRET:  # inline PTX: compiled GPU code only
+        lookup = "pair"
+    lut = lookup == "asm"
     early_v = early_values(v_lay) if early_v is None else early_v
-    kv_args = {**_k_args(k_lay, d), **_v_args(v_lay, d)}
+    kv_args = {**_k_args(k_lay, d, lut), **_v_args(v_lay, d)}
     max_registers = max_registers or DEFAULT_MAX_REGISTERS
     regs = {"maxnreg": max_registers} if torch.version.hip is None else {}  # a CUDA-only option
     if v.stride() != k.stride() or k.stride(2) != 1:
@@ -892,7 +973,7 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
               max_registers, q.dtype, view.k_pool.dtype, k_hot.dtype, q.device)
     sms = q.device.type == "cuda" and torch.cuda.get_device_properties(q.device).multi_processor_count
     nsplit = num_splits or default_splits(bsz, h, sms or 132, _RESIDENT.get(config))
-    qk, qs = decode_queries(q, h, scale, k_lay, view.k_pool.dtype)
+    qk, qs = decode_queries(q, h, scale, k_lay, view.k_pool.dtype, lut)
     seq_slot = view.seq_slot if has_hot else prefix_lens
     dev = q.device
     dvq = v_lay.qjl.dim if v_lay is not None and v_lay.qjl is not None else 0
@@ -908,7 +989,7 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
         qs, k_hot, v_hot, seq_slot,
         view.sinks, view.window, bt.stride(0), qk.stride(0), qk.stride(1), qs.stride(0), qs.stride(1), *hs,
         H=h, G=g, GP=gp, D=d, BS=bs, BLOCK_N=block_n, NSPLIT=nsplit, NHOT=nhot, BLOCK_H=hot_block,
-        **kv_args, MODE=LOOKUPS[lookup], DOT_F32=INTERPRET, EARLY_V=early_v, num_warps=num_warps, num_stages=num_stages,
+        **kv_args, MODE=LOOKUPS[lookup], V_MODE=min(LOOKUPS[lookup], 2), DOT_F32=INTERPRET, EARLY_V=early_v, num_warps=num_warps, num_stages=num_stages,
         **regs)
     if sms and config not in _RESIDENT:
         _RESIDENT[config] = resident_programs(kernel, num_warps, q.device)
