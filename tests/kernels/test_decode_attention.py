@@ -2,6 +2,7 @@
 kernel-read type, ragged batches around block and window edges, GQA 1/3/4/8, head_dim 64/128/256."""
 
 import math
+import random
 import zlib
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 from tqinfer.kernels import decode_attention, reference
 from tqinfer.kernels.decode_attention import paged_decode_attention
+from tqinfer.quant.registry import make_codec
 
 from .cachegen import BS, DEV, attention64, build_cache, rel_err
 
@@ -126,13 +128,15 @@ def test_decode_is_not_blind():
     assert rel_err(out2, ref) > 1e-2
 
 
-@pytest.mark.parametrize("kw", [dict(lookup="lut"), dict(lookup="pair"), dict(early_v=True), dict(early_v=False),
-                                dict(wide=True)], ids=["lut", "pair", "early", "late", "wide"])
+@pytest.mark.parametrize("kw", [dict(lookup="lut"), dict(lookup="pair"), dict(lookup="mem"), dict(lookup="asm"),
+                                dict(early_v=True), dict(early_v=False), dict(wide=True)],
+                         ids=["lut", "pair", "mem", "asm", "early", "late", "wide"])
 @pytest.mark.parametrize("kt,vt,d", [("tq3.5", "tq4", 64), ("tqp3", "tq1", 64), ("tq4", "tq3.5", 128),
                                     ("tq3", "tq2.5", 64)])
 def test_decode_variants(kt, vt, d, kw, monkeypatch):
-    """The register centroid table, the fp16x2 pair tables (4- and 3-bit codes), value loads issued early or
-    late, and planes read in words split in registers all compute the same."""
+    """The register centroid table, the fp16x2 pair tables (4- and 3-bit codes), L1 gathers, PRMT tables
+    (compiled code only: the interpreter runs "pair" for "asm"), value loads issued early or late, and
+    planes read in words split in registers all compute the same."""
     kw = dict(kw)
     if kw.pop("wide", False):
         monkeypatch.setattr(decode_attention, "WIDE_LOADS", True)
@@ -206,3 +210,53 @@ def test_resident_programs(monkeypatch):
     assert decode_attention.resident_programs(kernel(64), 4, "cuda") == 8
     assert decode_attention.resident_programs(kernel(32, shared=100_000), 4, "cuda") == 2  # shared memory
     assert decode_attention.resident_programs(None, 4, "cuda") is None  # the interpreter returns no kernel
+
+
+def _prmt(a: int, b: int, sel: int) -> int:
+    """PTX prmt.b32 (default mode): byte i of the result is byte (nibble i of sel) & 7 of b:a, or that
+    byte's sign replicated when the nibble's bit 3 is set."""
+    src, out = ((b & 0xFFFFFFFF) << 32) | (a & 0xFFFFFFFF), 0
+    for i in range(4):
+        nib = (sel >> (4 * i)) & 15
+        byte = (src >> (8 * (nib & 7))) & 0xFF
+        out |= ((0xFF if byte & 0x80 else 0) if nib & 8 else byte) << (8 * i)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["tq3.5", "tq4", "tq3"])
+def test_prmt_tables_give_every_codes_centroid(kind):
+    """The 'asm' lookups' tables (lut_words) and their PRMT sequence (_lut4, _lut3, step by step in
+    Python) give each code's fp16 centroid bit for bit, whatever lies above the unit's bits."""
+    from tqinfer.kernels.quantize import record_layout
+    layout = record_layout(make_codec(kind, 64, 2, seed=1), "cpu")
+    pick = [0x40, 0x51, 0x62, 0x73]
+    rng = random.Random(0)
+    for part in layout.parts:
+        cent = layout.tables[part.table:part.table + (1 << part.bits)].to(torch.float16).view(torch.int16)
+        cent = [int(c) & 0xFFFF for c in cent]
+        t = [int(x, 16) for x in decode_attention.lut_words(layout, part)]
+        for _ in range(400):
+            codes = [rng.randrange(1 << part.bits) for _ in range(8)]
+            junk = rng.getrandbits(32)
+            if part.bits == 4:
+                unit = sum(c << (4 * i) for i, c in enumerate(codes)) | (junk << 32)
+            else:
+                lo = sum((c & 3) << (2 * i) for i, c in enumerate(codes)) | (junk << 16)
+                hi = sum((c >> 2) << i for i, c in enumerate(codes)) | (junk << 8)
+            for s in range(8):
+                if part.bits == 4:
+                    u = (unit >> (16 if s >= 4 else 0)) & 0xFFFFFFFF
+                    m = _prmt(0, 0x80808080, (u >> 1) | 0x8888)
+                    sel = u & 0x7777
+                    la, lb, ha, hb = (_prmt(t[i], t[i + 1], sel) for i in (0, 2, 4, 6))
+                    lo_b, hi_b = (la & ~m) | (lb & m), (ha & ~m) | (hb & m)
+                else:
+                    a = (lo >> (8 if s >= 4 else 0)) & 0xFF
+                    b = (hi >> (4 if s >= 4 else 0)) & 0xF
+                    x = ((a << 4) | a) & 0x0F0F
+                    x = ((x << 2) | x) & 0x3333
+                    y = ((b << 6) | b) & 0x0303
+                    y = ((y << 3) | y) & 0x1111
+                    sel = x | (y << 2)
+                    lo_b, hi_b = _prmt(t[0], t[1], sel), _prmt(t[2], t[3], sel)
+                assert _prmt(lo_b, hi_b, pick[s % 4]) & 0xFFFF == cent[codes[s]]

@@ -118,8 +118,8 @@ def pair_centroids(w, w2, tab2, S: tl.constexpr, BITS: tl.constexpr):
     return tl.load(tab2 + idx)
 
 
-# "asm" lookups (MODE 3, keys only, compiled GPU code): the centroid table lives in the instruction
-# stream. PRMT picks bytes out of a register pair by the nibbles of a selector, so the four codes of a
+# "asm" lookups (MODE 3, compiled GPU code only: the interpreter runs "pair"): the centroid table lives
+# in the instruction stream. PRMT picks bytes out of a register pair by the nibbles of a selector, so the four codes of a
 # selector's nibbles map to their centroids' low and high bytes by two PRMTs each (a 16-entry table by
 # two pairs of PRMTs and a per-byte choice on bit 3), and a last PRMT packs code S's two bytes. Every
 # step is elementwise on the loaded units, so Triton builds the sub-tiles straight in the dot operand's
@@ -247,24 +247,24 @@ def part_load(row, tab, tmask, DP: tl.constexpr, BITS: tl.constexpr, PL: tl.cons
 @triton.jit
 def part_values(p, alpha, a0, a1, a2, a3, a4, a5, a6, a7, w, w2, tabr, scale, tab, tab2,
                 DP: tl.constexpr, BITS: tl.constexpr, TB: tl.constexpr, TP: tl.constexpr, NC: tl.constexpr,
-                MODE: tl.constexpr):
+                MODE: tl.constexpr, LT: tl.constexpr):
     """a_S[rows, NC] = alpha * a_S + p . (scale * c_S) for one part's sub-tiles (units from part_load)."""
     NS: tl.constexpr = DP // NC
     pn = (p * scale[None, :]).to(tl.float16)
     al = alpha[:, None]
-    c0, c1 = _sub2(w, w2, tab, tab2, tabr, 0, BITS, TB, TP, MODE)
+    c0, c1 = _sub2(w, w2, tab, tab2, tabr, 0, BITS, TB, TP, MODE, LT)
     a0 = tl.dot(pn, c0, a0 * al)
     if NS > 1:
         a1 = tl.dot(pn, c1, a1 * al)
     if NS > 2:
-        c2, c3 = _sub2(w, w2, tab, tab2, tabr, 2, BITS, TB, TP, MODE)
+        c2, c3 = _sub2(w, w2, tab, tab2, tabr, 2, BITS, TB, TP, MODE, LT)
         a2 = tl.dot(pn, c2, a2 * al)
         a3 = tl.dot(pn, c3, a3 * al)
     if NS > 4:
-        c4, c5 = _sub2(w, w2, tab, tab2, tabr, 4, BITS, TB, TP, MODE)
+        c4, c5 = _sub2(w, w2, tab, tab2, tabr, 4, BITS, TB, TP, MODE, LT)
         a4 = tl.dot(pn, c4, a4 * al)
         a5 = tl.dot(pn, c5, a5 * al)
-        c6, c7 = _sub2(w, w2, tab, tab2, tabr, 6, BITS, TB, TP, MODE)
+        c6, c7 = _sub2(w, w2, tab, tab2, tabr, 6, BITS, TB, TP, MODE, LT)
         a6 = tl.dot(pn, c6, a6 * al)
         a7 = tl.dot(pn, c7, a7 * al)
     return a0, a1, a2, a3, a4, a5, a6, a7
@@ -452,7 +452,7 @@ def _decode_split_kernel(
     VQ_CH: tl.constexpr, VQ_DP: tl.constexpr, VQ_BT: tl.constexpr, VQ_PL: tl.constexpr,
     VQ_SC: tl.constexpr, VQ_TB: tl.constexpr, VQ_TP: tl.constexpr, VQ_NC: tl.constexpr, VQ_WD: tl.constexpr,
     VQ_LT: tl.constexpr,
-    MODE: tl.constexpr, V_MODE: tl.constexpr, EARLY_V: tl.constexpr, DOT_F32: tl.constexpr,
+    MODE: tl.constexpr, EARLY_V: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -480,7 +480,7 @@ def _decode_split_kernel(
         tok_base = tile_tokens(bt_ptr, b, s_bt, ti, tok, c_end, h, H, BS, BLOCK_N)
         rowv = v_pool + tok_base * REC_V
         if not V_DENSE and EARLY_V:  # the value tile's loads go out with the keys' (one-part values)
-            wa, wa2, ta, sa = part_load(rowv, tab_v, tmask, VA_DP, VA_BT, VA_PL, VA_SC, VA_TB, VA_NC, VA_WD, V_MODE)
+            wa, wa2, ta, sa = part_load(rowv, tab_v, tmask, VA_DP, VA_BT, VA_PL, VA_SC, VA_TB, VA_NC, VA_WD, MODE)
         qk = tile_scores(qrow, k_pool, tab_k, tab_k2, tok_base, tmask, D, K_DENSE, REC_K,
                          KA_CH, KA_DP, KA_BT, KA_PL, KA_SC, KA_TB, KA_TP, KA_NC, KA_WD, KA_LT,
                          KB_CH, KB_DP, KB_BT, KB_PL, KB_SC, KB_TB, KB_TP, KB_NC, KB_WD, KB_LT,
@@ -494,20 +494,20 @@ def _decode_split_kernel(
             a0 = dense_values(p, alpha, a0, v_pool, tok_base, tmask, D, DOT_F32)
         else:
             if not EARLY_V:
-                wa, wa2, ta, sa = part_load(rowv, tab_v, tmask, VA_DP, VA_BT, VA_PL, VA_SC, VA_TB, VA_NC, VA_WD, V_MODE)
+                wa, wa2, ta, sa = part_load(rowv, tab_v, tmask, VA_DP, VA_BT, VA_PL, VA_SC, VA_TB, VA_NC, VA_WD, MODE)
             a0, a1, a2, a3, a4, a5, a6, a7 = part_values(
                 p, alpha, a0, a1, a2, a3, a4, a5, a6, a7, wa, wa2, ta, sa, tab_v, tab_v2,
-                VA_DP, VA_BT, VA_TB, VA_TP, VA_NC, V_MODE)
+                VA_DP, VA_BT, VA_TB, VA_TP, VA_NC, MODE, VA_LT)
             if VB_DP > 0:
-                wb, wb2, tb, sb = part_load(rowv, tab_v, tmask, VB_DP, VB_BT, VB_PL, VB_SC, VB_TB, VB_NC, VB_WD, V_MODE)
+                wb, wb2, tb, sb = part_load(rowv, tab_v, tmask, VB_DP, VB_BT, VB_PL, VB_SC, VB_TB, VB_NC, VB_WD, MODE)
                 b0, b1, b2, b3, b4, b5, b6, b7 = part_values(
                     p, alpha, b0, b1, b2, b3, b4, b5, b6, b7, wb, wb2, tb, sb, tab_v, tab_v2,
-                    VB_DP, VB_BT, VB_TB, VB_TP, VB_NC, V_MODE)
+                    VB_DP, VB_BT, VB_TB, VB_TP, VB_NC, MODE, VB_LT)
             if VQ_DP > 0:  # prod-type values: the QJL residual term, sign space, scaled by gamma
-                wq, wq2, tq, sq = part_load(rowv, tab_v, tmask, VQ_DP, VQ_BT, VQ_PL, VQ_SC, VQ_TB, VQ_NC, VQ_WD, V_MODE)
+                wq, wq2, tq, sq = part_load(rowv, tab_v, tmask, VQ_DP, VQ_BT, VQ_PL, VQ_SC, VQ_TB, VQ_NC, VQ_WD, MODE)
                 q0, q1, q2, q3, q4, q5, q6, q7 = part_values(
                     p, alpha, q0, q1, q2, q3, q4, q5, q6, q7, wq, wq2, tq, sq, tab_v, tab_v2,
-                    VQ_DP, VQ_BT, VQ_TB, VQ_TP, VQ_NC, V_MODE)
+                    VQ_DP, VQ_BT, VQ_TB, VQ_TP, VQ_NC, MODE, VQ_LT)
         m_i = m_new
 
     # the workspace holds the G real rows of each split (the merge reads only splits < n_act)
@@ -656,7 +656,9 @@ def _decode_queries_kernel(q_ptr, rot_ptr, qk_ptr, qs_ptr, scale, s_qb, s_qh, s_
 # host side
 
 MIN_COLS = 32
-ASM_COLS = 16  # keys in 'asm' mode: four codes a selector (16-bit 4-bit units, 8-bit 2-bit fields)
+# keys in 'asm' mode: four codes a selector (16-bit units of 4-bit codes, 8-bit units of 2-bit fields);
+# values keep MIN_COLS (16 columns split a [rows, 16] product over 4 warps: each warp redoes the lookups)
+ASM_COLS = 16
 PART_KEYS = ("CH", "DP", "BT", "PL", "SC", "TB", "TP", "NC", "WD", "LT")
 WIDE_LOADS = False  # measured slower on the H200 (the split goes through shared memory): a variant
 
@@ -746,7 +748,7 @@ def lut_words(layout: RecordLayout, part: CodePart) -> tuple:
         return 0
     cache = layout.__dict__.setdefault("_kernel_luts", {})  # host copies: not while a graph is captured
     if part.table not in cache:
-        c = _tables(layout)[0][part.table:part.table + (1 << part.bits)].view(torch.int16).to(torch.int64).cpu()
+        c = layout.tables[part.table:part.table + (1 << part.bits)].to(torch.float16).view(torch.int16).to(torch.int64).cpu()
         words = []
         for plane in (c & 0xFF, (c >> 8) & 0xFF):
             for i in range(0, len(c), 4):
@@ -757,7 +759,8 @@ def lut_words(layout: RecordLayout, part: CodePart) -> tuple:
 
 def _part(layout: RecordLayout | None, part: CodePart | None, min_cols: int = MIN_COLS, lut: bool = False) -> tuple:
     """(channel, dim, bits, planes, scale, table, pair table, columns, load widths, PRMT tables) of a
-    part; dim 0 when absent."""
+    part; dim 0 when absent. lut: 4- and 3-bit parts carry their PRMT tables (lut_words) and are read
+    in min_cols columns."""
     if part is None:
         return 0, 0, 1, 0, 0, 0, 0, 16, 0, 0
     tp = _tables(layout)[2].get(id(part), 0)
@@ -767,22 +770,22 @@ def _part(layout: RecordLayout | None, part: CodePart | None, min_cols: int = MI
             part_words(layout, part, nc), words)
 
 
-def _side_args(layout: RecordLayout | None, side: str, lut: bool = False) -> dict:
+def _side_args(layout: RecordLayout | None, side: str, lut: bool = False, cols: int = MIN_COLS) -> dict:
     """Kernel constants of one side ('K' or 'V'): dense, or parts A/B (+ QJL) of a layout; lut: the
-    4- and 3-bit parts read by PRMT lookups, in ASM_COLS columns."""
+    4- and 3-bit parts read by PRMT lookups (_part), in `cols` columns."""
     out = {f"{side}_DENSE": layout is None, f"REC_{side}": 0 if layout is None else layout.record_bytes}
     parts = (None, None, None) if layout is None else _parts(layout)
     for tag, part in zip("ABQ", parts):
-        out.update(zip((f"{side}{tag}_{x}" for x in PART_KEYS), _part(layout, part, ASM_COLS, lut)))
+        out.update(zip((f"{side}{tag}_{x}" for x in PART_KEYS), _part(layout, part, cols, lut)))
     return out
 
 
 def _k_args(layout: RecordLayout | None, d: int, lut: bool = False) -> dict:
-    return _side_args(layout, "K", lut)
+    return _side_args(layout, "K", lut, ASM_COLS)
 
 
-def _v_args(layout: RecordLayout | None, d: int) -> dict:
-    return _side_args(layout, "V")
+def _v_args(layout: RecordLayout | None, d: int, lut: bool = False) -> dict:
+    return _side_args(layout, "V", lut)
 
 
 def _q_perm(layout: RecordLayout, lut: bool = False) -> torch.Tensor:
@@ -960,7 +963,7 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
         lookup = "pair"
     lut = lookup == "asm"
     early_v = early_values(v_lay) if early_v is None else early_v
-    kv_args = {**_k_args(k_lay, d, lut), **_v_args(v_lay, d)}
+    kv_args = {**_k_args(k_lay, d, lut), **_v_args(v_lay, d, lut)}
     max_registers = max_registers or DEFAULT_MAX_REGISTERS
     regs = {"maxnreg": max_registers} if torch.version.hip is None else {}  # a CUDA-only option
     if v.stride() != k.stride() or k.stride(2) != 1:
@@ -989,7 +992,7 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
         qs, k_hot, v_hot, seq_slot,
         view.sinks, view.window, bt.stride(0), qk.stride(0), qk.stride(1), qs.stride(0), qs.stride(1), *hs,
         H=h, G=g, GP=gp, D=d, BS=bs, BLOCK_N=block_n, NSPLIT=nsplit, NHOT=nhot, BLOCK_H=hot_block,
-        **kv_args, MODE=LOOKUPS[lookup], V_MODE=min(LOOKUPS[lookup], 2), DOT_F32=INTERPRET, EARLY_V=early_v, num_warps=num_warps, num_stages=num_stages,
+        **kv_args, MODE=LOOKUPS[lookup],  DOT_F32=INTERPRET, EARLY_V=early_v, num_warps=num_warps, num_stages=num_stages,
         **regs)
     if sms and config not in _RESIDENT:
         _RESIDENT[config] = resident_programs(kernel, num_warps, q.device)
@@ -1009,7 +1012,9 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
 
 
 DEFAULT_BLOCK_N = 64
-DEFAULT_LOOKUP = "pair"  # H200, B = 1, 128k: tq3.5 270.8 µs against 342.3 ("mem"), tq4 214.7 against 224.9
+# H200, 8B shape, B 1 128k: "asm" tq3.5 211.6 µs, tq4 168.7 against "pair" 232.1, 202.1 (pair against
+# "mem": 270.8 / 342.3 before other changes); B 8 32k 385.1 / 299.4 against 439.9 / 381.4
+DEFAULT_LOOKUP = "asm"
 MAX_SPLITS = 128
 DEFAULT_WARPS = 4
 # ptxas's register cap for the split kernel: tq3.5 at d 128 needs ~140-150 (3 programs a SM), capped it
