@@ -49,12 +49,12 @@ def test_prefill_matches_float64(kt, vt, d, h, g):
     assert rel_err(out, twin) < tol
 
 
-@pytest.mark.parametrize("unit_loads", [True, False, "lut", "pair"], ids=["units", "bytes", "lut", "pairs"])
+@pytest.mark.parametrize("unit_loads", [True, False, "lut", "pair", "asm"], ids=["units", "bytes", "lut", "pairs", "asm"])
 @pytest.mark.parametrize("kt,vt,d", [("tq3.5", "tq4", 64), ("tq3", "tq3.5", 128), ("tq2.5", "tqp3", 64)])
 def test_prefill_lookups_agree(unit_loads, kt, vt, d):
-    """Codes read in whole units with L1 gathers (the default), byte by byte, through a register table,
-    or by fp16x2 pairs (4- and 3-bit parts; a side with other parts keeps whole units): the same
-    attention, against float64."""
+    """Codes read in whole units with L1 gathers, byte by byte, through a register table, by fp16x2 pairs
+    (4- and 3-bit parts; a side with other parts keeps whole units) or by PRMT lookups (the default;
+    compiled code only: the interpreter runs pairs): the same attention, against float64."""
     prefixes, chunks = [45, 30], [9, 20]
     view, kd, vd = build_cache(kt, vt, prefixes, heads=2, d=d, sinks=4, window=8, block_size=BS,
                                dtype=torch.float32, device=DEV, seed=11)

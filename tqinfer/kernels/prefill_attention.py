@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 from . import reference
-from .decode_attention import (INTERPRET, LOG2E, NEG, _hot, _layouts, _tables, hot_attention, kernel_reads,
-                               pair_centroids, prepare_queries)
+from .decode_attention import (INTERPRET, LOG2E, NEG, _hot, _layouts, _lut3, _lut4, _tables, hot_attention,
+                               kernel_reads, lut_words, pair_centroids, prepare_queries)
 from .quantize import CodePart, RecordLayout
 
 # ----------------------------------------------------------------------------------------------------
@@ -52,9 +52,14 @@ def _unit_codes(wp, ws, tab_ptr, S: tl.constexpr, BITS: tl.constexpr, TAB: tl.co
 @triton.jit
 def _leaf(wp, ws, tab_ptr, S: tl.constexpr, BITS: tl.constexpr, TAB: tl.constexpr):
     """A tree's leaf: sub-tile S's centroids, or in pair mode (BITS // 16 == 3) sub-tiles S and S + 1 as
-    fp16x2 pairs from the part's pair table (decode_attention.pair_centroids)."""
+    fp16x2 pairs from the part's pair table (decode_attention.pair_centroids); in asm mode (4) PRMT
+    lookups with the table as immediates (TAB: decode_attention.lut_words)."""
     if BITS // 16 == 3:
         out = pair_centroids(wp, ws, tab_ptr + TAB, S, BITS % 16)
+    elif BITS // 16 == 4 and BITS % 16 == 4:
+        out = _lut4(wp, S, TAB).to(tl.float32)
+    elif BITS // 16 == 4:
+        out = _lut3(wp, ws, S, TAB).to(tl.float32)
     else:
         out = _unit_codes(wp, ws, tab_ptr, S, BITS, TAB)
     return out
@@ -351,6 +356,8 @@ def _unit(layout: RecordLayout, part: CodePart, unit_loads) -> int:
         return 32 + _unit(layout, part, True)
     if unit_loads == "pair":  # fp16x2 pairs of 4- and 3-bit codes (decode_attention._tables)
         return 48 + _unit(layout, part, True)
+    if unit_loads == "asm":  # PRMT lookups of 4- and 3-bit codes (decode_attention._lut4 / _lut3)
+        return 64 + _unit(layout, part, True)
     primary = 4 if part.bits == 4 else (2 if part.bits >= 2 else 1)
     sizes = [part.dim * w // 8 for w in ((2, 1) if part.bits == 3 else (primary,))]
     unit = max(primary, 2)
@@ -364,18 +371,22 @@ def _part(layout: RecordLayout | None, part: CodePart | None, unit_loads: bool) 
     mode the table offset is the part's in the pair table."""
     if part is None:
         return 0, 0, 1, 0, 0, 0
-    table = _tables(layout)[2][id(part)] if unit_loads == "pair" else part.table
+    table = (_tables(layout)[2][id(part)] if unit_loads == "pair" else lut_words(layout, part)
+             if unit_loads == "asm" else part.table)
     return (part.channel, part.dim, part.bits + 16 * _unit(layout, part, unit_loads), part.planes,
             part.scale, table)
 
 
 def _mode(layout: RecordLayout, unit_loads) -> bool | str:
-    """unit_loads="pair" where every part of the side has 4- or 3-bit codes (one table pointer a side);
+    """unit_loads="pair" or "asm" where every part of the side has 4- or 3-bit codes ("asm" only with a
+    3-bit part: over 4-bit codes alone it measured 4% slower than pairs on the H200);
     "lut" where the side has no QJL signs (triton 3.6 fails to compile the register table's gather next
     to them for sm_90: a TritonGPUOptimizeThreadLocality assertion, 2026-11-30); plain units (True)
     otherwise. Other values are kept."""
-    if unit_loads == "pair" and not (layout.qjl is None and all(p.bits in (3, 4) for p in layout.parts)):
+    if unit_loads in ("pair", "asm") and not (layout.qjl is None and all(p.bits in (3, 4) for p in layout.parts)):
         return True
+    if unit_loads == "asm" and all(p.bits == 4 for p in layout.parts):  # measured slower there (tq4)
+        return "pair"
     if unit_loads == "lut" and layout.qjl is not None:
         return True
     return unit_loads
@@ -418,15 +429,16 @@ def _tile_v_args(layout: RecordLayout | None, d: int, unit_loads: bool = True) -
 
 def paged_prefill_attention(q, k, v, cu_q, prefix_lens, view, scale: float, block_m: int | None = None,
                             block_n: int | None = None, out: torch.Tensor | None = None,
-                            num_warps: int | None = None, unit_loads: bool | str = "pair") -> torch.Tensor:
+                            num_warps: int | None = None, unit_loads: bool | str = "asm") -> torch.Tensor:
     """Chunked-prefill attention with the paged_attention signature (kernels/reference.py):
     q[T, Hq, d], k/v[T, H, d] the chunks' own tokens, cu_q[B + 1] chunk bounds, prefix_lens[B].
     Default tiles: 128 query rows (chunk tokens x padded group) and 8 warps over a compressed prefix,
-    64 rows and 4 warps over a dense one (the faster of those measured on the H200). unit_loads: "pair"
-    (the default: fp16x2 pairs of 4- and 3-bit codes, 17% fewer instructions in the tq3.5 tile loop and
-    1.17x (tq3.5) / 1.08x (tq4) faster over a 32k prefix on the H200, 2026-11-30; sides with other
-    parts read whole units), True (codes read in whole units, centroids gathered through L1), False
-    (bytes), "lut" (a register table)."""
+    64 rows and 4 warps over a dense one (the faster of those measured on the H200). unit_loads: "asm"
+    (the default: PRMT lookups of 4- and 3-bit codes, decode_attention._lut4 / _lut3, on sides with a
+    3-bit part, pairs on 4-bit-only sides; H200, 32k prefix + 1024 chunk: tq3.5 5485 -> 4700 µs against
+    pairs; the interpreter runs pairs), "pair" (fp16x2 pairs of 4- and 3-bit codes from L1), True (codes
+    read in whole units, centroids gathered through L1), False (bytes), "lut" (a register table); sides
+    with other parts read whole units."""
     t, hq, d = q.shape
     h = k.shape[1]
     if hq % h:
@@ -440,6 +452,8 @@ def paged_prefill_attention(q, k, v, cu_q, prefix_lens, view, scale: float, bloc
     dense = view.k_codec is None and view.v_codec is None
     block_m = block_m or max(16, (64 if dense else 128) // gp)
     num_warps = num_warps or (4 if dense else 8)
+    if unit_loads == "asm" and INTERPRET:  # inline PTX: compiled GPU code only
+        unit_loads = "pair"
     bs = view.block_size
     block_n = block_n or min(bs, 64)
     if bs % block_n:
