@@ -122,6 +122,11 @@ def cases(quick: bool):
             yield (f"decode {kind} d{d}", decode_attention,
                    ["_decode_split_kernel", "_decode_merge_kernel", "_decode_queries_kernel"],
                    lambda: decode_attention.paged_decode_attention(q, k, k.clone(), one, lens, view, 0.1))
+            if kind != "bf16":
+                yield (f"decode pairs {kind} d{d}", decode_attention,
+                       ["_decode_split_kernel", "_decode_merge_kernel", "_decode_queries_kernel"],
+                       lambda: decode_attention.paged_decode_attention(q, k, k.clone(), one, lens, view, 0.1,
+                                                                       lookup="pair"))
             qp, kp = torch.zeros(64, h * g, d, dtype=x), torch.zeros(64, h, d, dtype=x)
             cu = torch.tensor([0, 64], dtype=torch.int32)
             yield (f"prefill {kind} d{d}", prefill_attention, ["_prefill_kernel"],
