@@ -35,7 +35,7 @@ LOG2E = 1.4426950408889634
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_HEAD_DIM = 128  # wider heads: out of shared memory on an H200 (d = 256 needs 272 KB); torch twin
 NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima, so empty splits merge without NaN
-# centroid lookup: fp16 table in L1, in registers (shuffles), fp16x2 per byte, PRMT (keys; values: pairs)
+# centroid lookup: fp16 table in L1, in registers (shuffles), fp16x2 per byte, PRMT (the CUDA default)
 LOOKUPS = {"mem": 0, "lut": 1, "pair": 2, "asm": 3}
 
 
@@ -119,12 +119,12 @@ def pair_centroids(w, w2, tab2, S: tl.constexpr, BITS: tl.constexpr):
 
 
 # "asm" lookups (MODE 3, compiled GPU code only: the interpreter runs "pair"): the centroid table lives
-# in the instruction stream. PRMT picks bytes out of a register pair by the nibbles of a selector, so the four codes of a
-# selector's nibbles map to their centroids' low and high bytes by two PRMTs each (a 16-entry table by
-# two pairs of PRMTs and a per-byte choice on bit 3), and a last PRMT packs code S's two bytes. Every
-# step is elementwise on the loaded units, so Triton builds the sub-tiles straight in the dot operand's
-# layout (no shared-memory round trip, no L1 gathers); ptxas shares the common steps of a unit's
-# sub-tiles. LT: the table as PRMT words (lut_words).
+# in the instruction stream. PRMT picks bytes out of a register pair by the nibbles of a selector, so
+# the four codes of a selector's nibbles map to their centroids' low and high bytes by one PRMT each
+# (8 entries; 16 entries: two PRMTs and a per-byte choice on bit 3), and a last PRMT packs code S's two
+# bytes. Every step is elementwise on the loaded units and takes no loaded operand, so Triton builds
+# the key sub-tiles straight in the dot operand's layout (no shared-memory round trip, no L1 gathers);
+# ptxas shares the common steps of a unit's sub-tiles. LT: the table as PRMT words (lut_words).
 _PICK = tl.constexpr(("0x40", "0x51", "0x62", "0x73"))
 
 
@@ -161,7 +161,7 @@ def _lut3(w, w2, S: tl.constexpr, LT: tl.constexpr):
 
 @triton.jit
 def _sub2(w, w2, tab, tab2, tabr, S: tl.constexpr, BITS: tl.constexpr, TB: tl.constexpr, TP: tl.constexpr,
-          MODE: tl.constexpr, LT: tl.constexpr = 0):
+          MODE: tl.constexpr, LT: tl.constexpr):
     """Centroids (fp16) of sub-tiles S and S + 1; 4- and 3-bit codes in 'pair' mode: one fp16x2 lookup for
     both (pair_centroids); in 'asm' mode (LT given): PRMT lookups (_lut4, _lut3)."""
     if MODE == 3 and BITS == 4:
@@ -748,7 +748,8 @@ def lut_words(layout: RecordLayout, part: CodePart) -> tuple:
         return 0
     cache = layout.__dict__.setdefault("_kernel_luts", {})  # host copies: not while a graph is captured
     if part.table not in cache:
-        c = layout.tables[part.table:part.table + (1 << part.bits)].to(torch.float16).view(torch.int16).to(torch.int64).cpu()
+        c = layout.tables[part.table:part.table + (1 << part.bits)].to(torch.float16)
+        c = c.view(torch.int16).to(torch.int64).cpu()
         words = []
         for plane in (c & 0xFF, (c >> 8) & 0xFF):
             for i in range(0, len(c), 4):
@@ -992,7 +993,7 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
         qs, k_hot, v_hot, seq_slot,
         view.sinks, view.window, bt.stride(0), qk.stride(0), qk.stride(1), qs.stride(0), qs.stride(1), *hs,
         H=h, G=g, GP=gp, D=d, BS=bs, BLOCK_N=block_n, NSPLIT=nsplit, NHOT=nhot, BLOCK_H=hot_block,
-        **kv_args, MODE=LOOKUPS[lookup],  DOT_F32=INTERPRET, EARLY_V=early_v, num_warps=num_warps, num_stages=num_stages,
+        **kv_args, MODE=LOOKUPS[lookup], DOT_F32=INTERPRET, EARLY_V=early_v, num_warps=num_warps, num_stages=num_stages,
         **regs)
     if sms and config not in _RESIDENT:
         _RESIDENT[config] = resident_programs(kernel, num_warps, q.device)
