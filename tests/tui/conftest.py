@@ -65,9 +65,19 @@ async def idle(pilot) -> None:
     await pilot.pause()
 
 
-async def send(pilot, text: str) -> None:
-    """Type text into the input and press Enter, then wait until the answer or command is done."""
-    screen = pilot.app.screen
-    screen.query_one("#prompt").load_text(text)
+async def submit(pilot, text: str) -> None:
+    """Type text into the input and press Enter."""
+    pilot.app.screen.query_one("#prompt").load_text(text)
     await pilot.press("enter")
+
+
+async def send(pilot, text: str) -> None:
+    """submit, then wait until the answer or command is done."""
+    await submit(pilot, text)
     await idle(pilot)
+
+
+async def send_until_paused(pilot, llm, text: str) -> None:
+    """submit, then wait until the fake engine holds its answer at its pause point."""
+    await submit(pilot, text)
+    await wait_for(pilot, llm.paused.is_set)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from conftest import idle, make_app, ready, send, wait_for
+from conftest import idle, make_app, ready, send, send_until_paused, wait_for
 from fakes import FakeLLM, sampling_params
 from textual.widgets import Label
 
@@ -46,9 +46,7 @@ async def test_answer_is_visible_while_streaming_and_escape_keeps_what_came():
     llm = FakeLLM(reply="one two three four five six", pause_after=3)
     async with make_app(llm).run_test() as pilot:
         screen = await ready(pilot)
-        screen.query_one(PromptInput).load_text("count")
-        await pilot.press("enter")
-        await wait_for(pilot, llm.paused.is_set)
+        await send_until_paused(pilot, llm, "count")
         answer = screen.query_one(AssistantMessage)
         await wait_for(pilot, lambda: answer.source == "one two thre")  # 3 chunks of 4 so far
         assert screen.busy and screen.query_one(PromptInput).border_subtitle == "generating…"
@@ -71,9 +69,7 @@ async def test_escape_before_the_first_token_takes_the_message_back():
     llm = FakeLLM(reply="one two", pause_after=0)
     async with make_app(llm).run_test() as pilot:
         screen = await ready(pilot)
-        screen.query_one(PromptInput).load_text("read this long document")
-        await pilot.press("enter")
-        await wait_for(pilot, llm.paused.is_set)
+        await send_until_paused(pilot, llm, "read this long document")
         await pilot.press("escape")
         llm.gate.set()
         await idle(pilot)
@@ -88,9 +84,7 @@ async def test_ctrl_c_stops_too():
     llm = FakeLLM(reply="a b c d e f g h", pause_after=1)
     async with make_app(llm).run_test() as pilot:
         screen = await ready(pilot)
-        screen.query_one(PromptInput).load_text("go")
-        await pilot.press("enter")
-        await wait_for(pilot, llm.paused.is_set)
+        await send_until_paused(pilot, llm, "go")
         await pilot.press("ctrl+c")
         llm.gate.set()
         await idle(pilot)
@@ -101,9 +95,7 @@ async def test_sending_while_answering_is_refused_and_the_text_kept():
     llm = FakeLLM(reply="slow answer", pause_after=1)
     async with make_app(llm).run_test() as pilot:
         screen = await ready(pilot)
-        screen.query_one(PromptInput).load_text("first")
-        await pilot.press("enter")
-        await wait_for(pilot, llm.paused.is_set)
+        await send_until_paused(pilot, llm, "first")
         screen.query_one(PromptInput).load_text("second")
         await pilot.press("enter")
         await pilot.pause()
@@ -252,9 +244,7 @@ async def test_view_follows_the_answer_until_the_user_scrolls_up():
     async with make_app(llm).run_test(size=(80, 24)) as pilot:
         screen = await ready(pilot)
         view = screen.query_one("#messages")
-        screen.query_one(PromptInput).load_text("count to eighty")
-        await pilot.press("enter")
-        await wait_for(pilot, llm.paused.is_set)
+        await send_until_paused(pilot, llm, "count to eighty")
         await pilot.pause(0.1)
         assert view.max_scroll_y > 10 and view.scroll_y == view.max_scroll_y  # following
         for _ in range(5):

@@ -748,14 +748,19 @@ def lut_words(layout: RecordLayout, part: CodePart) -> tuple:
         return 0
     cache = layout.__dict__.setdefault("_kernel_luts", {})  # host copies: not while a graph is captured
     if part.table not in cache:
-        c = layout.tables[part.table:part.table + (1 << part.bits)].to(torch.float16)
-        c = c.view(torch.int16).to(torch.int64).cpu()
+        c = _tables(layout)[0][part.table:part.table + (1 << part.bits)].view(torch.int16).to(torch.int64).cpu()
         words = []
         for plane in (c & 0xFF, (c >> 8) & 0xFF):
             for i in range(0, len(c), 4):
                 words.append(sum(int(plane[i + j]) << (8 * j) for j in range(4)))
         cache[part.table] = tuple(f"0x{w:08x}" for w in words)
     return cache[part.table]
+
+
+def _columns(layout: RecordLayout, part: CodePart, lut: bool, cols: int) -> int:
+    """A part's columns: `cols` at least where it is read by PRMT lookups (4- and 3-bit codes), else
+    MIN_COLS (part_columns)."""
+    return part_columns(layout, part, cols if lut and part.bits in (3, 4) else MIN_COLS)
 
 
 def _part(layout: RecordLayout | None, part: CodePart | None, min_cols: int = MIN_COLS, lut: bool = False) -> tuple:
@@ -766,7 +771,7 @@ def _part(layout: RecordLayout | None, part: CodePart | None, min_cols: int = MI
         return 0, 0, 1, 0, 0, 0, 0, 16, 0, 0
     tp = _tables(layout)[2].get(id(part), 0)
     words = lut_words(layout, part) if lut else 0
-    nc = part_columns(layout, part, min_cols if words else MIN_COLS)
+    nc = _columns(layout, part, lut, min_cols)
     return (part.channel, part.dim, part.bits, part.planes, part.scale, part.table, tp, nc,
             part_words(layout, part, nc), words)
 
@@ -798,7 +803,7 @@ def _q_perm(layout: RecordLayout, lut: bool = False) -> torch.Tensor:
         for part in _parts(layout):
             if part is None:
                 continue
-            nc = _part(layout, part, ASM_COLS, lut)[7]
+            nc = _columns(layout, part, lut, ASM_COLS)
             ns = part.dim // nc
             for s in range(ns):
                 for c in range(nc):

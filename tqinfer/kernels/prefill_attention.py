@@ -371,8 +371,12 @@ def _part(layout: RecordLayout | None, part: CodePart | None, unit_loads: bool) 
     mode the table offset is the part's in the pair table."""
     if part is None:
         return 0, 0, 1, 0, 0, 0
-    table = (_tables(layout)[2][id(part)] if unit_loads == "pair" else lut_words(layout, part)
-             if unit_loads == "asm" else part.table)
+    if unit_loads == "pair":
+        table = _tables(layout)[2][id(part)]
+    elif unit_loads == "asm":
+        table = lut_words(layout, part)
+    else:
+        table = part.table
     return (part.channel, part.dim, part.bits + 16 * _unit(layout, part, unit_loads), part.planes,
             part.scale, table)
 
