@@ -179,15 +179,14 @@ def _rotate_rows(x_rows, tmask, rot_ptr, CH: tl.constexpr, DP: tl.constexpr, D: 
 
 
 @triton.jit
-def _quantize_part(x_rows, rot_ptr, bnd_ptr, out_row, tmask, CH: tl.constexpr, DP: tl.constexpr,
-                   BITS: tl.constexpr, PLANE: tl.constexpr, SCALE: tl.constexpr, BND: tl.constexpr,
-                   D: tl.constexpr, BT: tl.constexpr, KC: tl.constexpr):
-    y = _rotate_rows(x_rows, tmask, rot_ptr, CH, DP, D, BT, KC)  # [BT, DP] rotated coordinates
+def _quantize_part(y, out_row, tmask, DP: tl.constexpr, BITS: tl.constexpr, PLANE: tl.constexpr,
+                   SCALE: tl.constexpr, BND: tl.constexpr, BT: tl.constexpr):
+    """Codes and norm of one part from its rotated coordinates y[BT, DP], stored; (u, codes, norm)."""
     n = tl.sqrt(tl.sum(y * y, axis=1))
     u = y / tl.where(n > 0, n, 1.0)[:, None]
     code = tl.zeros([BT, DP], dtype=tl.int32)
     for k in tl.static_range((1 << BITS) - 1):
-        code += (u > tl.load(bnd_ptr + BND + k)).to(tl.int32)
+        code += (u > BND[k]).to(tl.int32)  # the boundaries are immediates: no loads after the products
     # planes: widths 4, 2, 1 present in BITS, lowest code bits first
     POS2: tl.constexpr = (BITS // 4) * 4
     POS1: tl.constexpr = POS2 + ((BITS // 2) % 2) * 2
@@ -222,7 +221,7 @@ def _quantize_residual(u, code, n, tab_ptr, s_ptr, out_row, tmask, TAB: tl.const
 
 
 @triton.jit
-def _quantize_kv_kernel(xk_ptr, xv_ptr, slot_ptr, pk_ptr, pv_ptr, rk_ptr, rv_ptr, bk_ptr, bv_ptr, tk_ptr, tv_ptr,
+def _quantize_kv_kernel(xk_ptr, xv_ptr, slot_ptr, pk_ptr, pv_ptr, rk_ptr, rv_ptr, tk_ptr, tv_ptr,
                         sk_ptr, sv_ptr, N, s_t, s_h, s_pos, seq_ptr, src_ptr, new_ptr, nk_ptr, nv_ptr, n_t, n_h,
                         H: tl.constexpr, BS: tl.constexpr, REC: tl.constexpr, D: tl.constexpr,
                         BT: tl.constexpr, KC: tl.constexpr,
@@ -246,11 +245,11 @@ def _quantize_kv_kernel(xk_ptr, xv_ptr, slot_ptr, pk_ptr, pv_ptr, rk_ptr, rv_ptr
         rows = t.to(tl.int64) * s_t
     h = hh % H
     if hh < H:
-        _quantize_rows(xk_ptr + rows, t, tmask, slot_ptr, pk_ptr, rk_ptr, bk_ptr, tk_ptr, sk_ptr, s_h, h,
+        _quantize_rows(xk_ptr + rows, t, tmask, slot_ptr, pk_ptr, rk_ptr, tk_ptr, sk_ptr, s_h, h,
                        H, BS, REC, D, BT, KC, CH_A, D_A, BITS_A, PL_A, SC_A, BND_A, TAB_A,
                        CH_B, D_B, BITS_B, PL_B, SC_B, BND_B, M_Q, PL_Q, SC_Q)
     else:
-        _quantize_rows(xv_ptr + rows, t, tmask, slot_ptr, pv_ptr, rv_ptr, bv_ptr, tv_ptr, sv_ptr, s_h, h,
+        _quantize_rows(xv_ptr + rows, t, tmask, slot_ptr, pv_ptr, rv_ptr, tv_ptr, sv_ptr, s_h, h,
                        H, BS, REC, D, BT, KC, CH_A, D_A, BITS_A, PL_A, SC_A, BND_A, TAB_A,
                        CH_B, D_B, BITS_B, PL_B, SC_B, BND_B, M_Q, PL_Q, SC_Q)
     if HOT:
@@ -267,7 +266,7 @@ def _quantize_kv_kernel(xk_ptr, xv_ptr, slot_ptr, pk_ptr, pv_ptr, rk_ptr, rv_ptr
 
 
 @triton.jit
-def _quantize_rows(x_rows, t, tmask, slot_ptr, pool_ptr, rot_ptr, bnd_ptr, tab_ptr, s_ptr, sx_h, h,
+def _quantize_rows(x_rows, t, tmask, slot_ptr, pool_ptr, rot_ptr, tab_ptr, s_ptr, sx_h, h,
                    H: tl.constexpr, BS: tl.constexpr, REC: tl.constexpr, D: tl.constexpr,
                    BT: tl.constexpr, KC: tl.constexpr,
                    CH_A: tl.constexpr, D_A: tl.constexpr, BITS_A: tl.constexpr, PL_A: tl.constexpr,
@@ -282,25 +281,43 @@ def _quantize_rows(x_rows, t, tmask, slot_ptr, pool_ptr, rot_ptr, bnd_ptr, tab_p
     off = slot % BS
     out_row = pool_ptr + ((blk * H + h) * BS + off) * REC
     rot_h = rot_ptr + h * D * D
-    u, code, n = _quantize_part(x_head, rot_h, bnd_ptr, out_row, tmask, CH_A, D_A, BITS_A, PL_A, SC_A,
-                                BND_A, D, BT, KC)
+    if D_B == D_A and CH_B == CH_A + D_A:  # two halves (tq3.5, tq2.5): one pass of products for both
+        y = tl.reshape(_rotate_rows(x_head, tmask, rot_h, CH_A, 2 * D_A, D, BT, KC), [BT, 2, D_A])
+        ya, yb = tl.split(tl.permute(y, (0, 2, 1)))
+    else:
+        ya = _rotate_rows(x_head, tmask, rot_h, CH_A, D_A, D, BT, KC)
+        yb = ya
+        if D_B > 0:
+            yb = _rotate_rows(x_head, tmask, rot_h, CH_B, D_B, D, BT, KC)
+    u, code, n = _quantize_part(ya, out_row, tmask, D_A, BITS_A, PL_A, SC_A, BND_A, BT)
     if D_B > 0:
-        _quantize_part(x_head, rot_h, bnd_ptr, out_row, tmask, CH_B, D_B, BITS_B, PL_B, SC_B, BND_B, D, BT,
-                       KC)
+        _quantize_part(yb, out_row, tmask, D_B, BITS_B, PL_B, SC_B, BND_B, BT)
     if M_Q > 0:
         _quantize_residual(u, code, n, tab_ptr, s_ptr + h * M_Q * D, out_row, tmask, TAB_A, M_Q, PL_Q,
                            SC_Q, D, BT, KC)
 
 
-def _part_args(layout: RecordLayout) -> dict[str, int]:
+def bound_values(layout: RecordLayout, part: CodePart) -> tuple[float, ...]:
+    """A part's inner boundaries as Python floats (exact fp32 values), the kernel's immediates; kept on
+    the layout (a host copy: not while a CUDA graph is captured)."""
+    cache = layout.__dict__.setdefault("_kernel_bounds", {})
+    if part.bounds not in cache:
+        cache[part.bounds] = tuple(layout.boundaries[part.bounds:part.bounds + (1 << part.bits) - 1].tolist())
+    return cache[part.bounds]
+
+
+def _part_args(layout: RecordLayout) -> dict:
     """Kernel constants of parts A and B (B of width 0 when absent) and the QJL part (M_Q 0 if none)."""
     a = layout.parts[0]
-    b = layout.parts[1] if len(layout.parts) > 1 else CodePart(0, 0, 1, 0, 0, 0, 0)
+    b = layout.parts[1] if len(layout.parts) > 1 else None
     q = layout.qjl or CodePart(0, 0, 1, 0, 0, 0, 0)
-    return dict(CH_A=a.channel, D_A=a.dim, BITS_A=a.bits, PL_A=a.planes, SC_A=a.scale, BND_A=a.bounds,
-                TAB_A=a.table,
-                CH_B=b.channel, D_B=b.dim, BITS_B=b.bits, PL_B=b.planes, SC_B=b.scale, BND_B=b.bounds,
-                M_Q=q.dim, PL_Q=q.planes, SC_Q=q.scale)
+    args = dict(CH_A=a.channel, D_A=a.dim, BITS_A=a.bits, PL_A=a.planes, SC_A=a.scale,
+                BND_A=bound_values(layout, a), TAB_A=a.table,
+                CH_B=0, D_B=0, BITS_B=1, PL_B=0, SC_B=0, BND_B=(0.0,), M_Q=q.dim, PL_Q=q.planes, SC_Q=q.scale)
+    if b is not None:
+        args.update(CH_B=b.channel, D_B=b.dim, BITS_B=b.bits, PL_B=b.planes, SC_B=b.scale,
+                    BND_B=bound_values(layout, b))
+    return args
 
 
 def write_tokens(codec, x: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor) -> None:
@@ -334,9 +351,9 @@ KC = 32
 
 
 def _tensors(layout: RecordLayout) -> tuple[torch.Tensor, ...]:
-    """The kernel's per-layout tensors: rotation, boundaries, tables, QJL matrix (tables if none)."""
+    """The kernel's per-layout tensors: rotation, tables, QJL matrix (tables if none)."""
     s_mat = layout.qjl_matrix if layout.qjl is not None else layout.tables
-    return layout.rotation, layout.boundaries, layout.tables, s_mat
+    return layout.rotation, layout.tables, s_mat
 
 
 def _same_layout(k_codec, v_codec, device) -> bool:
@@ -361,13 +378,13 @@ def _kv_launch(k_codec, v_codec, xk, xv, k_pool, v_pool, slots, n, strides, hot=
     h, d = k_pool.shape[1], xk.shape[-1]
     layout = record_layout(k_codec, xk.device)
     _check_pools(k_codec.name, layout, h, k_pool, v_pool)
-    rk, bk, tk, sk = _tensors(layout)
-    rv, bv, tv, sv = (rk, bk, tk, sk) if v_codec is None else _tensors(record_layout(v_codec, xk.device))
+    rk, tk, sk = _tensors(layout)
+    rv, tv, sv = (rk, tk, sk) if v_codec is None else _tensors(record_layout(v_codec, xk.device))
     seq, src, new, nk, nv = hot if hot is not None else (slots, slots, slots, xk, xv)
     parts = _part_args(layout)
     kc = min(KC, d, parts["M_Q"] or d)  # a step no wider than the matrices it walks
     _quantize_kv_kernel[(triton.cdiv(n, BT), h if v_codec is None else 2 * h)](
-        xk, xv, slots.to(torch.int64), k_pool, v_pool, rk, rv, bk, bv, tk, tv, sk, sv, n, *strides, seq, src, new,
+        xk, xv, slots.to(torch.int64), k_pool, v_pool, rk, rv, tk, tv, sk, sv, n, *strides, seq, src, new,
         nk, nv, nk.stride(0), nk.stride(1), H=h, BS=k_pool.shape[2], REC=layout.record_bytes, D=d, BT=BT,
         KC=kc, HOT=hot is not None, **parts)
 
