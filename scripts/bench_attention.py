@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
+from tqinfer.cache.dense import causal_mask
 from tqinfer.cache.paged import LayerCacheView
 from tqinfer.kernels import reference
 from tqinfer.kernels.decode_attention import paged_decode_attention
@@ -196,8 +197,9 @@ def sweep(shape, b, t, kind, configs):
     return rows
 
 
-def check_prefill(shape: str, kinds, t=3000):
-    """Prefill kernel vs torch twin on the GPU: two ragged chunks over compressed prefixes."""
+def check_prefill(shape: str, kinds, t=3000, method="fused"):
+    """Prefill (the fused kernel, or the default path: decode + SDPA where it applies) vs torch twin on
+    the GPU: two ragged chunks over compressed prefixes."""
     hq, h, d = SHAPES[shape]
     rows = []
     for kind in kinds:
@@ -209,7 +211,7 @@ def check_prefill(shape: str, kinds, t=3000):
         k = torch.randn(377, h, d, device=DEV, dtype=torch.bfloat16)
         v = torch.randn_like(k)
         out = torch.full_like(q, float("nan"))
-        paged_prefill_attention(q, k, v, cu, pl, view, 1 / math.sqrt(d), out=out)
+        paged_prefill_attention(q, k, v, cu, pl, view, 1 / math.sqrt(d), out=out, method=method)
         twin = reference.paged_attention(q, k, v, cu, pl, view, 1 / math.sqrt(d))
         err = float((out.float() - twin.float()).norm() / twin.float().norm())
         rows.append((kind, err, bool(torch.isfinite(out).all())))
@@ -218,7 +220,9 @@ def check_prefill(shape: str, kinds, t=3000):
 
 def bench_prefill(shape, prefix, chunk, kinds, results, configs=None):
     """One sequence: a chunk of `chunk` new tokens over `prefix` cached tokens, vs SDPA bf16 over the
-    same keys (contiguous; no mask: the chunk's causal triangle is < 1% of the work)."""
+    same keys (contiguous; no mask: the chunk's causal triangle is < 1% of the work) and with the
+    dense cache's causal mask. Compressed types: the fused kernel (configs; CUDA-graph replay) and the
+    default path (decode + SDPA, eager: it builds host-side row indices; do_bench, L2 flushed)."""
     hq, h, d = SHAPES[shape]
     scale = 1 / math.sqrt(d)
     q = torch.randn(chunk, hq, d, device=DEV, dtype=torch.bfloat16)
@@ -231,16 +235,23 @@ def bench_prefill(shape, prefix, chunk, kinds, results, configs=None):
     vv = torch.randn_like(kk)
     q4 = q.transpose(0, 1).unsqueeze(0)
     row["sdpa_us"] = graph_time(lambda: F.scaled_dot_product_attention(q4, kk, vv, enable_gqa=True))
+    mask = causal_mask(prefix, chunk, None, DEV)
+    row["sdpa_mask_us"] = graph_time(lambda: F.scaled_dot_product_attention(q4, kk, vv, attn_mask=mask, enable_gqa=True))
     del kk, vv
     for kind in kinds:
         view = make_cache(kind, 1, prefix, h, d)
         out = torch.empty_like(q)
         best = None
         for cfg in (configs or {}).get(kind, ({},)):
-            us = graph_time(lambda: paged_prefill_attention(q, k, v, cu, pl, view, scale, out=out, **cfg))
+            us = graph_time(lambda: paged_prefill_attention(q, k, v, cu, pl, view, scale, out=out, method="fused",
+                                                            **cfg))
             row[f"{kind}_us_{json.dumps(cfg)}"] = us
             best = us if best is None else min(best, us)
         row[f"{kind}_us"] = best
+        if kind != "bf16":
+            row[f"{kind}_path_us"] = do_bench(lambda: paged_prefill_attention(
+                q, k, v, cu, pl, view, scale, out=out, prefix_list=[prefix], chunk_list=[chunk]),
+                warmup=25, rep=200, return_mode="median") * 1e3
         del view
         torch.cuda.empty_cache()
     results.append(row)
@@ -248,11 +259,15 @@ def bench_prefill(shape, prefix, chunk, kinds, results, configs=None):
 
 
 def prefill_table(results, kinds):
-    lines = ["| shape | prefix | chunk | SDPA bf16 µs | " + " | ".join(f"{k} µs (× SDPA)" for k in kinds) + " |",
-             "|" + "---|" * (4 + len(kinds))]
+    comp = [k for k in kinds if k != "bf16"]
+    lines = ["| shape | prefix | chunk | SDPA bf16 µs (with the causal mask) | "
+             + " | ".join(f"{k} µs (× SDPA)" for k in kinds) + " | "
+             + " | ".join(f"{k} default path µs (× SDPA)" for k in comp) + " |",
+             "|" + "---|" * (4 + len(kinds) + len(comp))]
     for r in results:
-        cells = [r["shape"], f"{r['prefix'] // 1024}k", str(r["chunk"]), f"{r['sdpa_us']:.0f}"]
+        cells = [r["shape"], f"{r['prefix'] // 1024}k", str(r["chunk"]), f"{r['sdpa_us']:.0f} ({r['sdpa_mask_us']:.0f})"]
         cells += [f"{r[k + '_us']:.0f} ({r['sdpa_us'] / r[k + '_us']:.2f}×)" for k in kinds]
+        cells += [f"{r[k + '_path_us']:.0f} ({r['sdpa_us'] / r[k + '_path_us']:.2f}×)" for k in comp]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -298,6 +313,7 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--decode-only", action="store_true",
                     help="the decode rows alone (no dequantize + SDPA, prefill rows or variant sweep)")
+    ap.add_argument("--prefill-only", action="store_true", help="the prefill rows alone")
     ap.add_argument("--baseline", default=None,
                     help="a copy of kernels/decode_attention.py to time next to the current decode kernel")
     args = ap.parse_args()
@@ -313,10 +329,11 @@ def main():
         for kind, err, finite in check_decode(shape, kinds + ["tq3", "tq2.5", "tqp3"]):
             checks.append((shape, kind, err, finite))
             log(f"  decode {shape} {kind}: rel err {err:.2e} finite={finite}")
-    for shape, pk in (("llama3-8b", ["tq3.5", "bf16", "tqp3"]), ("smollm2-135m", ["tq3.5"])):
-        for kind, err, finite in check_prefill(shape, pk):
-            checks.append((shape, "prefill " + kind, err, finite))
-            log(f"  prefill {shape} {kind}: rel err {err:.2e} finite={finite}")
+    for shape, pk in (("llama3-8b", ["tq3.5", "tq4", "bf16", "tqp3"]), ("smollm2-135m", ["tq3.5"])):
+        for method in ("fused", "auto"):
+            for kind, err, finite in check_prefill(shape, pk, method=method):
+                checks.append((shape, f"prefill {method} {kind}", err, finite))
+                log(f"  prefill {method} {shape} {kind}: rel err {err:.2e} finite={finite}")
     bad = [c for c in checks if not (c[3] and c[2] < 2e-2)]
     if bad:
         log("CORRECTNESS FAILED:", bad)
@@ -325,7 +342,9 @@ def main():
           f"{len(checks)} (shape, type) pairs", flush=True)
 
     results = []
-    if args.quick:
+    if args.prefill_only:
+        grid = []
+    elif args.quick:
         grid = [("smollm2-135m", 1, 4 * 1024), ("llama3-8b", 1, 32 * 1024), ("llama3-8b", 1, 128 * 1024),
                 ("llama3-8b", 8, 32 * 1024)]
     else:
@@ -342,10 +361,20 @@ def main():
     if baseline is not None:
         print(f"\nBefore ({args.baseline}) / after (the working tree's kernel), same caches, same process:\n")
         print(baseline_table(results, kinds), flush=True)
-    if args.decode_only:
+    if args.decode_only or args.prefill_only:
+        presults = []
+        if args.prefill_only:
+            for shape, prefix, chunk in (("llama3-8b", 32768, 1024), ("llama3-8b", 32768, 2048),
+                                         ("llama3-8b", 131072, 2048), ("smollm2-135m", 32768, 2048)):
+                bench_prefill(shape, prefix, chunk, kinds, presults, {})
+            print("\nPrefill attention: one sequence, a chunk over a cached prefix (compressed: sinks 4 + window "
+                  "128 bf16); the fused kernel (default tiles, CUDA-graph replay) and the default path "
+                  "(decode + SDPA, eager); SDPA bf16 over the same keys, contiguous, no mask (with the dense "
+                  "cache's causal mask)\n")
+            print(prefill_table(presults, kinds), flush=True)
         if args.json:
             with open(args.json, "w") as f:
-                json.dump(dict(results=results, checks=checks), f, indent=1)
+                json.dump(dict(results=results, prefill=presults, checks=checks), f, indent=1)
         print(f"\n{time.time() - t0:.0f} s")
         return
 

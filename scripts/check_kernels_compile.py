@@ -38,6 +38,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from tqinfer.cache.paged import LayerCacheView  # noqa: E402
 from tqinfer.kernels import decode_attention, fused_triton, prefill_attention, quantize  # noqa: E402
+from tqinfer.kernels.quantize import record_layout  # noqa: E402
 from tqinfer.quant.registry import make_codec  # noqa: E402
 
 POINTERS = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.uint8: "*u8",
@@ -130,12 +131,18 @@ def cases(quick: bool):
             qp, kp = torch.zeros(64, h * g, d, dtype=x), torch.zeros(64, h, d, dtype=x)
             cu = torch.tensor([0, 64], dtype=torch.int32)
             yield (f"prefill {kind} d{d}", prefill_attention, ["_prefill_kernel"],
-                   lambda: prefill_attention.paged_prefill_attention(qp, kp, kp.clone(), cu, lens, view, 0.1))
+                   lambda: prefill_attention.paged_prefill_attention(qp, kp, kp.clone(), cu, lens, view, 0.1,
+                                                                     method="fused"))
             if kind == "bf16":
                 continue
             yield (f"prefill pairs {kind} d{d}", prefill_attention, ["_prefill_kernel"],
                    lambda: prefill_attention.paged_prefill_attention(qp, kp, kp.clone(), cu, lens, view, 0.1,
-                                                                     unit_loads="pair"))
+                                                                     unit_loads="pair", method="fused"))
+            if view.k_codec is not None and record_layout(view.k_codec, "cpu").qjl is None:
+                lay = record_layout(view.k_codec, "cpu")
+                yield (f"dequantize {kind} d{d}", prefill_attention, ["_dequant_kernel"],
+                       lambda: prefill_attention.dequantize_records(view.k_pool, lay, view.block_table[0], 4, 100,
+                                                                    torch.zeros(h, 100, d, dtype=x)))
             xs, slots = torch.zeros(3, h, d, dtype=x), torch.arange(3)
             yield (f"quantize {kind} d{d}", quantize, ["_quantize_kv_kernel"],
                    lambda: (quantize.write_tokens(view.k_codec, xs, view.k_pool, slots),

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from tqinfer.kernels import reference
-from tqinfer.kernels.prefill_attention import paged_prefill_attention
+from tqinfer.kernels import prefill_attention
+from tqinfer.kernels.prefill_attention import paged_prefill_attention, sdpa_prefill
 
 from .cachegen import BS, DEV, attention64, build_cache, rel_err
 
@@ -24,10 +25,8 @@ CASES = [  # k type, v type, head_dim, KV heads, group size
 ]
 
 
-@pytest.mark.parametrize("kt,vt,d,h,g", CASES, ids=[f"{c[0]}-{c[1]}-d{c[2]}-h{c[3]}-g{c[4]}" for c in CASES])
-def test_prefill_matches_float64(kt, vt, d, h, g):
-    prefixes = [0, 17, 40, 5]
-    chunks = [19, 1, 37, 3]  # a chunk longer than two query tiles, single tokens, ragged
+def _prefill_case(kt, vt, d, h, g, prefixes, chunks):
+    """A cache holding `prefixes` (sinks 4, window 8) and the chunks' q, k, v, bounds and scale."""
     seed = zlib.crc32(f"{kt}{vt}{d}{h}{g}".encode()) % 1000
     view, kd, vd = build_cache(kt, vt, prefixes, heads=h, d=d, sinks=4, window=8, block_size=BS,
                                dtype=torch.float32, device=DEV, seed=seed)
@@ -38,9 +37,18 @@ def test_prefill_matches_float64(kt, vt, d, h, g):
     v = torch.randn(t, h, d, generator=gen).to(DEV)
     cu = torch.tensor([0] + list(torch.tensor(chunks).cumsum(0)), dtype=torch.int32, device=DEV)
     pl = torch.tensor(prefixes, dtype=torch.int32, device=DEV)
-    scale = 1 / math.sqrt(d)
+    return view, kd, vd, q, k, v, cu, pl, 1 / math.sqrt(d)
+
+
+@pytest.mark.parametrize("method", ["fused", "auto"])
+@pytest.mark.parametrize("kt,vt,d,h,g", CASES, ids=[f"{c[0]}-{c[1]}-d{c[2]}-h{c[3]}-g{c[4]}" for c in CASES])
+def test_prefill_matches_float64(kt, vt, d, h, g, method):
+    """The fused kernel, and the default path (sdpa_prefill where it applies: MSE types on both sides)."""
+    prefixes = [0, 17, 40, 5]
+    chunks = [19, 1, 37, 3]  # a chunk longer than two query tiles, single tokens, ragged
+    view, kd, vd, q, k, v, cu, pl, scale = _prefill_case(kt, vt, d, h, g, prefixes, chunks)
     out = torch.full_like(q, float("nan"))
-    paged_prefill_attention(q, k, v, cu, pl, view, scale, block_m=16 if g < 4 else 8, out=out)
+    paged_prefill_attention(q, k, v, cu, pl, view, scale, block_m=16 if g < 4 else 8, out=out, method=method)
     ref = attention64(q, k, v, cu, prefixes, kd, vd, scale)
     assert torch.isfinite(out).all(), "unwritten or non-finite outputs"
     tol = 1e-5 if (kt, vt) == ("bf16", "bf16") and DEV == "cpu" else 3e-3
@@ -67,6 +75,62 @@ def test_prefill_lookups_agree(unit_loads, kt, vt, d):
     pl = torch.tensor(prefixes, dtype=torch.int32, device=DEV)
     out = torch.full_like(q, float("nan"))
     scale = 1 / math.sqrt(d)
-    paged_prefill_attention(q, k, v, cu, pl, view, scale, block_m=8, out=out, unit_loads=unit_loads)
+    paged_prefill_attention(q, k, v, cu, pl, view, scale, block_m=8, out=out, unit_loads=unit_loads, method="fused")
     assert torch.isfinite(out).all()
     assert rel_err(out, attention64(q, k, v, cu, prefixes, kd, vd, scale)) < 3e-3
+
+
+@pytest.mark.parametrize("kt,vt,d,h,g", [c for c in CASES if c[0] != "bf16" and "tqp" not in c[0] + c[1]])
+def test_sdpa_prefill_matches_float64(kt, vt, d, h, g):
+    """The decode-then-SDPA path runs (it is not the fused kernel answering) and agrees with float64:
+    prefixes with records, prefixes inside the hot window, a chunk without prefix."""
+    prefixes, chunks = [0, 17, 40, 5, 90], [19, 1, 37, 3, 6]
+    view, kd, vd, q, k, v, cu, pl, scale = _prefill_case(kt, vt, d, h, g, prefixes, chunks)
+    out = torch.full_like(q, float("nan"))
+    assert sdpa_prefill(q, k, v, view, scale, prefixes, chunks, out) is out
+    assert torch.isfinite(out).all(), "unwritten or non-finite outputs"
+    assert rel_err(out, attention64(q, k, v, cu, prefixes, kd, vd, scale)) < 3e-3
+
+
+def test_sdpa_prefill_declines(monkeypatch):
+    """QJL (prod) types, dense keys, and a prefix over the buffer budget are left to the fused kernel."""
+    for kt, vt in (("tqp3", "tqp3"), ("bf16", "tq3.5"), ("tq3.5", "tqp3")):
+        view, _, _, q, k, v, _, _, scale = _prefill_case(kt, vt, 64, 1, 2, [30], [5])
+        assert sdpa_prefill(q, k, v, view, scale, [30], [5], torch.empty_like(q)) is None, (kt, vt)
+    view, _, _, q, k, v, _, _, scale = _prefill_case("tq3.5", "tq3.5", 64, 1, 2, [30], [5])
+    monkeypatch.setattr(prefill_attention, "SCRATCH_BYTES", 2 * 64 * 35 * 4 - 1)  # one byte short (fp32)
+    assert sdpa_prefill(q, k, v, view, scale, [30], [5], torch.empty_like(q)) is None
+    monkeypatch.setattr(prefill_attention, "SCRATCH_BYTES", 2 * 64 * 35 * 4)
+    assert sdpa_prefill(q, k, v, view, scale, [30], [5], torch.empty_like(q)) is not None
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="flash attention in half types: the GPU path")
+@pytest.mark.parametrize("kt", ["tq3.5", "tq4"])
+def test_sdpa_prefill_flash_matches_masked_and_float64(kt, monkeypatch):
+    """In bf16 on the GPU the prefix and the chunk go through flash attention (the calls are counted),
+    merged by their log-sum-exps: equal to the one masked SDPA call (flash refused) and to float64 within
+    bf16 rounding."""
+    prefixes, chunks = [300, 17, 90], [64, 1, 130]
+    seed = zlib.crc32(kt.encode()) % 1000
+    view, kd, vd = build_cache(kt, kt, prefixes, heads=2, d=128, sinks=4, window=8, block_size=BS,
+                               dtype=torch.bfloat16, device=DEV, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    t = sum(chunks)
+    q = torch.randn(t, 8, 128, generator=gen).to(DEV, torch.bfloat16)
+    k = (torch.randn(t, 2, 128, generator=gen) * 2).to(DEV, torch.bfloat16)
+    v = torch.randn(t, 2, 128, generator=gen).to(DEV, torch.bfloat16)
+    cu = torch.tensor([0] + list(torch.tensor(chunks).cumsum(0)), dtype=torch.int32, device=DEV)
+    calls, real = [], prefill_attention._flash_lse
+    monkeypatch.setattr(prefill_attention, "_flash_lse", lambda *a: calls.append(1) or real(*a))
+    out = torch.full_like(q, float("nan"))
+    assert sdpa_prefill(q, k, v, view, 1 / math.sqrt(128), prefixes, chunks, out) is out
+    assert len(calls) == 2 * len(prefixes) and torch.isfinite(out).all()
+
+    def refuse(*a):
+        raise RuntimeError("no flash kernel")
+
+    monkeypatch.setattr(prefill_attention, "_flash_lse", refuse)
+    masked = sdpa_prefill(q, k, v, view, 1 / math.sqrt(128), prefixes, chunks, torch.full_like(q, float("nan")))
+    assert rel_err(out.float(), masked.float()) < 1e-2
+    ref = attention64(q.double(), k.double(), v.double(), cu, prefixes, kd, vd, 1 / math.sqrt(128))
+    assert rel_err(out.float(), ref) < 2e-2

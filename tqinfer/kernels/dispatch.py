@@ -25,6 +25,8 @@ def paged_attention(q, k, v, cu_q, prefix_lens, view, scale, window=None, prefix
                 from tqinfer.kernels.prefill_attention import paged_prefill_attention as kernel
         except ImportError:
             kernel = None
+        if kernel is not None and kernel.__name__ == "paged_prefill_attention":
+            return kernel(q, k, v, cu_q, prefix_lens, view, scale, prefix_list=prefix_list, chunk_list=chunk_list)
         if kernel is not None:
             return kernel(q, k, v, cu_q, prefix_lens, view, scale)
     return reference.paged_attention(q, k, v, cu_q, prefix_lens, view, scale, window, prefix_list, chunk_list)

@@ -341,6 +341,30 @@ def _prefill_kernel(
              o.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
 
 
+@triton.jit
+def _dequant_kernel(pool, tab, bt_ptr, out_ptr, t0, n, s_oh, s_ot,
+                    H: tl.constexpr, BS: tl.constexpr, REC: tl.constexpr, BLOCK_N: tl.constexpr,
+                    CA: tl.constexpr, DA: tl.constexpr, BA: tl.constexpr, PA: tl.constexpr, SA: tl.constexpr,
+                    TA: tl.constexpr,
+                    CB: tl.constexpr, DB: tl.constexpr, BB: tl.constexpr, PB: tl.constexpr, SB: tl.constexpr,
+                    TB: tl.constexpr):
+    """The records of tokens t0 .. t0 + n - 1 of one sequence (its block-table row at bt_ptr), KV head
+    program_id(1), decoded in the codec's rotated space (norm x centroid, each part at its channels):
+    out[h, i, :] in out's dtype, i = t - t0."""
+    h = tl.program_id(1)
+    i = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tmask = i < n
+    t = t0 + tl.minimum(i, n - 1)  # rows past n re-read the last token (allocated), never stored
+    blk = tl.load(bt_ptr + t // BS).to(tl.int64)
+    row = pool + ((blk * H + h) * BS + t % BS) * REC
+    dst = out_ptr + h * s_oh + i.to(tl.int64)[:, None] * s_ot
+    c = centroid_tile(row, tmask, tab, DA, BA, PA, TA, BLOCK_N) * record_scale(row, tmask, SA)[:, None]
+    tl.store(dst + CA + tl.arange(0, DA)[None, :], c.to(out_ptr.dtype.element_ty), mask=tmask[:, None])
+    if DB > 0:
+        c = centroid_tile(row, tmask, tab, DB, BB, PB, TB, BLOCK_N) * record_scale(row, tmask, SB)[:, None]
+        tl.store(dst + CB + tl.arange(0, DB)[None, :], c.to(out_ptr.dtype.element_ty), mask=tmask[:, None])
+
+
 # ----------------------------------------------------------------------------------------------------
 # host side
 
@@ -431,11 +455,123 @@ def _tile_v_args(layout: RecordLayout | None, d: int, unit_loads: bool = True) -
     return out
 
 
+# sdpa_prefill decodes a sequence's prefix while its keys and values take at most this many bytes in the
+# model dtype (256k tokens of the Llama-3-8B shape in bf16). The buffer is not in the memory plan
+# (tqinfer/estimate.py): where it cannot be allocated, the fused kernel serves, which needs none
+SCRATCH_BYTES = 1 << 30
+DEQUANT_TOKENS = 64  # tokens per program of _dequant_kernel
+
+
+def dequantize_records(pool: torch.Tensor, layout: RecordLayout, table_row: torch.Tensor, t0: int, n: int,
+                       out: torch.Tensor, unit_loads: bool | str = "asm") -> None:
+    """Decode the records of tokens [t0, t0 + n) of one sequence (its block-table row) into out[H, n, d]
+    (last dim contiguous) in the codec's rotated space: norm x centroid per part, MSE parts only."""
+    if unit_loads == "asm" and INTERPRET:  # inline PTX: compiled GPU code only
+        unit_loads = "pair"
+    h = pool.shape[1]
+    a = _tile_k_args(layout, layout.dim, unit_loads)
+    _dequant_kernel[(triton.cdiv(n, DEQUANT_TOKENS), h)](
+        pool, _table(layout, unit_loads, out), table_row, out, t0, n, out.stride(0), out.stride(1),
+        H=h, BS=pool.shape[2], REC=layout.record_bytes, BLOCK_N=DEQUANT_TOKENS,
+        **{f"{x}{tag}": a[f"{x}K{tag}"] for x in "CDBPST" for tag in "AB"})
+
+
+def _rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """x[H, L, d] -> rotation[h] @ x[h, l] (float32)."""
+    return torch.matmul(x.float(), rotation.transpose(1, 2))
+
+
+def _flash_lse(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flash attention q [1, h, L, d] over k, v [1, h, S, d] (as many heads): (out [1, h, L, d], natural
+    log-sum-exp of each row's scores, float32 [1, h, L]). Causal: top-left aligned (used with L == S)."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
+    return out, lse
+
+
+def _prefix_chunk_attention(q, pre_k, pre_v, k, v, scale: float) -> torch.Tensor:
+    """q [n, Hq, d] over a prefix (pre_k / pre_v [H, p, d], every key visible) and its own chunk (k / v
+    [H, n, d], causal) -> float32 [n, Hq, d]. On CUDA in half types: flash attention twice, merged by the
+    two log-sum-exps: over the prefix without a mask (the group's query heads folded into the rows, so
+    the prefix is read once per KV head) and over the chunk, causal (its keys repeated per query head,
+    n x n). Else (and where flash attention refuses): one SDPA call with the causal mask, as the dense
+    cache runs it (measured 1.9x slower than unmasked SDPA on the H200, docs/BENCHMARKS.md)."""
+    from tqinfer.cache.dense import causal_mask, sdpa
+
+    n, hq, d = q.shape
+    h, p = pre_k.shape[0], pre_k.shape[1]
+    g = hq // h
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and p > 0:
+        try:
+            oc, lc = _flash_lse(q.transpose(0, 1)[None], k.repeat_interleave(g, 0)[None],
+                                v.repeat_interleave(g, 0)[None], True, scale)
+            qf = q.view(n, h, g, d).permute(1, 2, 0, 3).reshape(1, h, g * n, d)
+            op, lp = _flash_lse(qf, pre_k[None], pre_v[None], False, scale)
+        except RuntimeError:  # no flash kernel for this device or shape
+            pass
+        else:
+            oc, lc = oc[0].transpose(0, 1).float(), lc[0].transpose(0, 1)
+            op = op[0].view(h, g, n, d).permute(2, 0, 1, 3).reshape(n, hq, d).float()
+            lp = lp[0].view(h, g, n).permute(2, 0, 1).reshape(n, hq)
+            m = torch.maximum(lp, lc)
+            wp, wc = (lp - m).exp()[..., None], (lc - m).exp()[..., None]
+            return (op * wp + oc * wc) / (wp + wc)
+    keys, values = torch.cat([pre_k, k], 1), torch.cat([pre_v, v], 1)
+    return sdpa(q, keys, values, causal_mask(p, n, None, q.device), scale).float()
+
+
+def sdpa_prefill(q, k, v, view, scale: float, prefix_list: list[int], chunk_list: list[int], out: torch.Tensor,
+                 unit_loads: bool | str = "asm") -> torch.Tensor | None:
+    """Chunked prefill by one SDPA call per sequence, as the dense cache runs it: the records of the
+    compressed prefix decoded (dequantize_records) beside the hot rows and the chunk's own tokens, in a
+    transient buffer of the model dtype, all in the codecs' rotated spaces: the queries rotated by the
+    key codec's rotation (scores are unchanged when queries and keys turn alike), the output un-rotated
+    by the value codec's. Every prefix token precedes the chunk, so the prefix needs no mask and its
+    order does not matter. Unlike the fused kernel this writes a decoded prefix to memory, once per
+    chunk and layer, where the fused kernel decodes every tile of it once per tile of query rows
+    (docs/BENCHMARKS.md). None where it does not apply: dense layers, QJL (prod) types, a prefix over
+    SCRATCH_BYTES, or no memory for the buffer; the fused kernel then serves."""
+    if view.k_hot is None or view.k_codec is None or view.v_codec is None:
+        return None
+    k_lay, v_lay = _layouts(view, q.device)
+    if k_lay.qjl is not None or v_lay.qjl is not None:
+        return None
+    hq, d = q.shape[1], q.shape[2]
+    h = k.shape[1]
+    g = hq // h
+    if max(2 * h * (p + n) * d * q.element_size() for p, n in zip(prefix_list, chunk_list)) > SCRATCH_BYTES:
+        return None
+    sides = ((view.k_hot, k, k_lay, view.k_pool), (view.v_hot, v, v_lay, view.v_pool))
+    s0 = 0
+    try:
+        for row, (p, n) in enumerate(zip(prefix_list, chunk_list)):
+            hot_t, hidx = reference._hot_rows(p, view.sinks, view.window, q.device)
+            nh = hot_t.numel()  # sinks and recent tokens; tokens [sinks, sinks + p - nh) have records
+            seq = view.seq_slot[row:row + 1]
+            kv = []  # prefix keys, prefix values, chunk keys, chunk values
+            for hot, own, lay, pool in sides:
+                x = torch.empty(h, p, d, dtype=q.dtype, device=q.device)
+                x[:, :nh] = _rotate(hot.index_select(0, seq)[0][:, hidx], lay.rotation)
+                if p > nh:
+                    dequantize_records(pool, lay, view.block_table[row], view.sinks, p - nh, x[:, nh:], unit_loads)
+                kv += [x, _rotate(own[s0:s0 + n].transpose(0, 1), lay.rotation).to(q.dtype)]
+            qr = torch.einsum("nhgd,hed->nhge", q[s0:s0 + n].view(n, h, g, d).float(), k_lay.rotation)
+            o = _prefix_chunk_attention(qr.reshape(n, hq, d).to(q.dtype), kv[0], kv[2], kv[1], kv[3], scale)
+            out[s0:s0 + n] = torch.einsum("nhge,hed->nhgd", o.view(n, h, g, d), v_lay.rotation).reshape(n, hq, d)
+            s0 += n
+    except torch.cuda.OutOfMemoryError:
+        return None
+    return out
+
+
 def paged_prefill_attention(q, k, v, cu_q, prefix_lens, view, scale: float, block_m: int | None = None,
                             block_n: int | None = None, out: torch.Tensor | None = None,
-                            num_warps: int | None = None, unit_loads: bool | str = "asm") -> torch.Tensor:
+                            num_warps: int | None = None, unit_loads: bool | str = "asm", method: str = "auto",
+                            prefix_list: list[int] | None = None, chunk_list: list[int] | None = None) -> torch.Tensor:
     """Chunked-prefill attention with the paged_attention signature (kernels/reference.py):
     q[T, Hq, d], k/v[T, H, d] the chunks' own tokens, cu_q[B + 1] chunk bounds, prefix_lens[B].
+    method "auto" (the default): sdpa_prefill where it applies, else the fused kernel; "fused": the
+    fused kernel. prefix_list / chunk_list: prefix_lens and the chunk lengths on the host (read from
+    the device when not given).
     Default tiles: 128 query rows (chunk tokens x padded group) and 8 warps over a compressed prefix,
     64 rows and 4 warps over a dense one (the faster of those measured on the H200). unit_loads: "asm"
     (the default: PRMT lookups of 4- and 3-bit codes, decode_attention._lut4 / _lut3, on sides with a
@@ -450,6 +586,15 @@ def paged_prefill_attention(q, k, v, cu_q, prefix_lens, view, scale: float, bloc
     if not kernel_reads(view, d):  # the twin serves what no kernel reads
         res = reference.paged_attention(q, k, v, cu_q, prefix_lens, view, scale)
         return res if out is None else out.copy_(res)
+    out = torch.empty_like(q) if out is None else out
+    if method == "auto":
+        if prefix_list is None or chunk_list is None:
+            cu = cu_q.tolist()
+            prefix_list, chunk_list = prefix_lens.tolist(), [b - a for a, b in zip(cu[:-1], cu[1:])]
+        if sdpa_prefill(q, k, v, view, scale, prefix_list, chunk_list, out, unit_loads) is not None:
+            return out
+    elif method != "fused":
+        raise ValueError(f"method must be 'auto' or 'fused', got {method!r}")
     bsz = prefix_lens.shape[0]
     g = hq // h
     gp = triton.next_power_of_2(g)
@@ -467,7 +612,6 @@ def paged_prefill_attention(q, k, v, cu_q, prefix_lens, view, scale: float, bloc
     qs = (q.float() * (scale * LOG2E)).contiguous()
     if v.stride() != k.stride() or k.stride(2) != 1:
         k, v = k.contiguous(), v.contiguous()
-    out = torch.empty_like(q) if out is None else out
     has_hot, k_hot, v_hot, hs = _hot(view, k)
     dvq = v_lay.qjl.dim if v_lay is not None and v_lay.qjl is not None else 0
     rot_v = v_lay.rotation if v_lay is not None else qs
