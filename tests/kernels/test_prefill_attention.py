@@ -134,3 +134,18 @@ def test_sdpa_prefill_flash_matches_masked_and_float64(kt, monkeypatch):
     assert rel_err(out.float(), masked.float()) < 1e-2
     ref = attention64(q.double(), k.double(), v.double(), cu, prefixes, kd, vd, 1 / math.sqrt(128))
     assert rel_err(out.float(), ref) < 2e-2
+
+
+@pytest.mark.parametrize("kt,vt", [("tq3.5", "tq3.5"), ("tq4", "tq4"), ("tqp3", "tqp3"), ("bf16", "bf16")])
+def test_mixed_step_matches_float64(kt, vt):
+    """Continuous batching: single tokens of decoding sequences beside prefill chunks in one step go
+    through the decode kernel (single tokens) and prefill (chunks), each over its own rows of the view."""
+    from tqinfer.kernels import dispatch
+    from tqinfer.kernels.decode_attention import paged_decode_attention
+
+    prefixes, chunks = [40, 17, 90, 5, 60], [1, 19, 1, 7, 1]
+    view, kd, vd, q, k, v, cu, pl, scale = _prefill_case(kt, vt, 64, 2, 4, prefixes, chunks)
+    out = dispatch.mixed_attention(paged_decode_attention, paged_prefill_attention, q, k, v, pl, view, scale,
+                                   prefixes, chunks)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, attention64(q, k, v, cu, prefixes, kd, vd, scale)) < 3e-3

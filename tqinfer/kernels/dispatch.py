@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
+from itertools import accumulate
+
+import torch
 
 from tqinfer.kernels import reference
 
@@ -19,17 +23,42 @@ def use_triton(t) -> bool:
 def paged_attention(q, k, v, cu_q, prefix_lens, view, scale, window=None, prefix_list=None, chunk_list=None):
     if use_triton(q) and window is None:
         try:
-            if chunk_list is not None and all(n == 1 for n in chunk_list):
-                from tqinfer.kernels.decode_attention import paged_decode_attention as kernel
-            else:
-                from tqinfer.kernels.prefill_attention import paged_prefill_attention as kernel
+            from tqinfer.kernels.decode_attention import paged_decode_attention as decode
+            from tqinfer.kernels.prefill_attention import paged_prefill_attention as prefill
         except ImportError:
-            kernel = None
-        if kernel is not None and kernel.__name__ == "paged_prefill_attention":
-            return kernel(q, k, v, cu_q, prefix_lens, view, scale, prefix_list=prefix_list, chunk_list=chunk_list)
-        if kernel is not None:
-            return kernel(q, k, v, cu_q, prefix_lens, view, scale)
+            decode = prefill = None
+        if decode is not None:
+            if chunk_list is not None and all(n == 1 for n in chunk_list):
+                return decode(q, k, v, cu_q, prefix_lens, view, scale)
+            if chunk_list is not None and prefix_list is not None and 1 in chunk_list:
+                return mixed_attention(decode, prefill, q, k, v, prefix_lens, view, scale, prefix_list, chunk_list)
+            return prefill(q, k, v, cu_q, prefix_lens, view, scale, prefix_list=prefix_list, chunk_list=chunk_list)
     return reference.paged_attention(q, k, v, cu_q, prefix_lens, view, scale, window, prefix_list, chunk_list)
+
+
+def mixed_attention(decode, prefill, q, k, v, prefix_lens, view, scale, prefix_list: list[int],
+                    chunk_list: list[int]) -> torch.Tensor:
+    """A step of single tokens (decoding sequences) beside prefill chunks (continuous batching): the
+    single tokens through the split-KV decode kernel, the chunks through prefill, each group over its
+    own rows of the view. (The prefill kernel would walk each single token's prefix in one program
+    per KV head; the decode kernel splits it over the GPU.)"""
+    starts = list(accumulate([0] + chunk_list[:-1]))
+    out = torch.empty_like(q)
+    for single in (True, False):
+        rows = [i for i, n in enumerate(chunk_list) if (n == 1) == single]
+        if not rows:
+            continue
+        lens = [chunk_list[i] for i in rows]
+        idx = torch.tensor(rows, device=q.device)
+        toks = torch.tensor([t for i in rows for t in range(starts[i], starts[i] + chunk_list[i])], device=q.device)
+        sub = replace(view, block_table=view.block_table[idx], seq_slot=view.seq_slot[idx])
+        cu = torch.tensor([0] + list(accumulate(lens)), dtype=torch.int32, device=q.device)
+        args = (q[toks], k[toks], v[toks], cu, prefix_lens[idx], sub, scale)
+        if single:
+            out[toks] = decode(*args)
+        else:
+            out[toks] = prefill(*args, prefix_list=[prefix_list[i] for i in rows], chunk_list=lens)
+    return out
 
 
 def _quantize_kernel(name: str):

@@ -297,8 +297,8 @@ def _decode_row(q1, k1, v1, view, row: int, slot: int, p: int, scale: float) -> 
 def _hot_rows(p: int, S: int, W: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """The positions a sequence of p cached tokens keeps in its hot buffer (its sinks, then its last W
     tokens past them) and their rows there (the window's rows are a ring)."""
-    lo_w = max(S, p - W)
-    hot_t = torch.cat([torch.arange(min(S, p)), torch.arange(lo_w, max(lo_w, p))]).to(device)
+    lo_w = max(S, p - W)  # built on the device: a copy from pageable host memory waits for the stream
+    hot_t = torch.cat([torch.arange(min(S, p), device=device), torch.arange(lo_w, max(lo_w, p), device=device)])
     return hot_t, torch.where(hot_t < S, hot_t, S + (hot_t - S) % max(W, 1))
 
 
