@@ -25,10 +25,10 @@ CASES = [  # k type, v type, head_dim, KV heads, group size
 ]
 
 
-def _prefill_case(kt, vt, d, h, g, prefixes, chunks):
-    """A cache holding `prefixes` (sinks 4, window 8) and the chunks' q, k, v, bounds and scale."""
+def _prefill_case(kt, vt, d, h, g, prefixes, chunks, sinks=4, window=8):
+    """A cache holding `prefixes` and the chunks' q, k, v, bounds and scale."""
     seed = zlib.crc32(f"{kt}{vt}{d}{h}{g}".encode()) % 1000
-    view, kd, vd = build_cache(kt, vt, prefixes, heads=h, d=d, sinks=4, window=8, block_size=BS,
+    view, kd, vd = build_cache(kt, vt, prefixes, heads=h, d=d, sinks=sinks, window=window, block_size=BS,
                                dtype=torch.float32, device=DEV, seed=seed)
     gen = torch.Generator().manual_seed(seed)
     t = sum(chunks)
@@ -107,9 +107,9 @@ def test_sdpa_prefill_declines(monkeypatch):
 @pytest.mark.skipif(DEV != "cuda", reason="flash attention in half types: the GPU path")
 @pytest.mark.parametrize("kt", ["tq3.5", "tq4"])
 def test_sdpa_prefill_flash_matches_masked_and_float64(kt, monkeypatch):
-    """In bf16 on the GPU the prefix and the chunk go through flash attention (the calls are counted),
-    merged by their log-sum-exps: equal to the one masked SDPA call (flash refused) and to float64 within
-    bf16 rounding."""
+    """In bf16 on the GPU the chunk and the prefix go through flash attention (the calls are counted),
+    merged by their log-sum-exps: equal to the one masked SDPA call (without flash) and to float64
+    within bf16 rounding."""
     prefixes, chunks = [300, 17, 90], [64, 1, 130]
     seed = zlib.crc32(kt.encode()) % 1000
     view, kd, vd = build_cache(kt, kt, prefixes, heads=2, d=128, sinks=4, window=8, block_size=BS,
@@ -120,16 +120,13 @@ def test_sdpa_prefill_flash_matches_masked_and_float64(kt, monkeypatch):
     k = (torch.randn(t, 2, 128, generator=gen) * 2).to(DEV, torch.bfloat16)
     v = torch.randn(t, 2, 128, generator=gen).to(DEV, torch.bfloat16)
     cu = torch.tensor([0] + list(torch.tensor(chunks).cumsum(0)), dtype=torch.int32, device=DEV)
+    assert prefill_attention._flash_ok(q)
     calls, real = [], prefill_attention._flash_lse
     monkeypatch.setattr(prefill_attention, "_flash_lse", lambda *a: calls.append(1) or real(*a))
     out = torch.full_like(q, float("nan"))
     assert sdpa_prefill(q, k, v, view, 1 / math.sqrt(128), prefixes, chunks, out) is out
-    assert len(calls) == 2 * len(prefixes) and torch.isfinite(out).all()
-
-    def refuse(*a):
-        raise RuntimeError("no flash kernel")
-
-    monkeypatch.setattr(prefill_attention, "_flash_lse", refuse)
+    assert len(calls) == 2 * len(prefixes) and torch.isfinite(out).all()  # the chunk, the prefix
+    monkeypatch.setattr(prefill_attention, "_flash_ok", lambda q: False)
     masked = sdpa_prefill(q, k, v, view, 1 / math.sqrt(128), prefixes, chunks, torch.full_like(q, float("nan")))
     assert rel_err(out.float(), masked.float()) < 1e-2
     ref = attention64(q.double(), k.double(), v.double(), cu, prefixes, kd, vd, 1 / math.sqrt(128))
@@ -147,5 +144,54 @@ def test_mixed_step_matches_float64(kt, vt):
     view, kd, vd, q, k, v, cu, pl, scale = _prefill_case(kt, vt, 64, 2, 4, prefixes, chunks)
     out = dispatch.mixed_attention(paged_decode_attention, paged_prefill_attention, q, k, v, pl, view, scale,
                                    prefixes, chunks)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, attention64(q, k, v, cu, prefixes, kd, vd, scale)) < 3e-3
+
+
+def test_dispatch_routes_decode_mixed_and_prefill_steps(monkeypatch):
+    """dispatch.paged_attention with the kernels on (as on CUDA): all single tokens -> the decode kernel,
+    single tokens beside chunks -> mixed_attention, chunks alone -> prefill; each equal to float64."""
+    from tqinfer.kernels import decode_attention, dispatch
+
+    monkeypatch.setattr(dispatch, "use_triton", lambda t: True)
+    seen = []
+    for name, mod in (("decode", decode_attention), ("prefill", prefill_attention)):
+        fn = getattr(mod, f"paged_{name}_attention")
+        monkeypatch.setattr(mod, f"paged_{name}_attention",
+                            lambda *a, _fn=fn, _name=name, **kw: seen.append(_name) or _fn(*a, **kw))
+    for chunks, want in (([1, 1, 1], ["decode"]), ([1, 5, 1], ["decode", "prefill"]), ([3, 5, 2], ["prefill"])):
+        prefixes = [40, 17, 30]
+        view, kd, vd, q, k, v, cu, pl, scale = _prefill_case("tq3.5", "tq3.5", 64, 2, 4, prefixes, chunks)
+        seen.clear()
+        out = dispatch.paged_attention(q, k, v, cu, pl, view, scale, prefix_list=prefixes, chunk_list=chunks)
+        assert seen == want, (chunks, seen)
+        assert rel_err(out, attention64(q, k, v, cu, prefixes, kd, vd, scale)) < 3e-3
+
+
+def _softmax_lse(q, k, v, causal, scale):
+    """_flash_lse's contract in float64 on any device (for the CPU): (out in q's dtype, lse float32)."""
+    s = torch.einsum("bhld,bhsd->bhls", q.double(), k.double()) * scale
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    out = torch.einsum("bhls,bhsd->bhld", torch.softmax(s, -1), v.double())
+    return out.to(q.dtype), torch.logsumexp(s, -1).float()
+
+
+@pytest.mark.parametrize("kt,sinks,window", [("tq3.5", 4, 8), ("tq4", 4, 8), ("tq3.5", 0, 8), ("tq4", 4, 0)])
+def test_sdpa_prefill_segments_merge(kt, sinks, window, monkeypatch):
+    """The flash-attention branch's bookkeeping on the CPU (flash itself stood in by float64 softmax with
+    its log-sum-exp): the chunk and the prefix [hot rows | records] in segments of 7 tokens (a budget of
+    7 tokens of decoded keys + values; segments across the hot / record seam) merge into float64
+    attention, prefixes inside and past the window."""
+    prefixes, chunks = [0, 17, 40, 5, 90], [19, 1, 37, 3, 6]
+    view, kd, vd, q, k, v, cu, pl, scale = _prefill_case(kt, kt, 64, 2, 4, prefixes, chunks, sinks, window)
+    calls = []
+    monkeypatch.setattr(prefill_attention, "_flash_ok", lambda q: True)
+    monkeypatch.setattr(prefill_attention, "_flash_lse", lambda *a: calls.append(a[1].shape[2]) or _softmax_lse(*a))
+    monkeypatch.setattr(prefill_attention, "SCRATCH_BYTES", 7 * 2 * 2 * 64 * 4)  # 7 tokens, 2 heads, fp32
+    out = torch.full_like(q, float("nan"))
+    assert sdpa_prefill(q, k, v, view, scale, prefixes, chunks, out) is out
+    assert max(calls) <= 37 and calls.count(7) == 12 + 5 + 2  # 90, 40, 17 entries of prefix, in 7s
+    assert calls.count(1) >= 1  # the single-token chunk (and no segment of more than 7 prefix entries)
     assert torch.isfinite(out).all()
     assert rel_err(out, attention64(q, k, v, cu, prefixes, kd, vd, scale)) < 3e-3

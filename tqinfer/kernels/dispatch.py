@@ -42,23 +42,40 @@ def mixed_attention(decode, prefill, q, k, v, prefix_lens, view, scale, prefix_l
     single tokens through the split-KV decode kernel, the chunks through prefill, each group over its
     own rows of the view. (The prefill kernel would walk each single token's prefix in one program
     per KV head; the decode kernel splits it over the GPU.)"""
-    starts = list(accumulate([0] + chunk_list[:-1]))
     out = torch.empty_like(q)
-    for single in (True, False):
-        rows = [i for i, n in enumerate(chunk_list) if (n == 1) == single]
+    for single, (rows, idx, toks, cu) in zip((True, False), _mixed_rows(tuple(chunk_list), q.device)):
         if not rows:
             continue
-        lens = [chunk_list[i] for i in rows]
-        idx = torch.tensor(rows, device=q.device)
-        toks = torch.tensor([t for i in rows for t in range(starts[i], starts[i] + chunk_list[i])], device=q.device)
         sub = replace(view, block_table=view.block_table[idx], seq_slot=view.seq_slot[idx])
-        cu = torch.tensor([0] + list(accumulate(lens)), dtype=torch.int32, device=q.device)
         args = (q[toks], k[toks], v[toks], cu, prefix_lens[idx], sub, scale)
         if single:
             out[toks] = decode(*args)
         else:
-            out[toks] = prefill(*args, prefix_list=[prefix_list[i] for i in rows], chunk_list=lens)
+            out[toks] = prefill(*args, prefix_list=[prefix_list[i] for i in rows],
+                                chunk_list=[chunk_list[i] for i in rows])
     return out
+
+
+_MIXED: dict = {}
+
+
+def _mixed_rows(chunk_list: tuple, device) -> tuple:
+    """For the single tokens, then the chunks, of a step: (rows, row index, token index, cu) with the
+    indices on the device; kept for the step's chunk lengths, so the copies (each waits for the stream)
+    happen once a step rather than once a layer."""
+    key = (chunk_list, str(device))
+    if key not in _MIXED:
+        _MIXED.clear()
+        starts = list(accumulate((0,) + chunk_list[:-1]))
+        groups = []
+        for single in (True, False):
+            rows = [i for i, n in enumerate(chunk_list) if (n == 1) == single]
+            toks = [t for i in rows for t in range(starts[i], starts[i] + chunk_list[i])]
+            cu = [0] + list(accumulate(chunk_list[i] for i in rows))
+            groups.append((rows, torch.tensor(rows, device=device), torch.tensor(toks, device=device),
+                           torch.tensor(cu, dtype=torch.int32, device=device)))
+        _MIXED[key] = tuple(groups)
+    return _MIXED[key]
 
 
 def _quantize_kernel(name: str):

@@ -357,7 +357,7 @@ def _dequant_kernel(pool, tab, bt_ptr, out_ptr, t0, n, s_oh, s_ot,
     t = t0 + tl.minimum(i, n - 1)  # rows past n re-read the last token (allocated), never stored
     blk = tl.load(bt_ptr + t // BS).to(tl.int64)
     row = pool + ((blk * H + h) * BS + t % BS) * REC
-    dst = out_ptr + h * s_oh + i.to(tl.int64)[:, None] * s_ot
+    dst = out_ptr + h.to(tl.int64) * s_oh + i.to(tl.int64)[:, None] * s_ot
     c = centroid_tile(row, tmask, tab, DA, BA, PA, TA, BLOCK_N) * record_scale(row, tmask, SA)[:, None]
     tl.store(dst + CA + tl.arange(0, DA)[None, :], c.to(out_ptr.dtype.element_ty), mask=tmask[:, None])
     if DB > 0:
@@ -455,9 +455,9 @@ def _tile_v_args(layout: RecordLayout | None, d: int, unit_loads: bool = True) -
     return out
 
 
-# sdpa_prefill decodes a sequence's prefix while its keys and values take at most this many bytes in the
-# model dtype (256k tokens of the Llama-3-8B shape in bf16). The buffer is not in the memory plan
-# (tqinfer/estimate.py): where it cannot be allocated, the fused kernel serves, which needs none
+# sdpa_prefill's decoded keys + values at most, in the model dtype: a segment of the prefix with flash
+# attention, the whole prefix without (256k tokens of the Llama-3-8B shape in bf16). The buffer is not
+# in the memory plan (tqinfer/estimate.py): where it cannot be allocated, the fused kernel serves
 SCRATCH_BYTES = 1 << 30
 DEQUANT_TOKENS = 64  # tokens per program of _dequant_kernel
 
@@ -488,48 +488,71 @@ def _flash_lse(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch
     return out, lse
 
 
-def _prefix_chunk_attention(q, pre_k, pre_v, k, v, scale: float) -> torch.Tensor:
-    """q [n, Hq, d] over a prefix (pre_k / pre_v [H, p, d], every key visible) and its own chunk (k / v
-    [H, n, d], causal) -> float32 [n, Hq, d]. On CUDA in half types: flash attention twice, merged by the
-    two log-sum-exps: over the prefix without a mask (the group's query heads folded into the rows, so
-    the prefix is read once per KV head) and over the chunk, causal (its keys repeated per query head,
-    n x n). Else (and where flash attention refuses): one SDPA call with the causal mask, as the dense
-    cache runs it (measured 1.9x slower than unmasked SDPA on the H200, docs/BENCHMARKS.md)."""
-    from tqinfer.cache.dense import causal_mask, sdpa
+_FLASH: dict = {}
 
-    n, hq, d = q.shape
-    h, p = pre_k.shape[0], pre_k.shape[1]
-    g = hq // h
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and p > 0:
+
+def _flash_ok(q: torch.Tensor) -> bool:
+    """Whether torch's flash attention runs for q's device and dtype (CUDA, half types; tried once)."""
+    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)):
+        return False
+    key = (q.device, q.dtype)
+    if key not in _FLASH:
+        x = torch.zeros(1, 1, 16, 64, device=q.device, dtype=q.dtype)
         try:
-            oc, lc = _flash_lse(q.transpose(0, 1)[None], k.repeat_interleave(g, 0)[None],
-                                v.repeat_interleave(g, 0)[None], True, scale)
-            qf = q.view(n, h, g, d).permute(1, 2, 0, 3).reshape(1, h, g * n, d)
-            op, lp = _flash_lse(qf, pre_k[None], pre_v[None], False, scale)
-        except RuntimeError:  # no flash kernel for this device or shape
-            pass
-        else:
-            oc, lc = oc[0].transpose(0, 1).float(), lc[0].transpose(0, 1)
-            op = op[0].view(h, g, n, d).permute(2, 0, 1, 3).reshape(n, hq, d).float()
-            lp = lp[0].view(h, g, n).permute(2, 0, 1).reshape(n, hq)
-            m = torch.maximum(lp, lc)
-            wp, wc = (lp - m).exp()[..., None], (lc - m).exp()[..., None]
-            return (op * wp + oc * wc) / (wp + wc)
-    keys, values = torch.cat([pre_k, k], 1), torch.cat([pre_v, v], 1)
-    return sdpa(q, keys, values, causal_mask(p, n, None, q.device), scale).float()
+            _flash_lse(x, x, x, False, 1.0)
+            _FLASH[key] = True
+        except RuntimeError:
+            _FLASH[key] = False
+    return _FLASH[key]
+
+
+class _Merge:
+    """Softmax attention over key sets seen one at a time, merged by their log-sum-exps (float32)."""
+
+    def __init__(self):
+        self.m = self.acc = self.den = None
+
+    def add(self, out: torch.Tensor, lse: torch.Tensor) -> None:
+        """out [n, Hq, d] and lse [n, Hq] of one key set."""
+        if self.m is None:
+            self.m, self.acc, self.den = lse, out.float(), torch.ones_like(lse)
+            return
+        m = torch.maximum(self.m, lse)
+        a, b = (self.m - m).exp(), (lse - m).exp()
+        self.acc = self.acc * a[..., None] + out.float() * b[..., None]
+        self.den, self.m = self.den * a + b, m
+
+    def result(self) -> torch.Tensor:
+        return self.acc / self.den[..., None]
+
+
+def _prefix_part(qf, k, v, scale: float, n: int, g: int):
+    """Flash attention of the folded queries qf [1, H, G * n, d] over prefix keys k / v [H, S, d], every key
+    visible: (out [n, Hq, d], lse [n, Hq]). Folding the group's query heads into the rows reads each
+    KV head's keys once."""
+    h, d = k.shape[0], k.shape[2]
+    out, lse = _flash_lse(qf, k[None], v[None], False, scale)
+    return (out[0].view(h, g, n, d).permute(2, 0, 1, 3).reshape(n, h * g, d),
+            lse[0].view(h, g, n).permute(2, 0, 1).reshape(n, h * g))
 
 
 def sdpa_prefill(q, k, v, view, scale: float, prefix_list: list[int], chunk_list: list[int], out: torch.Tensor,
                  unit_loads: bool | str = "asm") -> torch.Tensor | None:
-    """Chunked prefill by one SDPA call per sequence, as the dense cache runs it: the records of the
-    compressed prefix decoded (dequantize_records) beside the hot rows and the chunk's own tokens, in a
-    transient buffer of the model dtype, all in the codecs' rotated spaces: the queries rotated by the
-    key codec's rotation (scores are unchanged when queries and keys turn alike), the output un-rotated
-    by the value codec's. Every prefix token precedes the chunk, so the prefix needs no mask and its
-    order does not matter. Unlike the fused kernel this writes a decoded prefix to memory, once per
-    chunk and layer, where the fused kernel decodes every tile of it once per tile of query rows
-    (docs/BENCHMARKS.md). None where it does not apply: dense layers, QJL (prod) types, a prefix over
-    SCRATCH_BYTES, or no memory for the buffer; the fused kernel then serves."""
+    """Chunked prefill as the dense cache runs it, over the compressed prefix decoded once per chunk and
+    layer (dequantize_records) into a transient buffer of the model dtype, all in the codecs' rotated
+    spaces: the queries rotated by the key codec's rotation (scores are unchanged when queries and keys
+    turn alike), the hot rows and the chunk's own tokens rotated, the output un-rotated by the value
+    codec's rotation. Where torch's flash attention runs (CUDA, half types): one call for the chunk
+    (causal, its keys repeated per query head) and one per segment of the prefix [hot rows | records]
+    of at most SCRATCH_BYTES decoded (no mask: the group's query heads folded into the rows), merged by
+    their log-sum-exps, so a prefix of any length takes bounded memory. Else one SDPA call with the
+    causal mask over [hot | records | chunk] (every prefix token precedes the chunk, so the prefix's
+    order does not matter), for prefixes within SCRATCH_BYTES. Unlike the fused kernel this writes a
+    decoded prefix to memory, where the fused kernel decodes every tile of it once per tile of query
+    rows (docs/BENCHMARKS.md). None where it does not apply: dense layers, QJL (prod) types, a prefix
+    over SCRATCH_BYTES without flash attention, or no memory for the buffers; the fused kernel serves."""
+    from tqinfer.cache.dense import causal_mask, sdpa
+
     if view.k_hot is None or view.k_codec is None or view.v_codec is None:
         return None
     k_lay, v_lay = _layouts(view, q.device)
@@ -538,24 +561,50 @@ def sdpa_prefill(q, k, v, view, scale: float, prefix_list: list[int], chunk_list
     hq, d = q.shape[1], q.shape[2]
     h = k.shape[1]
     g = hq // h
-    if max(2 * h * (p + n) * d * q.element_size() for p, n in zip(prefix_list, chunk_list)) > SCRATCH_BYTES:
+    flash = _flash_ok(q)
+    per_token = 2 * h * d * q.element_size()  # decoded keys + values
+    if not flash and max((p + n) * per_token for p, n in zip(prefix_list, chunk_list)) > SCRATCH_BYTES:
         return None
+    seg = max(1, SCRATCH_BYTES // per_token)
     sides = ((view.k_hot, k, k_lay, view.k_pool), (view.v_hot, v, v_lay, view.v_pool))
     s0 = 0
     try:
         for row, (p, n) in enumerate(zip(prefix_list, chunk_list)):
             hot_t, hidx = reference._hot_rows(p, view.sinks, view.window, q.device)
             nh = hot_t.numel()  # sinks and recent tokens; tokens [sinks, sinks + p - nh) have records
-            seq = view.seq_slot[row:row + 1]
-            kv = []  # prefix keys, prefix values, chunk keys, chunk values
-            for hot, own, lay, pool in sides:
-                x = torch.empty(h, p, d, dtype=q.dtype, device=q.device)
-                x[:, :nh] = _rotate(hot.index_select(0, seq)[0][:, hidx], lay.rotation)
-                if p > nh:
-                    dequantize_records(pool, lay, view.block_table[row], view.sinks, p - nh, x[:, nh:], unit_loads)
-                kv += [x, _rotate(own[s0:s0 + n].transpose(0, 1), lay.rotation).to(q.dtype)]
+            seq, table = view.seq_slot[row:row + 1], view.block_table[row]
+            hot, own = [], []
+            for buf, new, lay, _ in sides:
+                hot.append(_rotate(buf.index_select(0, seq)[0][:, hidx], lay.rotation).to(q.dtype))
+                own.append(_rotate(new[s0:s0 + n].transpose(0, 1), lay.rotation).to(q.dtype))
             qr = torch.einsum("nhgd,hed->nhge", q[s0:s0 + n].view(n, h, g, d).float(), k_lay.rotation)
-            o = _prefix_chunk_attention(qr.reshape(n, hq, d).to(q.dtype), kv[0], kv[2], kv[1], kv[3], scale)
+            qr = qr.reshape(n, hq, d).to(q.dtype)
+
+            def prefix(a: int, b: int) -> list[torch.Tensor]:
+                """Keys and values of entries [a, b) of the prefix as [hot rows | records], decoded."""
+                kv = [torch.empty(h, b - a, d, dtype=q.dtype, device=q.device) for _ in sides]
+                for x, hx, (_, _, lay, pool) in zip(kv, hot, sides):
+                    if a < min(b, nh):
+                        x[:, :min(b, nh) - a] = hx[:, a:min(b, nh)]
+                    if b > max(a, nh):  # records r0 .. b - nh - 1, i.e. tokens sinks + r0 ...
+                        r0 = max(a, nh) - nh
+                        dequantize_records(pool, lay, table, view.sinks + r0, b - nh - r0, x[:, max(a, nh) - a:],
+                                           unit_loads)
+                return kv
+
+            if flash:
+                merge = _Merge()
+                oc, lc = _flash_lse(qr.transpose(0, 1)[None], own[0].repeat_interleave(g, 0)[None],
+                                    own[1].repeat_interleave(g, 0)[None], True, scale)
+                merge.add(oc[0].transpose(0, 1), lc[0].transpose(0, 1))
+                qf = qr.view(n, h, g, d).permute(1, 2, 0, 3).reshape(1, h, g * n, d)
+                for a in range(0, p, seg):
+                    merge.add(*_prefix_part(qf, *prefix(a, min(p, a + seg)), scale, n, g))
+                o = merge.result()
+            else:
+                kp, vp = prefix(0, p)
+                keys, values = torch.cat([kp, own[0]], 1), torch.cat([vp, own[1]], 1)
+                o = sdpa(qr, keys, values, causal_mask(p, n, None, q.device), scale).float()
             out[s0:s0 + n] = torch.einsum("nhge,hed->nhgd", o.view(n, h, g, d), v_lay.rotation).reshape(n, hq, d)
             s0 += n
     except torch.cuda.OutOfMemoryError:
