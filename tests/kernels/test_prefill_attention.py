@@ -42,8 +42,10 @@ def _prefill_case(kt, vt, d, h, g, prefixes, chunks, sinks=4, window=8):
 
 @pytest.mark.parametrize("method", ["fused", "auto"])
 @pytest.mark.parametrize("kt,vt,d,h,g", CASES, ids=[f"{c[0]}-{c[1]}-d{c[2]}-h{c[3]}-g{c[4]}" for c in CASES])
-def test_prefill_matches_float64(kt, vt, d, h, g, method):
-    """The fused kernel, and the default path (sdpa_prefill where it applies: MSE types on both sides)."""
+def test_prefill_matches_float64(kt, vt, d, h, g, method, monkeypatch):
+    """The fused kernel, and the default path (sdpa_prefill where it applies: MSE types on both sides;
+    its prefix threshold lowered to these short prefixes)."""
+    monkeypatch.setattr(prefill_attention, "PATH_MIN_PREFIX", 0)
     prefixes = [0, 17, 40, 5]
     chunks = [19, 1, 37, 3]  # a chunk longer than two query tiles, single tokens, ragged
     view, kd, vd, q, k, v, cu, pl, scale = _prefill_case(kt, vt, d, h, g, prefixes, chunks)
@@ -195,3 +197,16 @@ def test_sdpa_prefill_segments_merge(kt, sinks, window, monkeypatch):
     assert calls.count(1) >= 1  # the single-token chunk (and no segment of more than 7 prefix entries)
     assert torch.isfinite(out).all()
     assert rel_err(out, attention64(q, k, v, cu, prefixes, kd, vd, scale)) < 3e-3
+
+
+def test_auto_keeps_the_fused_kernel_below_the_prefix_threshold(monkeypatch):
+    """method="auto" takes sdpa_prefill only when a row's prefix reaches PATH_MIN_PREFIX."""
+    view, kd, vd, q, k, v, cu, pl, scale = _prefill_case("tq3.5", "tq3.5", 64, 1, 2, [30, 50], [5, 3])
+    taken = []
+    real = prefill_attention.sdpa_prefill
+    monkeypatch.setattr(prefill_attention, "sdpa_prefill", lambda *a: taken.append(1) or real(*a))
+    for threshold, want in ((51, []), (50, [1])):
+        monkeypatch.setattr(prefill_attention, "PATH_MIN_PREFIX", threshold)
+        taken.clear()
+        out = paged_prefill_attention(q, k, v, cu, pl, view, scale, out=torch.full_like(q, float("nan")))
+        assert taken == want and rel_err(out, attention64(q, k, v, cu, [30, 50], kd, vd, scale)) < 3e-3

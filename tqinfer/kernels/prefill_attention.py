@@ -460,6 +460,11 @@ def _tile_v_args(layout: RecordLayout | None, d: int, unit_loads: bool = True) -
 # in the memory plan (tqinfer/estimate.py): where it cannot be allocated, the fused kernel serves
 SCRATCH_BYTES = 1 << 30
 DEQUANT_TOKENS = 64  # tokens per program of _dequant_kernel
+# "auto" takes sdpa_prefill when a row's prefix has at least this many tokens: measured faster than the
+# fused kernel at 32k and 128k on the H200 (2.0-2.4x); shorter prefixes, where its fixed cost (the
+# launches of a decode, rotations and two attention calls a row) may not pay, were not measured and
+# keep the fused kernel
+PATH_MIN_PREFIX = 8192
 
 
 def dequantize_records(pool: torch.Tensor, layout: RecordLayout, table_row: torch.Tensor, t0: int, n: int,
@@ -618,8 +623,8 @@ def paged_prefill_attention(q, k, v, cu_q, prefix_lens, view, scale: float, bloc
                             prefix_list: list[int] | None = None, chunk_list: list[int] | None = None) -> torch.Tensor:
     """Chunked-prefill attention with the paged_attention signature (kernels/reference.py):
     q[T, Hq, d], k/v[T, H, d] the chunks' own tokens, cu_q[B + 1] chunk bounds, prefix_lens[B].
-    method "auto" (the default): sdpa_prefill where it applies, else the fused kernel; "fused": the
-    fused kernel. prefix_list / chunk_list: prefix_lens and the chunk lengths on the host (read from
+    method "auto" (the default): sdpa_prefill where it applies and a prefix has PATH_MIN_PREFIX tokens
+    or more, else the fused kernel; "fused": the fused kernel. prefix_list / chunk_list: prefix_lens and the chunk lengths on the host (read from
     the device when not given).
     Default tiles: 128 query rows (chunk tokens x padded group) and 8 warps over a compressed prefix,
     64 rows and 4 warps over a dense one (the faster of those measured on the H200). unit_loads: "asm"
@@ -640,7 +645,8 @@ def paged_prefill_attention(q, k, v, cu_q, prefix_lens, view, scale: float, bloc
         if prefix_list is None or chunk_list is None:
             cu = cu_q.tolist()
             prefix_list, chunk_list = prefix_lens.tolist(), [b - a for a, b in zip(cu[:-1], cu[1:])]
-        if sdpa_prefill(q, k, v, view, scale, prefix_list, chunk_list, out, unit_loads) is not None:
+        if max(prefix_list, default=0) >= PATH_MIN_PREFIX and \
+                sdpa_prefill(q, k, v, view, scale, prefix_list, chunk_list, out, unit_loads) is not None:
             return out
     elif method != "fused":
         raise ValueError(f"method must be 'auto' or 'fused', got {method!r}")
