@@ -17,7 +17,10 @@ LENGTHS = [6, 4, 5, 3]
 
 
 @pytest.mark.slow
-def test_batched_kernels_equal_solo_twins(tiny_hf_folder, monkeypatch):
+@pytest.mark.parametrize("flash", [False, True], ids=["masked", "flash-segments"])
+def test_batched_kernels_equal_solo_twins(tiny_hf_folder, monkeypatch, flash):
+    """flash: sdpa_prefill's flash branch, flash attention stood in by float64 softmax with its
+    log-sum-exp (test_prefill_attention._softmax_lse), prefixes decoded in segments of 5 tokens."""
     folder = tiny_hf_folder("llama", tokenizer="bytes", max_position_embeddings=1024, head_dim=64)  # kernel-read
     cfg = CacheConfig(k_type="tq3.5", v_type="tq3", sinks=2, window=8, block_size=16)
     llm = LLM(str(folder), device="cpu", dtype="float32", cache=cfg, max_context=128, max_seqs=4, prefill_chunk=16)
@@ -41,6 +44,12 @@ def test_batched_kernels_equal_solo_twins(tiny_hf_folder, monkeypatch):
     count(decode_attention, "paged_decode_attention", "decode")
     count(prefill_attention, "sdpa_prefill", "sdpa", lambda r: r is not None)
     monkeypatch.setattr(prefill_attention, "PATH_MIN_PREFIX", 0)
+    if flash:
+        from .test_prefill_attention import _softmax_lse
+
+        monkeypatch.setattr(prefill_attention, "_flash_ok", lambda q: True)
+        monkeypatch.setattr(prefill_attention, "_flash_lse", _softmax_lse)
+        monkeypatch.setattr(prefill_attention, "SCRATCH_BYTES", 5 * 2 * 2 * 64 * 4)  # 5 tokens, 2 KV heads
     sched = Scheduler(llm, chunk=16, token_budget=24)
     for p, s in zip(PROMPTS, greedy):
         sched.add(p, s)
