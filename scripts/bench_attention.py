@@ -258,6 +258,42 @@ def bench_prefill(shape, prefix, chunk, kinds, results, configs=None):
     log(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}))
 
 
+def prefill_breakdown(shape: str, prefix: int, chunk: int, kind: str) -> list[tuple[str, float]]:
+    """The default prefill path (prefill_attention.sdpa_prefill) for one sequence, its steps timed alone
+    (do_bench, L2 flushed, µs): decoding the prefix's K and V records, the flash call over the decoded
+    prefix, the chunk's causal call, the rotations, the whole path; unmasked SDPA over the same keys."""
+    from tqinfer.kernels import prefill_attention as pa
+    from tqinfer.kernels.decode_attention import _layouts
+
+    hq, h, d = SHAPES[shape]
+    g, scale = hq // h, 1 / math.sqrt(d)
+    view = make_cache(kind, 1, prefix, h, d)
+    q = torch.randn(chunk, hq, d, device=DEV, dtype=torch.bfloat16)
+    k, v = (torch.randn(chunk, h, d, device=DEV, dtype=torch.bfloat16) for _ in range(2))
+    k_lay, v_lay = _layouts(view, DEV)
+    nrec = prefix - SINKS - WINDOW
+    kx, vx = (torch.empty(h, nrec, d, device=DEV, dtype=torch.bfloat16) for _ in range(2))
+    row = view.block_table[0]
+    qf = torch.randn(1, h, g * chunk, d, device=DEV, dtype=torch.bfloat16)
+    qc = torch.randn(1, hq, chunk, d, device=DEV, dtype=torch.bfloat16)
+    kc, vc = (torch.randn(1, hq, chunk, d, device=DEV, dtype=torch.bfloat16) for _ in range(2))
+    out = torch.empty_like(q)
+    kk = torch.randn(1, h, prefix + chunk, d, device=DEV, dtype=torch.bfloat16)
+    q4 = q.transpose(0, 1).unsqueeze(0)
+    steps = [
+        ("decode K records", lambda: pa.dequantize_records(view.k_pool, k_lay, row, SINKS, nrec, kx)),
+        ("decode V records", lambda: pa.dequantize_records(view.v_pool, v_lay, row, SINKS, nrec, vx)),
+        ("flash over the prefix (query heads folded)", lambda: pa._flash_lse(qf, kx[None], vx[None], False, scale)),
+        ("flash over the chunk (causal)", lambda: pa._flash_lse(qc, kc, vc, True, scale)),
+        ("rotate q, chunk k and v", lambda: (torch.einsum("nhgd,hed->nhge", q.view(chunk, h, g, d).float(),
+                                                          k_lay.rotation), pa._rotate(k.transpose(0, 1), k_lay.rotation),
+                                             pa._rotate(v.transpose(0, 1), v_lay.rotation))),
+        ("the whole path (sdpa_prefill)", lambda: pa.sdpa_prefill(q, k, v, view, scale, [prefix], [chunk], out)),
+        ("SDPA bf16, unmasked, same keys", lambda: F.scaled_dot_product_attention(q4, kk, kk, enable_gqa=True)),
+    ]
+    return [(name, do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3) for name, fn in steps]
+
+
 def prefill_table(results, kinds):
     comp = [k for k in kinds if k != "bf16"]
     lines = ["| shape | prefix | chunk | SDPA bf16 µs (with the causal mask) | "
@@ -314,10 +350,18 @@ def main():
     ap.add_argument("--decode-only", action="store_true",
                     help="the decode rows alone (no dequantize + SDPA, prefill rows or variant sweep)")
     ap.add_argument("--prefill-only", action="store_true", help="the prefill rows alone")
+    ap.add_argument("--prefill-breakdown", action="store_true",
+                    help="the steps of the default prefill path timed alone (8B shape, tq3.5, 32k + 1024), then exit")
     ap.add_argument("--baseline", default=None,
                     help="a copy of kernels/decode_attention.py to time next to the current decode kernel")
     args = ap.parse_args()
     baseline = load_decode_kernel(args.baseline) if args.baseline else None
+    if args.prefill_breakdown:
+        print(f"{datetime.date.today()} · {torch.cuda.get_device_name()} · torch {torch.__version__} · triton "
+              f"{triton.__version__}\n\n| step (llama3-8b, tq3.5, 32k prefix + 1024 chunk) | µs |\n|---|---|")
+        for name, us in prefill_breakdown("llama3-8b", 32768, 1024, "tq3.5"):
+            print(f"| {name} | {us:.1f} |", flush=True)
+        return
     t0 = time.time()
     kinds = ["tq3.5", "tq4", "bf16"]
     props = torch.cuda.get_device_properties(0)
