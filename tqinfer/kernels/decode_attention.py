@@ -39,6 +39,11 @@ NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima, so em
 LOOKUPS = {"mem": 0, "lut": 1, "pair": 2, "asm": 3}
 
 
+def runnable(lookup):
+    """The lookup that runs here: "asm" (inline PTX) is compiled GPU code only, the interpreter runs "pair"."""
+    return "pair" if lookup == "asm" and INTERPRET else lookup
+
+
 # ----------------------------------------------------------------------------------------------------
 # reading codes: whole units, sub-tiles by shift, no channel reordering
 
@@ -964,9 +969,7 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
         raise ValueError(f"block_n {block_n} must divide the block size {bs}")
     num_warps = num_warps or DEFAULT_WARPS
     k_lay, v_lay = _layouts(view, q.device)
-    lookup = lookup or DEFAULT_LOOKUP
-    if lookup == "asm" and INTERPRET:  # inline PTX: compiled GPU code only
-        lookup = "pair"
+    lookup = runnable(lookup or DEFAULT_LOOKUP)
     lut = lookup == "asm"
     early_v = early_values(v_lay) if early_v is None else early_v
     kv_args = {**_k_args(k_lay, d, lut), **_v_args(v_lay, d, lut)}

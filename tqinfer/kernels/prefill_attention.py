@@ -17,7 +17,7 @@ import triton.language as tl
 
 from . import reference
 from .decode_attention import (INTERPRET, LOG2E, NEG, _hot, _layouts, _lut3, _lut4, _tables, hot_attention,
-                               kernel_reads, lut_words, pair_centroids, prepare_queries)
+                               kernel_reads, lut_words, pair_centroids, prepare_queries, runnable)
 from .quantize import CodePart, RecordLayout
 
 # ----------------------------------------------------------------------------------------------------
@@ -471,8 +471,7 @@ def dequantize_records(pool: torch.Tensor, layout: RecordLayout, table_row: torc
                        out: torch.Tensor, unit_loads: bool | str = "asm") -> None:
     """Decode the records of tokens [t0, t0 + n) of one sequence (its block-table row) into out[H, n, d]
     (last dim contiguous) in the codec's rotated space: norm x centroid per part, MSE parts only."""
-    if unit_loads == "asm" and INTERPRET:  # inline PTX: compiled GPU code only
-        unit_loads = "pair"
+    unit_loads = runnable(unit_loads)
     h = pool.shape[1]
     a = _tile_k_args(layout, layout.dim, unit_loads)
     _dequant_kernel[(triton.cdiv(n, DEQUANT_TOKENS), h)](
@@ -511,34 +510,19 @@ def _flash_ok(q: torch.Tensor) -> bool:
     return _FLASH[key]
 
 
-class _Merge:
-    """Softmax attention over key sets seen one at a time, merged by their log-sum-exps (float32)."""
-
-    def __init__(self):
-        self.m = self.acc = self.den = None
-
-    def add(self, out: torch.Tensor, lse: torch.Tensor) -> None:
-        """out [n, Hq, d] and lse [n, Hq] of one key set."""
-        if self.m is None:
-            self.m, self.acc, self.den = lse, out.float(), torch.ones_like(lse)
-            return
-        m = torch.maximum(self.m, lse)
-        a, b = (self.m - m).exp(), (lse - m).exp()
-        self.acc = self.acc * a[..., None] + out.float() * b[..., None]
-        self.den, self.m = self.den * a + b, m
-
-    def result(self) -> torch.Tensor:
-        return self.acc / self.den[..., None]
+def _add_part(merger, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """One key set's normalized output out [n, Hq, d] and log-sum-exp lse [n, Hq] into the twin's online
+    softmax merge (reference._Merger: max lse, sum 1, output)."""
+    merger.add(lse, torch.ones_like(lse), out.float())
 
 
-def _prefix_part(qf, k, v, scale: float, n: int, g: int):
+def _prefix_part(merger, qf, k, v, scale: float, n: int, g: int) -> None:
     """Flash attention of the folded queries qf [1, H, G * n, d] over prefix keys k / v [H, S, d], every key
-    visible: (out [n, Hq, d], lse [n, Hq]). Folding the group's query heads into the rows reads each
-    KV head's keys once."""
+    visible, into merger. Folding the group's query heads into the rows reads each KV head's keys once."""
     h, d = k.shape[0], k.shape[2]
     out, lse = _flash_lse(qf, k[None], v[None], False, scale)
-    return (out[0].view(h, g, n, d).permute(2, 0, 1, 3).reshape(n, h * g, d),
-            lse[0].view(h, g, n).permute(2, 0, 1).reshape(n, h * g))
+    _add_part(merger, out[0].view(h, g, n, d).permute(2, 0, 1, 3).reshape(n, h * g, d),
+              lse[0].view(h, g, n).permute(2, 0, 1).reshape(n, h * g))
 
 
 def sdpa_prefill(q, k, v, view, scale: float, prefix_list: list[int], chunk_list: list[int], out: torch.Tensor,
@@ -598,14 +582,14 @@ def sdpa_prefill(q, k, v, view, scale: float, prefix_list: list[int], chunk_list
                 return kv
 
             if flash:
-                merge = _Merge()
+                merger = reference._Merger()
                 oc, lc = _flash_lse(qr.transpose(0, 1)[None], own[0].repeat_interleave(g, 0)[None],
                                     own[1].repeat_interleave(g, 0)[None], True, scale)
-                merge.add(oc[0].transpose(0, 1), lc[0].transpose(0, 1))
+                _add_part(merger, oc[0].transpose(0, 1), lc[0].transpose(0, 1))
                 qf = qr.view(n, h, g, d).permute(1, 2, 0, 3).reshape(1, h, g * n, d)
                 for a in range(0, p, seg):
-                    merge.add(*_prefix_part(qf, *prefix(a, min(p, a + seg)), scale, n, g))
-                o = merge.result()
+                    _prefix_part(merger, qf, *prefix(a, min(p, a + seg)), scale, n, g)
+                o = merger.result()
             else:
                 kp, vp = prefix(0, p)
                 keys, values = torch.cat([kp, own[0]], 1), torch.cat([vp, own[1]], 1)
@@ -624,8 +608,8 @@ def paged_prefill_attention(q, k, v, cu_q, prefix_lens, view, scale: float, bloc
     """Chunked-prefill attention with the paged_attention signature (kernels/reference.py):
     q[T, Hq, d], k/v[T, H, d] the chunks' own tokens, cu_q[B + 1] chunk bounds, prefix_lens[B].
     method "auto" (the default): sdpa_prefill where it applies and a prefix has PATH_MIN_PREFIX tokens
-    or more, else the fused kernel; "fused": the fused kernel. prefix_list / chunk_list: prefix_lens and the chunk lengths on the host (read from
-    the device when not given).
+    or more, else the fused kernel; "fused": the fused kernel. prefix_list / chunk_list: prefix_lens and
+    the chunk lengths on the host (read from the device when not given).
     Default tiles: 128 query rows (chunk tokens x padded group) and 8 warps over a compressed prefix,
     64 rows and 4 warps over a dense one (the faster of those measured on the H200). unit_loads: "asm"
     (the default: PRMT lookups of 4- and 3-bit codes, decode_attention._lut4 / _lut3, on sides with a
@@ -656,8 +640,7 @@ def paged_prefill_attention(q, k, v, cu_q, prefix_lens, view, scale: float, bloc
     dense = view.k_codec is None and view.v_codec is None
     block_m = block_m or max(16, (64 if dense else 128) // gp)
     num_warps = num_warps or (4 if dense else 8)
-    if unit_loads == "asm" and INTERPRET:  # inline PTX: compiled GPU code only
-        unit_loads = "pair"
+    unit_loads = runnable(unit_loads)
     bs = view.block_size
     block_n = block_n or min(bs, 64)
     if bs % block_n:
