@@ -249,9 +249,10 @@ def bench_prefill(shape, prefix, chunk, kinds, results, configs=None):
             best = us if best is None else min(best, us)
         row[f"{kind}_us"] = best
         if kind != "bf16":
-            row[f"{kind}_path_us"] = do_bench(lambda: paged_prefill_attention(
-                q, k, v, cu, pl, view, scale, out=out, prefix_list=[prefix], chunk_list=[chunk]),
-                warmup=25, rep=200, return_mode="median") * 1e3
+            def path():
+                paged_prefill_attention(q, k, v, cu, pl, view, scale, out=out, prefix_list=[prefix], chunk_list=[chunk])
+            row[f"{kind}_path_us"] = do_bench(path, warmup=25, rep=200, return_mode="median") * 1e3
+            row[f"{kind}_path_graph_us"] = graph_time(path)
         del view
         torch.cuda.empty_cache()
     results.append(row)
@@ -291,19 +292,30 @@ def prefill_breakdown(shape: str, prefix: int, chunk: int, kind: str) -> list[tu
         ("the whole path (sdpa_prefill)", lambda: pa.sdpa_prefill(q, k, v, view, scale, [prefix], [chunk], out)),
         ("SDPA bf16, unmasked, same keys", lambda: F.scaled_dot_product_attention(q4, kk, kk, enable_gqa=True)),
     ]
-    return [(name, do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3) for name, fn in steps]
+    times = [(name, do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3) for name, fn in steps]
+    path = steps[-2][1]
+    times.append(("the whole path, CUDA-graph replay (GPU time, launch gaps out)", graph_time(path)))
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        path()
+    times.append(("the whole path, host time a call (no sync)", (time.perf_counter() - t0) / 20 * 1e6))
+    torch.cuda.synchronize()
+    return times
 
 
 def prefill_table(results, kinds):
     comp = [k for k in kinds if k != "bf16"]
     lines = ["| shape | prefix | chunk | SDPA bf16 µs (with the causal mask) | "
              + " | ".join(f"{k} µs (× SDPA)" for k in kinds) + " | "
-             + " | ".join(f"{k} default path µs (× SDPA)" for k in comp) + " |",
-             "|" + "---|" * (4 + len(kinds) + len(comp))]
+             + " | ".join(f"{k} default path µs, eager (× SDPA)" for k in comp) + " | "
+             + " | ".join(f"{k} default path µs, graph (× SDPA)" for k in comp) + " |",
+             "|" + "---|" * (4 + len(kinds) + 2 * len(comp))]
     for r in results:
         cells = [r["shape"], f"{r['prefix'] // 1024}k", str(r["chunk"]), f"{r['sdpa_us']:.0f} ({r['sdpa_mask_us']:.0f})"]
         cells += [f"{r[k + '_us']:.0f} ({r['sdpa_us'] / r[k + '_us']:.2f}×)" for k in kinds]
         cells += [f"{r[k + '_path_us']:.0f} ({r['sdpa_us'] / r[k + '_path_us']:.2f}×)" for k in comp]
+        cells += [f"{r[k + '_path_graph_us']:.0f} ({r['sdpa_us'] / r[k + '_path_graph_us']:.2f}×)" for k in comp]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
