@@ -107,11 +107,15 @@ def test_sdpa_prefill_declines(monkeypatch):
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="flash attention in half types: the GPU path")
-@pytest.mark.parametrize("kt", ["tq3.5", "tq4"])
-def test_sdpa_prefill_flash_matches_masked_and_float64(kt, monkeypatch):
-    """In bf16 on the GPU the chunk and the prefix go through flash attention (the calls are counted),
-    merged by their log-sum-exps: equal to the one masked SDPA call (without flash) and to float64
-    within bf16 rounding."""
+@pytest.mark.parametrize("kt,seg", [("tq3.5", None), ("tq4", None), ("tq3.5", 128)])
+def test_sdpa_prefill_flash_matches_masked_and_float64(kt, seg, monkeypatch):
+    """In bf16 on the GPU the chunk and the prefix go through fused attention ops (the calls are counted),
+    merged by their log-sum-exps: equal to the one masked SDPA call (without them) and to float64 within
+    bf16 rounding. seg: prefix segments of 128 keys against rows padded to 64 (the bucketed shape cuDNN
+    takes where it runs), so full segments, a partial one and the padding are exercised."""
+    if seg:
+        monkeypatch.setattr(prefill_attention, "SEG_KEYS", seg)
+        monkeypatch.setattr(prefill_attention, "SEG_ROWS", 64)
     prefixes, chunks = [300, 17, 90], [64, 1, 130]
     seed = zlib.crc32(kt.encode()) % 1000
     view, kd, vd = build_cache(kt, kt, prefixes, heads=2, d=128, sinks=4, window=8, block_size=BS,
@@ -127,7 +131,8 @@ def test_sdpa_prefill_flash_matches_masked_and_float64(kt, monkeypatch):
     monkeypatch.setattr(prefill_attention, "_flash_lse", lambda *a: calls.append(1) or real(*a))
     out = torch.full_like(q, float("nan"))
     assert sdpa_prefill(q, k, v, view, 1 / math.sqrt(128), prefixes, chunks, out) is out
-    assert len(calls) == 2 * len(prefixes) and torch.isfinite(out).all()  # the chunk, the prefix
+    want = 2 * len(prefixes) if not seg else 3 + 3 + 1 + 1  # chunks; prefix 300 in 128 + 128 + 44, 17, 90
+    assert len(calls) == want and torch.isfinite(out).all()
     monkeypatch.setattr(prefill_attention, "_flash_ok", lambda q: False)
     masked = sdpa_prefill(q, k, v, view, 1 / math.sqrt(128), prefixes, chunks, torch.full_like(q, float("nan")))
     assert rel_err(out.float(), masked.float()) < 1e-2
@@ -146,6 +151,27 @@ def test_mixed_step_matches_float64(kt, vt):
     view, kd, vd, q, k, v, cu, pl, scale = _prefill_case(kt, vt, 64, 2, 4, prefixes, chunks)
     out = dispatch.mixed_attention(paged_decode_attention, paged_prefill_attention, q, k, v, pl, view, scale,
                                    prefixes, chunks)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, attention64(q, k, v, cu, prefixes, kd, vd, scale)) < 3e-3
+
+
+def test_sdpa_prefill_bucketed_segments(monkeypatch):
+    """The prefix cut into segments of SEG_KEYS keys, each against the folded queries padded to a multiple
+    of SEG_ROWS rows (the one shape cuDNN builds a plan for), the rest as it comes; on the CPU with
+    float64 standing in for the fused ops: the padding rows dropped, the parts merged into float64."""
+    prefixes, chunks = [0, 17, 40, 5, 90], [19, 1, 37, 3, 6]
+    view, kd, vd, q, k, v, cu, pl, scale = _prefill_case("tq3.5", "tq4", 64, 2, 4, prefixes, chunks)
+    calls = []
+    monkeypatch.setattr(prefill_attention, "_flash_ok", lambda q: True)
+    monkeypatch.setattr(prefill_attention, "_flash_lse",
+                        lambda *a: calls.append((a[0].shape[2], a[1].shape[2], a[3])) or _softmax_lse(*a))
+    monkeypatch.setattr(prefill_attention, "SEG_KEYS", 16)
+    monkeypatch.setattr(prefill_attention, "SEG_ROWS", 32)
+    out = torch.full_like(q, float("nan"))
+    assert sdpa_prefill(q, k, v, view, scale, prefixes, chunks, out) is out
+    # (query rows, keys) of the prefix calls: G x n rows, padded to a multiple of 32 for full segments
+    assert [(r, s) for r, s, causal in calls if not causal] == \
+        [(32, 16), (4, 1), (160, 16), (160, 16), (148, 8), (12, 5)] + [(32, 16)] * 5 + [(24, 10)]
     assert torch.isfinite(out).all()
     assert rel_err(out, attention64(q, k, v, cu, prefixes, kd, vd, scale)) < 3e-3
 

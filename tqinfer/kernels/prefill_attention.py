@@ -485,44 +485,85 @@ def _rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     return torch.matmul(x.float(), rotation.transpose(1, 2))
 
 
-def _flash_lse(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flash attention q [1, h, L, d] over k, v [1, h, S, d] (as many heads): (out [1, h, L, d], natural
-    log-sum-exp of each row's scores, float32 [1, h, L]). Causal: top-left aligned (used with L == S)."""
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
-    return out, lse
+def _turn(layout: RecordLayout, dtype: torch.dtype) -> torch.Tensor:
+    """The codec's rotation transposed, [H, d, d] in dtype (kept on the layout): x @ it turns rows x[H, L, d]
+    into the rotated space on the tensor cores."""
+    cache = layout.__dict__.setdefault("_turn", {})
+    if dtype not in cache:
+        cache[dtype] = layout.rotation.transpose(1, 2).to(dtype).contiguous()
+    return cache[dtype]
 
 
+# attention ops that return each row's log-sum-exp. cuDNN's fused attention measured 1.6x torch's flash
+# attention (FlashAttention-2) over the folded prefix on the H200 (943 vs 1536 µs, 32k keys, 4096 rows),
+# but it builds an execution plan for every new shape (~50-70 ms, and ~0.6-0.9 s for its first call in
+# a process; flash attention: none, docs/BENCHMARKS.md). So cuDNN takes only calls of one bucketed
+# shape: SEG_KEYS keys of the prefix against the folded queries padded to a multiple of SEG_ROWS rows;
+# flash attention takes the chunk's causal call and the prefix's last partial segment
+ATTENTION_OPS = ("cudnn", "flash")
+SEG_KEYS = 8192
+SEG_ROWS = 2048
 _FLASH: dict = {}
 
 
+def _attention_lse(op: str, q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if op == "cudnn":
+        r = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)
+    else:
+        r = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+    return r[0], r[1].reshape(q.shape[:3]).float()
+
+
+def _flash_lse(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused attention q [1, h, L, d] over k, v [1, h, S, d] (as many heads; last dims contiguous):
+    (out [1, h, L, d], natural log-sum-exp of each row's scores, float32 [1, h, L]). Causal: top-left
+    aligned (used with L == S). cuDNN for the bucketed shape (S == SEG_KEYS, L a multiple of SEG_ROWS,
+    no mask), flash attention otherwise, of the ops that run here (_flash_ok)."""
+    if not _flash_ok(q):
+        raise RuntimeError(f"no fused attention op with log-sum-exps runs for {_key(q)}")
+    ops = _FLASH[_key(q)]
+    bucketed = not causal and k.shape[2] == SEG_KEYS and q.shape[2] % SEG_ROWS == 0
+    op = "cudnn" if bucketed and "cudnn" in ops else ("flash" if "flash" in ops else ops[0])
+    return _attention_lse(op, q, k, v, causal, scale)
+
+
+def _key(q: torch.Tensor) -> tuple:
+    return q.device, q.dtype, q.shape[-1]
+
+
 def _flash_ok(q: torch.Tensor) -> bool:
-    """Whether torch's flash attention runs for q's device and dtype (CUDA, half types; tried once)."""
+    """Whether a fused attention op with log-sum-exps runs for q's device, dtype and head size (CUDA, half
+    types): each of ATTENTION_OPS tried once on random inputs against float32, those that agree kept."""
     if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)):
         return False
-    key = (q.device, q.dtype)
+    key = _key(q)
     if key not in _FLASH:
-        x = torch.zeros(1, 1, 16, 64, device=q.device, dtype=q.dtype)
-        try:
-            _flash_lse(x, x, x, False, 1.0)
-            _FLASH[key] = True
-        except RuntimeError:
-            _FLASH[key] = False
-    return _FLASH[key]
+        gen = torch.Generator(device=q.device).manual_seed(0)
+        x = [torch.randn(1, 2, 48, q.shape[-1], device=q.device, generator=gen).to(q.dtype) for _ in range(3)]
+        ok = []
+        for op in ATTENTION_OPS:
+            try:
+                if all(_agrees(op, *x, causal) for causal in (False, True)):
+                    ok.append(op)
+            except RuntimeError:  # not built for this GPU, dtype or head size
+                continue
+        _FLASH[key] = tuple(ok)
+    return bool(_FLASH[key])
 
 
-def _add_part(merger, out: torch.Tensor, lse: torch.Tensor) -> None:
-    """One key set's normalized output out [n, Hq, d] and log-sum-exp lse [n, Hq] into the twin's online
-    softmax merge (reference._Merger: max lse, sum 1, output)."""
-    merger.add(lse, torch.ones_like(lse), out.float())
+def _agrees(op: str, q, k, v, causal: bool) -> bool:
+    out, lse = _attention_lse(op, q, k, v, causal, 0.3)
+    s = torch.einsum("bhld,bhsd->bhls", q.float(), k.float()) * 0.3
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    ref = torch.softmax(s, -1) @ v.float()
+    return bool((out.float() - ref).abs().max() < 2e-2 and (lse - torch.logsumexp(s, -1)).abs().max() < 1e-2)
 
 
-def _prefix_part(merger, qf, k, v, scale: float, n: int, g: int) -> None:
-    """Flash attention of the folded queries qf [1, H, G * n, d] over prefix keys k / v [H, S, d], every key
-    visible, into merger. Folding the group's query heads into the rows reads each KV head's keys once."""
-    h, d = k.shape[0], k.shape[2]
-    out, lse = _flash_lse(qf, k[None], v[None], False, scale)
-    _add_part(merger, out[0].view(h, g, n, d).permute(2, 0, 1, 3).reshape(n, h * g, d),
-              lse[0].view(h, g, n).permute(2, 0, 1).reshape(n, h * g))
+def _merge_lse(o1: torch.Tensor, l1: torch.Tensor, o2: torch.Tensor, l2: torch.Tensor):
+    """Two normalized attention outputs o [..., rows, d] over disjoint key sets, with their log-sum-exps l
+    [..., rows]: the output over both (float32; o1 weighted by sigmoid(l1 - l2)) and its log-sum-exp."""
+    return torch.lerp(o2.float(), o1.float(), torch.sigmoid(l1 - l2)[..., None]), torch.logaddexp(l1, l2)
 
 
 def sdpa_prefill(q, k, v, view, scale: float, prefix_list: list[int], chunk_list: list[int], out: torch.Tensor,
@@ -531,15 +572,17 @@ def sdpa_prefill(q, k, v, view, scale: float, prefix_list: list[int], chunk_list
     layer (dequantize_records) into a transient buffer of the model dtype, all in the codecs' rotated
     spaces: the queries rotated by the key codec's rotation (scores are unchanged when queries and keys
     turn alike), the hot rows and the chunk's own tokens rotated, the output un-rotated by the value
-    codec's rotation. Where torch's flash attention runs (CUDA, half types): one call for the chunk
-    (causal, its keys repeated per query head) and one per segment of the prefix [hot rows | records]
-    of at most SCRATCH_BYTES decoded (no mask: the group's query heads folded into the rows), merged by
-    their log-sum-exps, so a prefix of any length takes bounded memory. Else one SDPA call with the
-    causal mask over [hot | records | chunk] (every prefix token precedes the chunk, so the prefix's
-    order does not matter), for prefixes within SCRATCH_BYTES. Unlike the fused kernel this writes a
-    decoded prefix to memory, where the fused kernel decodes every tile of it once per tile of query
-    rows (docs/BENCHMARKS.md). None where it does not apply: dense layers, QJL (prod) types, a prefix
-    over SCRATCH_BYTES without flash attention, or no memory for the buffers; the fused kernel serves."""
+    codec's rotation. The queries are laid out by KV head, [H, G x n, d] (the group's query heads folded
+    into the rows, which as [H G, n, d] are the per-head layout too). Where a fused attention op with
+    log-sum-exps runs (_flash_ok: CUDA, half types): one call for the chunk (causal, its keys repeated
+    per query head) and one per segment of the prefix [hot rows | records] of at most SCRATCH_BYTES
+    decoded (no mask, the folded rows), merged by their log-sum-exps, so a prefix of any length takes
+    bounded memory. Else one SDPA call with the causal mask over [hot | records | chunk] (every prefix
+    token precedes the chunk, so the prefix's order does not matter), for prefixes within SCRATCH_BYTES.
+    Unlike the fused kernel this writes a decoded prefix to memory, where the fused kernel decodes every
+    tile of it once per tile of query rows (docs/BENCHMARKS.md). None where it does not apply: dense
+    layers, QJL (prod) types, a prefix over SCRATCH_BYTES without the fused op, or no memory for the
+    buffers; the fused kernel serves."""
     from tqinfer.cache.dense import causal_mask, sdpa
 
     if view.k_hot is None or view.k_codec is None or view.v_codec is None:
@@ -565,13 +608,14 @@ def sdpa_prefill(q, k, v, view, scale: float, prefix_list: list[int], chunk_list
             hot, own = [], []
             for buf, new, lay, _ in sides:
                 hot.append(_rotate(buf.index_select(0, seq)[0][:, hidx], lay.rotation).to(q.dtype))
-                own.append(_rotate(new[s0:s0 + n].transpose(0, 1), lay.rotation).to(q.dtype))
-            qr = torch.einsum("nhgd,hed->nhge", q[s0:s0 + n].view(n, h, g, d).float(), k_lay.rotation)
-            qr = qr.reshape(n, hq, d).to(q.dtype)
+                own.append(torch.matmul(new[s0:s0 + n].transpose(0, 1), _turn(lay, q.dtype)))
+            qf = torch.matmul(q[s0:s0 + n].view(n, h, g, d).permute(1, 2, 0, 3).reshape(h, g * n, d),
+                              _turn(k_lay, q.dtype))
 
             def prefix(a: int, b: int) -> list[torch.Tensor]:
-                """Keys and values of entries [a, b) of the prefix as [hot rows | records], decoded."""
-                kv = [torch.empty(h, b - a, d, dtype=q.dtype, device=q.device) for _ in sides]
+                """Keys and values of entries [a, b) of the prefix as [hot rows | records], decoded: [H, b - a,
+                d] views of token-major buffers, so slices of SEG_KEYS tokens share their strides."""
+                kv = [torch.empty(b - a, h, d, dtype=q.dtype, device=q.device).transpose(0, 1) for _ in sides]
                 for x, hx, (_, _, lay, pool) in zip(kv, hot, sides):
                     if a < min(b, nh):
                         x[:, :min(b, nh) - a] = hx[:, a:min(b, nh)]
@@ -581,20 +625,32 @@ def sdpa_prefill(q, k, v, view, scale: float, prefix_list: list[int], chunk_list
                                            unit_loads)
                 return kv
 
-            if flash:
-                merger = reference._Merger()
-                oc, lc = _flash_lse(qr.transpose(0, 1)[None], own[0].repeat_interleave(g, 0)[None],
+            if flash:  # rows in the folded order, h * G * n + g * n + i
+                o, lse = _flash_lse(qf.view(1, hq, n, d), own[0].repeat_interleave(g, 0)[None],
                                     own[1].repeat_interleave(g, 0)[None], True, scale)
-                _add_part(merger, oc[0].transpose(0, 1), lc[0].transpose(0, 1))
-                qf = qr.view(n, h, g, d).permute(1, 2, 0, 3).reshape(1, h, g * n, d)
+                o, lse = o.view(h, g * n, d), lse.view(h, g * n)
+                qpad = None
                 for a in range(0, p, seg):
-                    _prefix_part(merger, qf, *prefix(a, min(p, a + seg)), scale, n, g)
-                o = merger.result()
+                    kp, vp = prefix(a, min(p, a + seg))
+                    for j in range(0, kp.shape[1], SEG_KEYS):
+                        kj, vj = kp[None, :, j:j + SEG_KEYS], vp[None, :, j:j + SEG_KEYS]
+                        qj = qf
+                        if kj.shape[2] == SEG_KEYS:  # the bucketed shape: rows padded to a multiple of SEG_ROWS
+                            if qpad is None:
+                                qpad = qf.new_zeros(h, -(-g * n // SEG_ROWS) * SEG_ROWS, d)
+                                qpad[:, :g * n] = qf
+                            qj = qpad
+                        o2, l2 = _flash_lse(qj[None], kj, vj, False, scale)
+                        o, lse = _merge_lse(o, lse, o2[0, :, :g * n], l2[0, :, :g * n])
+                o = o.float()
             else:
                 kp, vp = prefix(0, p)
                 keys, values = torch.cat([kp, own[0]], 1), torch.cat([vp, own[1]], 1)
+                qr = qf.view(h, g, n, d).permute(2, 0, 1, 3).reshape(n, hq, d)
                 o = sdpa(qr, keys, values, causal_mask(p, n, None, q.device), scale).float()
-            out[s0:s0 + n] = torch.einsum("nhge,hed->nhgd", o.view(n, h, g, d), v_lay.rotation).reshape(n, hq, d)
+                o = o.view(n, h, g, d).permute(1, 2, 0, 3).reshape(h, g * n, d)
+            x = torch.matmul(o, v_lay.rotation)  # un-rotated: x = y @ rotation, per KV head, float32
+            out[s0:s0 + n].view(n, h, g, d).copy_(x.view(h, g, n, d).permute(2, 0, 1, 3))
             s0 += n
     except torch.cuda.OutOfMemoryError:
         return None
