@@ -21,6 +21,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 import triton
 from triton.testing import do_bench
 
@@ -259,6 +260,11 @@ def bench_prefill(shape, prefix, chunk, kinds, results, configs=None):
     log(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}))
 
 
+def _sdpa_on(backend, q, kv):
+    with sdpa_kernel([backend]):
+        return F.scaled_dot_product_attention(q, kv, kv, enable_gqa=True)
+
+
 def prefill_breakdown(shape: str, prefix: int, chunk: int, kind: str) -> list[tuple[str, float]]:
     """The default prefill path (prefill_attention.sdpa_prefill) for one sequence, its steps timed alone
     (do_bench, L2 flushed, µs): decoding the prefix's K and V records, the flash call over the decoded
@@ -284,16 +290,26 @@ def prefill_breakdown(shape: str, prefix: int, chunk: int, kind: str) -> list[tu
     steps = [
         ("decode K records", lambda: pa.dequantize_records(view.k_pool, k_lay, row, SINKS, nrec, kx)),
         ("decode V records", lambda: pa.dequantize_records(view.v_pool, v_lay, row, SINKS, nrec, vx)),
-        ("flash over the prefix (query heads folded)", lambda: pa._flash_lse(qf, kx[None], vx[None], False, scale)),
-        ("flash over the chunk (causal)", lambda: pa._flash_lse(qc, kc, vc, True, scale)),
-        ("rotate q, chunk k and v", lambda: (torch.einsum("nhgd,hed->nhge", q.view(chunk, h, g, d).float(),
-                                                          k_lay.rotation), pa._rotate(k.transpose(0, 1), k_lay.rotation),
-                                             pa._rotate(v.transpose(0, 1), v_lay.rotation))),
+        *[(f"{op} over the prefix (query heads folded)",
+           lambda op=op: pa._attention_lse(op, qf, kx[None], vx[None], False, scale)) for op in pa.ATTENTION_OPS],
+        *[(f"{op} over the chunk (causal)", lambda op=op: pa._attention_lse(op, qc, kc, vc, True, scale))
+          for op in pa.ATTENTION_OPS],
+        ("rotate q, chunk k and v", lambda: (
+            torch.matmul(q.view(chunk, h, g, d).permute(1, 2, 0, 3).reshape(h, g * chunk, d), pa._turn(k_lay, q.dtype)),
+            torch.matmul(k.transpose(0, 1), pa._turn(k_lay, q.dtype)), torch.matmul(v.transpose(0, 1), pa._turn(v_lay, q.dtype)))),
         ("the whole path (sdpa_prefill)", lambda: pa.sdpa_prefill(q, k, v, view, scale, [prefix], [chunk], out)),
         ("SDPA bf16, unmasked, same keys", lambda: F.scaled_dot_product_attention(q4, kk, kk, enable_gqa=True)),
+        *[(f"SDPA bf16, unmasked, {b.name} backend only", lambda b=b: _sdpa_on(b, q4, kk))
+          for b in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)],
     ]
-    times = [(name, do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3) for name, fn in steps]
-    path = steps[-2][1]
+    times = []
+    for name, fn in steps:
+        try:
+            times.append((name, do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3))
+        except RuntimeError as e:  # an attention op not built for this GPU
+            times.append((f"{name}: {str(e).splitlines()[0][:80]}", float("nan")))
+    times.append((f"fused attention op the path takes: {pa._FLASH.get(pa._key(q))}", float("nan")))
+    path = dict(steps)["the whole path (sdpa_prefill)"]
     times.append(("the whole path, CUDA-graph replay (GPU time, launch gaps out)", graph_time(path)))
     torch.cuda.synchronize()
     t0 = time.perf_counter()
