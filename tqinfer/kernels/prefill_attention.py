@@ -480,11 +480,6 @@ def dequantize_records(pool: torch.Tensor, layout: RecordLayout, table_row: torc
         **{f"{x}{tag}": a[f"{x}K{tag}"] for x in "CDBPST" for tag in "AB"})
 
 
-def _rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """x[H, L, d] -> rotation[h] @ x[h, l] (float32)."""
-    return torch.matmul(x.float(), rotation.transpose(1, 2))
-
-
 def _turn(layout: RecordLayout, dtype: torch.dtype) -> torch.Tensor:
     """The codec's rotation transposed, [H, d, d] in dtype (kept on the layout): x @ it turns rows x[H, L, d]
     into the rotated space on the tensor cores."""
@@ -602,12 +597,14 @@ def sdpa_prefill(q, k, v, view, scale: float, prefix_list: list[int], chunk_list
     s0 = 0
     try:
         for row, (p, n) in enumerate(zip(prefix_list, chunk_list)):
-            hot_t, hidx = reference._hot_rows(p, view.sinks, view.window, q.device)
-            nh = hot_t.numel()  # sinks and recent tokens; tokens [sinks, sinks + p - nh) have records
+            # the hot rows in use are rows [0, nh) of the buffer (sinks, then the window's ring, filled from
+            # its start), in ring order: the prefix's order does not matter. Tokens [sinks, sinks + p - nh)
+            # have records
+            nh = min(p, view.sinks + view.window)
             seq, table = view.seq_slot[row:row + 1], view.block_table[row]
             hot, own = [], []
             for buf, new, lay, _ in sides:
-                hot.append(_rotate(buf.index_select(0, seq)[0][:, hidx], lay.rotation).to(q.dtype))
+                hot.append(torch.matmul(buf.index_select(0, seq)[0, :, :nh].to(q.dtype), _turn(lay, q.dtype)))
                 own.append(torch.matmul(new[s0:s0 + n].transpose(0, 1), _turn(lay, q.dtype)))
             qf = torch.matmul(q[s0:s0 + n].view(n, h, g, d).permute(1, 2, 0, 3).reshape(h, g * n, d),
                               _turn(k_lay, q.dtype))
@@ -626,8 +623,8 @@ def sdpa_prefill(q, k, v, view, scale: float, prefix_list: list[int], chunk_list
                 return kv
 
             if flash:  # rows in the folded order, h * G * n + g * n + i
-                o, lse = _flash_lse(qf.view(1, hq, n, d), own[0].repeat_interleave(g, 0)[None],
-                                    own[1].repeat_interleave(g, 0)[None], True, scale)
+                kc, vc = (x[:, None].expand(h, g, n, d).reshape(1, hq, n, d) for x in own)  # keys a query head
+                o, lse = _flash_lse(qf.view(1, hq, n, d), kc, vc, True, scale)
                 o, lse = o.view(h, g * n, d), lse.view(h, g * n)
                 qpad = None
                 for a in range(0, p, seg):
