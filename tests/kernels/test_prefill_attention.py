@@ -129,10 +129,14 @@ def test_sdpa_prefill_flash_matches_masked_and_float64(kt, seg, monkeypatch):
     assert prefill_attention._flash_ok(q)
     calls, real = [], prefill_attention._flash_lse
     monkeypatch.setattr(prefill_attention, "_flash_lse", lambda *a: calls.append(1) or real(*a))
+    ops, real_op = [], prefill_attention._attention_lse
+    monkeypatch.setattr(prefill_attention, "_attention_lse", lambda op, *a: ops.append(op) or real_op(op, *a))
     out = torch.full_like(q, float("nan"))
     assert sdpa_prefill(q, k, v, view, 1 / math.sqrt(128), prefixes, chunks, out) is out
     want = 2 * len(prefixes) if not seg else 3 + 3 + 1 + 1  # chunks; prefix 300 in 128 + 128 + 44, 17, 90
     assert len(calls) == want and torch.isfinite(out).all()
+    if seg and "cudnn" in prefill_attention._FLASH[prefill_attention._key(q)]:
+        assert ops.count("cudnn") == 2 + 0 + 0  # prefix 300: two full segments of 128 keys
     monkeypatch.setattr(prefill_attention, "_flash_ok", lambda q: False)
     masked = sdpa_prefill(q, k, v, view, 1 / math.sqrt(128), prefixes, chunks, torch.full_like(q, float("nan")))
     assert rel_err(out.float(), masked.float()) < 1e-2
@@ -174,6 +178,43 @@ def test_sdpa_prefill_bucketed_segments(monkeypatch):
         [(32, 16), (4, 1), (160, 16), (160, 16), (148, 8), (12, 5)] + [(32, 16)] * 5 + [(24, 10)]
     assert torch.isfinite(out).all()
     assert rel_err(out, attention64(q, k, v, cu, prefixes, kd, vd, scale)) < 3e-3
+
+
+def test_fused_op_probe_and_choice(monkeypatch):
+    """_flash_ok keeps the ops that agree with float32 in the prefix calls' layout (a wrong scale, a wrong
+    log-sum-exp or an error drops an op); _flash_lse takes cuDNN only for the bucketed shape and leaves
+    it for flash attention when a call fails. The ops are stood in on the CPU."""
+    def math_op(q, k, v, causal, scale):
+        return _softmax_lse(q, k, v, causal, scale)
+
+    behaviours = {"right": math_op,
+                  "scale": lambda q, k, v, c, s: math_op(q, k, v, c, 1.1 * s),
+                  "lse": lambda q, k, v, c, s: (math_op(q, k, v, c, s)[0], math_op(q, k, v, c, s)[1] / 2.718281828),
+                  "raises": lambda *a: (_ for _ in ()).throw(RuntimeError("no kernel"))}
+    q = torch.randn(1, 2, 64, 32)
+    monkeypatch.setattr(prefill_attention, "_fused_capable", lambda q: True)
+    for cudnn, want in (("right", ("cudnn", "flash")), ("scale", ("flash",)), ("lse", ("flash",)),
+                        ("raises", ("flash",))):
+        monkeypatch.setattr(prefill_attention, "_FLASH", {})
+        ran = []
+        monkeypatch.setattr(prefill_attention, "_attention_lse", lambda op, *a, _c=cudnn: ran.append(op) or (
+            behaviours[_c] if op == "cudnn" else math_op)(*a))
+        assert prefill_attention._flash_ok(q) and prefill_attention._FLASH[prefill_attention._key(q)] == want
+    monkeypatch.setattr(prefill_attention, "SEG_KEYS", 16)
+    monkeypatch.setattr(prefill_attention, "SEG_ROWS", 32)
+    for cudnn in ("right", "raises"):
+        monkeypatch.setattr(prefill_attention, "_FLASH", {prefill_attention._key(q): ("cudnn", "flash")})
+        ran = []
+        monkeypatch.setattr(prefill_attention, "_attention_lse", lambda op, *a, _c=cudnn: ran.append(op) or (
+            behaviours[_c] if op == "cudnn" else math_op)(*a))
+        k16, k15 = torch.randn(1, 2, 16, 32), torch.randn(1, 2, 15, 32)
+        for qq, kk, causal in ((q, k16, False), (q, k15, False), (q[:, :, :48], k16, False), (q[:, :, :16], q[:, :, :16], True)):
+            out, lse = prefill_attention._flash_lse(qq, kk, kk, causal, 0.2)
+            ref = _softmax_lse(qq, kk, kk, causal, 0.2)
+            assert torch.allclose(out, ref[0], atol=1e-5) and torch.allclose(lse, ref[1], atol=1e-5)
+        # the bucketed call (16 keys, 64 rows) went to cuDNN; on its failure flash attention took it and the rest
+        assert ran == (["cudnn", "flash", "flash", "flash"] if cudnn == "right" else ["cudnn", "flash", "flash", "flash", "flash"])
+        assert prefill_attention._FLASH[prefill_attention._key(q)] == (("cudnn", "flash") if cudnn == "right" else ("flash",))
 
 
 def test_dispatch_routes_decode_mixed_and_prefill_steps(monkeypatch):
@@ -226,13 +267,19 @@ def test_sdpa_prefill_segments_merge(kt, sinks, window, monkeypatch):
 
 
 def test_auto_keeps_the_fused_kernel_below_the_prefix_threshold(monkeypatch):
-    """method="auto" takes sdpa_prefill only when a row's prefix reaches PATH_MIN_PREFIX."""
+    """method="auto" takes sdpa_prefill only when a row's prefix reaches PATH_MIN_PREFIX, or PATH_WIDE_PREFIX
+    under a chunk of PATH_WIDE_CHUNK query elements."""
     view, kd, vd, q, k, v, cu, pl, scale = _prefill_case("tq3.5", "tq3.5", 64, 1, 2, [30, 50], [5, 3])
     taken = []
     real = prefill_attention.sdpa_prefill
     monkeypatch.setattr(prefill_attention, "sdpa_prefill", lambda *a: taken.append(1) or real(*a))
-    for threshold, want in ((51, []), (50, [1])):
-        monkeypatch.setattr(prefill_attention, "PATH_MIN_PREFIX", threshold)
+    # (PATH_MIN_PREFIX, PATH_WIDE_PREFIX, PATH_WIDE_CHUNK): rows (prefix, chunk x Hq x d) are (30, 5 x 2 x 64)
+    # and (50, 3 x 2 x 64)
+    for rule, want in (((51, 0, 641), []), ((50, 0, 641), [1]), ((51, 30, 640), [1]), ((51, 31, 640), []),
+                       ((51, 50, 384), [1]), ((51, 51, 384), [])):
+        for name, value in zip(("PATH_MIN_PREFIX", "PATH_WIDE_PREFIX", "PATH_WIDE_CHUNK"), rule):
+            monkeypatch.setattr(prefill_attention, name, value)
         taken.clear()
         out = paged_prefill_attention(q, k, v, cu, pl, view, scale, out=torch.full_like(q, float("nan")))
-        assert taken == want and rel_err(out, attention64(q, k, v, cu, [30, 50], kd, vd, scale)) < 3e-3
+        assert taken == want, rule
+        assert rel_err(out, attention64(q, k, v, cu, [30, 50], kd, vd, scale)) < 3e-3

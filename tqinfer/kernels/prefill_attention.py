@@ -460,11 +460,17 @@ def _tile_v_args(layout: RecordLayout | None, d: int, unit_loads: bool = True) -
 # in the memory plan (tqinfer/estimate.py): where it cannot be allocated, the fused kernel serves
 SCRATCH_BYTES = 1 << 30
 DEQUANT_TOKENS = 64  # tokens per program of _dequant_kernel
-# "auto" takes sdpa_prefill when a row's prefix has at least this many tokens: measured faster than the
-# fused kernel at 32k and 128k on the H200 (2.0-2.4x); shorter prefixes, where its fixed cost (the
-# launches of a decode, rotations and two attention calls a row) may not pay, were not measured and
-# keep the fused kernel
+# "auto" takes sdpa_prefill when a row's prefix has at least this many tokens: faster than the fused
+# kernel at 8k-128k on the H200 in GPU time (3.3-4.4x), and eagerly, host ops included, at every shape
+# but the small model's (0.85-0.93x there at 8k + 2048; docs/BENCHMARKS.md, "Where the path pays")
 PATH_MIN_PREFIX = 8192
+# ... or at least PATH_WIDE_PREFIX tokens under a chunk of PATH_WIDE_CHUNK query elements or more (n x Hq
+# x d: a 2048-token chunk of the Llama-3-8B shape): there the path measured 1.6-2.6x faster than the
+# fused kernel eagerly from a 512-token prefix up (2048-token chunks; with cuDNN for the prefix, where
+# these prefixes now take flash attention), while 512-token chunks of that shape and every chunk of the
+# small model's shape (2048 x 9 x 64) ran faster fused below 8192: the path's ~1 ms of host ops a call
+PATH_WIDE_PREFIX = 512
+PATH_WIDE_CHUNK = 2048 * 32 * 128
 
 
 def dequantize_records(pool: torch.Tensor, layout: RecordLayout, table_row: torch.Tensor, t0: int, n: int,
@@ -513,12 +519,21 @@ def _flash_lse(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch
     """Fused attention q [1, h, L, d] over k, v [1, h, S, d] (as many heads; last dims contiguous):
     (out [1, h, L, d], natural log-sum-exp of each row's scores, float32 [1, h, L]). Causal: top-left
     aligned (used with L == S). cuDNN for the bucketed shape (S == SEG_KEYS, L a multiple of SEG_ROWS,
-    no mask), flash attention otherwise, of the ops that run here (_flash_ok)."""
+    no mask), flash attention otherwise, of the ops that run here (_flash_ok). A cuDNN call that fails
+    (no plan for the shape) leaves flash attention to this and every later call."""
     if not _flash_ok(q):
         raise RuntimeError(f"no fused attention op with log-sum-exps runs for {_key(q)}")
     ops = _FLASH[_key(q)]
     bucketed = not causal and k.shape[2] == SEG_KEYS and q.shape[2] % SEG_ROWS == 0
     op = "cudnn" if bucketed and "cudnn" in ops else ("flash" if "flash" in ops else ops[0])
+    if op == "cudnn" and len(ops) > 1:
+        try:
+            return _attention_lse(op, q, k, v, causal, scale)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except RuntimeError:
+            _FLASH[_key(q)] = ops = tuple(o for o in ops if o != "cudnn")
+            op = ops[0]
     return _attention_lse(op, q, k, v, causal, scale)
 
 
@@ -526,33 +541,54 @@ def _key(q: torch.Tensor) -> tuple:
     return q.device, q.dtype, q.shape[-1]
 
 
+def _fused_capable(q: torch.Tensor) -> bool:
+    """CUDA and a half type: where torch's fused attention ops may run."""
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
 def _flash_ok(q: torch.Tensor) -> bool:
-    """Whether a fused attention op with log-sum-exps runs for q's device, dtype and head size (CUDA, half
-    types): each of ATTENTION_OPS tried once on random inputs against float32, those that agree kept."""
-    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)):
+    """Whether a fused attention op with log-sum-exps runs for q's device, dtype and head size: each of
+    ATTENTION_OPS tried once on random inputs laid out as sdpa_prefill lays them out, against float32;
+    those that agree are kept. Not probed while a CUDA graph is being captured (asked again later); an
+    out-of-memory error propagates without recording anything."""
+    if not _fused_capable(q):
         return False
     key = _key(q)
     if key not in _FLASH:
-        gen = torch.Generator(device=q.device).manual_seed(0)
-        x = [torch.randn(1, 2, 48, q.shape[-1], device=q.device, generator=gen).to(q.dtype) for _ in range(3)]
+        if q.is_cuda and torch.cuda.is_current_stream_capturing():
+            return False
         ok = []
         for op in ATTENTION_OPS:
             try:
-                if all(_agrees(op, *x, causal) for causal in (False, True)):
+                if _agrees(op, q.device, q.dtype, q.shape[-1]):
                     ok.append(op)
+            except torch.cuda.OutOfMemoryError:
+                raise
             except RuntimeError:  # not built for this GPU, dtype or head size
                 continue
         _FLASH[key] = tuple(ok)
     return bool(_FLASH[key])
 
 
-def _agrees(op: str, q, k, v, causal: bool) -> bool:
-    out, lse = _attention_lse(op, q, k, v, causal, 0.3)
-    s = torch.einsum("bhld,bhsd->bhls", q.float(), k.float()) * 0.3
-    if causal:
-        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
-    ref = torch.softmax(s, -1) @ v.float()
-    return bool((out.float() - ref).abs().max() < 2e-2 and (lse - torch.logsumexp(s, -1)).abs().max() < 1e-2)
+def _agrees(op: str, device, dtype, d: int) -> bool:
+    """op against float32 on random inputs: 80 query rows over 48 keys of a token-major buffer (the
+    prefix calls' layout), and a causal 48 x 48 call (the chunk's)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, device=device, generator=gen).to(dtype)
+
+    for q, k, v, causal in ((rand(1, 2, 80, d), rand(48, 2, d).transpose(0, 1)[None],
+                             rand(48, 2, d).transpose(0, 1)[None], False),
+                            (rand(1, 2, 48, d), rand(1, 2, 48, d), rand(1, 2, 48, d), True)):
+        out, lse = _attention_lse(op, q, k, v, causal, 0.3)
+        s = torch.einsum("bhld,bhsd->bhls", q.float(), k.float()) * 0.3
+        if causal:
+            s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+        ref = torch.softmax(s, -1) @ v.float()
+        if not ((out.float() - ref).abs().max() < 2e-2 and (lse - torch.logsumexp(s, -1)).abs().max() < 1e-2):
+            return False
+    return True
 
 
 def _merge_lse(o1: torch.Tensor, l1: torch.Tensor, o2: torch.Tensor, l2: torch.Tensor):
@@ -588,11 +624,16 @@ def sdpa_prefill(q, k, v, view, scale: float, prefix_list: list[int], chunk_list
     hq, d = q.shape[1], q.shape[2]
     h = k.shape[1]
     g = hq // h
-    flash = _flash_ok(q)
+    try:
+        flash = _flash_ok(q)
+    except torch.cuda.OutOfMemoryError:
+        return None
     per_token = 2 * h * d * q.element_size()  # decoded keys + values
     if not flash and max((p + n) * per_token for p, n in zip(prefix_list, chunk_list)) > SCRATCH_BYTES:
         return None
     seg = max(1, SCRATCH_BYTES // per_token)
+    if seg >= SEG_KEYS:  # whole cuDNN segments in each decoded piece
+        seg -= seg % SEG_KEYS
     sides = ((view.k_hot, k, k_lay, view.k_pool), (view.v_hot, v, v_lay, view.v_pool))
     s0 = 0
     try:
@@ -604,7 +645,8 @@ def sdpa_prefill(q, k, v, view, scale: float, prefix_list: list[int], chunk_list
             seq, table = view.seq_slot[row:row + 1], view.block_table[row]
             hot, own = [], []
             for buf, new, lay, _ in sides:
-                hot.append(torch.matmul(buf.index_select(0, seq)[0, :, :nh].to(q.dtype), _turn(lay, q.dtype)))
+                rows = buf.index_select(0, seq)[0, :, :nh]  # few: rotated in float32 (sinks carry large logits)
+                hot.append(torch.matmul(rows.float(), _turn(lay, torch.float32)).to(q.dtype))
                 own.append(torch.matmul(new[s0:s0 + n].transpose(0, 1), _turn(lay, q.dtype)))
             qf = torch.matmul(q[s0:s0 + n].view(n, h, g, d).permute(1, 2, 0, 3).reshape(h, g * n, d),
                               _turn(k_lay, q.dtype))
@@ -632,7 +674,7 @@ def sdpa_prefill(q, k, v, view, scale: float, prefix_list: list[int], chunk_list
                     for j in range(0, kp.shape[1], SEG_KEYS):
                         kj, vj = kp[None, :, j:j + SEG_KEYS], vp[None, :, j:j + SEG_KEYS]
                         qj = qf
-                        if kj.shape[2] == SEG_KEYS:  # the bucketed shape: rows padded to a multiple of SEG_ROWS
+                        if kj.shape[2] == SEG_KEYS and g * n % SEG_ROWS:  # the bucketed shape: rows padded
                             if qpad is None:
                                 qpad = qf.new_zeros(h, -(-g * n // SEG_ROWS) * SEG_ROWS, d)
                                 qpad[:, :g * n] = qf
@@ -660,8 +702,9 @@ def paged_prefill_attention(q, k, v, cu_q, prefix_lens, view, scale: float, bloc
                             prefix_list: list[int] | None = None, chunk_list: list[int] | None = None) -> torch.Tensor:
     """Chunked-prefill attention with the paged_attention signature (kernels/reference.py):
     q[T, Hq, d], k/v[T, H, d] the chunks' own tokens, cu_q[B + 1] chunk bounds, prefix_lens[B].
-    method "auto" (the default): sdpa_prefill where it applies and a prefix has PATH_MIN_PREFIX tokens
-    or more, else the fused kernel; "fused": the fused kernel. prefix_list / chunk_list: prefix_lens and
+    method "auto" (the default): sdpa_prefill where it applies and a row's prefix has PATH_MIN_PREFIX
+    tokens or more (PATH_WIDE_PREFIX under a chunk of PATH_WIDE_CHUNK query elements), else the fused
+    kernel; "fused": the fused kernel. prefix_list / chunk_list: prefix_lens and
     the chunk lengths on the host (read from the device when not given).
     Default tiles: 128 query rows (chunk tokens x padded group) and 8 warps over a compressed prefix,
     64 rows and 4 warps over a dense one (the faster of those measured on the H200). unit_loads: "asm"
@@ -682,8 +725,9 @@ def paged_prefill_attention(q, k, v, cu_q, prefix_lens, view, scale: float, bloc
         if prefix_list is None or chunk_list is None:
             cu = cu_q.tolist()
             prefix_list, chunk_list = prefix_lens.tolist(), [b - a for a, b in zip(cu[:-1], cu[1:])]
-        if max(prefix_list, default=0) >= PATH_MIN_PREFIX and \
-                sdpa_prefill(q, k, v, view, scale, prefix_list, chunk_list, out, unit_loads) is not None:
+        wide = [p >= PATH_MIN_PREFIX or (p >= PATH_WIDE_PREFIX and n * hq * d >= PATH_WIDE_CHUNK)
+                for p, n in zip(prefix_list, chunk_list)]
+        if any(wide) and sdpa_prefill(q, k, v, view, scale, prefix_list, chunk_list, out, unit_loads) is not None:
             return out
     elif method != "fused":
         raise ValueError(f"method must be 'auto' or 'fused', got {method!r}")
