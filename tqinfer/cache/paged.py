@@ -418,9 +418,10 @@ class PagedCache:
                     khot[slot, :, row] = kc[0]
                     vhot[slot, :, row] = vc[0]
                 continue
-            keep = list(range(p, min(end, S))) + list(range(max(p, S, end - W), end))
-            if keep:
-                tk = torch.tensor(keep, device=self.device)
+            lo, hi = max(p, S, end - W), min(end, S)  # sinks [p, hi), the window [lo, end)
+            if hi > p or end > lo:  # built on the device: a copy from host memory waits for the stream
+                tk = torch.cat([torch.arange(p, max(p, hi), device=self.device),
+                                torch.arange(lo, max(lo, end), device=self.device)])
                 hidx = torch.where(tk < S, tk, S + (tk - S) % max(W, 1))
                 khot[slot, :, hidx] = kc[tk - p].transpose(0, 1).to(khot.dtype)
                 vhot[slot, :, hidx] = vc[tk - p].transpose(0, 1).to(vhot.dtype)
