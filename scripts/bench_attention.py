@@ -308,7 +308,8 @@ def prefill_breakdown(shape: str, prefix: int, chunk: int, kind: str) -> list[tu
             times.append((name, do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3))
         except RuntimeError as e:  # an attention op not built for this GPU
             times.append((f"{name}: {str(e).splitlines()[0][:80]}", float("nan")))
-    times.append((f"fused attention op the path takes: {pa._FLASH.get(pa._key(q))}", float("nan")))
+    times.append((f"fused attention ops the path takes: {pa._FLASH.get(pa._key(q))}, cuDNN for the bucketed "
+                  f"calls: {pa._CUDNN.get(pa._key(q))}", float("nan")))
     path = dict(steps)["the whole path (sdpa_prefill)"]
     times.append(("the whole path, CUDA-graph replay (GPU time, launch gaps out)", graph_time(path)))
     torch.cuda.synchronize()

@@ -129,14 +129,15 @@ def test_sdpa_prefill_flash_matches_masked_and_float64(kt, seg, monkeypatch):
     assert prefill_attention._flash_ok(q)
     calls, real = [], prefill_attention._flash_lse
     monkeypatch.setattr(prefill_attention, "_flash_lse", lambda *a: calls.append(1) or real(*a))
-    ops, real_op = [], prefill_attention._attention_lse
-    monkeypatch.setattr(prefill_attention, "_attention_lse", lambda op, *a: ops.append(op) or real_op(op, *a))
+    ops, real_op = [], prefill_attention._attention_lse  # (op, keys) of each call, the checks' included
+    monkeypatch.setattr(prefill_attention, "_attention_lse",
+                        lambda op, *a: ops.append((op, a[1].shape[2])) or real_op(op, *a))
     out = torch.full_like(q, float("nan"))
     assert sdpa_prefill(q, k, v, view, 1 / math.sqrt(128), prefixes, chunks, out) is out
     want = 2 * len(prefixes) if not seg else 3 + 3 + 1 + 1  # chunks; prefix 300 in 128 + 128 + 44, 17, 90
     assert len(calls) == want and torch.isfinite(out).all()
-    if seg and "cudnn" in prefill_attention._FLASH[prefill_attention._key(q)]:
-        assert ops.count("cudnn") == 2 + 0 + 0  # prefix 300: two full segments of 128 keys
+    if seg and prefill_attention._CUDNN.get(prefill_attention._key(q)):
+        assert ops.count(("cudnn", 128)) == 2  # prefix 300: two full segments of 128 keys
     monkeypatch.setattr(prefill_attention, "_flash_ok", lambda q: False)
     masked = sdpa_prefill(q, k, v, view, 1 / math.sqrt(128), prefixes, chunks, torch.full_like(q, float("nan")))
     assert rel_err(out.float(), masked.float()) < 1e-2
@@ -181,40 +182,52 @@ def test_sdpa_prefill_bucketed_segments(monkeypatch):
 
 
 def test_fused_op_probe_and_choice(monkeypatch):
-    """_flash_ok keeps the ops that agree with float32 in the prefix calls' layout (a wrong scale, a wrong
-    log-sum-exp or an error drops an op); _flash_lse takes cuDNN only for the bucketed shape and leaves
-    it for flash attention when a call fails. The ops are stood in on the CPU."""
+    """_flash_ok checks flash attention against float32 (causal and not) and leaves cuDNN alone; the first
+    bucketed call checks cuDNN (non-causal only: a wrong scale, a wrong log-sum-exp or an error keeps it
+    out) and only bucketed calls take it; a cuDNN call that fails falls back for good; without flash
+    attention cuDNN takes every call. The ops are stood in on the CPU; the checks' inputs (48 keys) are
+    told apart from the calls' by their key counts."""
     def math_op(q, k, v, causal, scale):
         return _softmax_lse(q, k, v, causal, scale)
 
-    behaviours = {"right": math_op,
-                  "scale": lambda q, k, v, c, s: math_op(q, k, v, c, 1.1 * s),
+    def raises(*a):
+        raise RuntimeError("no kernel")
+
+    behaviours = {"right": math_op, "scale": lambda q, k, v, c, s: math_op(q, k, v, c, 1.1 * s),
                   "lse": lambda q, k, v, c, s: (math_op(q, k, v, c, s)[0], math_op(q, k, v, c, s)[1] / 2.718281828),
-                  "raises": lambda *a: (_ for _ in ()).throw(RuntimeError("no kernel"))}
+                  "raises": raises}
     q = torch.randn(1, 2, 64, 32)
+    key = prefill_attention._key(q)
+    k16, k15 = torch.randn(1, 2, 16, 32), torch.randn(1, 2, 15, 32)
+    calls = ((q, k16, False), (q, k15, False), (q[:, :, :48], k16, False), (q[:, :, :16], q[:, :, :16], True))
     monkeypatch.setattr(prefill_attention, "_fused_capable", lambda q: True)
-    for cudnn, want in (("right", ("cudnn", "flash")), ("scale", ("flash",)), ("lse", ("flash",)),
-                        ("raises", ("flash",))):
-        monkeypatch.setattr(prefill_attention, "_FLASH", {})
-        ran = []
-        monkeypatch.setattr(prefill_attention, "_attention_lse", lambda op, *a, _c=cudnn: ran.append(op) or (
-            behaviours[_c] if op == "cudnn" else math_op)(*a))
-        assert prefill_attention._flash_ok(q) and prefill_attention._FLASH[prefill_attention._key(q)] == want
     monkeypatch.setattr(prefill_attention, "SEG_KEYS", 16)
     monkeypatch.setattr(prefill_attention, "SEG_ROWS", 32)
-    for cudnn in ("right", "raises"):
-        monkeypatch.setattr(prefill_attention, "_FLASH", {prefill_attention._key(q): ("cudnn", "flash")})
+
+    def run(flash, cudnn, cudnn_state=None):
+        monkeypatch.setattr(prefill_attention, "_FLASH", {})
+        monkeypatch.setattr(prefill_attention, "_CUDNN", {} if cudnn_state is None else {key: cudnn_state})
         ran = []
-        monkeypatch.setattr(prefill_attention, "_attention_lse", lambda op, *a, _c=cudnn: ran.append(op) or (
-            behaviours[_c] if op == "cudnn" else math_op)(*a))
-        k16, k15 = torch.randn(1, 2, 16, 32), torch.randn(1, 2, 15, 32)
-        for qq, kk, causal in ((q, k16, False), (q, k15, False), (q[:, :, :48], k16, False), (q[:, :, :16], q[:, :, :16], True)):
+        monkeypatch.setattr(prefill_attention, "_attention_lse", lambda op, *a: ran.append((op, a[1].shape[2])) or (
+            behaviours[cudnn] if op == "cudnn" else behaviours[flash])(*a))
+        assert prefill_attention._flash_ok(q)
+        for qq, kk, causal in calls:
             out, lse = prefill_attention._flash_lse(qq, kk, kk, causal, 0.2)
             ref = _softmax_lse(qq, kk, kk, causal, 0.2)
             assert torch.allclose(out, ref[0], atol=1e-5) and torch.allclose(lse, ref[1], atol=1e-5)
-        # the bucketed call (16 keys, 64 rows) went to cuDNN; on its failure flash attention took it and the rest
-        assert ran == (["cudnn", "flash", "flash", "flash"] if cudnn == "right" else ["cudnn", "flash", "flash", "flash", "flash"])
-        assert prefill_attention._FLASH[prefill_attention._key(q)] == (("cudnn", "flash") if cudnn == "right" else ("flash",))
+        return [op for op, keys in ran if keys != 48], [op for op, keys in ran if keys == 48]
+
+    for cudnn, took in (("right", "cudnn"), ("scale", "flash"), ("lse", "flash"), ("raises", "flash")):
+        used, checks = run("right", cudnn)
+        assert used == [took, "flash", "flash", "flash"], cudnn  # only the bucketed call (16 keys, 64 rows)
+        assert checks == ["flash", "flash", "cudnn"], cudnn  # flash both ways, then cuDNN once, non-causal
+        assert prefill_attention._FLASH[key] == ("flash",) and prefill_attention._CUDNN[key] == (took == "cudnn")
+    used, checks = run("right", "right", cudnn_state=False)
+    assert used == ["flash"] * 4 and checks == ["flash", "flash"]  # known unfit: not checked again
+    used, checks = run("right", "raises", cudnn_state=True)  # checked earlier, then a call fails
+    assert used == ["cudnn", "flash", "flash", "flash", "flash"] and prefill_attention._CUDNN[key] is False
+    used, checks = run("raises", "right")  # no flash attention: cuDNN for every call
+    assert used == ["cudnn"] * 4 and prefill_attention._FLASH[key] == ("cudnn",)
 
 
 def test_dispatch_routes_decode_mixed_and_prefill_steps(monkeypatch):

@@ -498,13 +498,16 @@ def _turn(layout: RecordLayout, dtype: torch.dtype) -> torch.Tensor:
 # attention ops that return each row's log-sum-exp. cuDNN's fused attention measured 1.6x torch's flash
 # attention (FlashAttention-2) over the folded prefix on the H200 (943 vs 1536 µs, 32k keys, 4096 rows),
 # but it builds an execution plan for every new shape (~50-70 ms, and ~0.6-0.9 s for its first call in
-# a process; flash attention: none, docs/BENCHMARKS.md). So cuDNN takes only calls of one bucketed
-# shape: SEG_KEYS keys of the prefix against the folded queries padded to a multiple of SEG_ROWS rows;
-# flash attention takes the chunk's causal call and the prefix's last partial segment
+# a process per kernel kind; flash attention: none, docs/BENCHMARKS.md). So cuDNN takes only calls of
+# one bucketed shape: SEG_KEYS keys of the prefix against the folded queries padded to a multiple of
+# SEG_ROWS rows; flash attention takes the chunk's causal call and the prefix's last partial segment.
+# Flash attention is checked at the first call of a (device, dtype, head size); cuDNN at its first
+# bucketed call, and only in the non-causal form it runs, so prefixes under SEG_KEYS never load it
 ATTENTION_OPS = ("cudnn", "flash")
 SEG_KEYS = 8192
 SEG_ROWS = 2048
-_FLASH: dict = {}
+_FLASH: dict = {}  # key -> the ops checked for every call: ("flash",), or ("cudnn",) where flash fails
+_CUDNN: dict = {}  # key -> whether cuDNN takes the bucketed calls (checked at the first)
 
 
 def _attention_lse(op: str, q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -519,22 +522,20 @@ def _flash_lse(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch
     """Fused attention q [1, h, L, d] over k, v [1, h, S, d] (as many heads; last dims contiguous):
     (out [1, h, L, d], natural log-sum-exp of each row's scores, float32 [1, h, L]). Causal: top-left
     aligned (used with L == S). cuDNN for the bucketed shape (S == SEG_KEYS, L a multiple of SEG_ROWS,
-    no mask), flash attention otherwise, of the ops that run here (_flash_ok). A cuDNN call that fails
-    (no plan for the shape) leaves flash attention to this and every later call."""
+    no mask) where it checks out, flash attention otherwise (_flash_ok). A cuDNN call that fails (no
+    plan for the shape) leaves flash attention to it and every later call."""
     if not _flash_ok(q):
         raise RuntimeError(f"no fused attention op with log-sum-exps runs for {_key(q)}")
     ops = _FLASH[_key(q)]
-    bucketed = not causal and k.shape[2] == SEG_KEYS and q.shape[2] % SEG_ROWS == 0
-    op = "cudnn" if bucketed and "cudnn" in ops else ("flash" if "flash" in ops else ops[0])
-    if op == "cudnn" and len(ops) > 1:
+    if not causal and k.shape[2] == SEG_KEYS and q.shape[2] % SEG_ROWS == 0 and ops == ("flash",) \
+            and _cudnn_ok(q):
         try:
-            return _attention_lse(op, q, k, v, causal, scale)
+            return _attention_lse("cudnn", q, k, v, causal, scale)
         except torch.cuda.OutOfMemoryError:
             raise
         except RuntimeError:
-            _FLASH[_key(q)] = ops = tuple(o for o in ops if o != "cudnn")
-            op = ops[0]
-    return _attention_lse(op, q, k, v, causal, scale)
+            _CUDNN[_key(q)] = False
+    return _attention_lse(ops[0], q, k, v, causal, scale)
 
 
 def _key(q: torch.Tensor) -> tuple:
@@ -546,49 +547,70 @@ def _fused_capable(q: torch.Tensor) -> bool:
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
 
+def _checked(op: str, q: torch.Tensor, modes: tuple) -> bool | None:
+    """Whether op agrees with float32 in the given causal modes (False where it raises); None inside a
+    CUDA graph capture (not checked: asked again later). An out-of-memory error propagates."""
+    if q.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None
+    try:
+        return all(_agrees(op, q.device, q.dtype, q.shape[-1], causal) for causal in modes)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except RuntimeError:  # not built for this GPU, dtype or head size
+        return False
+
+
 def _flash_ok(q: torch.Tensor) -> bool:
-    """Whether a fused attention op with log-sum-exps runs for q's device, dtype and head size: each of
-    ATTENTION_OPS tried once on random inputs laid out as sdpa_prefill lays them out, against float32;
-    those that agree are kept. Not probed while a CUDA graph is being captured (asked again later); an
-    out-of-memory error propagates without recording anything."""
+    """Whether a fused attention op with log-sum-exps runs for q's device, dtype and head size: flash
+    attention (or, where it does not, cuDNN) checked once against float32 on random inputs laid out as
+    sdpa_prefill lays them out, causal and not."""
     if not _fused_capable(q):
         return False
     key = _key(q)
     if key not in _FLASH:
-        if q.is_cuda and torch.cuda.is_current_stream_capturing():
-            return False
-        ok = []
-        for op in ATTENTION_OPS:
-            try:
-                if _agrees(op, q.device, q.dtype, q.shape[-1]):
-                    ok.append(op)
-            except torch.cuda.OutOfMemoryError:
-                raise
-            except RuntimeError:  # not built for this GPU, dtype or head size
-                continue
-        _FLASH[key] = tuple(ok)
+        for op in ("flash", "cudnn"):
+            ok = _checked(op, q, (False, True))
+            if ok is None:
+                return False
+            if ok:
+                _FLASH[key] = (op,)
+                if op == "cudnn":
+                    _CUDNN[key] = True
+                break
+        else:
+            _FLASH[key] = ()
     return bool(_FLASH[key])
 
 
-def _agrees(op: str, device, dtype, d: int) -> bool:
+def _cudnn_ok(q: torch.Tensor) -> bool:
+    """Whether cuDNN takes the bucketed (non-causal) calls: checked at the first."""
+    key = _key(q)
+    if key not in _CUDNN:
+        ok = _checked("cudnn", q, (False,))
+        if ok is None:
+            return False
+        _CUDNN[key] = ok
+    return _CUDNN[key]
+
+
+def _agrees(op: str, device, dtype, d: int, causal: bool) -> bool:
     """op against float32 on random inputs: 80 query rows over 48 keys of a token-major buffer (the
-    prefix calls' layout), and a causal 48 x 48 call (the chunk's)."""
+    prefix calls' layout), or a causal 48 x 48 call (the chunk's)."""
     gen = torch.Generator(device=device).manual_seed(0)
 
     def rand(*shape):
         return torch.randn(*shape, device=device, generator=gen).to(dtype)
 
-    for q, k, v, causal in ((rand(1, 2, 80, d), rand(48, 2, d).transpose(0, 1)[None],
-                             rand(48, 2, d).transpose(0, 1)[None], False),
-                            (rand(1, 2, 48, d), rand(1, 2, 48, d), rand(1, 2, 48, d), True)):
-        out, lse = _attention_lse(op, q, k, v, causal, 0.3)
-        s = torch.einsum("bhld,bhsd->bhls", q.float(), k.float()) * 0.3
-        if causal:
-            s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
-        ref = torch.softmax(s, -1) @ v.float()
-        if not ((out.float() - ref).abs().max() < 2e-2 and (lse - torch.logsumexp(s, -1)).abs().max() < 1e-2):
-            return False
-    return True
+    if causal:
+        q, k, v = rand(1, 2, 48, d), rand(1, 2, 48, d), rand(1, 2, 48, d)
+    else:
+        q, k, v = rand(1, 2, 80, d), rand(48, 2, d).transpose(0, 1)[None], rand(48, 2, d).transpose(0, 1)[None]
+    out, lse = _attention_lse(op, q, k, v, causal, 0.3)
+    s = torch.einsum("bhld,bhsd->bhls", q.float(), k.float()) * 0.3
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    ref = torch.softmax(s, -1) @ v.float()
+    return bool((out.float() - ref).abs().max() < 2e-2 and (lse - torch.logsumexp(s, -1)).abs().max() < 1e-2)
 
 
 def _merge_lse(o1: torch.Tensor, l1: torch.Tensor, o2: torch.Tensor, l2: torch.Tensor):
