@@ -418,11 +418,8 @@ class PagedCache:
                     khot[slot, :, row] = kc[0]
                     vhot[slot, :, row] = vc[0]
                 continue
-            lo, hi = max(p, S, end - W), min(end, S)  # sinks [p, hi), the window [lo, end)
-            if hi > p or end > lo:  # built on the device: a copy from host memory waits for the stream
-                tk = torch.cat([torch.arange(p, max(p, hi), device=self.device),
-                                torch.arange(lo, max(lo, end), device=self.device)])
-                hidx = torch.where(tk < S, tk, S + (tk - S) % max(W, 1))
+            tk, hidx = hot_rows(end, S, W, self.device, start=p)  # the chunk's tokens that stay hot
+            if tk.numel():
                 khot[slot, :, hidx] = kc[tk - p].transpose(0, 1).to(khot.dtype)
                 vhot[slot, :, hidx] = vc[tk - p].transpose(0, 1).to(vhot.dtype)
 
@@ -454,6 +451,15 @@ class PagedCache:
 def flat_slots(table_row: torch.Tensor, t: torch.Tensor, block_size: int) -> torch.Tensor:
     """Token positions t of one sequence -> flat pool slots block * BS + offset (int64)."""
     return table_row[t // block_size].long() * block_size + t % block_size
+
+
+def hot_rows(p: int, S: int, W: int, device, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions >= start that a sequence of p tokens keeps in its hot buffer (its sinks, then its
+    last W tokens past them) and their rows there (the window's rows are a ring)."""
+    lo_w = max(S, p - W, start)  # built on the device: a copy from pageable host memory waits for the stream
+    hot_t = torch.cat([torch.arange(start, max(start, min(S, p)), device=device),
+                       torch.arange(lo_w, max(lo_w, p), device=device)])
+    return hot_t, torch.where(hot_t < S, hot_t, S + (hot_t - S) % max(W, 1))
 
 
 def read_tokens(pool: torch.Tensor, flat: torch.Tensor, block_size: int) -> torch.Tensor:

@@ -503,7 +503,6 @@ def _turn(layout: RecordLayout, dtype: torch.dtype) -> torch.Tensor:
 # SEG_ROWS rows; flash attention takes the chunk's causal call and the prefix's last partial segment.
 # Flash attention is checked at the first call of a (device, dtype, head size); cuDNN at its first
 # bucketed call, and only in the non-causal form it runs, so prefixes under SEG_KEYS never load it
-ATTENTION_OPS = ("cudnn", "flash")
 SEG_KEYS = 8192
 SEG_ROWS = 2048
 _FLASH: dict = {}  # key -> the ops checked for every call: ("flash",), or ("cudnn",) where flash fails
@@ -751,9 +750,9 @@ def paged_prefill_attention(q, k, v, cu_q, prefix_lens, view, scale: float, bloc
         if prefix_list is None or chunk_list is None:
             cu = cu_q.tolist()
             prefix_list, chunk_list = prefix_lens.tolist(), [b - a for a, b in zip(cu[:-1], cu[1:])]
-        wide = [p >= PATH_MIN_PREFIX or (p >= PATH_WIDE_PREFIX and n * hq * d >= PATH_WIDE_CHUNK)
-                for p, n in zip(prefix_list, chunk_list)]
-        if any(wide) and sdpa_prefill(q, k, v, view, scale, prefix_list, chunk_list, out, unit_loads) is not None:
+        wide = any(p >= PATH_MIN_PREFIX or (p >= PATH_WIDE_PREFIX and n * hq * d >= PATH_WIDE_CHUNK)
+                   for p, n in zip(prefix_list, chunk_list))
+        if wide and sdpa_prefill(q, k, v, view, scale, prefix_list, chunk_list, out, unit_loads) is not None:
             return out
     elif method != "fused":
         raise ValueError(f"method must be 'auto' or 'fused', got {method!r}")

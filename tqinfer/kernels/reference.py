@@ -13,7 +13,7 @@ import threading
 
 import torch
 
-from tqinfer.cache.paged import flat_slots, read_tokens, write_dense
+from tqinfer.cache.paged import flat_slots, hot_rows, read_tokens, write_dense
 from tqinfer.kernels import cpu
 
 # Tokens per tile: a tile's score matrix [H, n * G, N] stays below TILE_SCORES elements (long prefill
@@ -294,14 +294,6 @@ def _decode_row(q1, k1, v1, view, row: int, slot: int, p: int, scale: float) -> 
     return out.reshape(H * G, d)
 
 
-def _hot_rows(p: int, S: int, W: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The positions a sequence of p cached tokens keeps in its hot buffer (its sinks, then its last W
-    tokens past them) and their rows there (the window's rows are a ring)."""
-    lo_w = max(S, p - W)  # built on the device: a copy from pageable host memory waits for the stream
-    hot_t = torch.cat([torch.arange(min(S, p), device=device), torch.arange(lo_w, max(lo_w, p), device=device)])
-    return hot_t, torch.where(hot_t < S, hot_t, S + (hot_t - S) % max(W, 1))
-
-
 def _prefill_sdpa(q, k, v, view, row: int, slot: int, p: int, scale: float) -> torch.Tensor | None:
     """A chunk q [n, Hq, d] (its own k/v [n, H, d]) over its whole cached prefix by one SDPA call in q's
     dtype, on the CPU where the C kernel reads the layer's records: their keys and values decoded in
@@ -322,7 +314,7 @@ def _prefill_sdpa(q, k, v, view, row: int, slot: int, p: int, scale: float) -> t
         c_k, c_v = (cpu.cpu_attention(c, 1, q.device) for c in (view.k_codec, view.v_codec))
         if c_k is None or c_v is None:
             return None
-        hot_t, hidx = _hot_rows(p, S, W, q.device)
+        hot_t, hidx = hot_rows(p, S, W, q.device)
         nh, n_rec = len(hot_t), max(0, p - W - S)  # hot rows + records = the p prefix tokens
         keys, values = (torch.empty(H, p + n, d, dtype=q.dtype) for _ in range(2))  # [hot | records | chunk]
         tile = torch.empty(H * min(n_rec, TILE_TOKENS) * d, dtype=torch.float32)
@@ -376,7 +368,7 @@ def paged_attention(q, k, v, cu_q, prefix_lens, view, scale: float, window: int 
             _dense_part(qg, read_tokens(view.k_pool, flat, bs), read_tokens(view.v_pool, flat, bs),
                         qpos, t, scale, window, merger)
         else:
-            hot_t, hidx = _hot_rows(p, S, W, q.device)
+            hot_t, hidx = hot_rows(p, S, W, q.device)
             if window is not None:
                 seen = hot_t > p - window
                 hot_t, hidx = hot_t[seen], hidx[seen]
