@@ -66,6 +66,30 @@ def test_random_arrivals_with_preemption_keep_outputs(folder, order, budget):
         assert req.gen.tokens == solo(llm, PROMPTS[i], 6), (i, req.preemptions)
 
 
+def test_prefill_chunk_by_device_and_a_step_takes_a_whole_chunk(folder, monkeypatch):
+    import torch
+
+    from tqinfer import llm as llm_mod
+
+    assert llm_mod.default_prefill_chunk(torch.device("cuda")) == 4096
+    assert llm_mod.default_prefill_chunk(torch.device("cpu")) == 512
+    llm = LLM(str(folder), device="cpu", dtype="float32", max_context=1024, max_seqs=2)
+    assert llm.prefill_chunk == 512
+    monkeypatch.setitem(llm_mod.PREFILL_CHUNK, "cpu", 300)  # as CUDA's larger chunk, at a CPU size
+    llm = LLM(str(folder), device="cpu", dtype="float32", max_context=1024, max_seqs=2)
+    assert llm.prefill_chunk == 300
+    prompt = [5 + i % 200 for i in range(700)]
+    sched = Scheduler(llm, chunk=llm.prefill_chunk)
+    req = sched.add(prompt, SamplingParams.greedy(max_tokens=2, ignore_eos=True))
+    sched.step()
+    assert req.cached == 300  # one whole chunk in the first step (the default budget holds it)
+    sched = Scheduler(llm, chunk=2500)
+    req = sched.add(prompt, SamplingParams.greedy(max_tokens=2, ignore_eos=True))
+    sched.step()
+    assert sched.budget == 2500 and req.cached == 700  # a chunk over 2048 is not cut by the budget
+    assert sched.run()[0].token_ids == solo(llm, prompt, 2)
+
+
 def test_batch_cli_reports_malformed_lines_and_resumes(folder, tmp_path, capsys):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     lines = [

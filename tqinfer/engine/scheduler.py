@@ -31,8 +31,11 @@ class Request:
 
 
 class Scheduler:
-    def __init__(self, llm, chunk: int = 512, token_budget: int = 2048):
-        self.llm, self.chunk, self.budget = llm, chunk, token_budget
+    def __init__(self, llm, chunk: int = 512, token_budget: int | None = None):
+        """chunk: prompt tokens a request prefills per step at most; token_budget: tokens a step takes
+        over all requests (default: max(2048, chunk), so a whole chunk fits a step)."""
+        self.llm, self.chunk = llm, chunk
+        self.budget = token_budget if token_budget is not None else max(2048, chunk)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.finished: list[Request] = []
