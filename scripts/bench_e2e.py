@@ -23,6 +23,7 @@ from tqinfer.cache.config import CacheConfig, build_cache
 from tqinfer.engine.engine import LLMEngine
 from tqinfer.estimate import largest_context
 from tqinfer.kernels import decode_attention, dispatch
+from tqinfer.llm import default_prefill_chunk
 from tqinfer.models.llama import LlamaForCausalLM, ModelArgs
 
 SHAPES = {
@@ -132,7 +133,7 @@ def main() -> None:
     p.add_argument("--contexts", type=int, nargs="*", default=[4096, 32768])
     p.add_argument("--batch", type=int, nargs="*", default=[1])
     p.add_argument("--prefill", type=int, nargs="*", default=[8192])
-    p.add_argument("--chunk", type=int, default=2048)
+    p.add_argument("--chunk", type=int, default=None, help="prefill chunk (default: the engine's for the device)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--largest", type=float, default=0.0,
                    help="also allocate this fraction of the largest context that fits and time decode there")
@@ -141,6 +142,7 @@ def main() -> None:
                    help="a copy of kernels/decode_attention.py to time next to the current one (decode rows)")
     p.add_argument("--rounds", type=int, default=1, help="decode timings per kernel, alternating; the best is kept")
     args = p.parse_args()
+    args.chunk = args.chunk or default_prefill_chunk(torch.device(args.device))
     current = decode_attention.paged_decode_attention
     kernels = [("", current)] if args.baseline is None else [("before", load_decode_kernel(args.baseline)),
                                                               ("after", current)]
@@ -178,8 +180,8 @@ def main() -> None:
                 cache = build_cache(cc, margs, max_seqs=1, max_len=n + 64, dtype=dtype, device=device)
                 engine = LLMEngine(model, cache, device)
                 first, again = prefill_tps(engine, n, args.chunk)
-                rows.append((shape, t, "prefill, first pass", n, first, 0))
-                rows.append((shape, t, "prefill, second pass", n, again, 0))
+                rows.append((shape, t, f"prefill (chunk {args.chunk}), first pass", n, first, 0))
+                rows.append((shape, t, f"prefill (chunk {args.chunk}), second pass", n, again, 0))
                 print(rows[-2:], file=sys.stderr, flush=True)
                 del engine, cache
                 gc.collect()

@@ -82,8 +82,9 @@ def pick_device(device=None) -> torch.device:
 
 # Prompt tokens a prefill step takes at most. On CUDA every chunk pays host work per layer (and the
 # compressed caches' prefix attention per call), so larger chunks win: on the H200 at a 32k prompt,
-# 4096-token chunks prefilled 3-9x faster than 512-token ones (default model: bf16 96128 vs 31900 tok/s,
-# tq3.5 65510 vs 7655; 8B shape: tq3.5 21089 vs 6800; docs/BENCHMARKS.md, "Prefill chunk size").
+# 4096-token chunks prefilled up to 9x faster than 512-token ones (default model: bf16 96128 vs 31900
+# tok/s, tq3.5 65510 vs 7655; 8B shape: bf16 18305 vs 15888, tq3.5 21089 vs 6800; docs/BENCHMARKS.md,
+# "Prefill chunk size").
 # The CPU keeps 512 (its prefill is compute-bound; larger chunks only hold more activations).
 PREFILL_CHUNK = {"cuda": 4096}
 PREFILL_CHUNK_OTHER = 512
