@@ -101,6 +101,28 @@ def test_batched_step_equals_separate_steps():
     torch.testing.assert_close(both, torch.cat([alone_a, alone_b]), rtol=1e-5, atol=1e-5)
 
 
+def test_step_mask_is_built_once_per_shape_and_masks_as_the_boolean_one():
+    from types import SimpleNamespace
+
+    from tqinfer.cache.dense import causal_mask, sdpa, step_mask
+
+    ctx = SimpleNamespace(masks={})
+    q = torch.zeros(3, 4, 8)
+    m = step_mask(ctx, 5, 3, None, q)
+    assert m is step_mask(ctx, 5, 3, None, q)  # every layer of the step gets the same tensor
+    assert torch.equal(m, causal_mask(5, 3, None, "cpu"))
+    w = step_mask(ctx, 5, 3, 4, q)  # a sliding-window layer's differs
+    assert torch.equal(w, causal_mask(5, 3, 4, "cpu")) and not torch.equal(w, m) and len(ctx.masks) == 2
+    if torch.cuda.is_available():  # the additive form SDPA gets on CUDA: same output as the boolean mask
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(*s, device="cuda", generator=g).bfloat16() for s in ((37, 4, 64), (2, 77, 64), (2, 77, 64)))
+        for window in (None, 16):
+            add = step_mask(ctx, 40, 37, window, q)
+            assert add.dtype == torch.bfloat16
+            ref = sdpa(q, k, v, causal_mask(40, 37, window, "cuda"), 0.125)
+            torch.testing.assert_close(sdpa(q, k, v, add, 0.125), ref, rtol=0, atol=0)
+
+
 def test_unknown_architecture_is_a_clear_error():
     with pytest.raises(UnsupportedArchitecture, match="supported: llama, mistral, qwen2, qwen3"):
         build_model({"model_type": "mamba"})

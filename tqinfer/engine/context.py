@@ -7,7 +7,7 @@ writes need no host-side index work and the whole step can be captured in a CUDA
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,6 +25,7 @@ class StepContext:
     seq_index: torch.Tensor | None = None  # int64 [B]: the same slots, for indexing (device)
     plan: torch.Tensor | None = None  # int64 [rows, B]: the cache's decode write plan; None when prefilling
     block_rows: torch.Tensor | None = None  # int32 [B, max_blocks]: block-table rows (paged cache)
+    masks: dict = field(default_factory=dict)  # attention masks every layer of the step shares, by shape
 
     @property
     def decode(self) -> bool:
