@@ -477,13 +477,16 @@ def dequantize_records(pool: torch.Tensor, layout: RecordLayout, table_row: torc
                        out: torch.Tensor, unit_loads: bool | str = "asm") -> None:
     """Decode the records of tokens [t0, t0 + n) of one sequence (its block-table row) into out[H, n, d]
     (last dim contiguous) in the codec's rotated space: norm x centroid per part, MSE parts only."""
-    unit_loads = runnable(unit_loads)
+    cache = layout.__dict__.setdefault("_dequant_args", {})  # built once: the path's calls are host-bound
+    if unit_loads not in cache:
+        mode = runnable(unit_loads)
+        a = _tile_k_args(layout, layout.dim, mode)
+        cache[unit_loads] = (_table(layout, mode, layout.tables), dict(
+            REC=layout.record_bytes, BLOCK_N=DEQUANT_TOKENS, **{f"{x}{tag}": a[f"{x}K{tag}"] for x in "CDBPST" for tag in "AB"}))
+    tab, consts = cache[unit_loads]
     h = pool.shape[1]
-    a = _tile_k_args(layout, layout.dim, unit_loads)
     _dequant_kernel[(triton.cdiv(n, DEQUANT_TOKENS), h)](
-        pool, _table(layout, unit_loads, out), table_row, out, t0, n, out.stride(0), out.stride(1),
-        H=h, BS=pool.shape[2], REC=layout.record_bytes, BLOCK_N=DEQUANT_TOKENS,
-        **{f"{x}{tag}": a[f"{x}K{tag}"] for x in "CDBPST" for tag in "AB"})
+        pool, tab, table_row, out, t0, n, out.stride(0), out.stride(1), H=h, BS=pool.shape[2], **consts)
 
 
 def _turn(layout: RecordLayout, dtype: torch.dtype) -> torch.Tensor:
