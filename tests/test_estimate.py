@@ -40,7 +40,14 @@ def test_largest_context_fits_and_one_more_block_does_not(tiny_hf_folder):
     n = largest_context(config, cfg, torch.bfloat16, memory)
     assert estimate(config, cfg, n, torch.bfloat16, memory).fits
     assert not estimate(config, cfg, n + 16, torch.bfloat16, memory).fits
-    bf16 = largest_context(config, CacheConfig(block_size=16), torch.bfloat16, memory)
+    dense = CacheConfig(block_size=16)
+    bf16 = largest_context(config, dense, torch.bfloat16, memory)
+    assert estimate(config, dense, bf16, torch.bfloat16, memory).fits
+    assert not estimate(config, dense, bf16 + 16, torch.bfloat16, memory).fits
+    # the dense cache's prefill mask is part of the plan: a 1024-token chunk leaves less room than 512
+    big = 400 << 20
+    wide, narrow = (largest_context(config, dense, torch.bfloat16, big, chunk=c) for c in (1024, 512))
+    assert 0 < wide < narrow
     assert n > 3 * bf16  # 4.25 bits vs 16 per value (weights take their share of the memory first)
 
 

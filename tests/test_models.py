@@ -8,6 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from tqinfer.cache.dense import DenseCache  # noqa: E402
+from tqinfer.cache.dense import sdpa as _SDPA  # noqa: E402
 from tqinfer.engine.engine import LLMEngine  # noqa: E402
 from tqinfer.models import UnsupportedArchitecture, build_model  # noqa: E402
 
@@ -99,6 +100,21 @@ def test_batched_step_equals_separate_steps():
     alone_a = engine_for(model, args).forward([0], [0], [a])
     alone_b = engine_for(model, args).forward([0], [0], [b])
     torch.testing.assert_close(both, torch.cat([alone_a, alone_b]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral"])
+def test_dense_prefill_in_row_pieces_equals_one_call(name, monkeypatch):
+    import tqinfer.cache.dense as dense
+
+    _, model, args = build_pair(name)
+    ids = torch.randint(0, args.vocab_size, (45,), generator=torch.Generator().manual_seed(5)).tolist()
+    one = engine_for(model, args).forward([0], [0], [ids], all_logits=True)
+    calls = []
+    monkeypatch.setattr(dense, "sdpa", lambda q, *a: calls.append(q.shape[0]) or _SDPA(q, *a))
+    monkeypatch.setattr(dense, "MASK_ELEMENTS", 100)  # 45 x 45 masks: 2 query rows a call
+    split = engine_for(model, args).forward([0], [0], [ids], all_logits=True)
+    assert max(calls) == 2 and sum(calls) == 45 * args.num_hidden_layers
+    torch.testing.assert_close(split, one, rtol=1e-5, atol=1e-5)
 
 
 def test_step_mask_is_built_once_per_shape_and_masks_as_the_boolean_one():

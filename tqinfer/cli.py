@@ -145,7 +145,7 @@ def cmd_estimate(args) -> int:
     from tqinfer.cache.config import CacheConfig, cache_type_names
     from tqinfer.cache.paged import available_memory
     from tqinfer.estimate import estimate, largest_context
-    from tqinfer.llm import pick_device, pick_dtype
+    from tqinfer.llm import default_prefill_chunk, pick_device, pick_dtype
     from tqinfer.models import build_model
 
     if args.types:
@@ -164,7 +164,8 @@ def cmd_estimate(args) -> int:
     memory = int(args.memory * 2**30) if args.memory else available_memory(device)
     cache = cache_config_from_args(args).for_device(device)
     context = args.ctx_size or min(margs.max_position_embeddings, 8192)
-    e = estimate(config, cache, context, dtype, memory, max_seqs=args.parallel)
+    chunk = default_prefill_chunk(device)
+    e = estimate(config, cache, context, dtype, memory, max_seqs=args.parallel, chunk=chunk)
     mib = lambda b: f"{b / 2**20:,.1f} MiB"  # noqa: E731
     print(f"model            {files.name} ({margs.model_type}, {margs.num_hidden_layers} layers, "
           f"{margs.num_key_value_heads} KV heads x {margs.head_dim}), weights as {str(dtype).replace('torch.', '')}")
@@ -176,7 +177,7 @@ def cmd_estimate(args) -> int:
     print(f"total            {mib(e.total)}   of {mib(memory)} available on {device.type}: "
           f"{'fits' if e.fits else 'does NOT fit'}")
     limit = margs.max_position_embeddings
-    most = largest_context(config, cache, dtype, memory)
+    most = largest_context(config, cache, dtype, memory, chunk=chunk)
     print(f"largest context  {most:,} tokens fit in that memory with {cache.label}"
           + (f" (the model's maximum is {limit:,})" if most > limit else ""))
     return 0 if e.fits else 2

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from tqinfer.cache.config import CacheConfig, bytes_per_token, fixed_bytes
-from tqinfer.cache.dense import allocated_len
+from tqinfer.cache.dense import MASK_ELEMENTS, allocated_len
 from tqinfer.kernels.reference import TILE_TOKENS
 from tqinfer.models import build_model
 
@@ -50,6 +50,13 @@ def activation_bytes(args, chunk: int, dtype: torch.dtype) -> int:
     return hidden + scores + args.vocab_size * 4 * 2
 
 
+def mask_bytes(cache: CacheConfig, chunk: int, context: int, dtype: torch.dtype) -> int:
+    """The dense cache's prefill mask at most (DenseCache.attend): additive in dtype + its boolean source."""
+    if not cache.dense:
+        return 0
+    return min(chunk * (context + chunk), MASK_ELEMENTS) * (torch.finfo(dtype).bits // 8 + 1)
+
+
 def estimate(config: dict, cache: CacheConfig, context: int, dtype: torch.dtype, memory: int,
              max_seqs: int = 1, chunk: int = 512) -> Estimate:
     _, args = build_model(config)
@@ -61,7 +68,8 @@ def estimate(config: dict, cache: CacheConfig, context: int, dtype: torch.dtype,
         blocks = max_seqs * -(-context // cache.block_size) + 1
         kv = blocks * cache.block_size * per_token + max_seqs * fixed_bytes(args, cache, dtype)
     kv_bf16 = max_seqs * context * bytes_per_token(args, cache.dense_twin())
-    return Estimate(context, parameter_count(args) * elt, kv, kv_bf16, activation_bytes(args, chunk, dtype), memory)
+    act = activation_bytes(args, chunk, dtype) + mask_bytes(cache, chunk, context, dtype)
+    return Estimate(context, parameter_count(args) * elt, kv, kv_bf16, act, memory)
 
 
 def largest_context(config: dict, cache: CacheConfig, dtype: torch.dtype, memory: int, limit: int | None = None,
@@ -69,7 +77,15 @@ def largest_context(config: dict, cache: CacheConfig, dtype: torch.dtype, memory
     """The longest context (a multiple of the block size) whose weights + cache + activations fit."""
     _, args = build_model(config)
     base = estimate(config, cache, 0, dtype, memory, chunk=chunk)
-    room = memory - base.total
     per_token = bytes_per_token(args, cache, dtype)
-    n = max(0, room // per_token) // cache.block_size * cache.block_size
+    bs = cache.block_size
+    hi = max(0, memory - base.total) // per_token // bs + 1  # in blocks: every term grows with the context
+    lo = 0
+    while hi - lo > 1:  # estimate(lo) fits (or lo is 0), estimate(hi) does not
+        mid = (lo + hi) // 2
+        if estimate(config, cache, mid * bs, dtype, memory, chunk=chunk).fits:
+            lo = mid
+        else:
+            hi = mid
+    n = lo * bs
     return min(n, limit) if limit else n

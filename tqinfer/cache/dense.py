@@ -61,6 +61,10 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float) 
     return out.view(H, G, n, d).permute(2, 0, 1, 3).reshape(n, Hq, d)
 
 
+# a chunk's queries attend in calls whose mask [rows, keys] holds at most this many elements (2^28: a
+# 4096-token chunk in one call up to a 64k context; at 1M tokens, 256 rows a call), so a prefill chunk's
+# mask takes <= 512 MiB (bf16) at any context
+MASK_ELEMENTS = 1 << 28
 TOKEN_TILE = 64  # a sequence's rows are allocated in whole tiles of the decode kernel (CUDA)
 
 
@@ -102,8 +106,12 @@ class DenseCache:
             end = prefix + n
             K[slot, :, prefix:end] = k[start:start + n].transpose(0, 1)
             V[slot, :, prefix:end] = v[start:start + n].transpose(0, 1)
-            mask = step_mask(ctx, prefix, n, window, q)
-            out[start:start + n] = sdpa(q[start:start + n], K[slot, :, :end], V[slot, :, :end], mask, scale)
+            rows = max(1, MASK_ELEMENTS // end)  # query rows a call takes: its mask stays bounded
+            for i in range(0, n, rows):
+                m = min(rows, n - i)
+                mask = step_mask(ctx, prefix + i, m, window, q)
+                out[start + i:start + i + m] = sdpa(q[start + i:start + i + m], K[slot, :, :prefix + i + m],
+                                                    V[slot, :, :prefix + i + m], mask, scale)
             start += n
         return out
 
