@@ -195,7 +195,7 @@ def main() -> None:
             free = torch.cuda.mem_get_info()[0] + weights
             for t in args.types:
                 cc = CacheConfig(k_type=t, v_type=t)
-                most = largest_context(cfg, cc, dtype, free)
+                most = largest_context(cfg, cc, dtype, free, chunk=args.chunk)
                 tps = 0.0
                 if args.largest:  # allocate most of it and time decode steps at that context
                     n = int(most * args.largest) // 64 * 64
