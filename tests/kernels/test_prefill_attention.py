@@ -115,6 +115,7 @@ def test_sdpa_prefill_flash_matches_masked_and_float64(kt, seg, monkeypatch):
     takes where it runs), so full segments, a partial one and the padding are exercised."""
     if seg:
         monkeypatch.setattr(prefill_attention, "SEG_KEYS", seg)
+        monkeypatch.setattr(prefill_attention, "SEG_SCALE_MAX", 1)
         monkeypatch.setattr(prefill_attention, "SEG_ROWS", 64)
     prefixes, chunks = [300, 17, 90], [64, 1, 130]
     seed = zlib.crc32(kt.encode()) % 1000
@@ -170,8 +171,9 @@ def test_sdpa_prefill_bucketed_segments(monkeypatch):
     calls = []
     monkeypatch.setattr(prefill_attention, "_flash_ok", lambda q: True)
     monkeypatch.setattr(prefill_attention, "_flash_lse",
-                        lambda *a: calls.append((a[0].shape[2], a[1].shape[2], a[3])) or _softmax_lse(*a))
+                        lambda *a: calls.append((a[0].shape[2], a[1].shape[2], a[3])) or _softmax_lse(*a[:5]))
     monkeypatch.setattr(prefill_attention, "SEG_KEYS", 16)
+    monkeypatch.setattr(prefill_attention, "SEG_SCALE_MAX", 1)
     monkeypatch.setattr(prefill_attention, "SEG_ROWS", 32)
     out = torch.full_like(q, float("nan"))
     assert sdpa_prefill(q, k, v, view, scale, prefixes, chunks, out) is out
@@ -180,6 +182,28 @@ def test_sdpa_prefill_bucketed_segments(monkeypatch):
     assert [(r, s) for r, s, causal in calls if not causal] == \
         [(4, 16), (4, 1), (160, 16), (160, 16), (148, 8), (12, 5)] + [(24, 16)] * 5 + [(24, 10)]
     assert torch.isfinite(out).all()
+    assert rel_err(out, attention64(q, k, v, cu, prefixes, kd, vd, scale)) < 3e-3
+
+
+def test_segments_lengthen_for_small_calls(monkeypatch):
+    """segment_keys: SEG_KEYS for the 8B shape's 4096-token chunk (and its 2048-token one), twice that for
+    the default model's 4096-token chunk, at most SEG_SCALE_MAX x for a chat turn; sdpa_prefill cuts the
+    prefix by it and hands it to the op as the bucket's key count."""
+    sk = prefill_attention.segment_keys
+    base = prefill_attention.SEG_KEYS
+    assert sk(4 * 4096, 8, 128) == base and sk(4 * 2048, 8, 128) == base
+    assert sk(3 * 4096, 3, 64) == 2 * base and sk(3 * 50, 3, 64) == 8 * base
+    prefixes, chunks = [90], [6]
+    view, kd, vd, q, k, v, cu, pl, scale = _prefill_case("tq3.5", "tq4", 64, 2, 4, prefixes, chunks)
+    calls = []
+    monkeypatch.setattr(prefill_attention, "_flash_ok", lambda q: True)
+    monkeypatch.setattr(prefill_attention, "_flash_lse",
+                        lambda *a: calls.append((a[1].shape[2], a[3], a[5] if len(a) > 5 else None)) or _softmax_lse(*a[:5]))
+    monkeypatch.setattr(prefill_attention, "SEG_KEYS", 16)
+    monkeypatch.setattr(prefill_attention, "SEG_WORK", 4 * 24 * 2 * 64)  # these 24 rows x 2 heads x 64: twice SEG_KEYS
+    out = torch.full_like(q, float("nan"))
+    assert sdpa_prefill(q, k, v, view, scale, prefixes, chunks, out) is out
+    assert [c for c in calls if not c[1]] == [(32, False, 32), (32, False, 32), (26, False, 32)]
     assert rel_err(out, attention64(q, k, v, cu, prefixes, kd, vd, scale)) < 3e-3
 
 
@@ -204,6 +228,7 @@ def test_fused_op_probe_and_choice(monkeypatch):
     calls = ((q, k16, False), (q, k15, False), (q[:, :, :48], k16, False), (q[:, :, :16], q[:, :, :16], True))
     monkeypatch.setattr(prefill_attention, "_fused_capable", lambda q: True)
     monkeypatch.setattr(prefill_attention, "SEG_KEYS", 16)
+    monkeypatch.setattr(prefill_attention, "SEG_SCALE_MAX", 1)
     monkeypatch.setattr(prefill_attention, "SEG_ROWS", 32)
 
     def run(flash, cudnn, cudnn_state=None):
@@ -271,7 +296,7 @@ def test_sdpa_prefill_segments_merge(kt, sinks, window, monkeypatch):
     view, kd, vd, q, k, v, cu, pl, scale = _prefill_case(kt, kt, 64, 2, 4, prefixes, chunks, sinks, window)
     calls = []
     monkeypatch.setattr(prefill_attention, "_flash_ok", lambda q: True)
-    monkeypatch.setattr(prefill_attention, "_flash_lse", lambda *a: calls.append(a[1].shape[2]) or _softmax_lse(*a))
+    monkeypatch.setattr(prefill_attention, "_flash_lse", lambda *a: calls.append(a[1].shape[2]) or _softmax_lse(*a[:5]))
     monkeypatch.setattr(prefill_attention, "SCRATCH_BYTES", 7 * 2 * 2 * 64 * 4)  # 7 tokens, 2 heads, fp32
     out = torch.full_like(q, float("nan"))
     assert sdpa_prefill(q, k, v, view, scale, prefixes, chunks, out) is out

@@ -508,6 +508,13 @@ def _turn(layout: RecordLayout, dtype: torch.dtype) -> torch.Tensor:
 # bucketed call, and only in the non-causal form it runs, so prefixes under SEG_KEYS never load it
 SEG_KEYS = 8192
 SEG_ROWS = 2048
+# Segments get longer (SEG_KEYS x 2^k, at most SEG_SCALE_MAX x) while a call's query work (rows x KV heads
+# x head dim) is at most a quarter of SEG_WORK, the 8B shape's 4096-token chunk's: there segments of
+# 8192 keys measured best (16384: +7% GPU time), while the default model's 4096-token chunk, whose path
+# calls are bound by host work, ran 10-14% faster with 16384-65536 (fewer calls and merges; 11:08 UTC,
+# .bench/ab_path.py, docs/BENCHMARKS.md)
+SEG_WORK = 16384 * 8 * 128
+SEG_SCALE_MAX = 8
 _FLASH: dict = {}  # key -> the ops checked for every call: ("flash",), or ("cudnn",) where flash fails
 _CUDNN: dict = {}  # key -> whether cuDNN takes the bucketed calls (checked at the first)
 
@@ -520,16 +527,24 @@ def _attention_lse(op: str, q, k, v, causal: bool, scale: float) -> tuple[torch.
     return r[0], r[1].reshape(q.shape[:3]).float()
 
 
-def _flash_lse(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def segment_keys(rows: int, heads: int, d: int) -> int:
+    """Prefix keys a fused attention call of sdpa_prefill takes (the cuDNN bucket's key count)."""
+    f = 1
+    while f < SEG_SCALE_MAX and 4 * rows * heads * d * f <= SEG_WORK:
+        f *= 2
+    return SEG_KEYS * f
+
+
+def _flash_lse(q, k, v, causal: bool, scale: float, seg_keys: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused attention q [1, h, L, d] over k, v [1, h, S, d] (as many heads; last dims contiguous):
     (out [1, h, L, d], natural log-sum-exp of each row's scores, float32 [1, h, L]). Causal: top-left
-    aligned (used with L == S). cuDNN for the bucketed shape (S == SEG_KEYS, L a multiple of SEG_ROWS,
+    aligned (used with L == S). cuDNN for the bucketed shape (S == seg_keys (default SEG_KEYS), L a multiple of SEG_ROWS,
     no mask) where it checks out, flash attention otherwise (_flash_ok). A cuDNN call that fails (no
     plan for the shape) leaves flash attention to it and every later call."""
     if not _flash_ok(q):
         raise RuntimeError(f"no fused attention op with log-sum-exps runs for {_key(q)}")
     ops = _FLASH[_key(q)]
-    if not causal and k.shape[2] == SEG_KEYS and q.shape[2] % SEG_ROWS == 0 and ops == ("flash",) \
+    if not causal and k.shape[2] == (seg_keys or SEG_KEYS) and q.shape[2] % SEG_ROWS == 0 and ops == ("flash",) \
             and _cudnn_ok(q):
         try:
             return _attention_lse("cudnn", q, k, v, causal, scale)
@@ -656,8 +671,9 @@ def sdpa_prefill(q, k, v, view, scale: float, prefix_list: list[int], chunk_list
     if not flash and max((p + n) * per_token for p, n in zip(prefix_list, chunk_list)) > SCRATCH_BYTES:
         return None
     seg = max(1, SCRATCH_BYTES // per_token)
-    if seg >= SEG_KEYS:  # whole cuDNN segments in each decoded piece
-        seg -= seg % SEG_KEYS
+    seg_keys = segment_keys(g * max(chunk_list), h, d)
+    if seg >= seg_keys:  # whole cuDNN segments in each decoded piece
+        seg -= seg % seg_keys
     sides = ((view.k_hot, k, k_lay, view.k_pool), (view.v_hot, v, v_lay, view.v_pool))
     s0 = 0
     try:
@@ -677,7 +693,7 @@ def sdpa_prefill(q, k, v, view, scale: float, prefix_list: list[int], chunk_list
 
             def prefix(a: int, b: int) -> list[torch.Tensor]:
                 """Keys and values of entries [a, b) of the prefix as [hot rows | records], decoded: [H, b - a,
-                d] views of token-major buffers, so slices of SEG_KEYS tokens share their strides."""
+                d] views of token-major buffers, so slices of seg_keys tokens share their strides."""
                 kv = [torch.empty(b - a, h, d, dtype=q.dtype, device=q.device).transpose(0, 1) for _ in sides]
                 for x, hx, (_, _, lay, pool) in zip(kv, hot, sides):
                     if a < min(b, nh):
@@ -699,15 +715,15 @@ def sdpa_prefill(q, k, v, view, scale: float, prefix_list: list[int], chunk_list
                 bucket = 4 * padded <= 5 * g * n
                 for a in range(0, p, seg):
                     kp, vp = prefix(a, min(p, a + seg))
-                    for j in range(0, kp.shape[1], SEG_KEYS):
-                        kj, vj = kp[None, :, j:j + SEG_KEYS], vp[None, :, j:j + SEG_KEYS]
+                    for j in range(0, kp.shape[1], seg_keys):
+                        kj, vj = kp[None, :, j:j + seg_keys], vp[None, :, j:j + seg_keys]
                         qj = qf
-                        if kj.shape[2] == SEG_KEYS and bucket and g * n % SEG_ROWS:  # the bucketed shape
+                        if kj.shape[2] == seg_keys and bucket and g * n % SEG_ROWS:  # the bucketed shape
                             if qpad is None:
                                 qpad = qf.new_zeros(h, padded, d)
                                 qpad[:, :g * n] = qf
                             qj = qpad
-                        o2, l2 = _flash_lse(qj[None], kj, vj, False, scale)
+                        o2, l2 = _flash_lse(qj[None], kj, vj, False, scale, seg_keys)
                         o, lse = _merge_lse(o, lse, o2[0, :, :g * n], l2[0, :, :g * n])
                 o = o.float()
             else:
