@@ -85,7 +85,8 @@ def pick_device(device=None) -> torch.device:
 # 4096-token chunks prefilled up to 9x faster than 512-token ones (default model: bf16 96128 vs 31900
 # tok/s, tq3.5 65510 vs 7655; 8B shape: bf16 18305 vs 15888, tq3.5 21089 vs 6800; docs/BENCHMARKS.md,
 # "Prefill chunk size").
-# The CPU keeps 512 (its prefill is compute-bound; larger chunks only hold more activations).
+# The CPU keeps 512: on the 2-core CPU larger chunks were no faster (default model, a 2048-token prompt:
+# bf16 cache 645-704 tok/s at 512, 640-682 at 1024, 531-555 at 2048; tq3.5 503-540 / 562-565 / 511-519).
 PREFILL_CHUNK = {"cuda": 4096}
 PREFILL_CHUNK_OTHER = 512
 
