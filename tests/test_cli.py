@@ -86,3 +86,23 @@ def test_unknown_cache_type_names_the_valid_ones(tiny_hf_folder, capsys):
     folder = tiny_hf_folder("llama", tokenizer="bytes")
     code, _, err = run(capsys, "run", str(folder), "-p", "hi", "-ctk", "tq9")
     assert_clear(code, err, "tq9", "tq3.5", "bf16")
+
+
+def test_batch_size_sets_the_prefill_chunk(tiny_hf_folder, capsys):
+    from tqinfer.cli import build_parser, llm_from_args
+
+    folder = tiny_hf_folder("llama", tokenizer="bytes")
+    args = build_parser().parse_args(["run", str(folder), "-b", "16", "--device", "cpu", "-c", "64"])
+    assert llm_from_args(args).prefill_chunk == 16
+    args = build_parser().parse_args(["run", str(folder), "--device", "cpu", "-c", "64"])
+    assert llm_from_args(args).prefill_chunk == 512  # the CPU's default
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", str(folder), "-b", "0"])
+    assert "must be at least 1" in capsys.readouterr().err
+    # the memory plan follows it: a larger chunk needs more activation memory
+    acts = []
+    for b in ("64", "4096"):
+        code, out, _ = run(capsys, "estimate", str(folder), "-c", "256", "--device", "cpu", "--memory", "4", "-b", b)
+        assert code == 0
+        acts.append(float(next(line for line in out.splitlines() if line.startswith("activations")).split()[1].replace(",", "")))
+    assert acts[0] < acts[1]

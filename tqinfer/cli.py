@@ -23,7 +23,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--center-keys", choices=("auto", "on", "off"), default=None,
                    help="store keys relative to a center from the first prompt chunk: every KV head, "
                         "none, or (auto, the default) those a shared offset dominates (docs/QUALITY.md)")
+    p.add_argument("-b", "--batch-size", type=positive_int, default=None,
+                   help="prompt tokens per prefill step (default: 4096 on CUDA, 512 elsewhere)")
     p.add_argument("-v", "--verbose", action="store_true", help="timings and tracebacks")
+
+
+def positive_int(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -52,7 +61,7 @@ def llm_from_args(args, progress=None, max_seqs: int = 4):
 
     return LLM(args.model_opt or args.model, device=args.device, dtype=args.dtype,
                cache=cache_config_from_args(args), max_context=args.ctx_size, progress=progress,
-               max_seqs=max_seqs)
+               max_seqs=max_seqs, prefill_chunk=args.batch_size)
 
 
 def sampling_from_args(args):
@@ -164,7 +173,7 @@ def cmd_estimate(args) -> int:
     memory = int(args.memory * 2**30) if args.memory else available_memory(device)
     cache = cache_config_from_args(args).for_device(device)
     context = args.ctx_size or min(margs.max_position_embeddings, 8192)
-    chunk = default_prefill_chunk(device)
+    chunk = args.batch_size or default_prefill_chunk(device)
     e = estimate(config, cache, context, dtype, memory, max_seqs=args.parallel, chunk=chunk)
     mib = lambda b: f"{b / 2**20:,.1f} MiB"  # noqa: E731
     print(f"model            {files.name} ({margs.model_type}, {margs.num_hidden_layers} layers, "
