@@ -66,7 +66,7 @@ def test_random_arrivals_with_preemption_keep_outputs(folder, order, budget):
         assert req.gen.tokens == solo(llm, PROMPTS[i], 6), (i, req.preemptions)
 
 
-def test_prefill_chunk_by_device_and_a_step_takes_a_whole_chunk(folder, monkeypatch):
+def test_prefill_chunk_by_device_and_a_step_takes_a_whole_chunk(folder, tiny_hf_folder, monkeypatch):
     import torch
 
     from tqinfer import llm as llm_mod
@@ -83,11 +83,14 @@ def test_prefill_chunk_by_device_and_a_step_takes_a_whole_chunk(folder, monkeypa
     req = sched.add(prompt, SamplingParams.greedy(max_tokens=2, ignore_eos=True))
     sched.step()
     assert req.cached == 300  # one whole chunk in the first step (the default budget holds it)
-    sched = Scheduler(llm, chunk=2500)
-    req = sched.add(prompt, SamplingParams.greedy(max_tokens=2, ignore_eos=True))
-    sched.step()
-    assert sched.budget == 2500 and req.cached == 700  # a chunk over 2048 is not cut by the budget
     assert sched.run()[0].token_ids == solo(llm, prompt, 2)
+    # a chunk over 2048 tokens is not cut by the default budget
+    big = LLM(str(tiny_hf_folder("llama", tokenizer="bytes", max_position_embeddings=4096)), device="cpu",
+              dtype="float32", max_context=3000, max_seqs=1)
+    sched = Scheduler(big, chunk=2500)
+    req = sched.add([5 + i % 200 for i in range(2600)], SamplingParams.greedy(max_tokens=1, ignore_eos=True))
+    sched.step()
+    assert sched.budget == 2500 and req.cached == 2500
 
 
 def test_batch_cli_reports_malformed_lines_and_resumes(folder, tmp_path, capsys):

@@ -112,9 +112,17 @@ def test_dense_prefill_in_row_pieces_equals_one_call(name, monkeypatch):
     calls = []
     monkeypatch.setattr(dense, "sdpa", lambda q, *a: calls.append(q.shape[0]) or _SDPA(q, *a))
     monkeypatch.setattr(dense, "MASK_ELEMENTS", 100)  # 45 x 45 masks: 2 query rows a call
+    held = []
+    step_mask = dense.step_mask
+    monkeypatch.setattr(dense, "step_mask", lambda ctx, *a: (
+        step_mask(ctx, *a), held.append(sum(m.numel() for m in ctx.masks.values() if m is not None)))[0])
     split = engine_for(model, args).forward([0], [0], [ids], all_logits=True)
     assert max(calls) == 2 and sum(calls) == 45 * args.num_hidden_layers
+    assert 0 < max(held) <= 100  # the masks a step keeps stay within the bound too
     torch.testing.assert_close(split, one, rtol=1e-5, atol=1e-5)
+    # an empty chunk beside another (a direct engine call) attends nothing and breaks nothing
+    both = engine_for(model, args).forward([0, 1], [0, 0], [ids[:3], []])
+    torch.testing.assert_close(both[:1], engine_for(model, args).forward([0], [0], [ids[:3]]), rtol=1e-5, atol=1e-5)
 
 
 def test_step_mask_is_built_once_per_shape_and_masks_as_the_boolean_one():

@@ -50,15 +50,17 @@ def activation_bytes(args, chunk: int, dtype: torch.dtype) -> int:
     return hidden + scores + args.vocab_size * 4 * 2
 
 
-def mask_bytes(cache: CacheConfig, chunk: int, context: int, dtype: torch.dtype) -> int:
-    """The dense cache's prefill mask at most (DenseCache.attend): additive in dtype + its boolean source."""
+def mask_bytes(cache: CacheConfig, chunk: int, context: int, dtype: torch.dtype, repeat: int = 0) -> int:
+    """The dense cache's prefill masks at most (DenseCache.attend: a step keeps MASK_ELEMENTS, a call
+    builds one more of as many): additive in dtype + its boolean source, and on the CPU a copy per query
+    head of a group (repeat = the group size; sdpa folds the group's heads into rows)."""
     if not cache.dense:
         return 0
-    return min(chunk * (context + chunk), MASK_ELEMENTS) * (torch.finfo(dtype).bits // 8 + 1)
+    return 2 * min(chunk * (context + chunk), MASK_ELEMENTS) * (torch.finfo(dtype).bits // 8 + 1 + repeat)
 
 
 def estimate(config: dict, cache: CacheConfig, context: int, dtype: torch.dtype, memory: int,
-             max_seqs: int = 1, chunk: int = 512) -> Estimate:
+             max_seqs: int = 1, chunk: int = 512, mask_repeat: int = 0) -> Estimate:
     _, args = build_model(config)
     elt = torch.finfo(dtype).bits // 8
     per_token = bytes_per_token(args, cache, dtype)
@@ -68,22 +70,22 @@ def estimate(config: dict, cache: CacheConfig, context: int, dtype: torch.dtype,
         blocks = max_seqs * -(-context // cache.block_size) + 1
         kv = blocks * cache.block_size * per_token + max_seqs * fixed_bytes(args, cache, dtype)
     kv_bf16 = max_seqs * context * bytes_per_token(args, cache.dense_twin())
-    act = activation_bytes(args, chunk, dtype) + mask_bytes(cache, chunk, context, dtype)
+    act = activation_bytes(args, chunk, dtype) + mask_bytes(cache, chunk, context, dtype, mask_repeat)
     return Estimate(context, parameter_count(args) * elt, kv, kv_bf16, act, memory)
 
 
 def largest_context(config: dict, cache: CacheConfig, dtype: torch.dtype, memory: int, limit: int | None = None,
-                    chunk: int = 512) -> int:
+                    chunk: int = 512, mask_repeat: int = 0) -> int:
     """The longest context (a multiple of the block size) whose weights + cache + activations fit."""
     _, args = build_model(config)
-    base = estimate(config, cache, 0, dtype, memory, chunk=chunk)
+    base = estimate(config, cache, 0, dtype, memory, chunk=chunk, mask_repeat=mask_repeat)
     per_token = bytes_per_token(args, cache, dtype)
     bs = cache.block_size
     hi = max(0, memory - base.total) // per_token // bs + 1  # in blocks: every term grows with the context
     lo = 0
     while hi - lo > 1:  # estimate(lo) fits (or lo is 0), estimate(hi) does not
         mid = (lo + hi) // 2
-        if estimate(config, cache, mid * bs, dtype, memory, chunk=chunk).fits:
+        if estimate(config, cache, mid * bs, dtype, memory, chunk=chunk, mask_repeat=mask_repeat).fits:
             lo = mid
         else:
             hi = mid

@@ -27,15 +27,17 @@ def step_mask(ctx, prefix: int, n: int, window: int | None, q: torch.Tensor) -> 
     """causal_mask for a chunk, built once per step and shape (the step's layers share it, in
     ctx.masks). On CUDA as the additive mask in q's dtype that SDPA turns a boolean mask into at every
     call: on the H200 the two [n, prefix + n] passes took ~0.6 ms a layer at 4096 x 32k (default model,
-    bf16 cache, docs/BENCHMARKS.md)."""
+    bf16 cache, docs/BENCHMARKS.md). The masks a step keeps hold at most MASK_ELEMENTS elements in all
+    (the pieces of a split chunk, or the chunks of several sequences, past that are built per call)."""
     masks = getattr(ctx, "masks", None)
     key = (prefix, n, window)
     if masks is not None and key in masks:
         return masks[key]
     mask = causal_mask(prefix, n, window, q.device)
     if mask is not None and q.is_cuda:
-        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
-    if masks is not None:
+        mask = torch.full(mask.shape, float("-inf"), dtype=q.dtype, device=q.device).masked_fill_(mask, 0.0)
+    if masks is not None and mask is not None \
+            and sum(m.numel() for m in masks.values() if m is not None) + mask.numel() <= MASK_ELEMENTS:
         masks[key] = mask
     return mask
 
@@ -106,7 +108,7 @@ class DenseCache:
             end = prefix + n
             K[slot, :, prefix:end] = k[start:start + n].transpose(0, 1)
             V[slot, :, prefix:end] = v[start:start + n].transpose(0, 1)
-            rows = max(1, MASK_ELEMENTS // end)  # query rows a call takes: its mask stays bounded
+            rows = max(1, MASK_ELEMENTS // max(1, end))  # query rows a call takes: its mask stays bounded
             for i in range(0, n, rows):
                 m = min(rows, n - i)
                 mask = step_mask(ctx, prefix + i, m, window, q)
