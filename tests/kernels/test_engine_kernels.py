@@ -48,7 +48,7 @@ def test_batched_kernels_equal_solo_twins(tiny_hf_folder, monkeypatch, flash):
         from .test_prefill_attention import _softmax_lse
 
         monkeypatch.setattr(prefill_attention, "_flash_ok", lambda q: True)
-        monkeypatch.setattr(prefill_attention, "_flash_lse", _softmax_lse)
+        monkeypatch.setattr(prefill_attention, "_flash_lse", lambda *a: _softmax_lse(*a[:5]))  # (seg_keys dropped)
         monkeypatch.setattr(prefill_attention, "SCRATCH_BYTES", 5 * 2 * 2 * 64 * 4)  # 5 tokens, 2 KV heads
     sched = Scheduler(llm, chunk=16, token_budget=24)
     for p, s in zip(PROMPTS, greedy):
