@@ -104,5 +104,6 @@ def test_batch_size_sets_the_prefill_chunk(tiny_hf_folder, capsys):
     for b in ("64", "4096"):
         code, out, _ = run(capsys, "estimate", str(folder), "-c", "256", "--device", "cpu", "--memory", "4", "-b", b)
         assert code == 0
-        acts.append(float(next(line for line in out.splitlines() if line.startswith("activations")).split()[1].replace(",", "")))
+        line = next(line for line in out.splitlines() if line.startswith("activations"))
+        acts.append(float(line.split()[1].replace(",", "")))
     assert acts[0] < acts[1]

@@ -139,7 +139,8 @@ def test_step_mask_is_built_once_per_shape_and_masks_as_the_boolean_one():
     assert torch.equal(w, causal_mask(5, 3, 4, "cpu")) and not torch.equal(w, m) and len(ctx.masks) == 2
     if torch.cuda.is_available():  # the additive form SDPA gets on CUDA: same output as the boolean mask
         g = torch.Generator(device="cuda").manual_seed(0)
-        q, k, v = (torch.randn(*s, device="cuda", generator=g).bfloat16() for s in ((37, 4, 64), (2, 77, 64), (2, 77, 64)))
+        shapes = ((37, 4, 64), (2, 77, 64), (2, 77, 64))
+        q, k, v = (torch.randn(*s, device="cuda", generator=g).bfloat16() for s in shapes)
         for window in (None, 16):
             add = step_mask(ctx, 40, 37, window, q)
             assert add.dtype == torch.bfloat16

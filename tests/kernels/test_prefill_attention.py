@@ -198,7 +198,8 @@ def test_segments_lengthen_for_small_calls(monkeypatch):
     calls = []
     monkeypatch.setattr(prefill_attention, "_flash_ok", lambda q: True)
     monkeypatch.setattr(prefill_attention, "_flash_lse",
-                        lambda *a: calls.append((a[1].shape[2], a[3], a[5] if len(a) > 5 else None)) or _softmax_lse(*a[:5]))
+                        lambda *a: calls.append((a[1].shape[2], a[3], a[5] if len(a) > 5 else None))
+                        or _softmax_lse(*a[:5]))
     monkeypatch.setattr(prefill_attention, "SEG_KEYS", 16)
     monkeypatch.setattr(prefill_attention, "SEG_WORK", 4 * 24 * 2 * 64)  # these 24 rows x 2 heads x 64: twice SEG_KEYS
     out = torch.full_like(q, float("nan"))

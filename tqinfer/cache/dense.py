@@ -64,8 +64,8 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float) 
 
 
 # a chunk's queries attend in calls whose mask [rows, keys] holds at most this many elements (2^28: a
-# 4096-token chunk in one call up to a 64k context; at 1M tokens, 256 rows a call), so a prefill chunk's
-# mask takes <= 512 MiB (bf16) at any context
+# 4096-token chunk in one call up to a 64k context; at 1M tokens, 256 rows a call), so a mask takes at
+# most 512 MiB (bf16) at any context; a step keeps at most this many elements of masks (step_mask)
 MASK_ELEMENTS = 1 << 28
 TOKEN_TILE = 64  # a sequence's rows are allocated in whole tiles of the decode kernel (CUDA)
 

@@ -481,8 +481,9 @@ def dequantize_records(pool: torch.Tensor, layout: RecordLayout, table_row: torc
     if unit_loads not in cache:
         mode = runnable(unit_loads)
         a = _tile_k_args(layout, layout.dim, mode)
-        cache[unit_loads] = (_table(layout, mode, layout.tables), dict(
-            REC=layout.record_bytes, BLOCK_N=DEQUANT_TOKENS, **{f"{x}{tag}": a[f"{x}K{tag}"] for x in "CDBPST" for tag in "AB"}))
+        consts = {f"{x}{tag}": a[f"{x}K{tag}"] for x in "CDBPST" for tag in "AB"}
+        cache[unit_loads] = (_table(layout, mode, layout.tables),
+                             dict(REC=layout.record_bytes, BLOCK_N=DEQUANT_TOKENS, **consts))
     tab, consts = cache[unit_loads]
     h = pool.shape[1]
     _dequant_kernel[(triton.cdiv(n, DEQUANT_TOKENS), h)](
@@ -538,8 +539,8 @@ def segment_keys(rows: int, heads: int, d: int) -> int:
 def _flash_lse(q, k, v, causal: bool, scale: float, seg_keys: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused attention q [1, h, L, d] over k, v [1, h, S, d] (as many heads; last dims contiguous):
     (out [1, h, L, d], natural log-sum-exp of each row's scores, float32 [1, h, L]). Causal: top-left
-    aligned (used with L == S). cuDNN for the bucketed shape (S == seg_keys (default SEG_KEYS), L a multiple of SEG_ROWS,
-    no mask) where it checks out, flash attention otherwise (_flash_ok). A cuDNN call that fails (no
+    aligned (used with L == S). cuDNN for the bucketed shape (S == seg_keys, default SEG_KEYS; L a
+    multiple of SEG_ROWS; no mask) where it checks out, flash attention otherwise (_flash_ok). A cuDNN call that fails (no
     plan for the shape) leaves flash attention to it and every later call."""
     if not _flash_ok(q):
         raise RuntimeError(f"no fused attention op with log-sum-exps runs for {_key(q)}")
