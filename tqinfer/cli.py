@@ -174,9 +174,7 @@ def cmd_estimate(args) -> int:
     cache = cache_config_from_args(args).for_device(device)
     context = args.ctx_size or min(margs.max_position_embeddings, 8192)
     chunk = args.batch_size or default_prefill_chunk(device)
-    group = margs.num_attention_heads // margs.num_key_value_heads
-    repeat = group if device.type == "cpu" and group > 1 else 0  # the CPU sdpa's mask copy per query head
-    e = estimate(config, cache, context, dtype, memory, max_seqs=args.parallel, chunk=chunk, mask_repeat=repeat)
+    e = estimate(config, cache, context, dtype, memory, max_seqs=args.parallel, chunk=chunk, device=device)
     mib = lambda b: f"{b / 2**20:,.1f} MiB"  # noqa: E731
     print(f"model            {files.name} ({margs.model_type}, {margs.num_hidden_layers} layers, "
           f"{margs.num_key_value_heads} KV heads x {margs.head_dim}), weights as {str(dtype).replace('torch.', '')}")
@@ -188,7 +186,7 @@ def cmd_estimate(args) -> int:
     print(f"total            {mib(e.total)}   of {mib(memory)} available on {device.type}: "
           f"{'fits' if e.fits else 'does NOT fit'}")
     limit = margs.max_position_embeddings
-    most = largest_context(config, cache, dtype, memory, chunk=chunk, mask_repeat=repeat)
+    most = largest_context(config, cache, dtype, memory, chunk=chunk, device=device)
     print(f"largest context  {most:,} tokens fit in that memory with {cache.label}"
           + (f" (the model's maximum is {limit:,})" if most > limit else ""))
     return 0 if e.fits else 2

@@ -50,17 +50,19 @@ def activation_bytes(args, chunk: int, dtype: torch.dtype) -> int:
     return hidden + scores + args.vocab_size * 4 * 2
 
 
-def mask_bytes(cache: CacheConfig, chunk: int, context: int, dtype: torch.dtype, repeat: int = 0) -> int:
+def mask_bytes(args, cache: CacheConfig, chunk: int, context: int, dtype: torch.dtype, device="cuda") -> int:
     """The dense cache's prefill masks at most (DenseCache.attend: a step keeps MASK_ELEMENTS, a call
     builds one more of as many): additive in dtype + its boolean source, and on the CPU a copy per query
-    head of a group (repeat = the group size; sdpa folds the group's heads into rows)."""
+    head of a group (dense.sdpa folds the group's heads into rows there)."""
     if not cache.dense:
         return 0
+    group = args.num_attention_heads // args.num_key_value_heads
+    repeat = group if torch.device(device).type == "cpu" and group > 1 else 0
     return 2 * min(chunk * (context + chunk), MASK_ELEMENTS) * (torch.finfo(dtype).bits // 8 + 1 + repeat)
 
 
 def estimate(config: dict, cache: CacheConfig, context: int, dtype: torch.dtype, memory: int,
-             max_seqs: int = 1, chunk: int = 512, mask_repeat: int = 0) -> Estimate:
+             max_seqs: int = 1, chunk: int = 512, device="cuda") -> Estimate:
     _, args = build_model(config)
     elt = torch.finfo(dtype).bits // 8
     per_token = bytes_per_token(args, cache, dtype)
@@ -70,22 +72,22 @@ def estimate(config: dict, cache: CacheConfig, context: int, dtype: torch.dtype,
         blocks = max_seqs * -(-context // cache.block_size) + 1
         kv = blocks * cache.block_size * per_token + max_seqs * fixed_bytes(args, cache, dtype)
     kv_bf16 = max_seqs * context * bytes_per_token(args, cache.dense_twin())
-    act = activation_bytes(args, chunk, dtype) + mask_bytes(cache, chunk, context, dtype, mask_repeat)
+    act = activation_bytes(args, chunk, dtype) + mask_bytes(args, cache, chunk, context, dtype, device)
     return Estimate(context, parameter_count(args) * elt, kv, kv_bf16, act, memory)
 
 
 def largest_context(config: dict, cache: CacheConfig, dtype: torch.dtype, memory: int, limit: int | None = None,
-                    chunk: int = 512, mask_repeat: int = 0) -> int:
+                    chunk: int = 512, device="cuda") -> int:
     """The longest context (a multiple of the block size) whose weights + cache + activations fit."""
     _, args = build_model(config)
-    base = estimate(config, cache, 0, dtype, memory, chunk=chunk, mask_repeat=mask_repeat)
+    base = estimate(config, cache, 0, dtype, memory, chunk=chunk, device=device)
     per_token = bytes_per_token(args, cache, dtype)
     bs = cache.block_size
     hi = max(0, memory - base.total) // per_token // bs + 1  # in blocks: every term grows with the context
     lo = 0
     while hi - lo > 1:  # estimate(lo) fits (or lo is 0), estimate(hi) does not
         mid = (lo + hi) // 2
-        if estimate(config, cache, mid * bs, dtype, memory, chunk=chunk, mask_repeat=mask_repeat).fits:
+        if estimate(config, cache, mid * bs, dtype, memory, chunk=chunk, device=device).fits:
             lo = mid
         else:
             hi = mid

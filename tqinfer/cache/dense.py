@@ -37,7 +37,7 @@ def step_mask(ctx, prefix: int, n: int, window: int | None, q: torch.Tensor) -> 
     if mask is not None and q.is_cuda:
         mask = torch.full(mask.shape, float("-inf"), dtype=q.dtype, device=q.device).masked_fill_(mask, 0.0)
     if masks is not None and mask is not None \
-            and sum(m.numel() for m in masks.values() if m is not None) + mask.numel() <= MASK_ELEMENTS:
+            and sum(m.numel() for m in masks.values()) + mask.numel() <= MASK_ELEMENTS:
         masks[key] = mask
     return mask
 

@@ -540,8 +540,8 @@ def _flash_lse(q, k, v, causal: bool, scale: float, seg_keys: int | None = None)
     """Fused attention q [1, h, L, d] over k, v [1, h, S, d] (as many heads; last dims contiguous):
     (out [1, h, L, d], natural log-sum-exp of each row's scores, float32 [1, h, L]). Causal: top-left
     aligned (used with L == S). cuDNN for the bucketed shape (S == seg_keys, default SEG_KEYS; L a
-    multiple of SEG_ROWS; no mask) where it checks out, flash attention otherwise (_flash_ok). A cuDNN call that fails (no
-    plan for the shape) leaves flash attention to it and every later call."""
+    multiple of SEG_ROWS; no mask) where it checks out, flash attention otherwise (_flash_ok). A cuDNN
+    call that fails (no plan for the shape) leaves flash attention to it and every later call."""
     if not _flash_ok(q):
         raise RuntimeError(f"no fused attention op with log-sum-exps runs for {_key(q)}")
     ops = _FLASH[_key(q)]
