@@ -260,3 +260,43 @@ def test_prmt_tables_give_every_codes_centroid(kind):
                     sel = x | (y << 2)
                     lo_b, hi_b = _prmt(t[0], t[1], sel), _prmt(t[2], t[3], sel)
                 assert _prmt(lo_b, hi_b, pick[s % 4]) & 0xFFFF == cent[codes[s]]
+
+
+GLUON_CASES = [("tq4", 128, 2, 4), ("tq4", 128, 1, 8), ("tq4", 64, 3, 3), ("tq4", 64, 2, 1)]
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="the Gluon kernel is compiled CUDA code")
+@pytest.mark.parametrize("sinks,window,splits", [(4, 8, 3), (0, 0, 1), (3, 20, 40)])
+@pytest.mark.parametrize("kt,d,h,g", GLUON_CASES, ids=[f"{c[0]}-d{c[1]}-h{c[2]}-g{c[3]}" for c in GLUON_CASES])
+def test_gluon_split_kernel_matches_float64(kt, d, h, g, sinks, window, splits, monkeypatch):
+    """The Gluon split kernel (decode_gluon) == float64 and == the Triton split kernel on the same cache:
+    ragged lengths around tile, block and window edges, empty splits, NaN-poisoned workspaces."""
+    lens = [1, 17, BS - 1, BS + 1, 3 * BS - 3, 9 * BS + 40]
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan"))
+                        if k.get("dtype") == torch.float32 else empty(*a, **k))
+    out, ref, args = _run(kt, kt, d, h, g, lens, sinks, window, torch.float32, splits, seed=d + g, kernel="gluon")
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < 2e-3
+    q, k, v, cu, pl, view, scale = args
+    tri = paged_decode_attention(q, k, v, cu, pl, view, scale, num_splits=splits, kernel="triton")
+    assert rel_err(out, tri) < 2e-3
+
+
+def test_gluon_kernel_only_where_it_reads():
+    """gluon_reads: tq4 records on CUDA only; asking for the Gluon kernel where it cannot run is an error."""
+    view, _, _ = build_cache("tq3.5", "tq3.5", [5], heads=1, d=64, sinks=0, window=0, block_size=BS,
+                             dtype=torch.float32, device=DEV, seed=1)
+    k_lay, v_lay = decode_attention._layouts(view, DEV)
+    assert not decode_attention.gluon_reads(k_lay, v_lay, 64, 4, 64, DEV)
+    view4, _, _ = build_cache("tq4", "tq4", [5], heads=1, d=64, sinks=0, window=0, block_size=BS,
+                              dtype=torch.float32, device=DEV, seed=1)
+    k4, v4 = decode_attention._layouts(view4, DEV)
+    assert decode_attention.gluon_reads(k4, v4, 64, 4, 64, DEV) == (DEV == "cuda")
+    assert not decode_attention.gluon_reads(k4, v4, 64, 9, 64, DEV)  # more than 8 query heads a group
+    assert not decode_attention.gluon_reads(k4, v4, 64, 4, 32, DEV)  # blocks smaller than a tile
+    if DEV != "cuda":
+        q = torch.randn(1, 4, 64)
+        with pytest.raises(ValueError, match="Gluon"):
+            paged_decode_attention(q, q[:, :1], q[:, :1], torch.arange(2, dtype=torch.int32),
+                                   torch.tensor([5], dtype=torch.int32), view4, 0.1, kernel="gluon")

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference
+from . import decode_gluon, reference
 from .quantize import CodePart, RecordLayout, record_layout, supports
 
 LOG2E = 1.4426950408889634
@@ -846,9 +846,11 @@ def prepare_queries(q: torch.Tensor, kv_heads: int, scale: float, k_layout: Reco
 
 
 def decode_queries(q: torch.Tensor, kv_heads: int, scale: float, k_layout: RecordLayout | None,
-                   dense_dtype: torch.dtype, lut: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                   dense_dtype: torch.dtype, lut: bool = False,
+                   permute: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(the key tiles' queries as `prepare_queries` makes them, q scaled by scale·log2(e) in fp32) for
-    decode queries q[B, Hq, d], in one launch (QJL keys: the torch path); lut: columns for 'asm' keys."""
+    decode queries q[B, Hq, d], in one launch (QJL keys: the torch path); lut: columns for 'asm' keys;
+    permute=False: rotated queries in channel order (the Gluon kernel permutes them as it loads)."""
     if k_layout is not None and k_layout.qjl is not None:
         return (prepare_queries(q, kv_heads, scale, k_layout, dense_dtype, lut=lut),
                 (q.float() * (scale * LOG2E)).contiguous())
@@ -857,7 +859,7 @@ def decode_queries(q: torch.Tensor, kv_heads: int, scale: float, k_layout: Recor
     q = q if q.stride(2) == 1 else q.contiguous()
     qs = torch.empty(bsz, hq, d, device=q.device, dtype=torch.float32)
     qk = torch.empty(bsz, hq, d, device=q.device, dtype=torch.float16 if k_layout is not None else dense_dtype)
-    rot = _q_perm(k_layout, lut)[1] if k_layout is not None else qs
+    rot = qs if k_layout is None else (_q_perm(k_layout, lut)[1] if permute else k_layout.rotation)
     gp = triton.next_power_of_2(g)
     cj = max(1, min(d, QUERY_TILE // (gp * d))) if k_layout is not None else d
     _decode_queries_kernel[(bsz, kv_heads, d // cj)](
@@ -945,13 +947,14 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
                            block_n: int | None = None, out: torch.Tensor | None = None,
                            num_warps: int | None = None, lookup: str | None = None,
                            num_stages: int = 1, early_v: bool | None = None,
-                           max_registers: int | None = None) -> torch.Tensor:
+                           max_registers: int | None = None, kernel: str | None = None) -> torch.Tensor:
     """Decode attention (every chunk one token: cu_q == arange(B + 1)) over a paged, possibly compressed
     cache: q[B, Hq, d], k/v[B, H, d] the new tokens -> [B, Hq, d] in q's dtype. See kernels/reference.py.
     num_splits fixes the grid (default: by batch size); `out` may be given (written, never read).
     The first call per codec builds its RecordLayout and tables (host work and copies): call once before
     capturing a CUDA graph. lookup / num_stages / block_n / num_warps / early_v / max_registers (ptxas's
-    register cap for the split kernel) select measured variants (docs/BENCHMARKS.md)."""
+    register cap for the split kernel) select measured variants (docs/BENCHMARKS.md); kernel: "gluon"
+    (decode_gluon, where `gluon_reads`) or "triton" for the splits (default: Gluon where it reads)."""
     bsz, hq, d = q.shape
     h = k.shape[1]
     if hq % h:
@@ -984,8 +987,14 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
     config = (tuple(kv_args.items()), h, d, g, bs, block_n, nhot, num_warps, num_stages, lookup, early_v,
               max_registers, q.dtype, view.k_pool.dtype, k_hot.dtype, q.device)
     sms = q.device.type == "cuda" and torch.cuda.get_device_properties(q.device).multi_processor_count
+    gluon = gluon_reads(k_lay, v_lay, d, g, bs, q.device)
+    if kernel == "gluon" and not gluon:
+        raise ValueError("the Gluon decode kernel does not read these records here (see gluon_reads)")
+    gluon = gluon and kernel != "triton"
+    if gluon:
+        config = ("gluon", k_lay.record_bytes, v_lay.record_bytes, h, d, g, bs, q.device)
     nsplit = num_splits or default_splits(bsz, h, sms or 132, _RESIDENT.get(config))
-    qk, qs = decode_queries(q, h, scale, k_lay, view.k_pool.dtype, lut)
+    qk, qs = decode_queries(q, h, scale, k_lay, view.k_pool.dtype, lut, permute=not gluon)
     seq_slot = view.seq_slot if has_hot else prefix_lens
     dev = q.device
     dvq = v_lay.qjl.dim if v_lay is not None and v_lay.qjl is not None else 0
@@ -996,15 +1005,27 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
     bt = view.block_table
     tab_k, tab_k2 = _tabs(k_lay, ws_m)
     tab_v, tab_v2 = _tabs(v_lay, ws_m)
-    kernel = _decode_split_kernel[(bsz, h, nsplit + nhot)](
-        qk, view.k_pool, view.v_pool, tab_k, tab_k2, tab_v, tab_v2, bt, prefix_lens, ws_m, ws_l, ws_acc,
-        qs, k_hot, v_hot, seq_slot,
-        view.sinks, view.window, bt.stride(0), qk.stride(0), qk.stride(1), qs.stride(0), qs.stride(1), *hs,
-        H=h, G=g, GP=gp, D=d, BS=bs, BLOCK_N=block_n, NSPLIT=nsplit, NHOT=nhot, BLOCK_H=hot_block,
-        **kv_args, MODE=LOOKUPS[lookup], DOT_F32=INTERPRET, EARLY_V=early_v, num_warps=num_warps, num_stages=num_stages,
-        **regs)
+    if gluon:
+        block_n = decode_gluon.WARP_TOKENS * GLUON_WARPS
+        regs = {"maxnreg": GLUON_MAXNREG} if GLUON_MAXNREG else {}
+        launched = decode_gluon._decode_split_gluon[(bsz, h, nsplit + nhot)](
+            qk, view.k_pool, view.v_pool, gluon_table(k_lay), gluon_table(v_lay), bt, prefix_lens,
+            ws_m, ws_l, ws_acc, qs, k_hot, v_hot, seq_slot,
+            view.sinks, view.window, bt.stride(0), qk.stride(0), qk.stride(1), qs.stride(0), qs.stride(1), *hs,
+            0, nsplit, H=h, G=g, D=d, BS=bs, NHOT=nhot, BLOCK_H=hot_block, REC_K=k_lay.record_bytes,
+            SC_K=k_lay.parts[0].scale, REC_V=v_lay.record_bytes, SC_V=v_lay.parts[0].scale, NW=GLUON_WARPS,
+            PREFETCH=GLUON_PREFETCH, num_warps=GLUON_WARPS, **regs)
+        num_warps = GLUON_WARPS
+    else:
+        launched = _decode_split_kernel[(bsz, h, nsplit + nhot)](
+            qk, view.k_pool, view.v_pool, tab_k, tab_k2, tab_v, tab_v2, bt, prefix_lens, ws_m, ws_l, ws_acc,
+            qs, k_hot, v_hot, seq_slot,
+            view.sinks, view.window, bt.stride(0), qk.stride(0), qk.stride(1), qs.stride(0), qs.stride(1), *hs,
+            H=h, G=g, GP=gp, D=d, BS=bs, BLOCK_N=block_n, NSPLIT=nsplit, NHOT=nhot, BLOCK_H=hot_block,
+            **kv_args, MODE=LOOKUPS[lookup], DOT_F32=INTERPRET, EARLY_V=early_v, num_warps=num_warps,
+            num_stages=num_stages, **regs)
     if sms and config not in _RESIDENT:
-        _RESIDENT[config] = resident_programs(kernel, num_warps, q.device)
+        _RESIDENT[config] = resident_programs(launched, num_warps, q.device)
     out = torch.empty_like(q) if out is None else out
     rot_v = v_lay.rotation if v_lay is not None else ws_m
     qjl_rot = _qjl_unrotation(v_lay) if dvq else ws_m
@@ -1018,6 +1039,34 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
         HP=triton.next_power_of_2(max(nhot, 1)), CJ=min(d, chunk) if v_lay is not None else d,
         V_ROTATED=v_lay is not None, DVQ=dvq, num_warps=MERGE_WARPS)
     return out
+
+
+GLUON_WARPS = 4  # warps of the Gluon split kernel: 16 tokens each of a 64-token tile
+GLUON_PREFETCH = False  # a variant: each warp's next tile loaded into registers before this tile's work
+GLUON_MAXNREG = 0  # a variant: ptxas's register cap for the Gluon kernel (0: none)
+
+
+def gluon_reads(k_lay: RecordLayout | None, v_lay: RecordLayout | None, d: int, g: int, block_size: int,
+                device) -> bool:
+    """Whether decode_gluon's split kernel serves these records: compiled CUDA code (not the
+    interpreter, not ROCm), head_dim 64 or 128, at most 8 query heads a group, one 4-bit part over every
+    channel (tq4) for keys and values, 16-bit aligned records, blocks of whole 64-token tiles."""
+    if INTERPRET or torch.version.hip is not None or torch.device(device).type != "cuda":
+        return False
+    if d not in (64, 128) or g > 8 or block_size % (decode_gluon.WARP_TOKENS * GLUON_WARPS):
+        return False
+    return all(lay is not None and lay.qjl is None and len(lay.parts) == 1 and lay.parts[0].bits == 4
+               and lay.parts[0].dim == d and lay.record_bytes % 2 == 0 for lay in (k_lay, v_lay))
+
+
+def gluon_table(layout: RecordLayout) -> torch.Tensor:
+    """The 4-bit part's PRMT table words (lut_words) as int32 on the layout's device, kept on the layout
+    (call once before capturing a CUDA graph)."""
+    if "_gluon_table" not in layout.__dict__:
+        words = [int(w, 16) for w in lut_words(layout, layout.parts[0])]
+        words = [w - (1 << 32) if w >= 1 << 31 else w for w in words]
+        layout.__dict__["_gluon_table"] = torch.tensor(words, dtype=torch.int32, device=layout.rotation.device)
+    return layout.__dict__["_gluon_table"]
 
 
 DEFAULT_BLOCK_N = 64
