@@ -262,7 +262,8 @@ def test_prmt_tables_give_every_codes_centroid(kind):
                 assert _prmt(lo_b, hi_b, pick[s % 4]) & 0xFFFF == cent[codes[s]]
 
 
-GLUON_CASES = [("tq4", 128, 2, 4), ("tq4", 128, 1, 8), ("tq4", 64, 3, 3), ("tq4", 64, 2, 1)]
+GLUON_CASES = [("tq4", 128, 2, 4), ("tq4", 128, 1, 8), ("tq4", 64, 3, 3), ("tq4", 64, 2, 1), ("tq3.5", 128, 2, 4),
+               ("tq3.5", 128, 1, 8), ("tq3", 128, 1, 4), ("tq3", 64, 2, 3)]
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="the Gluon kernel is compiled CUDA code")
@@ -284,7 +285,8 @@ def test_gluon_split_kernel_matches_float64(kt, d, h, g, sinks, window, splits, 
 
 
 def test_gluon_kernel_only_where_it_reads():
-    """gluon_reads: tq4 records on CUDA only; asking for the Gluon kernel where it cannot run is an error."""
+    """gluon_reads: 4- and 3-bit MSE records on CUDA only (not tq3.5 at head_dim 64: 32-channel 3-bit part);
+    asking for the Gluon kernel where it cannot run is an error."""
     view, _, _ = build_cache("tq3.5", "tq3.5", [5], heads=1, d=64, sinks=0, window=0, block_size=BS,
                              dtype=torch.float32, device=DEV, seed=1)
     k_lay, v_lay = decode_attention._layouts(view, DEV)

@@ -1012,9 +1012,8 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
             qk, view.k_pool, view.v_pool, gluon_table(k_lay), gluon_table(v_lay), bt, prefix_lens,
             ws_m, ws_l, ws_acc, qs, k_hot, v_hot, seq_slot,
             view.sinks, view.window, bt.stride(0), qk.stride(0), qk.stride(1), qs.stride(0), qs.stride(1), *hs,
-            0, nsplit, H=h, G=g, D=d, BS=bs, NHOT=nhot, BLOCK_H=hot_block, REC_K=k_lay.record_bytes,
-            SC_K=k_lay.parts[0].scale, REC_V=v_lay.record_bytes, SC_V=v_lay.parts[0].scale, NW=GLUON_WARPS,
-            PREFETCH=GLUON_PREFETCH, num_warps=GLUON_WARPS, **regs)
+            0, nsplit, H=h, G=g, D=d, BS=bs, NHOT=nhot, BLOCK_H=hot_block, **_gluon_args(k_lay, "K"),
+            **_gluon_args(v_lay, "V"), NW=GLUON_WARPS, num_warps=GLUON_WARPS, **regs)
         num_warps = GLUON_WARPS
     else:
         launched = _decode_split_kernel[(bsz, h, nsplit + nhot)](
@@ -1042,29 +1041,48 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
 
 
 GLUON_WARPS = 4  # warps of the Gluon split kernel: 16 tokens each of a 64-token tile
-GLUON_PREFETCH = False  # a variant: each warp's next tile loaded into registers before this tile's work
 GLUON_MAXNREG = 0  # a variant: ptxas's register cap for the Gluon kernel (0: none)
 
 
 def gluon_reads(k_lay: RecordLayout | None, v_lay: RecordLayout | None, d: int, g: int, block_size: int,
                 device) -> bool:
     """Whether decode_gluon's split kernel serves these records: compiled CUDA code (not the
-    interpreter, not ROCm), head_dim 64 or 128, at most 8 query heads a group, one 4-bit part over every
-    channel (tq4) for keys and values, 16-bit aligned records, blocks of whole 64-token tiles."""
+    interpreter, not ROCm), head_dim 64 or 128, at most 8 query heads a group, blocks of whole 64-token
+    tiles, and keys and values of one or two equal MSE parts (no QJL) of 4 bits (at least 32 channels)
+    or 3 bits (at least 64), 16-bit aligned: tq4, tq3.5 and tq3 at head_dim 128, tq4 at 64."""
     if INTERPRET or torch.version.hip is not None or torch.device(device).type != "cuda":
         return False
     if d not in (64, 128) or g > 8 or block_size % (decode_gluon.WARP_TOKENS * GLUON_WARPS):
         return False
-    return all(lay is not None and lay.qjl is None and len(lay.parts) == 1 and lay.parts[0].bits == 4
-               and lay.parts[0].dim == d and lay.record_bytes % 2 == 0 for lay in (k_lay, v_lay))
+
+    def part_ok(p):
+        return (p.bits == 4 and p.dim >= 32) or (p.bits == 3 and p.dim >= 64)
+
+    def ok(lay):
+        return (lay is not None and lay.qjl is None and lay.record_bytes % 2 == 0
+                and len({p.dim for p in lay.parts}) == 1 and sum(p.dim for p in lay.parts) == d
+                and all(part_ok(p) for p in lay.parts) and all(p.planes % 2 == 0 for p in lay.parts))
+    return ok(k_lay) and ok(v_lay)
+
+
+def _gluon_args(layout: RecordLayout, side: str) -> dict:
+    """decode_gluon's constants of one side: record bytes and parts A and B (dim, bits, planes, scale)."""
+    a, b = layout.parts[0], (layout.parts[1] if len(layout.parts) > 1 else None)
+    out = {f"REC_{side}": layout.record_bytes}
+    for tag, p in (("A", a), ("B", b)):
+        vals = (p.dim, p.bits, p.planes, p.scale) if p is not None else (0, 4, 0, 0)
+        out.update(zip((f"{side}{tag}_{x}" for x in ("DP", "BT", "PL", "SC")), vals))
+    return out
 
 
 def gluon_table(layout: RecordLayout) -> torch.Tensor:
-    """The 4-bit part's PRMT table words (lut_words) as int32 on the layout's device, kept on the layout
-    (call once before capturing a CUDA graph)."""
+    """The parts' PRMT table words (lut_words; part A at 0, part B at 8, zero-padded) as int32 on the
+    layout's device, kept on the layout (call once before capturing a CUDA graph)."""
     if "_gluon_table" not in layout.__dict__:
-        words = [int(w, 16) for w in lut_words(layout, layout.parts[0])]
-        words = [w - (1 << 32) if w >= 1 << 31 else w for w in words]
+        words = [0] * 16
+        for i, part in enumerate(layout.parts):
+            w = [int(x, 16) for x in lut_words(layout, part)]
+            words[8 * i:8 * i + len(w)] = [x - (1 << 32) if x >= 1 << 31 else x for x in w]
         layout.__dict__["_gluon_table"] = torch.tensor(words, dtype=torch.int32, device=layout.rotation.device)
     return layout.__dict__["_gluon_table"]
 

@@ -110,28 +110,126 @@ def _rows8(x):
 
 
 @gluon.jit
-def _fragment(x0, x1, x2, x3, ORDER: gl.constexpr, ROWS: gl.constexpr, COLS: gl.constexpr):
-    """The four decoded codes of every unit ([W, a, b, c] each) joined along two new last axes
-    (code e = e0 + 2 e1 -> axes 4, 5), permuted by ORDER and flattened to [W, ROWS, COLS]."""
-    x = gl.join(gl.join(x0, x1), gl.join(x2, x3))
-    return gl.reshape(gl.permute(x, ORDER), [x0.shape[0], ROWS, COLS])
+def _lut3(f, hb, t0, t1, t2, t3):
+    """The fp16 centroids of eight 3-bit codes: 2-bit fields in the low 16 bits of f (code e at bits 2e),
+    high bits in the low byte of hb (code e at bit e). The fields are spread to selector nibbles (bits
+    0-1 and 2), then one PRMT per byte plane picks from the 8-entry table (low bytes in t0, t1; high
+    bytes in t2, t3) for each four codes."""
+    return gl.inline_asm_elementwise(
+        "{.reg .b32 x, y, z, s, lo, hi, p;"
+        "and.b32 x, $8, 0xFFFF; shl.b32 y, x, 8; or.b32 x, x, y; and.b32 x, x, 0x00FF00FF;"
+        "shl.b32 y, x, 4; or.b32 x, x, y; and.b32 x, x, 0x0F0F0F0F;"
+        "shl.b32 y, x, 2; or.b32 x, x, y; and.b32 x, x, 0x33333333;"
+        "and.b32 y, $9, 0xFF; shl.b32 z, y, 12; or.b32 y, y, z; and.b32 y, y, 0x000F000F;"
+        "shl.b32 z, y, 6; or.b32 y, y, z; and.b32 y, y, 0x03030303;"
+        "shl.b32 z, y, 3; or.b32 y, y, z; and.b32 y, y, 0x11111111;"
+        "shl.b32 y, y, 2; or.b32 s, x, y;"
+        "prmt.b32 lo, $10, $11, s; prmt.b32 hi, $12, $13, s;"
+        "prmt.b32 p, lo, hi, 0x5140; mov.b32 {$0, $1}, p; prmt.b32 p, lo, hi, 0x7362; mov.b32 {$2, $3}, p;"
+        "shr.b32 s, s, 16; prmt.b32 lo, $10, $11, s; prmt.b32 hi, $12, $13, s;"
+        "prmt.b32 p, lo, hi, 0x5140; mov.b32 {$4, $5}, p; prmt.b32 p, lo, hi, 0x7362; mov.b32 {$6, $7}, p;}",
+        "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r", [f, hb, t0, t1, t2, t3],
+        dtype=(gl.float16,) * 8, is_pure=True, pack=1)
 
 
 @gluon.jit
-def _tile_loads(k_pool, v_pool, bt_ptr, b, s_bt, h, ti, t_end, sinks, c_end, kn, k_off, vn, v_off, sn,
-                H: gl.constexpr, BS: gl.constexpr, BLOCK_N: gl.constexpr, REC_K: gl.constexpr, SC_K: gl.constexpr,
-                REC_V: gl.constexpr, SC_V: gl.constexpr):
-    """Tile ti's key and value units, scales and token mask (nothing read when ti >= t_end)."""
-    live = ti < t_end
-    blk = gl.load(bt_ptr + b * s_bt + (ti * BLOCK_N) // BS, mask=live, other=0).to(gl.int64)
-    slot0 = (blk * H + h) * BS + (ti * BLOCK_N) % BS
-    ku = gl.load((k_pool + (slot0 + kn) * REC_K + k_off).to(gl.pointer_type(gl.uint16)), mask=live, other=0)
-    vu = gl.load((v_pool + (slot0 + vn) * REC_V + v_off).to(gl.pointer_type(gl.uint16)), mask=live, other=0)
-    tok = ti * BLOCK_N + sn
-    tmask = (tok >= sinks) & (tok < c_end) & live
-    sk = gl.load((k_pool + (slot0 + sn) * REC_K + SC_K).to(gl.pointer_type(gl.float16)), mask=tmask, other=0.0)
-    sv = gl.load((v_pool + (slot0 + sn) * REC_V + SC_V).to(gl.pointer_type(gl.float16)), mask=tmask, other=0.0)
-    return ku, vu, sk, sv, tmask
+def _key_tables(lut, zero, DP: gl.constexpr, BITS: gl.constexpr, NW: gl.constexpr):
+    """One key part's table words, shaped [NW, 1, 4, 1] in its unit layout (see _key_fragment)."""
+    U: gl.constexpr = DP // 16 if BITS == 4 else DP // 32
+    KU: gl.constexpr = gl.BlockedLayout([1, U, 1, 1], [1, 1, 4, 8], [NW, 1, 1, 1], [2, 3, 1, 0])
+    return _table(lut, _idx4(4, 2, KU) * zero)
+
+
+@gluon.jit
+def _key_fragment(base, t0, t1, t2, t3, t4, t5, t6, t7, REC: gl.constexpr, DP: gl.constexpr, BITS: gl.constexpr,
+                  PL: gl.constexpr, NW: gl.constexpr):
+    """K^T [NW, DP, 16] (fp16) of one key part for each warp's 16 tokens of the tile whose first record is
+    at `base`. Thread t of a quad reads codes t DP / 4 .. (t + 1) DP / 4 of its tokens (tokens l // 4 and
+    l // 4 + 8) in units of 4 (4-bit: 16-bit words) or 8 (3-bit: 16 bits of 2-bit fields and a byte of
+    high bits); code t DP / 4 + 4 c + e lands on row 16 c + 8 (e >> 1) + 2 t + (e & 1)."""
+    if BITS == 4:
+        U: gl.constexpr = DP // 16
+        KU: gl.constexpr = gl.BlockedLayout([1, U, 1, 1], [1, 1, 4, 8], [NW, 1, 1, 1], [2, 3, 1, 0])
+        row = base + (_idx4(NW, 0, KU) * TOKENS + _idx4(TOKENS, 3, KU)) * REC + PL
+        u = gl.load((row + _idx4(4, 2, KU) * (DP // 8) + _idx4(U, 1, KU) * 2).to(gl.pointer_type(gl.uint16)))
+        x0, x1, x2, x3 = _lut4(u.to(gl.int32), t0, t1, t2, t3, t4, t5, t6, t7)
+        x = gl.join(gl.join(x0, x1), gl.join(x2, x3))  # [NW, U, t, n, e & 1, e >> 1]
+        frag = gl.reshape(gl.permute(x, [0, 1, 5, 2, 4, 3]), [NW, DP, TOKENS])
+    else:
+        U: gl.constexpr = DP // 32
+        KU: gl.constexpr = gl.BlockedLayout([1, U, 1, 1], [1, 1, 4, 8], [NW, 1, 1, 1], [2, 3, 1, 0])
+        row = base + (_idx4(NW, 0, KU) * TOKENS + _idx4(TOKENS, 3, KU)) * REC + PL
+        t = _idx4(4, 2, KU)
+        c = _idx4(U, 1, KU)
+        f = gl.load((row + t * (DP // 16) + c * 2).to(gl.pointer_type(gl.uint16)))
+        hb = gl.load(row + DP // 4 + t * (DP // 32) + c)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _lut3(f.to(gl.int32), hb.to(gl.int32), t0, t1, t2, t3)
+        x = gl.join(gl.join(gl.join(x0, x1), gl.join(x2, x3)), gl.join(gl.join(x4, x5), gl.join(x6, x7)))
+        frag = gl.reshape(gl.permute(x, [0, 1, 6, 5, 2, 4, 3]), [NW, DP, TOKENS])  # [.., e&1, (e>>1)&1, e>>2]
+    return frag
+
+
+@gluon.jit
+def _value_tables(lut, zero, DP: gl.constexpr, BITS: gl.constexpr, NW: gl.constexpr):
+    """One value part's table words, shaped [NW, 1, 8, 1] in its unit layout (see _value_fragment)."""
+    J: gl.constexpr = DP // 32 if BITS == 4 else DP // 64
+    VU: gl.constexpr = gl.BlockedLayout([1, J, 1, 2], [1, 1, 8, 4], [NW, 1, 1, 1], [3, 2, 1, 0])
+    return _table(lut, _idx4(8, 2, VU) * zero)
+
+
+@gluon.jit
+def _value_fragment(base, t0, t1, t2, t3, t4, t5, t6, t7, REC: gl.constexpr, DP: gl.constexpr, BITS: gl.constexpr,
+                    PL: gl.constexpr, NW: gl.constexpr):
+    """V^T [NW, DP, 16] (fp16) of one value part for each warp's 16 tokens of the tile at `base`. Thread
+    g = l // 4 reads codes g DP / 8 .. (g + 1) DP / 8 of its four tokens (2 t, 2 t + 1, 2 t + 8, 2 t + 9)
+    in units of 4 (4-bit) or 8 (3-bit) codes; code g DP / 8 + 4 c + e (e < 4) lands on row
+    32 (c >> 1) + 16 (c & 1) ... for 8-code units and 32 c + 16 (e >> 1) + 8 (e & 1) + g for 4-code ones:
+    either way row m holds code g DP / 8 + 4 (m >> 5) + 2 ((m >> 4) & 1) + ((m >> 3) & 1) (_store_part)."""
+    if BITS == 4:
+        J: gl.constexpr = DP // 32
+        VU: gl.constexpr = gl.BlockedLayout([1, J, 1, 2], [1, 1, 8, 4], [NW, 1, 1, 1], [3, 2, 1, 0])
+        row = base + (_idx4(NW, 0, VU) * TOKENS + _idx4(TOKENS, 3, VU)) * REC + PL
+        u = gl.load((row + _idx4(8, 2, VU) * (DP // 16) + _idx4(J, 1, VU) * 2).to(gl.pointer_type(gl.uint16)))
+        y0, y1, y2, y3 = _lut4(u.to(gl.int32), t0, t1, t2, t3, t4, t5, t6, t7)
+        y = gl.join(gl.join(y0, y1), gl.join(y2, y3))  # [NW, J, g, token, e & 1, e >> 1]
+        frag = gl.reshape(gl.permute(y, [0, 1, 5, 4, 2, 3]), [NW, DP, TOKENS])
+    else:
+        J: gl.constexpr = DP // 64
+        VU: gl.constexpr = gl.BlockedLayout([1, J, 1, 2], [1, 1, 8, 4], [NW, 1, 1, 1], [3, 2, 1, 0])
+        row = base + (_idx4(NW, 0, VU) * TOKENS + _idx4(TOKENS, 3, VU)) * REC + PL
+        g = _idx4(8, 2, VU)
+        c = _idx4(J, 1, VU)
+        f = gl.load((row + g * (DP // 32) + c * 2).to(gl.pointer_type(gl.uint16)))
+        hb = gl.load(row + DP // 4 + g * (DP // 64) + c)
+        y0, y1, y2, y3, y4, y5, y6, y7 = _lut3(f.to(gl.int32), hb.to(gl.int32), t0, t1, t2, t3)
+        y = gl.join(gl.join(gl.join(y0, y1), gl.join(y2, y3)), gl.join(gl.join(y4, y5), gl.join(y6, y7)))
+        frag = gl.reshape(gl.permute(y, [0, 1, 6, 5, 4, 2, 3]), [NW, DP, TOKENS])
+    return frag
+
+
+@gluon.jit
+def _part_queries(q_row, s_qh, G: gl.constexpr, CH: gl.constexpr, DP: gl.constexpr, QOP: gl.constexpr,
+                  NW: gl.constexpr):
+    """The group's rotated queries [NW, 16, DP] for one key part (channels CH ..), columns permuted to
+    _key_fragment's rows: row k <- code t DP / 4 + 4 (k >> 4) + 2 ((k >> 3) & 1) + (k & 1), t = (k >> 1) & 3.
+    Loaded in the operand's own layout: rows >= 8 are known zeros the compiler can drop."""
+    r = _idx3(16, 1, QOP)
+    k = _idx3(DP, 2, QOP)
+    w = _idx3(NW, 0, QOP)
+    ch = CH + ((k >> 1) & 3) * (DP // 4) + (k >> 4) * 4 + ((k >> 3) & 1) * 2 + (k & 1)
+    return gl.load(q_row + gl.minimum(r, G - 1) * s_qh + ch + w * 0, mask=(r < G) & (w >= 0), other=0.0)
+
+
+@gluon.jit
+def _store_part(acc, ws_row, RW: gl.constexpr, rows, CH: gl.constexpr, DP: gl.constexpr, NW: gl.constexpr):
+    """Store a value part's accumulator [DP, 8] (rows < `rows` of the query group) to the workspace rows
+    at ws_row (stride RW), channel CH + (m & 7) DP / 8 + 4 (m >> 5) + 2 ((m >> 4) & 1) + ((m >> 3) & 1)
+    for accumulator row m (_value_fragment's order)."""
+    ST: gl.constexpr = gl.BlockedLayout([1, 1], [4, 8], [NW, 1], [0, 1])
+    m = _idx2(DP, 0, ST)
+    r = _idx2(8, 1, ST)
+    ch = CH + (m & 7) * (DP // 8) + (m >> 5) * 4 + ((m >> 4) & 1) * 2 + ((m >> 3) & 1)
+    gl.store(ws_row + r * RW + ch, gl.convert_layout(acc, ST), mask=(r < rows) & (m >= 0))
 
 
 @gluon.jit
@@ -168,25 +266,24 @@ def _decode_split_gluon(
     q_ptr, k_pool, v_pool, lut_k, lut_v, bt_ptr, prefix_ptr, ws_m, ws_l, ws_acc, qs_ptr, k_hot, v_hot, slot_ptr,
     sinks, window, s_bt, s_qb, s_qh, s_qsb, s_qsh, s_hb, s_hh, s_hs, zero, NSPLIT,
     H: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, NHOT: gl.constexpr, BLOCK_H: gl.constexpr,
-    REC_K: gl.constexpr, SC_K: gl.constexpr, REC_V: gl.constexpr, SC_V: gl.constexpr, NW: gl.constexpr,
-    PREFETCH: gl.constexpr = False,
+    REC_K: gl.constexpr, KA_DP: gl.constexpr, KA_BT: gl.constexpr, KA_PL: gl.constexpr, KA_SC: gl.constexpr,
+    KB_DP: gl.constexpr, KB_BT: gl.constexpr, KB_PL: gl.constexpr, KB_SC: gl.constexpr,
+    REC_V: gl.constexpr, VA_DP: gl.constexpr, VA_BT: gl.constexpr, VA_PL: gl.constexpr, VA_SC: gl.constexpr,
+    VB_DP: gl.constexpr, VB_BT: gl.constexpr, VB_PL: gl.constexpr, VB_SC: gl.constexpr, NW: gl.constexpr,
 ):
     """Grid (B, H, NSPLIT + NHOT), the workspace of decode_attention._decode_split_kernel: program
     (b, h, s < NSPLIT) runs split s of sequence b's compressed tiles for KV head h, the last NHOT take
-    chunks of BLOCK_H hot tokens. q_ptr: the rotated queries (fp16, log2 units, channel order); qs_ptr:
-    the scaled queries (fp32, original space) the hot tokens are scored with."""
+    chunks of BLOCK_H hot tokens. Keys and values: one or two parts (A over channels 0 .. A_DP, B after
+    it; B_DP = 0 when absent) of BT bits (4 or 3), planes at byte PL, fp16 scale at byte SC of records of
+    REC bytes; lut_k / lut_v: each part's table words (A at 0, B at 8). q_ptr: the rotated queries
+    (fp16, log2 units, channel order); qs_ptr: the scaled queries (fp32, original space) for the hot
+    tokens."""
     BLOCK_N: gl.constexpr = TOKENS * NW
-    KB: gl.constexpr = D // 16  # key k-blocks: units a thread reads per token
-    J: gl.constexpr = D // 32  # value units a thread reads per token
     MS: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1, 1], instr_shape=[1, 16, 8])
     QOP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MS, k_width=2)
     KOP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MS, k_width=2)
-    MO: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1, 1], instr_shape=[1, 16, 8])
-    VOP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MO, k_width=2)
-    POP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MO, k_width=2)
-    # key units [W, KB, t, n] and value units [W, J, g, token]: lanes as the fragments need them
-    KU: gl.constexpr = gl.BlockedLayout([1, KB, 1, 1], [1, 1, 4, 8], [NW, 1, 1, 1], [2, 3, 1, 0])
-    VU: gl.constexpr = gl.BlockedLayout([1, J, 1, 2], [1, 1, 8, 4], [NW, 1, 1, 1], [3, 2, 1, 0])
+    VOP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MS, k_width=2)
+    POP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MS, k_width=2)
     TS: gl.constexpr = gl.SliceLayout(1, MS)  # [W, tokens] of the score tile
 
     b = gl.program_id(0)
@@ -201,80 +298,76 @@ def _decode_split_gluon(
     t_start = lo_t + s * per
     t_end = gl.minimum(t_start + per, hi_t)
 
-    # the group's queries, columns permuted to the key fragments' channels: k -> t D/4 + 4 kb + 2 h + el
-    # (loaded in the operand's own layout: rows >= 8 are known zeros, registers the compiler can drop)
-    r = _idx3(16, 1, QOP)
-    k = _idx3(D, 2, QOP)
-    kch = ((k >> 1) & 3) * (D // 4) + (k >> 4) * 4 + ((k >> 3) & 1) * 2 + (k & 1)
-    qw = _idx3(NW, 0, QOP)
-    qp = q_ptr + b * s_qb + (h * G + gl.minimum(r, G - 1)) * s_qh + kch + qw * 0
-    q = gl.load(qp, mask=(r < G) & (qw >= 0), other=0.0)
-
-    # unit offsets inside a record and the tables, in registers
-    kw = _idx4(NW, 0, KU)
-    kt = _idx4(4, 2, KU)
-    kn = kw * TOKENS + _idx4(TOKENS, 3, KU)  # token in the tile
-    k_off = kt * (D // 8) + _idx4(KB, 1, KU) * 2
-    ka, kb_, kc, kd, ke, kf, kg, kh = _table(lut_k, kt * zero)
-    vw = _idx4(NW, 0, VU)
-    vg = _idx4(8, 2, VU)
-    vn = vw * TOKENS + _idx4(TOKENS, 3, VU)
-    v_off = vg * (D // 16) + _idx4(J, 1, VU) * 2
-    va, vb, vc, vd, ve, vf, vg_, vh = _table(lut_v, vg * zero)
-    sw = _idx2(NW, 0, TS)
-    sn = sw * TOKENS + _idx2(TOKENS, 1, TS)
+    q_row = q_ptr + b * s_qb + h * G * s_qh
+    qa = _part_queries(q_row, s_qh, G, 0, KA_DP, QOP, NW)
+    ka0, ka1, ka2, ka3, ka4, ka5, ka6, ka7 = _key_tables(lut_k, zero, KA_DP, KA_BT, NW)
+    va0, va1, va2, va3, va4, va5, va6, va7 = _value_tables(lut_v, zero, VA_DP, VA_BT, NW)
+    if KB_DP > 0:
+        qb = _part_queries(q_row, s_qh, G, KA_DP, KB_DP, QOP, NW)
+        kb0, kb1, kb2, kb3, kb4, kb5, kb6, kb7 = _key_tables(lut_k + 8, zero, KB_DP, KB_BT, NW)
+    if VB_DP > 0:
+        vb0, vb1, vb2, vb3, vb4, vb5, vb6, vb7 = _value_tables(lut_v + 8, zero, VB_DP, VB_BT, NW)
+    sn = _idx2(NW, 0, TS) * TOKENS + _idx2(TOKENS, 1, TS)  # token of the tile, [W, 16] as the scores hold it
 
     zs = gl.zeros([NW, 16, TOKENS], gl.float32, MS)
     m_i = gl.max(_rows8(zs), 2) + NEG
     l_i = gl.max(_rows8(zs), 2)
-    acc = gl.zeros([NW, D, 8], gl.float32, MO)
-    if PREFETCH:
-        ku, vu, sk, sv, tmask = _tile_loads(k_pool, v_pool, bt_ptr, b, s_bt, h, t_start, t_end, sinks, c_end, kn,
-                                            k_off, vn, v_off, sn, H, BS, BLOCK_N, REC_K, SC_K, REC_V, SC_V)
+    acc_a = gl.zeros([NW, VA_DP, 8], gl.float32, MS)
+    acc_b = gl.zeros([NW, VB_DP if VB_DP > 0 else 16, 8], gl.float32, MS)
     for ti in range(t_start, t_end):
-        if PREFETCH:  # the next tile's loads go out before this tile's work (masked past the split)
-            nku, nvu, nsk, nsv, ntm = _tile_loads(k_pool, v_pool, bt_ptr, b, s_bt, h, ti + 1, t_end, sinks, c_end, kn,
-                                                  k_off, vn, v_off, sn, H, BS, BLOCK_N, REC_K, SC_K, REC_V, SC_V)
-        else:
-            ku, vu, sk, sv, tmask = _tile_loads(k_pool, v_pool, bt_ptr, b, s_bt, h, ti, t_end, sinks, c_end, kn,
-                                                k_off, vn, v_off, sn, H, BS, BLOCK_N, REC_K, SC_K, REC_V, SC_V)
+        blk = gl.load(bt_ptr + b * s_bt + (ti * BLOCK_N) // BS).to(gl.int64)
+        slot0 = (blk * H + h) * BS + (ti * BLOCK_N) % BS
+        k_base = k_pool + slot0 * REC_K
+        v_base = v_pool + slot0 * REC_V
+        tok = ti * BLOCK_N + sn
+        tmask = (tok >= sinks) & (tok < c_end)
+        k_sc = k_base + sn * REC_K
+        v_sc = v_base + sn * REC_V
 
-        x0, x1, x2, x3 = _lut4(ku.to(gl.int32), ka, kb_, kc, kd, ke, kf, kg, kh)
-        kt_ = gl.convert_layout(_fragment(x0, x1, x2, x3, [0, 1, 5, 2, 4, 3], D, TOKENS), KOP)
-        sc = mma_v2(q, kt_, zs)
-        sc = gl.where(gl.expand_dims(tmask, 1), sc * gl.expand_dims(sk.to(gl.float32), 1), float("-inf"))
+        kf = gl.convert_layout(_key_fragment(k_base, ka0, ka1, ka2, ka3, ka4, ka5, ka6, ka7, REC_K, KA_DP, KA_BT,
+                                             KA_PL, NW), KOP)
+        sk = gl.load((k_sc + KA_SC).to(gl.pointer_type(gl.float16)), mask=tmask, other=0.0).to(gl.float32)
+        sc = mma_v2(qa, kf, zs) * gl.expand_dims(sk, 1)
+        if KB_DP > 0:
+            kf = gl.convert_layout(_key_fragment(k_base, kb0, kb1, kb2, kb3, kb4, kb5, kb6, kb7, REC_K, KB_DP,
+                                                 KB_BT, KB_PL, NW), KOP)
+            sk = gl.load((k_sc + KB_SC).to(gl.pointer_type(gl.float16)), mask=tmask, other=0.0).to(gl.float32)
+            sc += mma_v2(qb, kf, zs) * gl.expand_dims(sk, 1)
+        sc = gl.where(gl.expand_dims(tmask, 1), sc, float("-inf"))
         s8 = _rows8(sc)
         m_new = gl.maximum(m_i, gl.max(s8, 2))
         alpha = gl.exp2(m_i - m_new)
         p = gl.exp2(s8 - gl.expand_dims(m_new, 2))
         l_i = l_i * alpha + gl.sum(p, 2)
-        p = p * _rows8(zs + gl.expand_dims(sv.to(gl.float32), 1))
-        pt = gl.convert_layout(gl.permute(p.to(gl.float16), [0, 2, 1]), POP)
+        al = gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, MS)), 1)
 
-        y0, y1, y2, y3 = _lut4(vu.to(gl.int32), va, vb, vc, vd, ve, vf, vg_, vh)
-        vt = gl.convert_layout(_fragment(y0, y1, y2, y3, [0, 1, 5, 4, 2, 3], D, TOKENS), VOP)
-        al = gl.convert_layout(alpha, gl.SliceLayout(1, MO))
-        acc = mma_v2(vt, pt, acc * gl.expand_dims(al, 1))
+        sv = gl.load((v_sc + VA_SC).to(gl.pointer_type(gl.float16)), mask=tmask, other=0.0).to(gl.float32)
+        pt = gl.convert_layout(gl.permute((p * _rows8(zs + gl.expand_dims(sv, 1))).to(gl.float16), [0, 2, 1]), POP)
+        vf = gl.convert_layout(_value_fragment(v_base, va0, va1, va2, va3, va4, va5, va6, va7, REC_V, VA_DP, VA_BT,
+                                               VA_PL, NW), VOP)
+        acc_a = mma_v2(vf, pt, acc_a * al)
+        if VB_DP > 0:
+            sv = gl.load((v_sc + VB_SC).to(gl.pointer_type(gl.float16)), mask=tmask, other=0.0).to(gl.float32)
+            pt = gl.convert_layout(gl.permute((p * _rows8(zs + gl.expand_dims(sv, 1))).to(gl.float16), [0, 2, 1]),
+                                   POP)
+            vf = gl.convert_layout(_value_fragment(v_base, vb0, vb1, vb2, vb3, vb4, vb5, vb6, vb7, REC_V, VB_DP,
+                                                   VB_BT, VB_PL, NW), VOP)
+            acc_b = mma_v2(vf, pt, acc_b * al)
         m_i = m_new
-        if PREFETCH:
-            ku, vu, sk, sv, tmask = nku, nvu, nsk, nsv, ntm
 
-    # the warps' states merged; rows < G stored (channel of value row m: g D/8 + 4 j + e0 + 2 e1)
-    ST: gl.constexpr = gl.BlockedLayout([1, 1], [4, 8], [NW, 1], [0, 1])
+    # the warps' states merged; rows < G of splits with work stored
     RL: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])
     m_t = gl.max(m_i, 0)
     wgt = gl.exp2(m_i - gl.expand_dims(m_t, 0))
-    l_t = gl.sum(l_i * wgt, 0)
-    a_t = gl.sum(acc * gl.expand_dims(gl.convert_layout(wgt, gl.SliceLayout(1, MO)), 1), 0)
+    wo = gl.expand_dims(gl.convert_layout(wgt, gl.SliceLayout(1, MS)), 1)
     ws = (b * H + h) * (NSPLIT + NHOT) + s
     g_real = gl.where(s < n_act, G, 0)
     rr = gl.arange(0, 8, layout=RL)
     gl.store(ws_m + ws * G + rr, gl.convert_layout(m_t, RL), mask=rr < g_real)
-    gl.store(ws_l + ws * G + rr, gl.convert_layout(l_t, RL), mask=rr < g_real)
-    m = _idx2(D, 0, ST)
-    rc = _idx2(8, 1, ST)
-    ch = (m & 7) * (D // 8) + (m >> 5) * 4 + ((m >> 3) & 1) + ((m >> 4) & 1) * 2
-    gl.store(ws_acc + (ws * G + rc) * D + ch, gl.convert_layout(a_t, ST), mask=(rc < g_real) & (m >= 0))
+    gl.store(ws_l + ws * G + rr, gl.convert_layout(gl.sum(l_i * wgt, 0), RL), mask=rr < g_real)
+    _store_part(gl.sum(acc_a * wo, 0), ws_acc + ws * G * D, D, g_real, 0, VA_DP, NW)
+    if VB_DP > 0:
+        _store_part(gl.sum(acc_b * wo, 0), ws_acc + ws * G * D, D, g_real, VA_DP, VB_DP, NW)
     if NHOT > 0:
         if s >= NSPLIT:  # a chunk of the bf16 sink / recent tokens, in the original space
             seq = gl.load(slot_ptr + b).to(gl.int64)
