@@ -1013,7 +1013,7 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
             ws_m, ws_l, ws_acc, qs, k_hot, v_hot, seq_slot,
             view.sinks, view.window, bt.stride(0), qk.stride(0), qk.stride(1), qs.stride(0), qs.stride(1), *hs,
             0, nsplit, H=h, G=g, D=d, BS=bs, NHOT=nhot, BLOCK_H=hot_block, **_gluon_args(k_lay, "K"),
-            **_gluon_args(v_lay, "V"), NW=GLUON_WARPS, num_warps=GLUON_WARPS, **regs)
+            **_gluon_args(v_lay, "V"), NW=GLUON_WARPS, PREFETCH=GLUON_PREFETCH, num_warps=GLUON_WARPS, **regs)
         num_warps = GLUON_WARPS
     else:
         launched = _decode_split_kernel[(bsz, h, nsplit + nhot)](
@@ -1042,6 +1042,11 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
 
 GLUON_WARPS = 4  # warps of the Gluon split kernel: 16 tokens each of a 64-token tile
 GLUON_MAXNREG = 0  # a variant: ptxas's register cap for the Gluon kernel (0: none)
+# each warp prefetches its next tile's record lines: 0 off, 1 to L1, 2 to L2. H200, 8B shape (.bench/w/gbench.py,
+# 2026-11-30 12:48 UTC): tq3.5 B1 128k 129.6 (off) / 120.2 (L1) / 120.3 us (L2), B8 32k 261.6 / 238.9 / 238.9;
+# tq4 134.8 / 127.2 / 127.1, 272.0 / 234.5 / 234.4; a register cap of 128 gained nothing with prefetch;
+# two tiles ahead (12:51): slower (tq3.5 135.3 / 277.6)
+GLUON_PREFETCH = 2
 
 
 def gluon_reads(k_lay: RecordLayout | None, v_lay: RecordLayout | None, d: int, g: int, block_size: int,

@@ -1,5 +1,5 @@
-"""The decode split kernel in Gluon for one-part 4-bit records (tq4): codes decoded in registers straight
-into the tensor cores' operand layouts, each warp its own stream of 16-token slices.
+"""The decode split kernel in Gluon for 4- and 3-bit MSE records (tq4, tq3.5, tq3): codes decoded in
+registers straight into the tensor cores' operand layouts, each warp its own stream of 16-token slices.
 
 `decode_attention._decode_split_kernel` (plain Triton) lets the compiler place a tile's codes: the
 dequantized keys and values reach the dot operands through shared memory or through per-element
@@ -9,26 +9,29 @@ its mma fragments need and decodes them where they are used:
 - keys: S[G, n] = q . K^T with K^T the B operand [d, 16 tokens] of mma.m16n8k16. Thread (lane l, t =
   l % 4) holds, for tokens l // 4 and l // 4 + 8, the channels 16 kb + 2 t + {0, 1, 8, 9} of each
   k-block kb. The order of channels inside the dot product is free, so k-block kb's four channels are
-  taken to be the four codes of one 16-bit unit of the record: thread t reads units t * d / 16 + kb
-  (codes t * d / 4 + 4 kb + e) and the query's columns are permuted to match (once per program).
+  taken to be four codes of the record read together: thread t reads codes t * d / 4 + 4 kb + e of a
+  part of d channels and the query's columns are permuted to match (once per program).
 - values: O^T[d, G] = V^T . P^T with V^T the A operand [d, 16 tokens]; thread (g = l // 4) holds rows
   16 mb + 8 mh + g for tokens 2 t + {0, 1, 8, 9}: per token 2 d / 8 channels, again one unit per four
   (codes g * d / 8 + 4 j + e -> row 32 j + 16 (e >> 1) + 8 (e & 1) + g), stored to their channels at
   the end. P^T is the B operand and S's accumulator layout restricted to 8 rows: no data movement.
-- a unit's four codes become four fp16 by PRMT lookups in a 16-entry table held in eight registers
-  (low bytes of entries 4i .. 4i + 3 in word i, high bytes in word 4 + i), 12 instructions a unit.
+- a unit's four 4-bit codes become four fp16 by PRMT lookups in a 16-entry table held in eight
+  registers (low bytes of entries 4i .. 4i + 3 in word i, high bytes in word 4 + i), 12 instructions a
+  unit; eight 3-bit codes (16 bits of 2-bit fields, a byte of high bits) by spreading the fields to
+  selector nibbles, then one PRMT per byte plane and four codes. Records of two parts (tq3.5: 64
+  channels of 4 bits, 64 of 3) take one mma per part and scale, on the same scores and probabilities.
 - warps never synchronize: warp w takes tokens 16 w .. 16 w + 15 of every 16 * num_warps-token tile with
-  its own online softmax; the warps' states merge once at the end of the split.
+  its own online softmax; the warps' states merge once at the end of the split. Each warp prefetches the
+  lines of its next tile's records (PREFETCH) while it works on this one.
 
 The workspace it writes (m, l, un-normalized accumulator per split and query row, values in the
-codec's rotated space) is the Triton kernel's, so the merge stage and the hot-token programs are
-shared. Compiled GPU code only (inline PTX, explicit layouts): the interpreter and other devices run
+codec's rotated space; the hot-token programs at the end of the grid) is the Triton kernel's, so the
+merge stage is shared. Compiled GPU code only (inline PTX, explicit layouts): the interpreter and other devices run
 the Triton kernel.
 """
 
 from __future__ import annotations
 
-import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
@@ -130,6 +133,18 @@ def _lut3(f, hb, t0, t1, t2, t3):
         "prmt.b32 p, lo, hi, 0x5140; mov.b32 {$4, $5}, p; prmt.b32 p, lo, hi, 0x7362; mov.b32 {$6, $7}, p;}",
         "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r", [f, hb, t0, t1, t2, t3],
         dtype=(gl.float16,) * 8, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _prefetch(ptr, LEVEL: gl.constexpr):
+    """prefetch.global.L1 (LEVEL 1) or .L2 (2) of the line holding each address; returns zeros."""
+    if LEVEL == 1:
+        out = gl.inline_asm_elementwise("prefetch.global.L1 [$1]; mov.b32 $0, 0;", "=r,l", [ptr], dtype=gl.int32,
+                                        is_pure=False, pack=1)
+    else:
+        out = gl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.b32 $0, 0;", "=r,l", [ptr], dtype=gl.int32,
+                                        is_pure=False, pack=1)
+    return out
 
 
 @gluon.jit
@@ -270,6 +285,7 @@ def _decode_split_gluon(
     KB_DP: gl.constexpr, KB_BT: gl.constexpr, KB_PL: gl.constexpr, KB_SC: gl.constexpr,
     REC_V: gl.constexpr, VA_DP: gl.constexpr, VA_BT: gl.constexpr, VA_PL: gl.constexpr, VA_SC: gl.constexpr,
     VB_DP: gl.constexpr, VB_BT: gl.constexpr, VB_PL: gl.constexpr, VB_SC: gl.constexpr, NW: gl.constexpr,
+    PREFETCH: gl.constexpr = 0,
 ):
     """Grid (B, H, NSPLIT + NHOT), the workspace of decode_attention._decode_split_kernel: program
     (b, h, s < NSPLIT) runs split s of sequence b's compressed tiles for KV head h, the last NHOT take
@@ -314,8 +330,17 @@ def _decode_split_gluon(
     l_i = gl.max(_rows8(zs), 2)
     acc_a = gl.zeros([NW, VA_DP, 8], gl.float32, MS)
     acc_b = gl.zeros([NW, VB_DP if VB_DP > 0 else 16, 8], gl.float32, MS)
+    PL: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [NW, 1], [1, 0])
+    pw = _idx2(NW, 0, PL)
+    pline = gl.minimum(_idx2(32, 1, PL) * 128, TOKENS * REC_K - 1)
     for ti in range(t_start, t_end):
         blk = gl.load(bt_ptr + b * s_bt + (ti * BLOCK_N) // BS).to(gl.int64)
+        if PREFETCH > 0:  # the lines of this warp's records of the next tile, to L1 (1) or L2 (2)
+            nb = gl.load(bt_ptr + b * s_bt + ((ti + 1) * BLOCK_N) // BS, mask=ti + 1 < t_end, other=-1).to(gl.int64)
+            if nb >= 0:
+                nslot = (nb * H + h) * BS + ((ti + 1) * BLOCK_N) % BS + pw * TOKENS
+                _prefetch(k_pool + nslot * REC_K + pline, PREFETCH)
+                _prefetch(v_pool + nslot * REC_V + gl.minimum(pline, TOKENS * REC_V - 1), PREFETCH)
         slot0 = (blk * H + h) * BS + (ti * BLOCK_N) % BS
         k_base = k_pool + slot0 * REC_K
         v_base = v_pool + slot0 * REC_V
