@@ -1,4 +1,4 @@
-"""Compile every Triton kernel the engine launches on CUDA for a GPU target, without a GPU.
+"""Compile every Triton (and Gluon) kernel the engine launches on CUDA for a GPU target, without a GPU.
 
 The kernel tests run under the Triton interpreter on machines without a GPU, and the interpreter
 accepts programs that a compiler for the real target rejects (a triton 3.6 pass failure on the H200,
@@ -35,9 +35,10 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
+from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction  # noqa: E402
 
 from tqinfer.cache.paged import LayerCacheView  # noqa: E402
-from tqinfer.kernels import decode_attention, fused_triton, prefill_attention, quantize  # noqa: E402
+from tqinfer.kernels import decode_attention, decode_gluon, fused_triton, prefill_attention, quantize  # noqa: E402
 from tqinfer.kernels.quantize import record_layout  # noqa: E402
 from tqinfer.quant.registry import make_codec  # noqa: E402
 
@@ -57,16 +58,32 @@ class _Caught:
 
 
 def catch(module, names: list[str], call) -> list:
-    """The launches of module.<names> that call() makes."""
-    calls, saved = [], {n: getattr(module, n) for n in names}
+    """The launches of module.<names> (module: one module or a list; each name is taken from the first
+    that has it) that call() makes."""
+    mods = module if isinstance(module, (list, tuple)) else [module]
+    owner = {n: next(m for m in mods if hasattr(m, n)) for n in names}
+    calls, saved = [], {n: getattr(owner[n], n) for n in names}
     for n in names:
-        setattr(module, n, _Caught(saved[n], calls))
+        setattr(owner[n], n, _Caught(saved[n], calls))
     try:
         call()
     finally:
         for n, kernel in saved.items():
-            setattr(module, n, kernel)
+            setattr(owner[n], n, kernel)
     return calls
+
+
+def as_on_cuda(call):
+    """call() with decode_attention.gluon_reads judging the records as if on CUDA, so the launch of the
+    Gluon split kernel (compiled CUDA code only) is made and caught here on the CPU."""
+    def run():
+        reads = decode_attention.gluon_reads
+        decode_attention.gluon_reads = lambda k, v, d, g, bs, device: reads(k, v, d, g, bs, "cuda")
+        try:
+            call()
+        finally:
+            decode_attention.gluon_reads = reads
+    return run
 
 
 def compile_caught(kernel, args, kwargs, target) -> str:
@@ -82,7 +99,8 @@ def compile_caught(kernel, args, kwargs, target) -> str:
             signature[name] = POINTERS[value.dtype]
         else:
             signature[name] = "fp32" if isinstance(value, float) else "i32"
-    compiled = triton.compile(ASTSource(kernel, signature, constants), target=target, options=options)
+    source = GluonASTSource if isinstance(kernel, GluonJITFunction) else ASTSource
+    compiled = triton.compile(source(kernel, signature, constants), target=target, options=options)
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.path.exists(cuobjdump):  # compiled all the same; no resource usage to show
         return "compiled"
@@ -123,6 +141,12 @@ def cases(quick: bool):
             yield (f"decode {kind} d{d}", decode_attention,
                    ["_decode_split_kernel", "_decode_merge_kernel", "_decode_queries_kernel"],
                    lambda: decode_attention.paged_decode_attention(q, k, k.clone(), one, lens, view, 0.1))
+            k_lay, v_lay = decode_attention._layouts(view, "cpu")
+            if decode_attention.gluon_reads(k_lay, v_lay, d, g, view.block_size, "cuda"):
+                yield (f"decode gluon {kind} d{d}", [decode_attention, decode_gluon],
+                       ["_decode_split_gluon", "_decode_merge_kernel", "_decode_queries_kernel"],
+                       as_on_cuda(lambda: decode_attention.paged_decode_attention(q, k, k.clone(), one, lens, view, 0.1,
+                                                                                  kernel="gluon")))
             if kind != "bf16":
                 yield (f"decode pairs {kind} d{d}", decode_attention,
                        ["_decode_split_kernel", "_decode_merge_kernel", "_decode_queries_kernel"],

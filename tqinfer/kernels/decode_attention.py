@@ -1007,7 +1007,8 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
     tab_v, tab_v2 = _tabs(v_lay, ws_m)
     if gluon:
         block_n = decode_gluon.WARP_TOKENS * GLUON_WARPS
-        regs = {"maxnreg": GLUON_MAXNREG} if GLUON_MAXNREG else {}
+        cap = GLUON_MAXNREG if GLUON_MAXNREG is not None else gluon_register_cap(k_lay, v_lay)
+        regs = {"maxnreg": cap} if cap else {}
         launched = decode_gluon._decode_split_gluon[(bsz, h, nsplit + nhot)](
             qk, view.k_pool, view.v_pool, gluon_table(k_lay), gluon_table(v_lay), bt, prefix_lens,
             ws_m, ws_l, ws_acc, qs, k_hot, v_hot, seq_slot,
@@ -1041,7 +1042,15 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
 
 
 GLUON_WARPS = 4  # warps of the Gluon split kernel: 16 tokens each of a 64-token tile
-GLUON_MAXNREG = 0  # a variant: ptxas's register cap for the Gluon kernel (0: none)
+GLUON_MAXNREG = None  # a variant: ptxas's register cap for the Gluon kernel (0: none; None: gluon_register_cap)
+
+
+def gluon_register_cap(k_lay: RecordLayout, v_lay: RecordLayout) -> int:
+    """ptxas's register cap for the Gluon split kernel: 128 (four programs a multiprocessor) for one-part
+    records, none for two parts. H200, 8B shape (.bench/w/gbench.py, 2026-11-30 12:59 UTC): tq4 uncapped
+    141 registers (three programs a SM) 134.8 us at B1 128k, 271.3 at B8 32k, 57.1 at B1 32k; capped at 128
+    127.7 / 235.2 / 54.4; tq3.5 (160 registers) capped ran slower: 133.6 against 120.4 at 128k."""
+    return 128 if len(k_lay.parts) == 1 and len(v_lay.parts) == 1 else 0
 # each warp prefetches its next tile's record lines: 0 off, 1 to L1, 2 to L2. H200, 8B shape (.bench/w/gbench.py,
 # 2026-11-30 12:48 UTC): tq3.5 B1 128k 129.6 (off) / 120.2 (L1) / 120.3 us (L2), B8 32k 261.6 / 238.9 / 238.9;
 # tq4 134.8 / 127.2 / 127.1, 272.0 / 234.5 / 234.4; a register cap of 128 gained nothing with prefetch;
