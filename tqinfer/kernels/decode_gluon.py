@@ -277,6 +277,67 @@ def _hot_chunk(q_row, s_qh, k_hot, v_hot, hot_base, s_hs, L, sinks, window, i0, 
 
 
 @gluon.jit
+def _prefetch_tile(k_pool, v_pool, bt_ptr, b, s_bt, h, ti, t_end, pw, pline, H: gl.constexpr, BS: gl.constexpr,
+                   BLOCK_N: gl.constexpr, REC_K: gl.constexpr, REC_V: gl.constexpr, LEVEL: gl.constexpr):
+    """Prefetch the lines of each warp's key and value records of tile ti (if ti < t_end)."""
+    nb = gl.load(bt_ptr + b * s_bt + (ti * BLOCK_N) // BS, mask=ti < t_end, other=-1).to(gl.int64)
+    if nb >= 0:
+        slot = (nb * H + h) * BS + (ti * BLOCK_N) % BS + pw * TOKENS
+        _prefetch(k_pool + slot * REC_K + pline, LEVEL)
+        _prefetch(v_pool + slot * REC_V + gl.minimum(pline, TOKENS * REC_V - 1), LEVEL)
+
+
+@gluon.jit
+def _slice_base(k_pool, v_pool, bt_ptr, b, s_bt, h, ti, sn, sinks, c_end, H: gl.constexpr, BS: gl.constexpr,
+                BLOCK_N: gl.constexpr, REC_K: gl.constexpr, REC_V: gl.constexpr):
+    """(first key record, first value record, token mask [W, 16]) of tile ti < t_end."""
+    blk = gl.load(bt_ptr + b * s_bt + (ti * BLOCK_N) // BS).to(gl.int64)
+    slot0 = (blk * H + h) * BS + (ti * BLOCK_N) % BS
+    tok = ti * BLOCK_N + sn
+    return k_pool + slot0 * REC_K, v_pool + slot0 * REC_V, (tok >= sinks) & (tok < c_end)
+
+
+@gluon.jit
+def _slice_scores(k_base, sn, tmask, qa, qb, zs, kta, ktb, REC_K: gl.constexpr, KA_DP: gl.constexpr,
+                  KA_BT: gl.constexpr, KA_PL: gl.constexpr, KA_SC: gl.constexpr, KB_DP: gl.constexpr,
+                  KB_BT: gl.constexpr, KB_PL: gl.constexpr, KB_SC: gl.constexpr, KOP: gl.constexpr, NW: gl.constexpr):
+    """Scores [W, 16, 16] (log2 units; -inf past the slice's real tokens) of each warp's 16 tokens: one
+    mma per key part, times the part's scale."""
+    k_sc = k_base + sn * REC_K
+    kf = gl.convert_layout(_key_fragment(k_base, kta[0], kta[1], kta[2], kta[3], kta[4], kta[5], kta[6], kta[7],
+                                         REC_K, KA_DP, KA_BT, KA_PL, NW), KOP)
+    sk = gl.load((k_sc + KA_SC).to(gl.pointer_type(gl.float16)), mask=tmask, other=0.0).to(gl.float32)
+    sc = mma_v2(qa, kf, zs) * gl.expand_dims(sk, 1)
+    if KB_DP > 0:
+        kf = gl.convert_layout(_key_fragment(k_base, ktb[0], ktb[1], ktb[2], ktb[3], ktb[4], ktb[5], ktb[6], ktb[7],
+                                             REC_K, KB_DP, KB_BT, KB_PL, NW), KOP)
+        sk = gl.load((k_sc + KB_SC).to(gl.pointer_type(gl.float16)), mask=tmask, other=0.0).to(gl.float32)
+        sc += mma_v2(qb, kf, zs) * gl.expand_dims(sk, 1)
+    return gl.where(gl.expand_dims(tmask, 1), sc, float("-inf"))
+
+
+@gluon.jit
+def _slice_values(v_base, sn, tmask, p, zs, acc_a, acc_b, vta, vtb, REC_V: gl.constexpr, VA_DP: gl.constexpr,
+                  VA_BT: gl.constexpr, VA_PL: gl.constexpr, VA_SC: gl.constexpr, VB_DP: gl.constexpr,
+                  VB_BT: gl.constexpr, VB_PL: gl.constexpr, VB_SC: gl.constexpr, POP: gl.constexpr,
+                  VOP: gl.constexpr, NW: gl.constexpr):
+    """acc_X += V_X^T . (p * scale_X)^T for each value part X of each warp's 16 tokens (p: [W, 8, 16])."""
+    v_sc = v_base + sn * REC_V
+    sv = gl.load((v_sc + VA_SC).to(gl.pointer_type(gl.float16)), mask=tmask, other=0.0).to(gl.float32)
+    pt = gl.convert_layout(gl.permute((p * _rows8(zs + gl.expand_dims(sv, 1))).to(gl.float16), [0, 2, 1]), POP)
+    vf = gl.convert_layout(_value_fragment(v_base, vta[0], vta[1], vta[2], vta[3], vta[4], vta[5], vta[6], vta[7],
+                                           REC_V, VA_DP, VA_BT, VA_PL, NW), VOP)
+    acc_a = mma_v2(vf, pt, acc_a)
+    if VB_DP > 0:
+        sv = gl.load((v_sc + VB_SC).to(gl.pointer_type(gl.float16)), mask=tmask, other=0.0).to(gl.float32)
+        pt = gl.convert_layout(gl.permute((p * _rows8(zs + gl.expand_dims(sv, 1))).to(gl.float16), [0, 2, 1]), POP)
+        vf = gl.convert_layout(_value_fragment(v_base, vtb[0], vtb[1], vtb[2], vtb[3], vtb[4], vtb[5], vtb[6],
+                                               vtb[7], REC_V, VB_DP, VB_BT, VB_PL, NW), VOP)
+        acc_b = mma_v2(vf, pt, acc_b)
+    return acc_a, acc_b
+
+
+@gluon.jit
 def _decode_split_gluon(
     q_ptr, k_pool, v_pool, lut_k, lut_v, bt_ptr, prefix_ptr, ws_m, ws_l, ws_acc, qs_ptr, k_hot, v_hot, slot_ptr,
     sinks, window, s_bt, s_qb, s_qh, s_qsb, s_qsh, s_hb, s_hh, s_hs, zero, NSPLIT,
@@ -316,13 +377,16 @@ def _decode_split_gluon(
 
     q_row = q_ptr + b * s_qb + h * G * s_qh
     qa = _part_queries(q_row, s_qh, G, 0, KA_DP, QOP, NW)
-    ka0, ka1, ka2, ka3, ka4, ka5, ka6, ka7 = _key_tables(lut_k, zero, KA_DP, KA_BT, NW)
-    va0, va1, va2, va3, va4, va5, va6, va7 = _value_tables(lut_v, zero, VA_DP, VA_BT, NW)
+    kta = _key_tables(lut_k, zero, KA_DP, KA_BT, NW)
+    vta = _value_tables(lut_v, zero, VA_DP, VA_BT, NW)
+    qb = qa  # (part B absent: placeholders, never read)
+    ktb = kta
+    vtb = vta
     if KB_DP > 0:
         qb = _part_queries(q_row, s_qh, G, KA_DP, KB_DP, QOP, NW)
-        kb0, kb1, kb2, kb3, kb4, kb5, kb6, kb7 = _key_tables(lut_k + 8, zero, KB_DP, KB_BT, NW)
+        ktb = _key_tables(lut_k + 8, zero, KB_DP, KB_BT, NW)
     if VB_DP > 0:
-        vb0, vb1, vb2, vb3, vb4, vb5, vb6, vb7 = _value_tables(lut_v + 8, zero, VB_DP, VB_BT, NW)
+        vtb = _value_tables(lut_v + 8, zero, VB_DP, VB_BT, NW)
     sn = _idx2(NW, 0, TS) * TOKENS + _idx2(TOKENS, 1, TS)  # token of the tile, [W, 16] as the scores hold it
 
     zs = gl.zeros([NW, 16, TOKENS], gl.float32, MS)
@@ -334,50 +398,20 @@ def _decode_split_gluon(
     pw = _idx2(NW, 0, PL)
     pline = gl.minimum(_idx2(32, 1, PL) * 128, TOKENS * REC_K - 1)
     for ti in range(t_start, t_end):
-        blk = gl.load(bt_ptr + b * s_bt + (ti * BLOCK_N) // BS).to(gl.int64)
         if PREFETCH > 0:  # the lines of this warp's records of the next tile, to L1 (1) or L2 (2)
-            nb = gl.load(bt_ptr + b * s_bt + ((ti + 1) * BLOCK_N) // BS, mask=ti + 1 < t_end, other=-1).to(gl.int64)
-            if nb >= 0:
-                nslot = (nb * H + h) * BS + ((ti + 1) * BLOCK_N) % BS + pw * TOKENS
-                _prefetch(k_pool + nslot * REC_K + pline, PREFETCH)
-                _prefetch(v_pool + nslot * REC_V + gl.minimum(pline, TOKENS * REC_V - 1), PREFETCH)
-        slot0 = (blk * H + h) * BS + (ti * BLOCK_N) % BS
-        k_base = k_pool + slot0 * REC_K
-        v_base = v_pool + slot0 * REC_V
-        tok = ti * BLOCK_N + sn
-        tmask = (tok >= sinks) & (tok < c_end)
-        k_sc = k_base + sn * REC_K
-        v_sc = v_base + sn * REC_V
-
-        kf = gl.convert_layout(_key_fragment(k_base, ka0, ka1, ka2, ka3, ka4, ka5, ka6, ka7, REC_K, KA_DP, KA_BT,
-                                             KA_PL, NW), KOP)
-        sk = gl.load((k_sc + KA_SC).to(gl.pointer_type(gl.float16)), mask=tmask, other=0.0).to(gl.float32)
-        sc = mma_v2(qa, kf, zs) * gl.expand_dims(sk, 1)
-        if KB_DP > 0:
-            kf = gl.convert_layout(_key_fragment(k_base, kb0, kb1, kb2, kb3, kb4, kb5, kb6, kb7, REC_K, KB_DP,
-                                                 KB_BT, KB_PL, NW), KOP)
-            sk = gl.load((k_sc + KB_SC).to(gl.pointer_type(gl.float16)), mask=tmask, other=0.0).to(gl.float32)
-            sc += mma_v2(qb, kf, zs) * gl.expand_dims(sk, 1)
-        sc = gl.where(gl.expand_dims(tmask, 1), sc, float("-inf"))
-        s8 = _rows8(sc)
+            _prefetch_tile(k_pool, v_pool, bt_ptr, b, s_bt, h, ti + 1, t_end, pw, pline, H, BS, BLOCK_N, REC_K,
+                           REC_V, PREFETCH)
+        k_base, v_base, tmask = _slice_base(k_pool, v_pool, bt_ptr, b, s_bt, h, ti, sn, sinks, c_end, H, BS, BLOCK_N,
+                                            REC_K, REC_V)
+        s8 = _rows8(_slice_scores(k_base, sn, tmask, qa, qb, zs, kta, ktb, REC_K, KA_DP, KA_BT, KA_PL, KA_SC, KB_DP,
+                                  KB_BT, KB_PL, KB_SC, KOP, NW))
         m_new = gl.maximum(m_i, gl.max(s8, 2))
         alpha = gl.exp2(m_i - m_new)
         p = gl.exp2(s8 - gl.expand_dims(m_new, 2))
         l_i = l_i * alpha + gl.sum(p, 2)
         al = gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, MS)), 1)
-
-        sv = gl.load((v_sc + VA_SC).to(gl.pointer_type(gl.float16)), mask=tmask, other=0.0).to(gl.float32)
-        pt = gl.convert_layout(gl.permute((p * _rows8(zs + gl.expand_dims(sv, 1))).to(gl.float16), [0, 2, 1]), POP)
-        vf = gl.convert_layout(_value_fragment(v_base, va0, va1, va2, va3, va4, va5, va6, va7, REC_V, VA_DP, VA_BT,
-                                               VA_PL, NW), VOP)
-        acc_a = mma_v2(vf, pt, acc_a * al)
-        if VB_DP > 0:
-            sv = gl.load((v_sc + VB_SC).to(gl.pointer_type(gl.float16)), mask=tmask, other=0.0).to(gl.float32)
-            pt = gl.convert_layout(gl.permute((p * _rows8(zs + gl.expand_dims(sv, 1))).to(gl.float16), [0, 2, 1]),
-                                   POP)
-            vf = gl.convert_layout(_value_fragment(v_base, vb0, vb1, vb2, vb3, vb4, vb5, vb6, vb7, REC_V, VB_DP,
-                                                   VB_BT, VB_PL, NW), VOP)
-            acc_b = mma_v2(vf, pt, acc_b * al)
+        acc_a, acc_b = _slice_values(v_base, sn, tmask, p, zs, acc_a * al, acc_b * al, vta, vtb, REC_V, VA_DP, VA_BT,
+                                     VA_PL, VA_SC, VB_DP, VB_BT, VB_PL, VB_SC, POP, VOP, NW)
         m_i = m_new
 
     # the warps' states merged; rows < G of splits with work stored
