@@ -35,10 +35,13 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
-from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction  # noqa: E402
+try:  # Gluon kernels (decode_gluon) need its compile source; a triton without it checks the Triton ones
+    from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction  # noqa: E402
+except ImportError:  # pragma: no cover - depends on the installed triton
+    GluonASTSource = GluonJITFunction = None
 
 from tqinfer.cache.paged import LayerCacheView  # noqa: E402
-from tqinfer.kernels import decode_attention, decode_gluon, fused_triton, prefill_attention, quantize  # noqa: E402
+from tqinfer.kernels import decode_attention, fused_triton, prefill_attention, quantize  # noqa: E402
 from tqinfer.kernels.quantize import record_layout  # noqa: E402
 from tqinfer.quant.registry import make_codec  # noqa: E402
 
@@ -74,11 +77,11 @@ def catch(module, names: list[str], call) -> list:
 
 
 def as_on_cuda(call):
-    """call() with decode_attention.gluon_reads judging the records as if on CUDA, so the launch of the
-    Gluon split kernel (compiled CUDA code only) is made and caught here on the CPU."""
+    """call() with decode_attention.gluon_reads judging the records alone (gluon_layouts), as on CUDA, so
+    the launch of the Gluon split kernel (compiled CUDA code only) is made and caught here on the CPU."""
     def run():
         reads = decode_attention.gluon_reads
-        decode_attention.gluon_reads = lambda k, v, d, g, bs, device: reads(k, v, d, g, bs, "cuda")
+        decode_attention.gluon_reads = lambda k, v, d, g, bs, device: decode_attention.gluon_layouts(k, v, d, g, bs)
         try:
             call()
         finally:
@@ -99,7 +102,7 @@ def compile_caught(kernel, args, kwargs, target) -> str:
             signature[name] = POINTERS[value.dtype]
         else:
             signature[name] = "fp32" if isinstance(value, float) else "i32"
-    source = GluonASTSource if isinstance(kernel, GluonJITFunction) else ASTSource
+    source = GluonASTSource if GluonJITFunction is not None and isinstance(kernel, GluonJITFunction) else ASTSource
     compiled = triton.compile(source(kernel, signature, constants), target=target, options=options)
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.path.exists(cuobjdump):  # compiled all the same; no resource usage to show
@@ -142,11 +145,13 @@ def cases(quick: bool):
                    ["_decode_split_kernel", "_decode_merge_kernel", "_decode_queries_kernel"],
                    lambda: decode_attention.paged_decode_attention(q, k, k.clone(), one, lens, view, 0.1))
             k_lay, v_lay = decode_attention._layouts(view, "cpu")
-            if decode_attention.gluon_reads(k_lay, v_lay, d, g, view.block_size, "cuda"):
-                yield (f"decode gluon {kind} d{d}", [decode_attention, decode_gluon],
-                       ["_decode_split_gluon", "_decode_merge_kernel", "_decode_queries_kernel"],
-                       as_on_cuda(lambda: decode_attention.paged_decode_attention(q, k, k.clone(), one, lens, view, 0.1,
-                                                                                  kernel="gluon")))
+            if GluonJITFunction and decode_attention.gluon_layouts(k_lay, v_lay, d, g, view.block_size):
+                for gg in (g, 8) if d == 128 else (g,):  # and 8 query heads a group: the most registers
+                    qg = torch.zeros(1, h * gg, d, dtype=x)
+                    yield (f"decode gluon {kind} d{d} g{gg}", [decode_attention, decode_attention.decode_gluon],
+                           ["_decode_split_gluon", "_decode_merge_kernel", "_decode_queries_kernel"],
+                           as_on_cuda(lambda qg=qg: decode_attention.paged_decode_attention(
+                               qg, k, k.clone(), one, lens, view, 0.1, kernel="gluon")))
             if kind != "bf16":
                 yield (f"decode pairs {kind} d{d}", decode_attention,
                        ["_decode_split_kernel", "_decode_merge_kernel", "_decode_queries_kernel"],
@@ -194,6 +199,7 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="tq3.5 and bf16 at d 128 only")
     args = p.parse_args()
     target = GPUTarget("cuda", args.arch, 32)
+    decode_attention.GLUON_3BIT_32 = True  # compile every path the Gluon kernel has, the opt-in one too
     failed = 0
     print(f"triton {triton.__version__}, target sm_{args.arch}")
     for label, module, names, call in cases(args.quick):

@@ -262,43 +262,102 @@ def test_prmt_tables_give_every_codes_centroid(kind):
                 assert _prmt(lo_b, hi_b, pick[s % 4]) & 0xFFFF == cent[codes[s]]
 
 
-GLUON_CASES = [("tq4", 128, 2, 4), ("tq4", 128, 1, 8), ("tq4", 64, 3, 3), ("tq4", 64, 2, 1), ("tq3.5", 128, 2, 4),
-               ("tq3.5", 128, 1, 8), ("tq3", 128, 1, 4), ("tq3", 64, 2, 3)]
+GLUON_CASES = [  # k type, v type, head_dim, KV heads, group size
+    ("tq4", "tq4", 128, 2, 4), ("tq4", "tq4", 128, 1, 8), ("tq4", "tq4", 64, 3, 3), ("tq4", "tq4", 64, 2, 1),
+    ("tq3.5", "tq3.5", 128, 2, 4), ("tq3.5", "tq3.5", 128, 1, 8), ("tq3.5", "tq3.5", 64, 3, 3),
+    ("tq3", "tq3", 128, 1, 4), ("tq3", "tq3", 64, 2, 3),
+    ("tq3.5", "tq4", 128, 2, 4), ("tq4", "tq3.5", 128, 1, 5), ("tq3", "tq3.5", 64, 3, 3),  # parts differ
+]
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="the Gluon kernel is compiled CUDA code")
-@pytest.mark.parametrize("sinks,window,splits", [(4, 8, 3), (0, 0, 1), (3, 20, 40)])
-@pytest.mark.parametrize("kt,d,h,g", GLUON_CASES, ids=[f"{c[0]}-d{c[1]}-h{c[2]}-g{c[3]}" for c in GLUON_CASES])
-def test_gluon_split_kernel_matches_float64(kt, d, h, g, sinks, window, splits, monkeypatch):
+@pytest.mark.parametrize("sinks,window,splits,bs", [(4, 8, 3, 64), (0, 0, 1, 64), (3, 20, 40, 64), (66, 20, 5, 128)])
+@pytest.mark.parametrize("kt,vt,d,h,g", GLUON_CASES,
+                         ids=[f"{c[0]}-{c[1]}-d{c[2]}-h{c[3]}-g{c[4]}" for c in GLUON_CASES])
+def test_gluon_split_kernel_matches_float64(kt, vt, d, h, g, sinks, window, splits, bs, monkeypatch):
     """The Gluon split kernel (decode_gluon) == float64 and == the Triton split kernel on the same cache:
-    ragged lengths around tile, block and window edges, empty splits, NaN-poisoned workspaces."""
-    lens = [1, 17, BS - 1, BS + 1, 3 * BS - 3, 9 * BS + 40]
-    empty = torch.empty
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan"))
-                        if k.get("dtype") == torch.float32 else empty(*a, **k))
-    out, ref, args = _run(kt, kt, d, h, g, lens, sinks, window, torch.float32, splits, seed=d + g, kernel="gluon")
+    ragged lengths around tile, block and window edges, empty splits, a first tile past the sinks,
+    blocks of two tiles, K and V of different parts, NaN-poisoned workspaces."""
+    monkeypatch.setattr(decode_attention, "GLUON_3BIT_32", True)  # tq3.5 at d 64: not yet the default
+    lens = [1, 17, bs - 1, bs + 1, 3 * bs - 3, 9 * bs + 40]
+    view, kd, vd = build_cache(kt, vt, lens, heads=h, d=d, sinks=sinks, window=window, block_size=bs,
+                               dtype=torch.float32, device=DEV, seed=d + g + bs)
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: nan(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan(empty_like(*a, **k)))
+    gen = torch.Generator().manual_seed(d + g)
+    q = torch.randn(len(lens), h * g, d, generator=gen).to(DEV)
+    k = (torch.randn(len(lens), h, d, generator=gen) * 2).to(DEV)
+    v = torch.randn(len(lens), h, d, generator=gen).to(DEV)
+    cu = torch.arange(len(lens) + 1, dtype=torch.int32, device=DEV)
+    pl = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    scale = 1 / math.sqrt(d)
+    calls = []
+    split = decode_attention.decode_gluon._decode_split_gluon
+
+    class Counted:  # the default call (no kernel=) must take the Gluon kernel
+        def __getitem__(self, grid):
+            calls.append(grid)
+            return split[grid]
+
+    monkeypatch.setattr(decode_attention.decode_gluon, "_decode_split_gluon", Counted())
+    out = paged_decode_attention(q, k, v, cu, pl, view, scale, num_splits=splits)
+    assert len(calls) == 1
     assert torch.isfinite(out).all()
-    assert rel_err(out, ref) < 2e-3
-    q, k, v, cu, pl, view, scale = args
+    assert rel_err(out, attention64(q, k, v, cu, lens, kd, vd, scale)) < 2e-3
     tri = paged_decode_attention(q, k, v, cu, pl, view, scale, num_splits=splits, kernel="triton")
-    assert rel_err(out, tri) < 2e-3
+    assert len(calls) == 1
+    assert rel_err(out, tri) < 5e-4
 
 
-def test_gluon_kernel_only_where_it_reads():
-    """gluon_reads: 4- and 3-bit MSE records on CUDA only (not tq3.5 at head_dim 64: 32-channel 3-bit part);
-    asking for the Gluon kernel where it cannot run is an error."""
-    view, _, _ = build_cache("tq3.5", "tq3.5", [5], heads=1, d=64, sinks=0, window=0, block_size=BS,
+@pytest.mark.parametrize("kind,d,ok", [("tq4", 128, True), ("tq4", 64, True), ("tq3.5", 128, True),
+                                       ("tq3.5", 64, False), ("tq3", 128, True), ("tq3", 64, True),
+                                       ("tq2.5", 64, False), ("tq2", 128, False), ("tqp3", 64, False),
+                                       ("tqp4", 128, False)])
+def test_gluon_kernel_only_where_it_reads(kind, d, ok, monkeypatch):
+    """gluon_layouts: 4- and 3-bit MSE records (not 2-bit parts, not QJL; 3-bit parts of 32 channels only
+    with GLUON_3BIT_32), at most 8 query heads a group, whole 64-token tiles in a block; gluon_reads: and
+    only as compiled CUDA code. Asking for the Gluon kernel where it cannot run is an error."""
+    view, _, _ = build_cache(kind, kind, [5], heads=1, d=d, sinks=0, window=0, block_size=BS,
                              dtype=torch.float32, device=DEV, seed=1)
     k_lay, v_lay = decode_attention._layouts(view, DEV)
-    assert not decode_attention.gluon_reads(k_lay, v_lay, 64, 4, 64, DEV)
-    view4, _, _ = build_cache("tq4", "tq4", [5], heads=1, d=64, sinks=0, window=0, block_size=BS,
-                              dtype=torch.float32, device=DEV, seed=1)
-    k4, v4 = decode_attention._layouts(view4, DEV)
-    assert decode_attention.gluon_reads(k4, v4, 64, 4, 64, DEV) == (DEV == "cuda")
-    assert not decode_attention.gluon_reads(k4, v4, 64, 9, 64, DEV)  # more than 8 query heads a group
-    assert not decode_attention.gluon_reads(k4, v4, 64, 4, 32, DEV)  # blocks smaller than a tile
-    if DEV != "cuda":
-        q = torch.randn(1, 4, 64)
+    assert decode_attention.gluon_layouts(k_lay, v_lay, d, 4, 64) == ok
+    monkeypatch.setattr(decode_attention, "GLUON_3BIT_32", True)
+    assert decode_attention.gluon_layouts(k_lay, v_lay, d, 4, 64) == (ok or (kind, d) == ("tq3.5", 64))
+    monkeypatch.setattr(decode_attention, "GLUON_3BIT_32", False)
+    assert not decode_attention.gluon_layouts(k_lay, v_lay, d, 9, 64)  # more than 8 query heads a group
+    assert not decode_attention.gluon_layouts(k_lay, v_lay, d, 4, 32)  # blocks smaller than a tile
+    assert decode_attention.gluon_reads(k_lay, v_lay, d, 4, 64, DEV) == (ok and DEV == "cuda")
+    q = torch.randn(1, 4, d, device=DEV)
+    args = (q, q[:, :1], q[:, :1], torch.arange(2, dtype=torch.int32, device=DEV),
+            torch.tensor([5], dtype=torch.int32, device=DEV), view, 0.1)
+    if not (ok and DEV == "cuda"):
         with pytest.raises(ValueError, match="Gluon"):
-            paged_decode_attention(q, q[:, :1], q[:, :1], torch.arange(2, dtype=torch.int32),
-                                   torch.tensor([5], dtype=torch.int32), view4, 0.1, kernel="gluon")
+            paged_decode_attention(*args, kernel="gluon")
+    with pytest.raises(ValueError, match="kernel must be"):
+        paged_decode_attention(*args, kernel="cuda")
+
+
+def test_gluon_needs_mma_v2_and_gluon(monkeypatch):
+    """gluon_reads on CUDA: only on compute capability 8.0 or newer (mma.m16n8k16), asked once per device,
+    and never without decode_gluon (a triton without Gluon)."""
+    view, _, _ = build_cache("tq4", "tq4", [5], heads=1, d=64, sinks=0, window=0, block_size=BS,
+                             dtype=torch.float32, device=DEV, seed=1)
+    k_lay, v_lay = decode_attention._layouts(view, DEV)
+    asked = []
+    monkeypatch.setattr(decode_attention, "INTERPRET", False)
+    monkeypatch.setattr(decode_attention, "_MMA_V2", {})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    for cap, expect in (((7, 5), False), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i, cap=cap: asked.append(i) or cap)
+        decode_attention._MMA_V2.clear()
+        assert decode_attention.gluon_reads(k_lay, v_lay, 64, 4, 64, "cuda") == expect
+        assert decode_attention.gluon_reads(k_lay, v_lay, 64, 4, 64, "cuda:0") == expect
+    assert asked == [0, 0]  # once per device and capability setting
+    monkeypatch.setattr(decode_attention, "decode_gluon", None)
+    assert not decode_attention.gluon_reads(k_lay, v_lay, 64, 4, 64, "cuda")
+    assert not decode_attention.gluon_layouts(k_lay, v_lay, 64, 4, 64)

@@ -27,7 +27,12 @@ import torch
 import triton
 import triton.language as tl
 
-from . import decode_gluon, reference
+from . import reference
+
+try:  # Gluon (triton.experimental.gluon) with Ampere mma: triton 3.6 and 3.9 have it; without it, Triton only
+    from . import decode_gluon
+except ImportError:  # pragma: no cover - depends on the installed triton
+    decode_gluon = None
 from .quantize import CodePart, RecordLayout, record_layout, supports
 
 LOG2E = 1.4426950408889634
@@ -953,12 +958,17 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
     num_splits fixes the grid (default: by batch size); `out` may be given (written, never read).
     The first call per codec builds its RecordLayout and tables (host work and copies): call once before
     capturing a CUDA graph. lookup / num_stages / block_n / num_warps / early_v / max_registers (ptxas's
-    register cap for the split kernel) select measured variants (docs/BENCHMARKS.md); kernel: "gluon"
-    (decode_gluon, where `gluon_reads`) or "triton" for the splits (default: Gluon where it reads)."""
+    register cap for the Triton split kernel) select measured variants of the Triton kernel
+    (docs/BENCHMARKS.md); kernel: "gluon" (decode_gluon, where `gluon_reads`; an error elsewhere) or
+    "triton" for the splits, default Gluon where it reads (the Triton kernel's knobs do not apply to it)."""
     bsz, hq, d = q.shape
     h = k.shape[1]
     if hq % h:
         raise ValueError(f"{hq} query heads do not group over {h} KV heads")
+    if kernel not in (None, "gluon", "triton"):
+        raise ValueError(f"kernel must be 'gluon', 'triton' or None, not {kernel!r}")
+    if kernel == "gluon" and not kernel_reads(view, d):
+        raise ValueError("the Gluon decode kernel does not read these records (see gluon_layouts)")
     if not kernel_reads(view, d):  # the twin serves what no kernel reads
         res = reference.paged_attention(q, k, v, cu_q, prefix_lens, view, scale)
         return res if out is None else out.copy_(res)
@@ -992,7 +1002,9 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
         raise ValueError("the Gluon decode kernel does not read these records here (see gluon_reads)")
     gluon = gluon and kernel != "triton"
     if gluon:
-        config = ("gluon", k_lay.record_bytes, v_lay.record_bytes, h, d, g, bs, q.device)
+        cap = GLUON_MAXNREG if GLUON_MAXNREG is not None else gluon_register_cap(k_lay, v_lay)
+        config = ("gluon", tuple(_gluon_args(k_lay, "K").items()), tuple(_gluon_args(v_lay, "V").items()), h, d, g,
+                  bs, nhot, k_hot.dtype, cap, GLUON_PREFETCH, q.device)
     nsplit = num_splits or default_splits(bsz, h, sms or 132, _RESIDENT.get(config))
     qk, qs = decode_queries(q, h, scale, k_lay, view.k_pool.dtype, lut, permute=not gluon)
     seq_slot = view.seq_slot if has_hot else prefix_lens
@@ -1007,7 +1019,6 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
     tab_v, tab_v2 = _tabs(v_lay, ws_m)
     if gluon:
         block_n = decode_gluon.WARP_TOKENS * GLUON_WARPS
-        cap = GLUON_MAXNREG if GLUON_MAXNREG is not None else gluon_register_cap(k_lay, v_lay)
         regs = {"maxnreg": cap} if cap else {}
         launched = decode_gluon._decode_split_gluon[(bsz, h, nsplit + nhot)](
             qk, view.k_pool, view.v_pool, gluon_table(k_lay), gluon_table(v_lay), bt, prefix_lens,
@@ -1047,35 +1058,57 @@ GLUON_MAXNREG = None  # a variant: ptxas's register cap for the Gluon kernel (0:
 
 def gluon_register_cap(k_lay: RecordLayout, v_lay: RecordLayout) -> int:
     """ptxas's register cap for the Gluon split kernel: 128 (four programs a multiprocessor) for one-part
-    records, none for two parts. H200, 8B shape (.bench/w/gbench.py, 2026-11-30 12:59 UTC): tq4 uncapped
-    141 registers (three programs a SM) 134.8 us at B1 128k, 271.3 at B8 32k, 57.1 at B1 32k; capped at 128
-    127.7 / 235.2 / 54.4; tq3.5 (160 registers) capped ran slower: 133.6 against 120.4 at 128k."""
+    records, none for two parts. H200, 8B shape, prefetch on, the kernel of d4ac372 (.bench/w/gbench.py,
+    2026-11-30 12:59 UTC, same process): tq4 uncapped (141 registers here, three programs a SM) 134.8 us at
+    B1 128k, 271.3 at B8 32k, 57.1 at B1 32k; capped at 128 127.7 / 235.2 / 54.4 (the kernel before that
+    commit's refactor ran 127.1 / 234.4 / 54.2 uncapped at 12:48: the allocation moves with the code);
+    tq3.5 (160 registers) capped ran slower: 133.6 against 120.4 at 128k."""
     return 128 if len(k_lay.parts) == 1 and len(v_lay.parts) == 1 else 0
 # each warp prefetches its next tile's record lines: 0 off, 1 to L1, 2 to L2. H200, 8B shape (.bench/w/gbench.py,
-# 2026-11-30 12:48 UTC): tq3.5 B1 128k 129.6 (off) / 120.2 (L1) / 120.3 us (L2), B8 32k 261.6 / 238.9 / 238.9;
-# tq4 134.8 / 127.2 / 127.1, 272.0 / 234.5 / 234.4; a register cap of 128 gained nothing with prefetch;
-# two tiles ahead (12:51): slower (tq3.5 135.3 / 277.6)
+# 2026-11-30 12:48 UTC, the kernel of 31ee9d1): tq3.5 B1 128k 129.6 (off) / 120.2 (L1) / 120.3 us (L2), B8 32k
+# 261.6 / 238.9 / 238.9; tq4 134.8 / 127.2 / 127.1, 272.0 / 234.5 / 234.4 (that kernel gained nothing from a
+# register cap with prefetch on: 127.2 / 235.8); two tiles ahead (12:51): slower (tq3.5 135.3 / 277.6)
 GLUON_PREFETCH = 2
+# value units of 4 codes for 3-bit parts of 32 channels (tq3.5 at head_dim 64, the default model's default
+# cache): implemented, compiled for sm_90 with triton 3.6 and 3.9, its index maps checked by a CPU emulation
+# (helper-20), but not yet run on a GPU (this session's device time ran out), so off until a GPU test passes
+GLUON_3BIT_32 = False
 
 
 def gluon_reads(k_lay: RecordLayout | None, v_lay: RecordLayout | None, d: int, g: int, block_size: int,
                 device) -> bool:
-    """Whether decode_gluon's split kernel serves these records: compiled CUDA code (not the
-    interpreter, not ROCm), head_dim 64 or 128, at most 8 query heads a group, blocks of whole 64-token
-    tiles, and keys and values of one or two equal MSE parts (no QJL) of 4 bits (at least 32 channels)
-    or 3 bits (at least 64), 16-bit aligned: tq4, tq3.5 and tq3 at head_dim 128, tq4 at 64."""
-    if INTERPRET or torch.version.hip is not None or torch.device(device).type != "cuda":
+    """Whether decode_gluon's split kernel serves these records here: compiled CUDA code (not the
+    interpreter, not ROCm) and records it reads (gluon_layouts)."""
+    if decode_gluon is None or INTERPRET or torch.version.hip is not None or torch.device(device).type != "cuda":
         return False
-    if d not in (64, 128) or g > 8 or block_size % (decode_gluon.WARP_TOKENS * GLUON_WARPS):
-        return False
+    return _mma_v2(torch.device(device)) and gluon_layouts(k_lay, v_lay, d, g, block_size)
 
-    def part_ok(p):
-        return (p.bits == 4 and p.dim >= 32) or (p.bits == 3 and p.dim >= 64)
+
+_MMA_V2: dict = {}
+
+
+def _mma_v2(device: torch.device) -> bool:
+    """Whether the GPU runs mma.sync m16n8k16 (compute capability 8.0 or newer), kept per device."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _MMA_V2:
+        _MMA_V2[index] = torch.cuda.get_device_capability(index) >= (8, 0)
+    return _MMA_V2[index]
+
+
+def gluon_layouts(k_lay: RecordLayout | None, v_lay: RecordLayout | None, d: int, g: int, block_size: int) -> bool:
+    """Whether decode_gluon's split kernel reads these records: head_dim 64 or 128, at most 8 query heads
+    a group, blocks of whole 64-token tiles, and keys and values of one or two equal MSE parts (no QJL)
+    of 4 bits and at least 32 channels or 3 bits and at least 64 (32 with GLUON_3BIT_32), 16-bit
+    aligned: tq4, tq3.5 and tq3 at head_dim 128, tq4 and tq3 at 64 (tq3.5 there with GLUON_3BIT_32)."""
+    if decode_gluon is None or d not in (64, 128) or g > 8 or block_size % (decode_gluon.WARP_TOKENS * GLUON_WARPS):
+        return False
 
     def ok(lay):
+        least = {4: 32, 3: 32 if GLUON_3BIT_32 else 64}
         return (lay is not None and lay.qjl is None and lay.record_bytes % 2 == 0
                 and len({p.dim for p in lay.parts}) == 1 and sum(p.dim for p in lay.parts) == d
-                and all(part_ok(p) for p in lay.parts) and all(p.planes % 2 == 0 for p in lay.parts))
+                and all(p.bits in least and p.dim >= least[p.bits] and p.planes % 2 == 0 and p.scale % 2 == 0
+                        for p in lay.parts))
     return ok(k_lay) and ok(v_lay)
 
 

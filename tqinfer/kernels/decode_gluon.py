@@ -12,9 +12,10 @@ its mma fragments need and decodes them where they are used:
   taken to be four codes of the record read together: thread t reads codes t * d / 4 + 4 kb + e of a
   part of d channels and the query's columns are permuted to match (once per program).
 - values: O^T[d, G] = V^T . P^T with V^T the A operand [d, 16 tokens]; thread (g = l // 4) holds rows
-  16 mb + 8 mh + g for tokens 2 t + {0, 1, 8, 9}: per token 2 d / 8 channels, again one unit per four
+  16 mb + 8 mh + g for tokens 2 t + {0, 1, 8, 9}: per token d / 8 channels, again one unit per four
   (codes g * d / 8 + 4 j + e -> row 32 j + 16 (e >> 1) + 8 (e & 1) + g), stored to their channels at
-  the end. P^T is the B operand and S's accumulator layout restricted to 8 rows: no data movement.
+  the end. P^T is the B operand: S's accumulator layout restricted to 8 rows and transposed. (The tile
+  loop compiles with no shared-memory instruction: every layout change in it stays in registers.)
 - a unit's four 4-bit codes become four fp16 by PRMT lookups in a 16-entry table held in eight
   registers (low bytes of entries 4i .. 4i + 3 in word i, high bytes in word 4 + i), 12 instructions a
   unit; eight 3-bit codes (16 bits of 2-bit fields, a byte of high bits) by spreading the fields to
@@ -106,7 +107,7 @@ def _idx2(N: gl.constexpr, AXIS: gl.constexpr, L: gl.constexpr):
 
 @gluon.jit
 def _rows8(x):
-    """Rows 0-7 of an mma accumulator [W, 16, N] (row bit 3 is a register bit: no data movement)."""
+    """Rows 0-7 of an mma accumulator [W, 16, N] (row bit 3 is a register bit of its layout)."""
     y = gl.permute(gl.reshape(x, [x.shape[0], 2, 8, x.shape[2]]), [0, 2, 3, 1])
     lo, hi = gl.split(y)
     return lo
@@ -148,8 +149,23 @@ def _prefetch(ptr, LEVEL: gl.constexpr):
 
 
 @gluon.jit
+def _lut3x4(f, hb, t0, t1, t2, t3):
+    """_lut3 for four 3-bit codes: 2-bit fields in the low byte of f, high bits in the low nibble of hb."""
+    return gl.inline_asm_elementwise(
+        "{.reg .b32 x, y, z, s, lo, hi, p;"
+        "and.b32 x, $4, 0xFF; shl.b32 y, x, 4; or.b32 x, x, y; and.b32 x, x, 0x0F0F;"
+        "shl.b32 y, x, 2; or.b32 x, x, y; and.b32 x, x, 0x3333;"
+        "and.b32 y, $5, 0xF; shl.b32 z, y, 6; or.b32 y, y, z; and.b32 y, y, 0x0303;"
+        "shl.b32 z, y, 3; or.b32 y, y, z; and.b32 y, y, 0x1111;"
+        "shl.b32 y, y, 2; or.b32 s, x, y;"
+        "prmt.b32 lo, $6, $7, s; prmt.b32 hi, $8, $9, s;"
+        "prmt.b32 p, lo, hi, 0x5140; mov.b32 {$0, $1}, p; prmt.b32 p, lo, hi, 0x7362; mov.b32 {$2, $3}, p;}",
+        "=h,=h,=h,=h,r,r,r,r,r,r", [f, hb, t0, t1, t2, t3],
+        dtype=(gl.float16,) * 4, is_pure=True, pack=1)
+
+@gluon.jit
 def _key_tables(lut, zero, DP: gl.constexpr, BITS: gl.constexpr, NW: gl.constexpr):
-    """One key part's table words, shaped [NW, 1, 4, 1] in its unit layout (see _key_fragment)."""
+    """One key part's table words, shaped [1, 1, 4, 1] in its unit layout (see _key_fragment)."""
     U: gl.constexpr = DP // 16 if BITS == 4 else DP // 32
     KU: gl.constexpr = gl.BlockedLayout([1, U, 1, 1], [1, 1, 4, 8], [NW, 1, 1, 1], [2, 3, 1, 0])
     return _table(lut, _idx4(4, 2, KU) * zero)
@@ -186,8 +202,8 @@ def _key_fragment(base, t0, t1, t2, t3, t4, t5, t6, t7, REC: gl.constexpr, DP: g
 
 @gluon.jit
 def _value_tables(lut, zero, DP: gl.constexpr, BITS: gl.constexpr, NW: gl.constexpr):
-    """One value part's table words, shaped [NW, 1, 8, 1] in its unit layout (see _value_fragment)."""
-    J: gl.constexpr = DP // 32 if BITS == 4 else DP // 64
+    """One value part's table words, shaped [1, 1, 8, 1] in its unit layout (see _value_fragment)."""
+    J: gl.constexpr = DP // 32 if BITS == 4 or DP == 32 else DP // 64
     VU: gl.constexpr = gl.BlockedLayout([1, J, 1, 2], [1, 1, 8, 4], [NW, 1, 1, 1], [3, 2, 1, 0])
     return _table(lut, _idx4(8, 2, VU) * zero)
 
@@ -197,15 +213,22 @@ def _value_fragment(base, t0, t1, t2, t3, t4, t5, t6, t7, REC: gl.constexpr, DP:
                     PL: gl.constexpr, NW: gl.constexpr):
     """V^T [NW, DP, 16] (fp16) of one value part for each warp's 16 tokens of the tile at `base`. Thread
     g = l // 4 reads codes g DP / 8 .. (g + 1) DP / 8 of its four tokens (2 t, 2 t + 1, 2 t + 8, 2 t + 9)
-    in units of 4 (4-bit) or 8 (3-bit) codes; code g DP / 8 + 4 c + e (e < 4) lands on row
-    32 (c >> 1) + 16 (c & 1) ... for 8-code units and 32 c + 16 (e >> 1) + 8 (e & 1) + g for 4-code ones:
-    either way row m holds code g DP / 8 + 4 (m >> 5) + 2 ((m >> 4) & 1) + ((m >> 3) & 1) (_store_part)."""
-    if BITS == 4:
+    in units of 4 codes (4-bit, and 3-bit parts of 32 channels) or 8 (3-bit): code g DP / 8 + 4 c + e of
+    4-code unit c lands on row 32 c + 16 (e >> 1) + 8 (e & 1) + g, code g DP / 8 + 8 c + e of 8-code unit c
+    on row 64 c + 32 (e >> 2) + 16 ((e >> 1) & 1) + 8 (e & 1) + g: either way row m holds code
+    g DP / 8 + 4 (m >> 5) + 2 ((m >> 4) & 1) + ((m >> 3) & 1) (_store_part)."""
+    if BITS == 4 or DP == 32:  # units of 4 codes (a 3-bit part of 32 channels: 4 codes a thread and token)
         J: gl.constexpr = DP // 32
         VU: gl.constexpr = gl.BlockedLayout([1, J, 1, 2], [1, 1, 8, 4], [NW, 1, 1, 1], [3, 2, 1, 0])
         row = base + (_idx4(NW, 0, VU) * TOKENS + _idx4(TOKENS, 3, VU)) * REC + PL
-        u = gl.load((row + _idx4(8, 2, VU) * (DP // 16) + _idx4(J, 1, VU) * 2).to(gl.pointer_type(gl.uint16)))
-        y0, y1, y2, y3 = _lut4(u.to(gl.int32), t0, t1, t2, t3, t4, t5, t6, t7)
+        g = _idx4(8, 2, VU)
+        if BITS == 4:
+            u = gl.load((row + g * (DP // 16) + _idx4(J, 1, VU) * 2).to(gl.pointer_type(gl.uint16)))
+            y0, y1, y2, y3 = _lut4(u.to(gl.int32), t0, t1, t2, t3, t4, t5, t6, t7)
+        else:  # codes 4 g .. 4 g + 3: a byte of 2-bit fields, a nibble of high bits
+            f = gl.load(row + g)
+            hb = gl.load(row + DP // 4 + g // 2).to(gl.int32) >> ((g & 1) * 4)
+            y0, y1, y2, y3 = _lut3x4(f.to(gl.int32), hb, t0, t1, t2, t3)
         y = gl.join(gl.join(y0, y1), gl.join(y2, y3))  # [NW, J, g, token, e & 1, e >> 1]
         frag = gl.reshape(gl.permute(y, [0, 1, 5, 4, 2, 3]), [NW, DP, TOKENS])
     else:
@@ -227,7 +250,7 @@ def _part_queries(q_row, s_qh, G: gl.constexpr, CH: gl.constexpr, DP: gl.constex
                   NW: gl.constexpr):
     """The group's rotated queries [NW, 16, DP] for one key part (channels CH ..), columns permuted to
     _key_fragment's rows: row k <- code t DP / 4 + 4 (k >> 4) + 2 ((k >> 3) & 1) + (k & 1), t = (k >> 1) & 3.
-    Loaded in the operand's own layout: rows >= 8 are known zeros the compiler can drop."""
+    Loaded in the operand's own layout (no conversion); rows >= G are zeros."""
     r = _idx3(16, 1, QOP)
     k = _idx3(DP, 2, QOP)
     w = _idx3(NW, 0, QOP)
