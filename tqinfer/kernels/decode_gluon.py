@@ -164,6 +164,13 @@ def _lut3x4(f, hb, t0, t1, t2, t3):
         dtype=(gl.float16,) * 4, is_pure=True, pack=1)
 
 @gluon.jit
+def _joined8(f, hb, t0, t1, t2, t3):
+    """_lut3's eight centroids of every unit joined along three new last axes: code e at [.., e & 1,
+    (e >> 1) & 1, e >> 2]."""
+    x0, x1, x2, x3, x4, x5, x6, x7 = _lut3(f.to(gl.int32), hb.to(gl.int32), t0, t1, t2, t3)
+    return gl.join(gl.join(gl.join(x0, x1), gl.join(x2, x3)), gl.join(gl.join(x4, x5), gl.join(x6, x7)))
+
+@gluon.jit
 def _key_tables(lut, zero, DP: gl.constexpr, BITS: gl.constexpr, NW: gl.constexpr):
     """One key part's table words, shaped [1, 1, 4, 1] in its unit layout (see _key_fragment)."""
     U: gl.constexpr = DP // 16 if BITS == 4 else DP // 32
@@ -178,25 +185,20 @@ def _key_fragment(base, t0, t1, t2, t3, t4, t5, t6, t7, REC: gl.constexpr, DP: g
     at `base`. Thread t of a quad reads codes t DP / 4 .. (t + 1) DP / 4 of its tokens (tokens l // 4 and
     l // 4 + 8) in units of 4 (4-bit: 16-bit words) or 8 (3-bit: 16 bits of 2-bit fields and a byte of
     high bits); code t DP / 4 + 4 c + e lands on row 16 c + 8 (e >> 1) + 2 t + (e & 1)."""
+    U: gl.constexpr = DP // 16 if BITS == 4 else DP // 32
+    KU: gl.constexpr = gl.BlockedLayout([1, U, 1, 1], [1, 1, 4, 8], [NW, 1, 1, 1], [2, 3, 1, 0])
+    row = base + (_idx4(NW, 0, KU) * TOKENS + _idx4(TOKENS, 3, KU)) * REC + PL
+    t = _idx4(4, 2, KU)
+    c = _idx4(U, 1, KU)
     if BITS == 4:
-        U: gl.constexpr = DP // 16
-        KU: gl.constexpr = gl.BlockedLayout([1, U, 1, 1], [1, 1, 4, 8], [NW, 1, 1, 1], [2, 3, 1, 0])
-        row = base + (_idx4(NW, 0, KU) * TOKENS + _idx4(TOKENS, 3, KU)) * REC + PL
-        u = gl.load((row + _idx4(4, 2, KU) * (DP // 8) + _idx4(U, 1, KU) * 2).to(gl.pointer_type(gl.uint16)))
+        u = gl.load((row + t * (DP // 8) + c * 2).to(gl.pointer_type(gl.uint16)))
         x0, x1, x2, x3 = _lut4(u.to(gl.int32), t0, t1, t2, t3, t4, t5, t6, t7)
         x = gl.join(gl.join(x0, x1), gl.join(x2, x3))  # [NW, U, t, n, e & 1, e >> 1]
         frag = gl.reshape(gl.permute(x, [0, 1, 5, 2, 4, 3]), [NW, DP, TOKENS])
     else:
-        U: gl.constexpr = DP // 32
-        KU: gl.constexpr = gl.BlockedLayout([1, U, 1, 1], [1, 1, 4, 8], [NW, 1, 1, 1], [2, 3, 1, 0])
-        row = base + (_idx4(NW, 0, KU) * TOKENS + _idx4(TOKENS, 3, KU)) * REC + PL
-        t = _idx4(4, 2, KU)
-        c = _idx4(U, 1, KU)
         f = gl.load((row + t * (DP // 16) + c * 2).to(gl.pointer_type(gl.uint16)))
-        hb = gl.load(row + DP // 4 + t * (DP // 32) + c)
-        x0, x1, x2, x3, x4, x5, x6, x7 = _lut3(f.to(gl.int32), hb.to(gl.int32), t0, t1, t2, t3)
-        x = gl.join(gl.join(gl.join(x0, x1), gl.join(x2, x3)), gl.join(gl.join(x4, x5), gl.join(x6, x7)))
-        frag = gl.reshape(gl.permute(x, [0, 1, 6, 5, 2, 4, 3]), [NW, DP, TOKENS])  # [.., e&1, (e>>1)&1, e>>2]
+        x = _joined8(f, gl.load(row + DP // 4 + t * (DP // 32) + c), t0, t1, t2, t3)
+        frag = gl.reshape(gl.permute(x, [0, 1, 6, 5, 2, 4, 3]), [NW, DP, TOKENS])
     return frag
 
 
@@ -217,30 +219,23 @@ def _value_fragment(base, t0, t1, t2, t3, t4, t5, t6, t7, REC: gl.constexpr, DP:
     4-code unit c lands on row 32 c + 16 (e >> 1) + 8 (e & 1) + g, code g DP / 8 + 8 c + e of 8-code unit c
     on row 64 c + 32 (e >> 2) + 16 ((e >> 1) & 1) + 8 (e & 1) + g: either way row m holds code
     g DP / 8 + 4 (m >> 5) + 2 ((m >> 4) & 1) + ((m >> 3) & 1) (_store_part)."""
-    if BITS == 4 or DP == 32:  # units of 4 codes (a 3-bit part of 32 channels: 4 codes a thread and token)
-        J: gl.constexpr = DP // 32
-        VU: gl.constexpr = gl.BlockedLayout([1, J, 1, 2], [1, 1, 8, 4], [NW, 1, 1, 1], [3, 2, 1, 0])
-        row = base + (_idx4(NW, 0, VU) * TOKENS + _idx4(TOKENS, 3, VU)) * REC + PL
-        g = _idx4(8, 2, VU)
+    J: gl.constexpr = DP // 32 if BITS == 4 or DP == 32 else DP // 64  # 4-code units, else 8-code ones
+    VU: gl.constexpr = gl.BlockedLayout([1, J, 1, 2], [1, 1, 8, 4], [NW, 1, 1, 1], [3, 2, 1, 0])
+    row = base + (_idx4(NW, 0, VU) * TOKENS + _idx4(TOKENS, 3, VU)) * REC + PL
+    g = _idx4(8, 2, VU)
+    c = _idx4(J, 1, VU)
+    if BITS == 4 or DP == 32:
         if BITS == 4:
-            u = gl.load((row + g * (DP // 16) + _idx4(J, 1, VU) * 2).to(gl.pointer_type(gl.uint16)))
+            u = gl.load((row + g * (DP // 16) + c * 2).to(gl.pointer_type(gl.uint16)))
             y0, y1, y2, y3 = _lut4(u.to(gl.int32), t0, t1, t2, t3, t4, t5, t6, t7)
-        else:  # codes 4 g .. 4 g + 3: a byte of 2-bit fields, a nibble of high bits
-            f = gl.load(row + g)
+        else:  # a 3-bit part of 32 channels: codes 4 g .. 4 g + 3, a byte of 2-bit fields, a nibble of high bits
             hb = gl.load(row + DP // 4 + g // 2).to(gl.int32) >> ((g & 1) * 4)
-            y0, y1, y2, y3 = _lut3x4(f.to(gl.int32), hb, t0, t1, t2, t3)
+            y0, y1, y2, y3 = _lut3x4(gl.load(row + g).to(gl.int32), hb, t0, t1, t2, t3)
         y = gl.join(gl.join(y0, y1), gl.join(y2, y3))  # [NW, J, g, token, e & 1, e >> 1]
         frag = gl.reshape(gl.permute(y, [0, 1, 5, 4, 2, 3]), [NW, DP, TOKENS])
     else:
-        J: gl.constexpr = DP // 64
-        VU: gl.constexpr = gl.BlockedLayout([1, J, 1, 2], [1, 1, 8, 4], [NW, 1, 1, 1], [3, 2, 1, 0])
-        row = base + (_idx4(NW, 0, VU) * TOKENS + _idx4(TOKENS, 3, VU)) * REC + PL
-        g = _idx4(8, 2, VU)
-        c = _idx4(J, 1, VU)
         f = gl.load((row + g * (DP // 32) + c * 2).to(gl.pointer_type(gl.uint16)))
-        hb = gl.load(row + DP // 4 + g * (DP // 64) + c)
-        y0, y1, y2, y3, y4, y5, y6, y7 = _lut3(f.to(gl.int32), hb.to(gl.int32), t0, t1, t2, t3)
-        y = gl.join(gl.join(gl.join(y0, y1), gl.join(y2, y3)), gl.join(gl.join(y4, y5), gl.join(y6, y7)))
+        y = _joined8(f, gl.load(row + DP // 4 + g * (DP // 64) + c), t0, t1, t2, t3)
         frag = gl.reshape(gl.permute(y, [0, 1, 6, 5, 4, 2, 3]), [NW, DP, TOKENS])
     return frag
 
