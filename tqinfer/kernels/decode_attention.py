@@ -1001,10 +1001,10 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
     if kernel == "gluon" and not gluon:
         raise ValueError("the Gluon decode kernel does not read these records here (see gluon_reads)")
     gluon = gluon and kernel != "triton"
-    if gluon:
+    if gluon:  # its constants, register cap and what its occupancy depends on
+        gargs = {**_gluon_args(k_lay, "K"), **_gluon_args(v_lay, "V")}
         cap = GLUON_MAXNREG if GLUON_MAXNREG is not None else gluon_register_cap(k_lay, v_lay)
-        config = ("gluon", tuple(_gluon_args(k_lay, "K").items()), tuple(_gluon_args(v_lay, "V").items()), h, d, g,
-                  bs, nhot, k_hot.dtype, cap, GLUON_PREFETCH, q.device)
+        config = ("gluon", tuple(gargs.items()), h, d, g, bs, nhot, k_hot.dtype, cap, GLUON_PREFETCH, q.device)
     nsplit = num_splits or default_splits(bsz, h, sms or 132, _RESIDENT.get(config))
     qk, qs = decode_queries(q, h, scale, k_lay, view.k_pool.dtype, lut, permute=not gluon)
     seq_slot = view.seq_slot if has_hot else prefix_lens
@@ -1024,8 +1024,8 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
             qk, view.k_pool, view.v_pool, gluon_table(k_lay), gluon_table(v_lay), bt, prefix_lens,
             ws_m, ws_l, ws_acc, qs, k_hot, v_hot, seq_slot,
             view.sinks, view.window, bt.stride(0), qk.stride(0), qk.stride(1), qs.stride(0), qs.stride(1), *hs,
-            0, nsplit, H=h, G=g, D=d, BS=bs, NHOT=nhot, BLOCK_H=hot_block, **_gluon_args(k_lay, "K"),
-            **_gluon_args(v_lay, "V"), NW=GLUON_WARPS, PREFETCH=GLUON_PREFETCH, num_warps=GLUON_WARPS, **regs)
+            0, nsplit, H=h, G=g, D=d, BS=bs, NHOT=nhot, BLOCK_H=hot_block, **gargs, NW=GLUON_WARPS,
+            PREFETCH=GLUON_PREFETCH, num_warps=GLUON_WARPS, **regs)
         num_warps = GLUON_WARPS
     else:
         launched = _decode_split_kernel[(bsz, h, nsplit + nhot)](
@@ -1064,6 +1064,8 @@ def gluon_register_cap(k_lay: RecordLayout, v_lay: RecordLayout) -> int:
     commit's refactor ran 127.1 / 234.4 / 54.2 uncapped at 12:48: the allocation moves with the code);
     tq3.5 (160 registers) capped ran slower: 133.6 against 120.4 at 128k."""
     return 128 if len(k_lay.parts) == 1 and len(v_lay.parts) == 1 else 0
+
+
 # each warp prefetches its next tile's record lines: 0 off, 1 to L1, 2 to L2. H200, 8B shape (.bench/w/gbench.py,
 # 2026-11-30 12:48 UTC, the kernel of 31ee9d1): tq3.5 B1 128k 129.6 (off) / 120.2 (L1) / 120.3 us (L2), B8 32k
 # 261.6 / 238.9 / 238.9; tq4 134.8 / 127.2 / 127.1, 272.0 / 234.5 / 234.4 (that kernel gained nothing from a

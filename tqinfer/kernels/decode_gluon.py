@@ -295,14 +295,15 @@ def _hot_chunk(q_row, s_qh, k_hot, v_hot, hot_base, s_hs, L, sinks, window, i0, 
 
 
 @gluon.jit
-def _prefetch_tile(k_pool, v_pool, bt_ptr, b, s_bt, h, ti, t_end, pw, pline, H: gl.constexpr, BS: gl.constexpr,
+def _prefetch_tile(k_pool, v_pool, bt_ptr, b, s_bt, h, ti, t_end, pw, line, H: gl.constexpr, BS: gl.constexpr,
                    BLOCK_N: gl.constexpr, REC_K: gl.constexpr, REC_V: gl.constexpr, LEVEL: gl.constexpr):
-    """Prefetch the lines of each warp's key and value records of tile ti (if ti < t_end)."""
+    """Prefetch the lines of each warp's key and value records of tile ti (if ti < t_end); `line`: each
+    lane's byte offset (lane * 128), clamped to the warp's records of each side."""
     nb = gl.load(bt_ptr + b * s_bt + (ti * BLOCK_N) // BS, mask=ti < t_end, other=-1).to(gl.int64)
     if nb >= 0:
         slot = (nb * H + h) * BS + (ti * BLOCK_N) % BS + pw * TOKENS
-        _prefetch(k_pool + slot * REC_K + pline, LEVEL)
-        _prefetch(v_pool + slot * REC_V + gl.minimum(pline, TOKENS * REC_V - 1), LEVEL)
+        _prefetch(k_pool + slot * REC_K + gl.minimum(line, TOKENS * REC_K - 1), LEVEL)
+        _prefetch(v_pool + slot * REC_V + gl.minimum(line, TOKENS * REC_V - 1), LEVEL)
 
 
 @gluon.jit
@@ -414,10 +415,10 @@ def _decode_split_gluon(
     acc_b = gl.zeros([NW, VB_DP if VB_DP > 0 else 16, 8], gl.float32, MS)
     PL: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [NW, 1], [1, 0])
     pw = _idx2(NW, 0, PL)
-    pline = gl.minimum(_idx2(32, 1, PL) * 128, TOKENS * REC_K - 1)
+    line = _idx2(32, 1, PL) * 128
     for ti in range(t_start, t_end):
         if PREFETCH > 0:  # the lines of this warp's records of the next tile, to L1 (1) or L2 (2)
-            _prefetch_tile(k_pool, v_pool, bt_ptr, b, s_bt, h, ti + 1, t_end, pw, pline, H, BS, BLOCK_N, REC_K,
+            _prefetch_tile(k_pool, v_pool, bt_ptr, b, s_bt, h, ti + 1, t_end, pw, line, H, BS, BLOCK_N, REC_K,
                            REC_V, PREFETCH)
         k_base, v_base, tmask = _slice_base(k_pool, v_pool, bt_ptr, b, s_bt, h, ti, sn, sinks, c_end, H, BS, BLOCK_N,
                                             REC_K, REC_V)
