@@ -7,7 +7,7 @@ Gluon output's relative difference from the Triton kernel's. Prints a markdown t
 
     PYTHONPATH=. python scripts/bench_decode_kernels.py                    # tq4 and tq3.5, six sizes
     PYTHONPATH=. python scripts/bench_decode_kernels.py --kinds tq3.5 --quick
-    PYTHONPATH=. python scripts/bench_decode_kernels.py --gluon-3bit-32    # tq3.5 at d 64 through Gluon too
+    PYTHONPATH=. python scripts/bench_decode_kernels.py --no-gluon-3bit-32  # tq3.5 at d 64 through Triton
 """
 
 from __future__ import annotations
@@ -85,10 +85,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--kinds", nargs="*", default=["tq4", "tq3.5"])
     p.add_argument("--quick", action="store_true", help="the 8B shape's first three sizes only")
-    p.add_argument("--gluon-3bit-32", action="store_true",
-                   help="let the Gluon kernel read 3-bit parts of 32 channels (tq3.5 at d 64; off by default)")
+    p.add_argument("--no-gluon-3bit-32", action="store_true",
+                   help="leave 3-bit parts of 32 channels (tq3.5 at d 64) to the Triton kernel, as before 2026-11-30")
     args = p.parse_args()
-    da.GLUON_3BIT_32 = args.gluon_3bit_32
+    da.GLUON_3BIT_32 = not args.no_gluon_3bit_32
     rows = []
     for shape, b, t in CASES[:3] if args.quick else CASES:
         rows.append(bench_case(shape, b, t, args.kinds))

@@ -47,7 +47,7 @@ from tqinfer.quant.registry import make_codec  # noqa: E402
 
 POINTERS = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.uint8: "*u8",
             torch.int32: "*i32", torch.int64: "*i64"}
-OPTIONS = ("num_warps", "num_stages", "maxnreg")
+OPTIONS = ("num_warps", "num_stages", "maxnreg", "launch_pdl")
 
 
 class _Caught:
@@ -76,6 +76,18 @@ def catch(module, names: list[str], call) -> list:
     return calls
 
 
+def with_pdl(call):
+    """call() with decode attention's programmatic dependent launches on, as on an H200 (the CPU has none)."""
+    def run():
+        pdl = decode_attention.DECODE_PDL
+        decode_attention.DECODE_PDL = True
+        try:
+            call()
+        finally:
+            decode_attention.DECODE_PDL = pdl
+    return run
+
+
 def as_on_cuda(call):
     """call() with decode_attention.gluon_reads judging the records alone (gluon_layouts), as on CUDA, so
     the launch of the Gluon split kernel (compiled CUDA code only) is made and caught here on the CPU."""
@@ -86,7 +98,7 @@ def as_on_cuda(call):
             call()
         finally:
             decode_attention.gluon_reads = reads
-    return run
+    return with_pdl(run)
 
 
 def compile_caught(kernel, args, kwargs, target) -> str:
@@ -143,7 +155,7 @@ def cases(quick: bool):
             one, lens = torch.arange(2, dtype=torch.int32), torch.tensor([300], dtype=torch.int32)
             yield (f"decode {kind} d{d}", decode_attention,
                    ["_decode_split_kernel", "_decode_merge_kernel", "_decode_queries_kernel"],
-                   lambda: decode_attention.paged_decode_attention(q, k, k.clone(), one, lens, view, 0.1))
+                   with_pdl(lambda: decode_attention.paged_decode_attention(q, k, k.clone(), one, lens, view, 0.1)))
             k_lay, v_lay = decode_attention._layouts(view, "cpu")
             if GluonJITFunction and decode_attention.gluon_layouts(k_lay, v_lay, d, g, view.block_size):
                 for gg in (g, 8) if d == 128 else (g,):  # and 8 query heads a group: the most registers
@@ -199,7 +211,7 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="tq3.5 and bf16 at d 128 only")
     args = p.parse_args()
     target = GPUTarget("cuda", args.arch, 32)
-    decode_attention.GLUON_3BIT_32 = True  # compile every path the Gluon kernel has, the opt-in one too
+    decode_attention.GLUON_3BIT_32 = True  # compile every path the Gluon kernel has
     failed = 0
     print(f"triton {triton.__version__}, target sm_{args.arch}")
     for label, module, names, call in cases(args.quick):

@@ -30,25 +30,34 @@ def tiny_model(head_dim=64, seed=0):
     return model.fuse(), args
 
 
-@pytest.mark.parametrize("cache_type", ["bf16", "tq3.5", "tq4", "tq3"])
-def test_graph_replay_equals_eager_decode(cache_type):
-    model, args = tiny_model()
-    cfg = CacheConfig(k_type=cache_type, v_type=cache_type, sinks=4, window=32, block_size=16)
+def engine_pair(model, args, cache_type, block_size=16):
+    """(graphed engine, eager engine) over identical empty caches."""
+    cfg = CacheConfig(k_type=cache_type, v_type=cache_type, sinks=4, window=32, block_size=block_size)
     engines = []
     for graphs in (True, False):
         cache = build_cache(cfg, args, max_seqs=4, max_len=512, dtype=torch.bfloat16, device="cuda")
         engines.append(LLMEngine(model, cache, "cuda", cuda_graphs=graphs))
-    graphed, eager = engines
-    assert graphed.cuda_graphs and not eager.cuda_graphs
+    assert engines[0].cuda_graphs and not engines[1].cuda_graphs
+    return engines
+
+
+def same_decode(graphed, eager, before=lambda e: None):
+    """The same ragged prefill, then 80 decode steps on both engines (before(engine) ahead of each
+    call): logits within 2e-2 and the same greedy tokens every step."""
     gen = torch.Generator().manual_seed(0)
     lens = {0: 100, 1: 7, 3: 45}  # ragged prompts; slot 2 unused
     chunks = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in lens.values()]
-    for e in engines:
+    for e in (graphed, eager):
+        before(e)
         first = e.forward(list(lens), [0] * 3, chunks)
     token = dict(zip(lens, first.argmax(-1).tolist()))
     for step in range(80):  # crosses the 32-token window and block boundaries; batch sizes 3, then 2
         slots = [0, 1, 3] if step < 50 else [0, 3]
-        a, b = (e.forward(slots, [lens[s] for s in slots], [[token[s]] for s in slots]) for e in engines)
+        logits = []
+        for e in (graphed, eager):
+            before(e)
+            logits.append(e.forward(slots, [lens[s] for s in slots], [[token[s]] for s in slots]))
+        a, b = logits
         assert torch.isfinite(a).all()
         err = (a - b).norm() / b.norm()
         assert err < 2e-2, f"step {step}: relative logit error {err:.3g}"
@@ -57,6 +66,28 @@ def test_graph_replay_equals_eager_decode(cache_type):
             token[s] = t
             lens[s] += 1
     assert set(graphed.graphs) == {3, 2}  # one capture per batch size, replayed after
+
+
+@pytest.mark.parametrize("cache_type", ["bf16", "tq3.5", "tq4", "tq3"])
+def test_graph_replay_equals_eager_decode(cache_type):
+    model, args = tiny_model()
+    same_decode(*engine_pair(model, args, cache_type))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="programmatic dependent launch: compute capability 9.0 or newer")
+@pytest.mark.parametrize("cache_type", ["bf16", "tq3.5", "tq4"])
+def test_graph_replay_with_pdl_equals_eager_without(cache_type, monkeypatch):
+    """Decode graphs whose attention kernels launch each other early (programmatic dependent launch)
+    against eager steps without it, three layers and 80 steps: a kernel reading a buffer before its
+    writer finished (this layer's or the previous one's) would show here. Blocks of 64 tokens, so the
+    compressed caches take the Gluon kernel."""
+    from tqinfer.kernels import decode_attention
+
+    model, args = tiny_model()
+    graphed, eager = engine_pair(model, args, cache_type, block_size=64)
+    same_decode(graphed, eager,
+                lambda e: monkeypatch.setattr(decode_attention, "DECODE_PDL", None if e is graphed else False))
 
 
 def test_replay_after_loading_a_sequence_calibrated_elsewhere(tmp_path):

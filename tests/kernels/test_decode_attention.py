@@ -278,7 +278,6 @@ def test_gluon_split_kernel_matches_float64(kt, vt, d, h, g, sinks, window, spli
     """The Gluon split kernel (decode_gluon) == float64 and == the Triton split kernel on the same cache:
     ragged lengths around tile, block and window edges, empty splits, a first tile past the sinks,
     blocks of two tiles, K and V of different parts, NaN-poisoned workspaces."""
-    monkeypatch.setattr(decode_attention, "GLUON_3BIT_32", True)  # tq3.5 at d 64: not yet the default
     lens = [1, 17, bs - 1, bs + 1, 3 * bs - 3, 9 * bs + 40]
     view, kd, vd = build_cache(kt, vt, lens, heads=h, d=d, sinks=sinks, window=window, block_size=bs,
                                dtype=torch.float32, device=DEV, seed=d + g + bs)
@@ -315,23 +314,22 @@ def test_gluon_split_kernel_matches_float64(kt, vt, d, h, g, sinks, window, spli
 
 
 @pytest.mark.parametrize("kind,d,ok", [("tq4", 128, True), ("tq4", 64, True), ("tq3.5", 128, True),
-                                       ("tq3.5", 64, False), ("tq3", 128, True), ("tq3", 64, True),
+                                       ("tq3.5", 64, True), ("tq3", 128, True), ("tq3", 64, True),
                                        ("tq2.5", 64, False), ("tq2", 128, False), ("tqp3", 64, False),
                                        ("tqp4", 128, False)])
 def test_gluon_kernel_only_where_it_reads(kind, d, ok, monkeypatch):
-    """gluon_layouts: 4- and 3-bit MSE records (not 2-bit parts, not QJL; 3-bit parts of 32 channels only
-    with GLUON_3BIT_32), at most 8 query heads a group, whole 64-token tiles in a block; gluon_reads: and
+    """gluon_layouts: 4- and 3-bit MSE records (not 2-bit parts, not QJL; 3-bit parts of 32 channels not
+    with GLUON_3BIT_32 off), at most 8 query heads a group, whole 64-token tiles in a block; gluon_reads: and
     only as compiled CUDA code. Asking for the Gluon kernel where it cannot run is an error."""
     view, _, _ = build_cache(kind, kind, [5], heads=1, d=d, sinks=0, window=0, block_size=BS,
                              dtype=torch.float32, device=DEV, seed=1)
     k_lay, v_lay = decode_attention._layouts(view, DEV)
     assert decode_attention.gluon_layouts(k_lay, v_lay, d, 4, 64) == ok
-    monkeypatch.setattr(decode_attention, "GLUON_3BIT_32", True)
-    assert decode_attention.gluon_layouts(k_lay, v_lay, d, 4, 64) == (ok or (kind, d) == ("tq3.5", 64))
-    monkeypatch.setattr(decode_attention, "GLUON_3BIT_32", False)
     assert not decode_attention.gluon_layouts(k_lay, v_lay, d, 9, 64)  # more than 8 query heads a group
     assert not decode_attention.gluon_layouts(k_lay, v_lay, d, 4, 32)  # blocks smaller than a tile
     assert decode_attention.gluon_reads(k_lay, v_lay, d, 4, 64, DEV) == (ok and DEV == "cuda")
+    monkeypatch.setattr(decode_attention, "GLUON_3BIT_32", False)
+    assert decode_attention.gluon_layouts(k_lay, v_lay, d, 4, 64) == (ok and (kind, d) != ("tq3.5", 64))
     q = torch.randn(1, 4, d, device=DEV)
     args = (q, q[:, :1], q[:, :1], torch.arange(2, dtype=torch.int32, device=DEV),
             torch.tensor([5], dtype=torch.int32, device=DEV), view, 0.1)
@@ -361,3 +359,61 @@ def test_gluon_needs_mma_v2_and_gluon(monkeypatch):
     monkeypatch.setattr(decode_attention, "decode_gluon", None)
     assert not decode_attention.gluon_reads(k_lay, v_lay, 64, 4, 64, "cuda")
     assert not decode_attention.gluon_layouts(k_lay, v_lay, 64, 4, 64)
+
+
+def test_programmatic_launch_only_on_hopper(monkeypatch):
+    """Programmatic dependent launch (griddepcontrol) only as compiled CUDA code on compute capability
+    9.0 or newer, never on the CPU or under the interpreter; DECODE_PDL forces it either way."""
+    monkeypatch.setattr(decode_attention, "INTERPRET", False)
+    assert not decode_attention.programmatic_launch(torch.device("cpu"))
+    for cap, expect in (((8, 0), False), ((9, 0), True), ((10, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, cap=cap: cap)
+        assert decode_attention.programmatic_launch(torch.device("cuda", 0)) == expect
+    monkeypatch.setattr(decode_attention, "INTERPRET", True)
+    assert not decode_attention.programmatic_launch(torch.device("cuda", 0))
+    monkeypatch.setattr(decode_attention, "DECODE_PDL", True)
+    assert decode_attention.programmatic_launch(torch.device("cpu"))
+
+
+PDL_CASES = [("tq3.5", 128, 2, 4, "gluon"), ("tq3.5", 64, 3, 3, "gluon"), ("tq4", 128, 2, 4, "triton"),
+             ("bf16", 64, 2, 4, None)]
+
+
+@pytest.mark.skipif(DEV != "cuda" or torch.cuda.get_device_capability() < (9, 0),
+                    reason="programmatic dependent launch: compute capability 9.0 or newer")
+@pytest.mark.parametrize("kind,d,h,g,kernel", PDL_CASES)
+def test_programmatic_launch_same_result(kind, d, h, g, kernel, monkeypatch):
+    """With programmatic dependent launch (the split kernel started while the query kernel runs, the merge
+    while the splits run) decode attention gives the output of the launches without it, bit for bit,
+    called eagerly and replayed from a CUDA graph; lengths of one split's worth of tokens and of many."""
+    lens = [40, 300, 2000, 9000]
+    view, _, _ = build_cache(kind, kind, lens, heads=h, d=d, sinks=4, window=32, block_size=BS,
+                             dtype=torch.float32, device=DEV, seed=d + g)
+    gen = torch.Generator().manual_seed(d)
+    q = torch.randn(len(lens), h * g, d, generator=gen).to(DEV)
+    k = torch.randn(len(lens), h, d, generator=gen).to(DEV)
+    cu = torch.arange(len(lens) + 1, dtype=torch.int32, device=DEV)
+    pl = torch.tensor(lens, dtype=torch.int32, device=DEV)
+
+    def call(out):
+        return paged_decode_attention(q, k, k * 0.5, cu, pl, view, 0.1, num_splits=24, out=out, kernel=kernel)
+
+    monkeypatch.setattr(decode_attention, "DECODE_PDL", False)
+    ref = call(None)
+    monkeypatch.setattr(decode_attention, "DECODE_PDL", True)
+    eager = call(None)
+    out = torch.full_like(q, float("nan"))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call(out)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call(out)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.isfinite(ref).all()
+    assert torch.equal(eager, ref)
+    assert torch.equal(out, ref)

@@ -380,14 +380,15 @@ def tile_tokens(bt_ptr, b, s_bt, ti, tok, c_end, h, H: tl.constexpr, BS: tl.cons
 
 
 @triton.jit
-def split_bounds(L, sinks, window, BLOCK_N: tl.constexpr, NSPLIT):
+def split_bounds(L, sinks, window, BLOCK_N: tl.constexpr, NSPLIT, MIN_TILES: tl.constexpr):
     """For a prefix of L tokens: the end of the compressed tokens, the first tile, the tile bound, tiles
-    per split and the number of splits with work (the first n_act; the rest are empty)."""
+    per split (at least MIN_TILES) and the number of splits with work (the first n_act; the rest are
+    empty)."""
     c_end = tl.where(window > 0, L - window, L)
     lo = sinks // BLOCK_N
     hi = tl.where(c_end > sinks, (c_end + BLOCK_N - 1) // BLOCK_N, lo)
-    per = (hi - lo + NSPLIT - 1) // NSPLIT
-    n_act = tl.where(per > 0, (hi - lo + per - 1) // tl.maximum(per, 1), 0)
+    per = tl.maximum((hi - lo + NSPLIT - 1) // NSPLIT, MIN_TILES)
+    n_act = (hi - lo + per - 1) // per
     return c_end, lo, hi, per, n_act
 
 
@@ -462,13 +463,17 @@ def _decode_split_kernel(
     VQ_CH: tl.constexpr, VQ_DP: tl.constexpr, VQ_BT: tl.constexpr, VQ_PL: tl.constexpr,
     VQ_SC: tl.constexpr, VQ_TB: tl.constexpr, VQ_TP: tl.constexpr, VQ_NC: tl.constexpr, VQ_WD: tl.constexpr,
     VQ_LT: tl.constexpr,
-    MODE: tl.constexpr, EARLY_V: tl.constexpr, DOT_F32: tl.constexpr,
+    MODE: tl.constexpr, EARLY_V: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr = False,
+    MIN_TILES: tl.constexpr = 1,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)  # splits 0 .. NSPLIT - 1 of the compressed tiles, then NHOT chunks of hot tokens
     L = tl.load(prefix_ptr + b)
-    c_end, n_tiles_lo, n_tiles_hi, per, n_act = split_bounds(L, sinks, window, BLOCK_N, NSPLIT)
+    c_end, n_tiles_lo, n_tiles_hi, per, n_act = split_bounds(L, sinks, window, BLOCK_N, NSPLIT, MIN_TILES)
+    if PDL:  # launched while the query kernel ran: its queries are read after it completes
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     t_start = n_tiles_lo + s * per
     t_end = tl.minimum(t_start + per, n_tiles_hi)  # empty for hot programs and splits >= n_act
 
@@ -569,7 +574,7 @@ def _decode_merge_kernel(
     sinks, window, s_qt, s_qh, s_kt, s_kh, s_ot, s_oh,
     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT,
     SP: tl.constexpr, SB: tl.constexpr, NHOT: tl.constexpr, HP: tl.constexpr, CJ: tl.constexpr,
-    V_ROTATED: tl.constexpr, DVQ: tl.constexpr,
+    V_ROTATED: tl.constexpr, DVQ: tl.constexpr, PDL: tl.constexpr = False, MIN_TILES: tl.constexpr = 1,
 ):
     """One program per query head: a log-sum-exp reduction over the splits with work (vectorised, SB
     at a time), un-rotation in column chunks of CJ, the hot chunks and the new token added in the
@@ -580,10 +585,12 @@ def _decode_merge_kernel(
     d = tl.arange(0, D)
     RW: tl.constexpr = D + DVQ
     L = tl.load(prefix_ptr + b)
-    n_act = split_bounds(L, sinks, window, BLOCK_N, NSPLIT)[4]
+    n_act = split_bounds(L, sinks, window, BLOCK_N, NSPLIT, MIN_TILES)[4]
     base = (b * H + h) * (NSPLIT + NHOT)
     q = tl.load(q_ptr + b * s_qt + (h * G + g) * s_qh + d)
     sc = tl.sum(q * tl.load(k_ptr + b * s_kt + h * s_kh + d).to(tl.float32), axis=0)  # the new token
+    if PDL:  # launched while the split kernel ran (which waited for the queries): its workspace after it
+        tl.extra.cuda.gdc_wait()
     si = tl.arange(0, SP)
     m_s = tl.load(ws_m + (base + si) * G + g, mask=si < n_act, other=NEG)
     l_s = tl.load(ws_l + (base + si) * G + g, mask=si < n_act, other=0.0)
@@ -637,7 +644,7 @@ def _decode_merge_kernel(
 @triton.jit
 def _decode_queries_kernel(q_ptr, rot_ptr, qk_ptr, qs_ptr, scale, s_qb, s_qh, s_kb, s_kh, s_sb, s_sh,
                            G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, CJ: tl.constexpr,
-                           ROTATE: tl.constexpr):
+                           ROTATE: tl.constexpr, PDL: tl.constexpr = False):
     """Grid (sequence, KV head, column chunk): the group's queries scaled (fp32, for the hot tokens and
     the merge; stored by chunk 0) and, for the key tiles, CJ columns of their rotation by the key
     codec's (column-permuted) rotation in fp32, stored as fp16; or, dense keys, cast to the pool's
@@ -646,6 +653,8 @@ def _decode_queries_kernel(q_ptr, rot_ptr, qk_ptr, qs_ptr, scale, s_qb, s_qh, s_
     b = tl.program_id(0)
     h = tl.program_id(1)
     j0 = tl.program_id(2) * CJ
+    if PDL:  # the split kernel may launch now: it waits for this one before reading the queries
+        tl.extra.cuda.gdc_launch_dependents()
     g = tl.arange(0, GP)
     d = tl.arange(0, D)
     gm = (g < G)[:, None]
@@ -852,10 +861,11 @@ def prepare_queries(q: torch.Tensor, kv_heads: int, scale: float, k_layout: Reco
 
 def decode_queries(q: torch.Tensor, kv_heads: int, scale: float, k_layout: RecordLayout | None,
                    dense_dtype: torch.dtype, lut: bool = False,
-                   permute: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                   permute: bool = True, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(the key tiles' queries as `prepare_queries` makes them, q scaled by scale·log2(e) in fp32) for
     decode queries q[B, Hq, d], in one launch (QJL keys: the torch path); lut: columns for 'asm' keys;
-    permute=False: rotated queries in channel order (the Gluon kernel permutes them as it loads)."""
+    permute=False: rotated queries in channel order (the Gluon kernel permutes them as it loads);
+    pdl: the kernel lets the next one launch early (a programmatic dependent launch that waits for it)."""
     if k_layout is not None and k_layout.qjl is not None:
         return (prepare_queries(q, kv_heads, scale, k_layout, dense_dtype, lut=lut),
                 (q.float() * (scale * LOG2E)).contiguous())
@@ -869,7 +879,7 @@ def decode_queries(q: torch.Tensor, kv_heads: int, scale: float, k_layout: Recor
     cj = max(1, min(d, QUERY_TILE // (gp * d))) if k_layout is not None else d
     _decode_queries_kernel[(bsz, kv_heads, d // cj)](
         q, rot, qk, qs, scale * LOG2E, q.stride(0), q.stride(1), qk.stride(0), qk.stride(1), qs.stride(0),
-        qs.stride(1), G=g, GP=gp, D=d, CJ=cj, ROTATE=k_layout is not None)
+        qs.stride(1), G=g, GP=gp, D=d, CJ=cj, ROTATE=k_layout is not None, PDL=pdl)
     return qk, qs
 
 
@@ -1005,8 +1015,11 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
         gargs = {**_gluon_args(k_lay, "K"), **_gluon_args(v_lay, "V")}
         cap = GLUON_MAXNREG if GLUON_MAXNREG is not None else gluon_register_cap(k_lay, v_lay)
         config = ("gluon", tuple(gargs.items()), h, d, g, bs, nhot, k_hot.dtype, cap, GLUON_PREFETCH, q.device)
+        block_n = decode_gluon.WARP_TOKENS * GLUON_WARPS
     nsplit = num_splits or default_splits(bsz, h, sms or 132, _RESIDENT.get(config))
-    qk, qs = decode_queries(q, h, scale, k_lay, view.k_pool.dtype, lut, permute=not gluon)
+    pdl = programmatic_launch(q.device)
+    min_tiles = max(1, SPLIT_MIN_TOKENS // block_n) if gluon else 1
+    qk, qs = decode_queries(q, h, scale, k_lay, view.k_pool.dtype, lut, permute=not gluon, pdl=pdl)
     seq_slot = view.seq_slot if has_hot else prefix_lens
     dev = q.device
     dvq = v_lay.qjl.dim if v_lay is not None and v_lay.qjl is not None else 0
@@ -1018,14 +1031,13 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
     tab_k, tab_k2 = _tabs(k_lay, ws_m)
     tab_v, tab_v2 = _tabs(v_lay, ws_m)
     if gluon:
-        block_n = decode_gluon.WARP_TOKENS * GLUON_WARPS
         regs = {"maxnreg": cap} if cap else {}
         launched = decode_gluon._decode_split_gluon[(bsz, h, nsplit + nhot)](
             qk, view.k_pool, view.v_pool, gluon_table(k_lay), gluon_table(v_lay), bt, prefix_lens,
             ws_m, ws_l, ws_acc, qs, k_hot, v_hot, seq_slot,
             view.sinks, view.window, bt.stride(0), qk.stride(0), qk.stride(1), qs.stride(0), qs.stride(1), *hs,
             0, nsplit, H=h, G=g, D=d, BS=bs, NHOT=nhot, BLOCK_H=hot_block, **gargs, NW=GLUON_WARPS,
-            PREFETCH=GLUON_PREFETCH, num_warps=GLUON_WARPS, **regs)
+            PREFETCH=GLUON_PREFETCH, PDL=pdl, MIN_TILES=min_tiles, num_warps=GLUON_WARPS, launch_pdl=pdl, **regs)
         num_warps = GLUON_WARPS
     else:
         launched = _decode_split_kernel[(bsz, h, nsplit + nhot)](
@@ -1033,8 +1045,8 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
             qs, k_hot, v_hot, seq_slot,
             view.sinks, view.window, bt.stride(0), qk.stride(0), qk.stride(1), qs.stride(0), qs.stride(1), *hs,
             H=h, G=g, GP=gp, D=d, BS=bs, BLOCK_N=block_n, NSPLIT=nsplit, NHOT=nhot, BLOCK_H=hot_block,
-            **kv_args, MODE=LOOKUPS[lookup], DOT_F32=INTERPRET, EARLY_V=early_v, num_warps=num_warps,
-            num_stages=num_stages, **regs)
+            **kv_args, MODE=LOOKUPS[lookup], DOT_F32=INTERPRET, EARLY_V=early_v, PDL=pdl, MIN_TILES=min_tiles,
+            num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl, **regs)
     if sms and config not in _RESIDENT:
         _RESIDENT[config] = resident_programs(launched, num_warps, q.device)
     out = torch.empty_like(q) if out is None else out
@@ -1048,8 +1060,34 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
         out.stride(0), out.stride(1),
         H=h, G=g, D=d, BLOCK_N=block_n, NSPLIT=nsplit, SP=sp, SB=min(sp, chunk), NHOT=nhot,
         HP=triton.next_power_of_2(max(nhot, 1)), CJ=min(d, chunk) if v_lay is not None else d,
-        V_ROTATED=v_lay is not None, DVQ=dvq, num_warps=MERGE_WARPS)
+        V_ROTATED=v_lay is not None, DVQ=dvq, PDL=pdl, MIN_TILES=min_tiles, num_warps=MERGE_WARPS, launch_pdl=pdl)
     return out
+
+
+# programmatic dependent launch of the split and merge kernels (None: where it runs; True / False: forced).
+# H200, graph replay (.bench/w/s12_pdl2.py, 2026-11-30 14:36-14:38 UTC, merge tile 8192, 256 tokens a split),
+# tq3.5, off -> on: 8B shape B1 8k 31.6 -> 30.4 us, 32k 50.2 -> 47.6, 128k 117.7 -> 114.8, B8 32k 239.8 ->
+# 239.7, B16 32k 422.7 -> 420.9; 135M 4k 19.7 -> 17.3, 32k 24.4 -> 21.5 (tq4 alike, B16 32k 439.2 -> 442.7);
+# bf16 pages, 135M 4k 19.3 -> 16.8 (14:50). The split kernel lets the merge launch once its queries are in
+# (letting it launch at the split's end instead: 0.3-1.3 us slower at B1). With fewer programs than slots,
+# an early-launched split grid can pile programs on some SMs: 16 splits at 128k B1 183 -> 236 us (14:34);
+# the default counts fill the SMs.
+DECODE_PDL = None
+# compressed tokens a split of the Gluon kernel takes at least: short contexts use fewer of the grid's
+# splits (the rest exit at once; the merge reads as many). H200, PDL on, 14:36-14:38: tq3.5 8B B1 8k 32.4
+# (64) / 30.4 (256) / 33.6 us (512), 135M 4k 17.3 / 17.3 / 20.7; no change at 32k and longer. Not for the
+# Triton kernel: bf16 pages 135M 4k 16.8 with it against 12.0 without, 8B 8k 26.0 against 22.7 (14:50)
+SPLIT_MIN_TOKENS = 256
+
+
+def programmatic_launch(device: torch.device) -> bool:
+    """Whether decode attention's kernels launch the next one early (griddepcontrol, Hopper and later):
+    the split kernel's start and first tile overlap the query kernel, the merge's start the splits'."""
+    if DECODE_PDL is not None:
+        return DECODE_PDL
+    if INTERPRET or device.type != "cuda" or torch.version.hip is not None:
+        return False
+    return torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 GLUON_WARPS = 4  # warps of the Gluon split kernel: 16 tokens each of a 64-token tile
@@ -1072,9 +1110,9 @@ def gluon_register_cap(k_lay: RecordLayout, v_lay: RecordLayout) -> int:
 # register cap with prefetch on: 127.2 / 235.8); two tiles ahead (12:51): slower (tq3.5 135.3 / 277.6)
 GLUON_PREFETCH = 2
 # value units of 4 codes for 3-bit parts of 32 channels (tq3.5 at head_dim 64, the default model's default
-# cache): implemented, compiled for sm_90 with triton 3.6 and 3.9, its index maps checked by a CPU emulation
-# (helper-20), but not yet run on a GPU (this session's device time ran out), so off until a GPU test passes
-GLUON_3BIT_32 = False
+# cache) through the Gluon kernel; False sends those records to the Triton kernel. H200 (2026-11-30 14:22,
+# scripts/bench_decode_kernels.py --gluon-3bit-32): 135M shape tq3.5 32k 41.5 -> 25.1 us, 4k 19.4 -> 20.0
+GLUON_3BIT_32 = True
 
 
 def gluon_reads(k_lay: RecordLayout | None, v_lay: RecordLayout | None, d: int, g: int, block_size: int,
@@ -1100,8 +1138,8 @@ def _mma_v2(device: torch.device) -> bool:
 def gluon_layouts(k_lay: RecordLayout | None, v_lay: RecordLayout | None, d: int, g: int, block_size: int) -> bool:
     """Whether decode_gluon's split kernel reads these records: head_dim 64 or 128, at most 8 query heads
     a group, blocks of whole 64-token tiles, and keys and values of one or two equal MSE parts (no QJL)
-    of 4 bits and at least 32 channels or 3 bits and at least 64 (32 with GLUON_3BIT_32), 16-bit
-    aligned: tq4, tq3.5 and tq3 at head_dim 128, tq4 and tq3 at 64 (tq3.5 there with GLUON_3BIT_32)."""
+    of 4 bits and at least 32 channels or 3 bits and at least 32 (64 with GLUON_3BIT_32 off), 16-bit
+    aligned: tq4, tq3.5 and tq3 at head_dim 64 and 128 (tq3.5 at 64 not with GLUON_3BIT_32 off)."""
     if decode_gluon is None or d not in (64, 128) or g > 8 or block_size % (decode_gluon.WARP_TOKENS * GLUON_WARPS):
         return False
 
@@ -1147,6 +1185,10 @@ DEFAULT_WARPS = 4
 # 32k B 1 90.5 against 96.0; tq4 (128 already) and the 135M shape unchanged
 DEFAULT_MAX_REGISTERS = 128
 HOT_TILE = 2048  # [tokens, d] elements of hot K (and V) per program: 32 tokens at d 64, 16 at d 128
-MERGE_TILE = 4096  # fp32 elements per register tile of the merge stage
+# fp32 elements per register tile of the merge stage: [SB, D] splits at a time, [D, CJ] of the un-rotation.
+# H200, graph replay, tq3.5 8B shape (.bench/w/s12_pdl*.py, 2026-11-30): 4096 -> 8192 (14:33-14:34) B1 8k
+# 36.9 -> 32.7 us, 32k 52.7 -> 48.6, 128k 119.9 -> 115.2, B8 32k 250.7 -> 242.7; 8192 -> 16384 (14:36-14:38)
+# 30.4 -> 29.5, 47.6 -> 46.3, 114.8 -> 114.3, 239.7 -> 236.6, B16 32k 420.9 -> 423.4; 8 warps: slower
+MERGE_TILE = 16384
 MERGE_WARPS = 4
 QUERY_TILE = 4096  # fp32 elements of a program's [G, CJ, d] product tile of the query rotation

@@ -149,6 +149,14 @@ def _prefetch(ptr, LEVEL: gl.constexpr):
 
 
 @gluon.jit
+def _grid_wait(x):
+    """griddepcontrol.wait (the previous kernel complete, its writes visible), then launch_dependents
+    (the next kernel may launch); x: any scalar, returned, so that what uses it comes after."""
+    return gl.inline_asm_elementwise("griddepcontrol.wait; griddepcontrol.launch_dependents; mov.b32 $0, $1;",
+                                     "=r,r", [x], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
 def _lut3x4(f, hb, t0, t1, t2, t3):
     """_lut3 for four 3-bit codes: 2-bit fields in the low byte of f, high bits in the low nibble of hb."""
     return gl.inline_asm_elementwise(
@@ -365,7 +373,7 @@ def _decode_split_gluon(
     KB_DP: gl.constexpr, KB_BT: gl.constexpr, KB_PL: gl.constexpr, KB_SC: gl.constexpr,
     REC_V: gl.constexpr, VA_DP: gl.constexpr, VA_BT: gl.constexpr, VA_PL: gl.constexpr, VA_SC: gl.constexpr,
     VB_DP: gl.constexpr, VB_BT: gl.constexpr, VB_PL: gl.constexpr, VB_SC: gl.constexpr, NW: gl.constexpr,
-    PREFETCH: gl.constexpr = 0,
+    PREFETCH: gl.constexpr = 0, PDL: gl.constexpr = False, MIN_TILES: gl.constexpr = 1,
 ):
     """Grid (B, H, NSPLIT + NHOT), the workspace of decode_attention._decode_split_kernel: program
     (b, h, s < NSPLIT) runs split s of sequence b's compressed tiles for KV head h, the last NHOT take
@@ -389,10 +397,18 @@ def _decode_split_gluon(
     c_end = gl.where(window > 0, L - window, L)
     lo_t = sinks // BLOCK_N
     hi_t = gl.where(c_end > sinks, (c_end + BLOCK_N - 1) // BLOCK_N, lo_t)
-    per = (hi_t - lo_t + NSPLIT - 1) // NSPLIT
-    n_act = gl.where(per > 0, (hi_t - lo_t + per - 1) // gl.maximum(per, 1), 0)
+    per = gl.maximum((hi_t - lo_t + NSPLIT - 1) // NSPLIT, MIN_TILES)
+    n_act = (hi_t - lo_t + per - 1) // per
     t_start = lo_t + s * per
     t_end = gl.minimum(t_start + per, hi_t)
+    PL: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [NW, 1], [1, 0])
+    pw = _idx2(NW, 0, PL)
+    line = _idx2(32, 1, PL) * 128
+    if PDL:  # launched while the query kernel ran: the first tile fetched meanwhile, the queries after it
+        if PREFETCH > 0:
+            _prefetch_tile(k_pool, v_pool, bt_ptr, b, s_bt, h, t_start, t_end, pw, line, H, BS, BLOCK_N, REC_K,
+                           REC_V, PREFETCH)
+        b = _grid_wait(b)
 
     q_row = q_ptr + b * s_qb + h * G * s_qh
     qa = _part_queries(q_row, s_qh, G, 0, KA_DP, QOP, NW)
@@ -413,9 +429,6 @@ def _decode_split_gluon(
     l_i = gl.max(_rows8(zs), 2)
     acc_a = gl.zeros([NW, VA_DP, 8], gl.float32, MS)
     acc_b = gl.zeros([NW, VB_DP if VB_DP > 0 else 16, 8], gl.float32, MS)
-    PL: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [NW, 1], [1, 0])
-    pw = _idx2(NW, 0, PL)
-    line = _idx2(32, 1, PL) * 128
     for ti in range(t_start, t_end):
         if PREFETCH > 0:  # the lines of this warp's records of the next tile, to L1 (1) or L2 (2)
             _prefetch_tile(k_pool, v_pool, bt_ptr, b, s_bt, h, ti + 1, t_end, pw, line, H, BS, BLOCK_N, REC_K,
