@@ -587,10 +587,11 @@ def _decode_merge_kernel(
     L = tl.load(prefix_ptr + b)
     n_act = split_bounds(L, sinks, window, BLOCK_N, NSPLIT, MIN_TILES)[4]
     base = (b * H + h) * (NSPLIT + NHOT)
-    q = tl.load(q_ptr + b * s_qt + (h * G + g) * s_qh + d)
-    sc = tl.sum(q * tl.load(k_ptr + b * s_kt + h * s_kh + d).to(tl.float32), axis=0)  # the new token
-    if PDL:  # launched while the split kernel ran (which waited for the queries): its workspace after it
+    k_new = tl.load(k_ptr + b * s_kt + h * s_kh + d).to(tl.float32)
+    if PDL:  # launched while the split kernel ran: the queries and the workspace read after it completes
         tl.extra.cuda.gdc_wait()
+    q = tl.load(q_ptr + b * s_qt + (h * G + g) * s_qh + d)
+    sc = tl.sum(q * k_new, axis=0)  # the new token
     si = tl.arange(0, SP)
     m_s = tl.load(ws_m + (base + si) * G + g, mask=si < n_act, other=NEG)
     l_s = tl.load(ws_l + (base + si) * G + g, mask=si < n_act, other=0.0)
