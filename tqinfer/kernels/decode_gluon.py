@@ -381,7 +381,8 @@ def _decode_split_gluon(
     it; B_DP = 0 when absent) of BT bits (4 or 3), planes at byte PL, fp16 scale at byte SC of records of
     REC bytes; lut_k / lut_v: each part's table words (A at 0, B at 8). q_ptr: the rotated queries
     (fp16, log2 units, channel order); qs_ptr: the scaled queries (fp32, original space) for the hot
-    tokens."""
+    tokens. A split takes at least MIN_TILES tiles (decode_attention.split_bounds); PDL: launched while
+    the query kernel runs (griddepcontrol), so nothing it wrote is read before the wait."""
     BLOCK_N: gl.constexpr = TOKENS * NW
     MS: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1, 1], instr_shape=[1, 16, 8])
     QOP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MS, k_width=2)
