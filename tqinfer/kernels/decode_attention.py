@@ -1068,16 +1068,16 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
 # programmatic dependent launch of the split and merge kernels (None: where it runs; True / False: forced).
 # H200, graph replay (.bench/w/s12_pdl2.py, 2026-11-30 14:36-14:38 UTC, merge tile 8192, 256 tokens a split),
 # tq3.5, off -> on: 8B shape B1 8k 31.6 -> 30.4 us, 32k 50.2 -> 47.6, 128k 117.7 -> 114.8, B8 32k 239.8 ->
-# 239.7, B16 32k 422.7 -> 420.9; 135M 4k 19.7 -> 17.3, 32k 24.4 -> 21.5 (tq4 alike, B16 32k 439.2 -> 442.7);
-# bf16 pages, 135M 4k 19.3 -> 16.8 (14:50). The split kernel lets the merge launch once its queries are in
-# (letting it launch at the split's end instead: 0.3-1.3 us slower at B1). With fewer programs than slots,
-# an early-launched split grid can pile programs on some SMs: 16 splits at 128k B1 183 -> 236 us (14:34);
-# the default counts fill the SMs.
+# 239.7, B16 32k 422.7 -> 420.9; 135M 4k 19.7 -> 17.3, 32k 24.4 -> 21.5 (tq4 alike, B16 32k 439.2 -> 442.7).
+# The split kernel lets the merge launch once its queries are in (letting it launch at the split's end
+# instead: 0.2-1.3 us slower at B1). PDL slowed some split counts other than the defaults (14:33-14:34: 16
+# splits at 128k B1 183 -> 236 us, 32 splits 129 -> 165); cause not measured.
 DECODE_PDL = None
 # compressed tokens a split of the Gluon kernel takes at least: short contexts use fewer of the grid's
 # splits (the rest exit at once; the merge reads as many). H200, PDL on, 14:36-14:38: tq3.5 8B B1 8k 32.4
-# (64) / 30.4 (256) / 33.6 us (512), 135M 4k 17.3 / 17.3 / 20.7; no change at 32k and longer. Not for the
-# Triton kernel: bf16 pages 135M 4k 16.8 with it against 12.0 without, 8B 8k 26.0 against 22.7 (14:50)
+# (64) / 30.4 (256) / 33.6 us (512), 135M 4k 17.3 / 17.3 / 20.7, 32k 21.3 / 21.5 / 22.8; 8B 32k and 128k
+# within 0.2 us. Not for the Triton kernel: bf16 pages 135M 4k 16.8 with it against 12.0 without, 8B 8k
+# 26.0 against 22.7 (14:50)
 SPLIT_MIN_TOKENS = 256
 
 
