@@ -1054,7 +1054,7 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
     rot_v = v_lay.rotation if v_lay is not None else ws_m
     qjl_rot = _qjl_unrotation(v_lay) if dvq else ws_m
     sp = triton.next_power_of_2(max(nsplit, MAX_SPLITS))  # fixed: one merge compile whatever the count
-    chunk = max(16, MERGE_TILE // d)  # elements of an [SB, D] / [D, CJ] tile: MERGE_TILE
+    chunk = max(16, (MERGE_TILE_QJL if dvq else MERGE_TILE) // d)  # elements of an [SB, D] / [D, CJ] tile
     _decode_merge_kernel[(bsz, h, g)](
         qs, k, v, prefix_lens, ws_m, ws_l, ws_acc, rot_v, qjl_rot, out,
         view.sinks, view.window, qs.stride(0), qs.stride(1), k.stride(0), k.stride(1),
@@ -1191,5 +1191,6 @@ HOT_TILE = 2048  # [tokens, d] elements of hot K (and V) per program: 32 tokens 
 # 36.9 -> 32.7 us, 32k 52.7 -> 48.6, 128k 119.9 -> 115.2, B8 32k 250.7 -> 242.7; 8192 -> 16384 (14:36-14:38)
 # 30.4 -> 29.5, 47.6 -> 46.3, 114.8 -> 114.3, 239.7 -> 236.6, B16 32k 420.9 -> 423.4; 8 warps: slower
 MERGE_TILE = 16384
+MERGE_TILE_QJL = 4096  # values with a QJL part: a second [DVQ, CJ] tile; at 16384 ptxas spills (2760 B at d 128)
 MERGE_WARPS = 4
 QUERY_TILE = 4096  # fp32 elements of a program's [G, CJ, d] product tile of the query rotation
