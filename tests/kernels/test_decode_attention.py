@@ -7,6 +7,8 @@ import zlib
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from tqinfer.kernels import decode_attention, reference
 from tqinfer.kernels.decode_attention import paged_decode_attention
@@ -417,3 +419,38 @@ def test_programmatic_launch_same_result(kind, d, h, g, kernel, monkeypatch):
     assert torch.isfinite(ref).all()
     assert torch.equal(eager, ref)
     assert torch.equal(out, ref)
+
+
+@triton.jit
+def _split_bounds_kernel(lens_ptr, out_ptr, sinks, window, N: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT,
+                         MIN_TILES: tl.constexpr):
+    i = tl.arange(0, N)
+    c_end, lo, hi, per, n_act = decode_attention.split_bounds(tl.load(lens_ptr + i), sinks, window, BLOCK_N,
+                                                              NSPLIT, MIN_TILES)
+    tl.store(out_ptr + i * 5, c_end)
+    tl.store(out_ptr + i * 5 + 1, lo + i * 0)
+    tl.store(out_ptr + i * 5 + 2, hi)
+    tl.store(out_ptr + i * 5 + 3, per + i * 0)
+    tl.store(out_ptr + i * 5 + 4, n_act)
+
+
+@pytest.mark.parametrize("block_n,nsplit,min_tiles", [(16, 1, 1), (16, 40, 1), (16, 40, 16), (64, 49, 4),
+                                                      (64, 128, 4), (32, 7, 3)])
+@pytest.mark.parametrize("sinks,window", [(0, 0), (4, 32), (70, 20)])
+def test_split_bounds_cover_every_tile_once(block_n, nsplit, min_tiles, sinks, window):
+    """split_bounds, which the split kernels and the merge share (the Gluon kernel has the same formula):
+    the first n_act <= NSPLIT splits take at least MIN_TILES tiles each (the last what is left) and cover
+    the compressed tiles exactly once, the rest none; no tiles, no split; MIN_TILES 1 is the even split."""
+    lens = torch.arange(0, 2048, 4, dtype=torch.int32, device=DEV)  # 512: a power of two for tl.arange
+    out = torch.full((lens.numel(), 5), -7, dtype=torch.int32, device=DEV)
+    _split_bounds_kernel[(1,)](lens, out, sinks, window, N=lens.numel(), BLOCK_N=block_n, NSPLIT=nsplit,
+                               MIN_TILES=min_tiles)
+    for length, (c_end, lo, hi, per, n_act) in zip(lens.tolist(), out.tolist()):
+        assert c_end == (length - window if window else length)
+        assert lo == sinks // block_n and hi == (max(lo, -(-c_end // block_n)) if c_end > sinks else lo)
+        tiles = hi - lo
+        assert per >= min_tiles and per == max(-(-tiles // nsplit), min_tiles)
+        assert n_act <= nsplit and (n_act == 0) == (tiles == 0)
+        spans = [range(lo + s * per, min(lo + (s + 1) * per, hi)) for s in range(nsplit)]
+        assert all(len(r) > 0 for r in spans[:n_act]) and all(len(r) == 0 for r in spans[n_act:])
+        assert [t for r in spans for t in r] == list(range(lo, hi))
