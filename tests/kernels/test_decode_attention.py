@@ -350,11 +350,11 @@ def test_gluon_needs_mma_v2_and_gluon(monkeypatch):
     k_lay, v_lay = decode_attention._layouts(view, DEV)
     asked = []
     monkeypatch.setattr(decode_attention, "INTERPRET", False)
-    monkeypatch.setattr(decode_attention, "_MMA_V2", {})
+    monkeypatch.setattr(decode_attention, "_CAPABILITY", {})
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     for cap, expect in (((7, 5), False), ((9, 0), True)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i, cap=cap: asked.append(i) or cap)
-        decode_attention._MMA_V2.clear()
+        decode_attention._CAPABILITY.clear()
         assert decode_attention.gluon_reads(k_lay, v_lay, 64, 4, 64, "cuda") == expect
         assert decode_attention.gluon_reads(k_lay, v_lay, 64, 4, 64, "cuda:0") == expect
     assert asked == [0, 0]  # once per device and capability setting
@@ -367,9 +367,11 @@ def test_programmatic_launch_only_on_hopper(monkeypatch):
     """Programmatic dependent launch (griddepcontrol) only as compiled CUDA code on compute capability
     9.0 or newer, never on the CPU or under the interpreter; DECODE_PDL forces it either way."""
     monkeypatch.setattr(decode_attention, "INTERPRET", False)
+    monkeypatch.setattr(decode_attention, "_CAPABILITY", {})
     assert not decode_attention.programmatic_launch(torch.device("cpu"))
     for cap, expect in (((8, 0), False), ((9, 0), True), ((10, 0), True)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, cap=cap: cap)
+        decode_attention._CAPABILITY.clear()
         assert decode_attention.programmatic_launch(torch.device("cuda", 0)) == expect
     monkeypatch.setattr(decode_attention, "INTERPRET", True)
     assert not decode_attention.programmatic_launch(torch.device("cuda", 0))

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from . import reference
+from .decode_bounds import hot_count, split_bounds
 
 try:  # Gluon (triton.experimental.gluon) with Ampere mma: triton 3.6 and 3.9 have it; without it, Triton only
     from . import decode_gluon
@@ -377,27 +378,6 @@ def tile_tokens(bt_ptr, b, s_bt, ti, tok, c_end, h, H: tl.constexpr, BS: tl.cons
     """Slot index (block * H + h) * BS + offset of each token of tile ti (BLOCK_N divides BS)."""
     blk = tl.load(bt_ptr + b * s_bt + (ti * BLOCK_N) // BS).to(tl.int64)
     return (blk * H + h) * BS + (ti * BLOCK_N) % BS + tl.arange(0, BLOCK_N)
-
-
-@triton.jit
-def split_bounds(L, sinks, window, BLOCK_N: tl.constexpr, NSPLIT, MIN_TILES: tl.constexpr):
-    """For a prefix of L tokens: the end of the compressed tokens, the first tile, the tile bound, tiles
-    per split (at least MIN_TILES) and the number of splits with work (the first n_act; the rest are
-    empty)."""
-    c_end = tl.where(window > 0, L - window, L)
-    lo = sinks // BLOCK_N
-    hi = tl.where(c_end > sinks, (c_end + BLOCK_N - 1) // BLOCK_N, lo)
-    per = tl.maximum((hi - lo + NSPLIT - 1) // NSPLIT, MIN_TILES)
-    n_act = (hi - lo + per - 1) // per
-    return c_end, lo, hi, per, n_act
-
-
-@triton.jit
-def hot_count(L, sinks, window):
-    """(tokens kept hot for a prefix of L: the sinks, then the recent window; sinks held, window start)."""
-    n_sink = tl.minimum(sinks, L)
-    w_lo = tl.where(window > 0, tl.maximum(sinks, L - window), L)
-    return n_sink + tl.maximum(L - w_lo, 0), n_sink, w_lo
 
 
 @triton.jit
@@ -1029,8 +1009,6 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
     ws_l = torch.empty_like(ws_m)
     ws_acc = torch.empty(ws_m.numel() * (d + dvq), device=dev, dtype=torch.float32)
     bt = view.block_table
-    tab_k, tab_k2 = _tabs(k_lay, ws_m)
-    tab_v, tab_v2 = _tabs(v_lay, ws_m)
     if gluon:
         regs = {"maxnreg": cap} if cap else {}
         launched = decode_gluon._decode_split_gluon[(bsz, h, nsplit + nhot)](
@@ -1041,6 +1019,8 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
             PREFETCH=GLUON_PREFETCH, PDL=pdl, MIN_TILES=min_tiles, num_warps=GLUON_WARPS, launch_pdl=pdl, **regs)
         num_warps = GLUON_WARPS
     else:
+        tab_k, tab_k2 = _tabs(k_lay, ws_m)
+        tab_v, tab_v2 = _tabs(v_lay, ws_m)
         launched = _decode_split_kernel[(bsz, h, nsplit + nhot)](
             qk, view.k_pool, view.v_pool, tab_k, tab_k2, tab_v, tab_v2, bt, prefix_lens, ws_m, ws_l, ws_acc,
             qs, k_hot, v_hot, seq_slot,
@@ -1088,7 +1068,7 @@ def programmatic_launch(device: torch.device) -> bool:
         return DECODE_PDL
     if INTERPRET or device.type != "cuda" or torch.version.hip is not None:
         return False
-    return torch.cuda.get_device_capability(device) >= (9, 0)
+    return _capability(device) >= (9, 0)
 
 
 GLUON_WARPS = 4  # warps of the Gluon split kernel: 16 tokens each of a 64-token tile
@@ -1122,18 +1102,18 @@ def gluon_reads(k_lay: RecordLayout | None, v_lay: RecordLayout | None, d: int, 
     interpreter, not ROCm) and records it reads (gluon_layouts)."""
     if decode_gluon is None or INTERPRET or torch.version.hip is not None or torch.device(device).type != "cuda":
         return False
-    return _mma_v2(torch.device(device)) and gluon_layouts(k_lay, v_lay, d, g, block_size)
+    return _capability(torch.device(device)) >= (8, 0) and gluon_layouts(k_lay, v_lay, d, g, block_size)
 
 
-_MMA_V2: dict = {}
+_CAPABILITY: dict = {}
 
 
-def _mma_v2(device: torch.device) -> bool:
-    """Whether the GPU runs mma.sync m16n8k16 (compute capability 8.0 or newer), kept per device."""
+def _capability(device: torch.device) -> tuple[int, int]:
+    """A CUDA device's compute capability, kept per device (8.0+: mma.sync m16n8k16; 9.0+: griddepcontrol)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _MMA_V2:
-        _MMA_V2[index] = torch.cuda.get_device_capability(index) >= (8, 0)
-    return _MMA_V2[index]
+    if index not in _CAPABILITY:
+        _CAPABILITY[index] = torch.cuda.get_device_capability(index)
+    return _CAPABILITY[index]
 
 
 def gluon_layouts(k_lay: RecordLayout | None, v_lay: RecordLayout | None, d: int, g: int, block_size: int) -> bool:

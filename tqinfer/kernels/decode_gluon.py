@@ -37,6 +37,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
+from .decode_bounds import hot_count, split_bounds
+
 NEG = gl.constexpr(-1.0e30)
 WARP_TOKENS = 16
 TOKENS = gl.constexpr(WARP_TOKENS)  # tokens a warp takes from each tile: the n of the key mma, the k of the value mma
@@ -280,9 +282,7 @@ def _hot_chunk(q_row, s_qh, k_hot, v_hot, hot_base, s_hs, L, sinks, window, i0, 
     r * s_qh) over hot tokens i0 .. i0 + BLOCK_H - 1 of one sequence (the sinks, then the recent window
     from its ring slots; past the end m = NEG, l = 0, acc = 0), in fp32 on the CUDA cores."""
     HL: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [NW, 1], [1, 0])
-    n_sink = gl.minimum(sinks, L)
-    w_lo = gl.where(window > 0, gl.maximum(sinks, L - window), L)
-    n_hot = n_sink + gl.maximum(L - w_lo, 0)
+    n_hot, n_sink, w_lo = hot_count(L, sinks, window)
     i = i0 + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, HL))
     d = gl.arange(0, D, layout=gl.SliceLayout(0, HL))
     hmask = i < n_hot
@@ -381,7 +381,7 @@ def _decode_split_gluon(
     it; B_DP = 0 when absent) of BT bits (4 or 3), planes at byte PL, fp16 scale at byte SC of records of
     REC bytes; lut_k / lut_v: each part's table words (A at 0, B at 8). q_ptr: the rotated queries
     (fp16, log2 units, channel order); qs_ptr: the scaled queries (fp32, original space) for the hot
-    tokens. A split takes at least MIN_TILES tiles (decode_attention.split_bounds); PDL: launched while
+    tokens. A split takes at least MIN_TILES tiles (decode_bounds.split_bounds); PDL: launched while
     the query kernel runs (griddepcontrol), so nothing it wrote is read before the wait."""
     BLOCK_N: gl.constexpr = TOKENS * NW
     MS: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1, 1], instr_shape=[1, 16, 8])
@@ -395,11 +395,7 @@ def _decode_split_gluon(
     h = gl.program_id(1)
     s = gl.program_id(2)
     L = gl.load(prefix_ptr + b)
-    c_end = gl.where(window > 0, L - window, L)
-    lo_t = sinks // BLOCK_N
-    hi_t = gl.where(c_end > sinks, (c_end + BLOCK_N - 1) // BLOCK_N, lo_t)
-    per = gl.maximum((hi_t - lo_t + NSPLIT - 1) // NSPLIT, MIN_TILES)
-    n_act = (hi_t - lo_t + per - 1) // per
+    c_end, lo_t, hi_t, per, n_act = split_bounds(L, sinks, window, BLOCK_N, NSPLIT, MIN_TILES)
     t_start = lo_t + s * per
     t_end = gl.minimum(t_start + per, hi_t)
     PL: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [NW, 1], [1, 0])

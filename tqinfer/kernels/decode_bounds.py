@@ -1,0 +1,27 @@
+"""The split and hot-token bounds of a decode step, computed on the device from the prefix length: plain
+scalar Triton, shared by decode_attention's split and merge kernels and decode_gluon's split kernel (a
+Gluon kernel calls them as it calls its own helpers)."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def split_bounds(L, sinks, window, BLOCK_N: tl.constexpr, NSPLIT, MIN_TILES: tl.constexpr):
+    """For a prefix of L tokens: the end of the compressed tokens, the first tile, the tile bound, tiles
+    per split (at least MIN_TILES) and the number of splits with work (the first n_act; the rest are
+    empty)."""
+    c_end = tl.where(window > 0, L - window, L)
+    lo = sinks // BLOCK_N
+    hi = tl.where(c_end > sinks, (c_end + BLOCK_N - 1) // BLOCK_N, lo)
+    per = tl.maximum((hi - lo + NSPLIT - 1) // NSPLIT, MIN_TILES)
+    n_act = (hi - lo + per - 1) // per
+    return c_end, lo, hi, per, n_act
+
+
+@triton.jit
+def hot_count(L, sinks, window):
+    """(tokens kept hot for a prefix of L: the sinks, then the recent window; sinks held, window start)."""
+    n_sink = tl.minimum(sinks, L)
+    w_lo = tl.where(window > 0, tl.maximum(sinks, L - window), L)
+    return n_sink + tl.maximum(L - w_lo, 0), n_sink, w_lo
