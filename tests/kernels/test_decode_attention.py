@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tqinfer.kernels import decode_attention, reference
+from tqinfer.kernels import decode_attention, decode_bounds, reference
 from tqinfer.kernels.decode_attention import paged_decode_attention
 from tqinfer.quant.registry import make_codec
 
@@ -427,8 +427,8 @@ def test_programmatic_launch_same_result(kind, d, h, g, kernel, monkeypatch):
 def _split_bounds_kernel(lens_ptr, out_ptr, sinks, window, N: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT,
                          MIN_TILES: tl.constexpr):
     i = tl.arange(0, N)
-    c_end, lo, hi, per, n_act = decode_attention.split_bounds(tl.load(lens_ptr + i), sinks, window, BLOCK_N,
-                                                              NSPLIT, MIN_TILES)
+    c_end, lo, hi, per, n_act = decode_bounds.split_bounds(tl.load(lens_ptr + i), sinks, window, BLOCK_N,
+                                                           NSPLIT, MIN_TILES)
     tl.store(out_ptr + i * 5, c_end)
     tl.store(out_ptr + i * 5 + 1, lo + i * 0)
     tl.store(out_ptr + i * 5 + 2, hi)
@@ -440,7 +440,7 @@ def _split_bounds_kernel(lens_ptr, out_ptr, sinks, window, N: tl.constexpr, BLOC
                                                       (64, 128, 4), (32, 7, 3)])
 @pytest.mark.parametrize("sinks,window", [(0, 0), (4, 32), (70, 20)])
 def test_split_bounds_cover_every_tile_once(block_n, nsplit, min_tiles, sinks, window):
-    """split_bounds, which the split kernels and the merge share (the Gluon kernel has the same formula):
+    """split_bounds (kernels/decode_bounds.py), which every split kernel and the merge call:
     the first n_act <= NSPLIT splits take at least MIN_TILES tiles each (the last what is left) and cover
     the compressed tiles exactly once, the rest none; no tiles, no split; MIN_TILES 1 is the even split."""
     lens = torch.arange(0, 2048, 4, dtype=torch.int32, device=DEV)  # 512: a power of two for tl.arange
