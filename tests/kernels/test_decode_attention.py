@@ -197,6 +197,32 @@ def test_splits_fill_whole_waves():
     assert decode_attention.default_splits(1, 8, 132) == 66  # occupancy unknown: ~4 programs an SM
 
 
+def test_wave_splits():
+    """The Gluon kernel's grid and fill (kernels/decode_attention.wave_splits): one sequence of 8 KV heads
+    at 3 programs an SM fills one wave with 49 splits (the grid too: 49 splits of 48 tiles reach 150k
+    tokens); batches fill a wave with fewer splits and keep a grid of at most 43 splits (128k tokens in
+    48-tile splits) and about 4 waves of programs, the largest such count whose last wave is about full;
+    the fill never passes the grid or MAX_SPLITS."""
+    ws = decode_attention.wave_splits
+    assert ws(1, 8, 64, 132, 3) == (49, 49)
+    assert ws(4, 8, 64, 132, 3) == (37, 12)  # 1184 programs: 2.99 waves (43: 3.47)
+    assert ws(8, 8, 64, 132, 3) == (24, 6)  # 3.88 waves (25, the 4-wave bound: 4.04)
+    assert ws(16, 8, 64, 132, 3) == (12, 3)
+    assert ws(32, 8, 64, 132, 3) == (6, 1)
+    assert ws(1, 3, 64, 132, 3) == (126, 126)  # 135M shape: default_splits' count
+    for b in (1, 2, 3, 4, 8, 16, 32, 64, 256):
+        for h in (1, 3, 8):
+            for per_sm in (None, 1, 3, 4):
+                nsplit, fill = ws(b, h, 64, 132, per_sm)
+                slots = 132 * (per_sm or 4)
+                assert 1 <= fill <= nsplit <= decode_attention.MAX_SPLITS
+                assert b * h * fill <= slots or fill == 1  # the fill is one wave at most
+                assert fill >= 0.9 * min(decode_attention.MAX_SPLITS, slots // (b * h))  # ... and about a full one
+                even = decode_attention.default_splits(b, h, 132, per_sm)
+                if b == 1 and h * even <= slots:  # one sequence, one wave: default_splits' count and grid
+                    assert nsplit == fill == even
+
+
 def test_resident_programs(monkeypatch):
     """Occupancy from a compiled kernel's registers and shared memory (H200: 64k registers, 228 KB)."""
     from types import SimpleNamespace
@@ -273,13 +299,20 @@ GLUON_CASES = [  # k type, v type, head_dim, KV heads, group size
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="the Gluon kernel is compiled CUDA code")
-@pytest.mark.parametrize("sinks,window,splits,bs", [(4, 8, 3, 64), (0, 0, 1, 64), (3, 20, 40, 64), (66, 20, 5, 128)])
+@pytest.mark.parametrize("sinks,window,splits,bs", [(4, 8, 3, 64), (0, 0, 1, 64), (3, 20, 40, 64), (66, 20, 5, 128),
+                                                   (3, 20, None, 64)])
 @pytest.mark.parametrize("kt,vt,d,h,g", GLUON_CASES,
                          ids=[f"{c[0]}-{c[1]}-d{c[2]}-h{c[3]}-g{c[4]}" for c in GLUON_CASES])
 def test_gluon_split_kernel_matches_float64(kt, vt, d, h, g, sinks, window, splits, bs, monkeypatch):
     """The Gluon split kernel (decode_gluon) == float64 and == the Triton split kernel on the same cache:
     ragged lengths around tile, block and window edges, empty splits, a first tile past the sinks,
-    blocks of two tiles, K and V of different parts, NaN-poisoned workspaces."""
+    blocks of two tiles, K and V of different parts, NaN-poisoned workspaces. splits None: the default,
+    wave-sized splits, here with a grid of 7 and a fill of 2 splits of at most 2 tiles (one tile at
+    least), so that the lengths take one split, a wave of two and (616 tokens: 10 tiles) five splits."""
+    if splits is None:
+        monkeypatch.setattr(decode_attention, "wave_splits", lambda *a: (7, 2))
+        monkeypatch.setattr(decode_attention, "WAVE_TILES", 2)
+        monkeypatch.setattr(decode_attention, "SPLIT_MIN_TOKENS", 64)
     lens = [1, 17, bs - 1, bs + 1, 3 * bs - 3, 9 * bs + 40]
     view, kd, vd = build_cache(kt, vt, lens, heads=h, d=d, sinks=sinks, window=window, block_size=bs,
                                dtype=torch.float32, device=DEV, seed=d + g + bs)
@@ -425,10 +458,10 @@ def test_programmatic_launch_same_result(kind, d, h, g, kernel, monkeypatch):
 
 @triton.jit
 def _split_bounds_kernel(lens_ptr, out_ptr, sinks, window, N: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT,
-                         MIN_TILES: tl.constexpr):
+                         MIN_TILES: tl.constexpr, FILL, WAVE_TILES: tl.constexpr):
     i = tl.arange(0, N)
     c_end, lo, hi, per, n_act = decode_bounds.split_bounds(tl.load(lens_ptr + i), sinks, window, BLOCK_N,
-                                                           NSPLIT, MIN_TILES)
+                                                           NSPLIT, MIN_TILES, FILL, WAVE_TILES)
     tl.store(out_ptr + i * 5, c_end)
     tl.store(out_ptr + i * 5 + 1, lo + i * 0)
     tl.store(out_ptr + i * 5 + 2, hi)
@@ -436,22 +469,32 @@ def _split_bounds_kernel(lens_ptr, out_ptr, sinks, window, N: tl.constexpr, BLOC
     tl.store(out_ptr + i * 5 + 4, n_act)
 
 
-@pytest.mark.parametrize("block_n,nsplit,min_tiles", [(16, 1, 1), (16, 40, 1), (16, 40, 16), (64, 49, 4),
-                                                      (64, 128, 4), (32, 7, 3)])
+@pytest.mark.parametrize("block_n,nsplit,min_tiles,fill,wave", [
+    (16, 1, 1, 1, 0), (16, 40, 1, 40, 0), (16, 40, 16, 40, 0), (64, 49, 4, 49, 0), (64, 128, 4, 128, 0),
+    (32, 7, 3, 7, 0), (16, 43, 1, 6, 5), (64, 25, 4, 3, 2), (16, 40, 2, 40, 3), (32, 13, 1, 1, 9)])
 @pytest.mark.parametrize("sinks,window", [(0, 0), (4, 32), (70, 20)])
-def test_split_bounds_cover_every_tile_once(block_n, nsplit, min_tiles, sinks, window):
+def test_split_bounds_cover_every_tile_once(block_n, nsplit, min_tiles, fill, wave, sinks, window):
     """split_bounds (kernels/decode_bounds.py), which every split kernel and the merge call:
     the first n_act <= NSPLIT splits take at least MIN_TILES tiles each (the last what is left) and cover
-    the compressed tiles exactly once, the rest none; no tiles, no split; MIN_TILES 1 is the even split."""
+    the compressed tiles exactly once, the rest none; no tiles, no split; MIN_TILES 1 is the even split.
+    With WAVE_TILES (the Gluon kernel's wave_splits): FILL splits while a split stays within WAVE_TILES
+    tiles, splits of WAVE_TILES tiles past that, the even split over NSPLIT once those would be more."""
     lens = torch.arange(0, 2048, 4, dtype=torch.int32, device=DEV)  # 512: a power of two for tl.arange
     out = torch.full((lens.numel(), 5), -7, dtype=torch.int32, device=DEV)
-    _split_bounds_kernel[(1,)](lens, out, sinks, window, N=lens.numel(), BLOCK_N=block_n, NSPLIT=nsplit,
-                               MIN_TILES=min_tiles)
+    _split_bounds_kernel[(1,)](lens, out, sinks, window, N=lens.numel(), BLOCK_N=block_n, NSPLIT=nsplit, FILL=fill,
+                               MIN_TILES=min_tiles, WAVE_TILES=wave)
     for length, (c_end, lo, hi, per, n_act) in zip(lens.tolist(), out.tolist()):
         assert c_end == (length - window if window else length)
         assert lo == sinks // block_n and hi == (max(lo, -(-c_end // block_n)) if c_end > sinks else lo)
         tiles = hi - lo
-        assert per >= min_tiles and per == max(-(-tiles // nsplit), min_tiles)
+        want = max(-(-tiles // nsplit), min_tiles)
+        if wave:
+            want = max(want, min(-(-tiles // fill), wave))
+        assert per >= min_tiles and per == want
+        if wave and tiles <= fill * wave:  # one wave: at most FILL splits
+            assert n_act <= fill
+        elif wave and tiles <= nsplit * wave and min_tiles <= wave:  # more waves of WAVE_TILES-tile splits
+            assert per == wave and n_act > fill
         assert n_act <= nsplit and (n_act == 0) == (tiles == 0)
         spans = [range(lo + s * per, min(lo + (s + 1) * per, hi)) for s in range(nsplit)]
         assert all(len(r) > 0 for r in spans[:n_act]) and all(len(r) == 0 for r in spans[n_act:])

@@ -450,7 +450,7 @@ def _decode_split_kernel(
     h = tl.program_id(1)
     s = tl.program_id(2)  # splits 0 .. NSPLIT - 1 of the compressed tiles, then NHOT chunks of hot tokens
     L = tl.load(prefix_ptr + b)
-    c_end, n_tiles_lo, n_tiles_hi, per, n_act = split_bounds(L, sinks, window, BLOCK_N, NSPLIT, MIN_TILES)
+    c_end, n_tiles_lo, n_tiles_hi, per, n_act = split_bounds(L, sinks, window, BLOCK_N, NSPLIT, MIN_TILES, NSPLIT, 0)
     if PDL:  # launched while the query kernel ran: its queries are read after it completes
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -554,7 +554,8 @@ def _decode_merge_kernel(
     sinks, window, s_qt, s_qh, s_kt, s_kh, s_ot, s_oh,
     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT,
     SP: tl.constexpr, SB: tl.constexpr, NHOT: tl.constexpr, HP: tl.constexpr, CJ: tl.constexpr,
-    V_ROTATED: tl.constexpr, DVQ: tl.constexpr, PDL: tl.constexpr = False, MIN_TILES: tl.constexpr = 1,
+    V_ROTATED: tl.constexpr, DVQ: tl.constexpr, PDL: tl.constexpr = False, MIN_TILES: tl.constexpr = 1, FILL=1,
+    WAVE_TILES: tl.constexpr = 0,
 ):
     """One program per query head: a log-sum-exp reduction over the splits with work (vectorised, SB
     at a time), un-rotation in column chunks of CJ, the hot chunks and the new token added in the
@@ -565,7 +566,7 @@ def _decode_merge_kernel(
     d = tl.arange(0, D)
     RW: tl.constexpr = D + DVQ
     L = tl.load(prefix_ptr + b)
-    n_act = split_bounds(L, sinks, window, BLOCK_N, NSPLIT, MIN_TILES)[4]
+    n_act = split_bounds(L, sinks, window, BLOCK_N, NSPLIT, MIN_TILES, FILL, WAVE_TILES)[4]
     base = (b * H + h) * (NSPLIT + NHOT)
     k_new = tl.load(k_ptr + b * s_kt + h * s_kh + d).to(tl.float32)
     if PDL:  # launched while the split kernel ran: the queries and the workspace read after it completes
@@ -910,6 +911,27 @@ def default_splits(batch: int, kv_heads: int, sms: int = 132, per_sm: int | None
     return min(n for n, c in cost.items() if c <= best * 1.02)
 
 
+def wave_splits(batch: int, kv_heads: int, block_n: int = 64, sms: int = 132,
+                per_sm: int | None = None) -> tuple[int, int]:
+    """(grid splits, fill) of the Gluon split kernel, whose splits size themselves on the device
+    (decode_bounds.split_bounds with WAVE_TILES): `fill` splits a sequence while a split stays under
+    WAVE_TILES tiles, about one wave of the resident programs (per_sm on each of `sms` multiprocessors;
+    4 before the occupancy is known): default_splits' count, at most one wave (one sequence: the same
+    count and splits as default_splits); longer contexts take more splits of WAVE_TILES
+    tiles (of block_n tokens), up to the grid's count: enough for WAVE_GRID_TOKENS tokens, at most
+    WAVE_GRID_WAVES waves' worth (a split without work costs a launch: ~2 ns a program measured), and
+    whole waves (the splits of longer contexts are even over the grid).
+    Fixed per batch size, so a CUDA graph replays at any context length."""
+    slots, progs = sms * (per_sm or 4), batch * kv_heads
+    fill = max(1, min(default_splits(batch, kv_heads, sms, per_sm), slots // progs))
+    most = min(-(-WAVE_GRID_WAVES * slots // progs), -(-WAVE_GRID_TOKENS // (block_n * WAVE_TILES)))
+    most = min(MAX_SPLITS, max(fill, most))
+    # past that context the splits are even over the grid: the largest count whose last wave is about full
+    cost = {n: -(-progs * n // slots) / n for n in range(fill, most + 1)}
+    best = min(cost.values())
+    return max(n for n, c in cost.items() if c <= best * 1.02), fill
+
+
 def resident_programs(kernel, num_warps: int, device) -> int | None:
     """Programs of a compiled kernel resident on one multiprocessor at once, limited by its registers
     and shared memory (the CUDA occupancy rules: registers allocated per warp in units of 256); None
@@ -997,7 +1019,12 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
         cap = GLUON_MAXNREG if GLUON_MAXNREG is not None else gluon_register_cap(k_lay, v_lay)
         config = ("gluon", tuple(gargs.items()), h, d, g, bs, nhot, k_hot.dtype, cap, GLUON_PREFETCH, q.device)
         block_n = decode_gluon.WARP_TOKENS * GLUON_WARPS
-    nsplit = num_splits or default_splits(bsz, h, sms or 132, _RESIDENT.get(config))
+    wave_tiles = WAVE_TILES if gluon and not num_splits else 0
+    if wave_tiles:
+        nsplit, fill = wave_splits(bsz, h, block_n, sms or 132, _RESIDENT.get(config))
+    else:
+        nsplit = num_splits or default_splits(bsz, h, sms or 132, _RESIDENT.get(config))
+        fill = nsplit
     pdl = programmatic_launch(q.device)
     min_tiles = max(1, SPLIT_MIN_TOKENS // block_n) if gluon else 1
     qk, qs = decode_queries(q, h, scale, k_lay, view.k_pool.dtype, lut, permute=not gluon, pdl=pdl)
@@ -1015,8 +1042,9 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
             qk, view.k_pool, view.v_pool, gluon_table(k_lay), gluon_table(v_lay), bt, prefix_lens,
             ws_m, ws_l, ws_acc, qs, k_hot, v_hot, seq_slot,
             view.sinks, view.window, bt.stride(0), qk.stride(0), qk.stride(1), qs.stride(0), qs.stride(1), *hs,
-            0, nsplit, H=h, G=g, D=d, BS=bs, NHOT=nhot, BLOCK_H=hot_block, **gargs, NW=GLUON_WARPS,
-            PREFETCH=GLUON_PREFETCH, PDL=pdl, MIN_TILES=min_tiles, num_warps=GLUON_WARPS, launch_pdl=pdl, **regs)
+            0, nsplit, fill, H=h, G=g, D=d, BS=bs, NHOT=nhot, BLOCK_H=hot_block, **gargs, NW=GLUON_WARPS,
+            PREFETCH=GLUON_PREFETCH, PDL=pdl, MIN_TILES=min_tiles, WAVE_TILES=wave_tiles, num_warps=GLUON_WARPS,
+            launch_pdl=pdl, **regs)
         num_warps = GLUON_WARPS
     else:
         tab_k, tab_k2 = _tabs(k_lay, ws_m)
@@ -1041,7 +1069,8 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
         out.stride(0), out.stride(1),
         H=h, G=g, D=d, BLOCK_N=block_n, NSPLIT=nsplit, SP=sp, SB=min(sp, chunk), NHOT=nhot,
         HP=triton.next_power_of_2(max(nhot, 1)), CJ=min(d, chunk) if v_lay is not None else d,
-        V_ROTATED=v_lay is not None, DVQ=dvq, PDL=pdl, MIN_TILES=min_tiles, num_warps=MERGE_WARPS, launch_pdl=pdl)
+        V_ROTATED=v_lay is not None, DVQ=dvq, PDL=pdl, MIN_TILES=min_tiles, FILL=fill, WAVE_TILES=wave_tiles,
+        num_warps=MERGE_WARPS, launch_pdl=pdl)
     return out
 
 
@@ -1059,6 +1088,18 @@ DECODE_PDL = None
 # within 0.2 us. Not for the Triton kernel: bf16 pages 135M 4k 16.8 with it against 12.0 without, 8B 8k
 # 26.0 against 22.7 (14:50)
 SPLIT_MIN_TOKENS = 256
+# the Gluon kernel's splits by context length (wave_splits; 0: the even split over default_splits' count).
+# H200, graph replay, tq3.5 / tq4, even splits of the count given (.bench/w/s13_splits.py, 2026-11-30 16:20
+# UTC): the best count fills about one wave of programs until a split would pass ~40-48 tiles, then adds
+# waves of such splits: 8B shape B8 8k 4 splits 82.5 us (default 37: 115.0), B8 32k 12-16 219.5 (17: 236.0),
+# B16 32k 8-12 413-417 (3: 420.7; tq4 33: 441.2), B4 32k 12 120.2, B2 32k 24 70.7, B1 128k 48 115.8 (96: 119.5).
+# The rule against the even split (.bench/w/s13_wave.py, 16:44 UTC, same process): tq3.5 B2 32k 72.8 -> 68.0,
+# B8 32k 230.3 -> 209.6, B16 32k 406.8 -> 404.8; tq4 B8 32k 227.3 -> 221.5, B16 32k 439.9 -> 411.0; one
+# sequence unchanged (the same splits); 16:38: B8 8k 107.0 -> 85.7 (tq4 109.5 -> 89.3), B16 8k tq4 203.3 -> 156.4,
+# B32 8k 288.5 -> 291.6 (tq4 283.0 -> 295.5), B8 128k 719.6 -> 728.5 (docs/BENCHMARKS.md)
+WAVE_TILES = 48
+WAVE_GRID_TOKENS = 131072
+WAVE_GRID_WAVES = 4
 
 
 def programmatic_launch(device: torch.device) -> bool:

@@ -367,13 +367,14 @@ def _slice_values(v_base, sn, tmask, p, zs, acc_a, acc_b, vta, vtb, REC_V: gl.co
 @gluon.jit
 def _decode_split_gluon(
     q_ptr, k_pool, v_pool, lut_k, lut_v, bt_ptr, prefix_ptr, ws_m, ws_l, ws_acc, qs_ptr, k_hot, v_hot, slot_ptr,
-    sinks, window, s_bt, s_qb, s_qh, s_qsb, s_qsh, s_hb, s_hh, s_hs, zero, NSPLIT,
+    sinks, window, s_bt, s_qb, s_qh, s_qsb, s_qsh, s_hb, s_hh, s_hs, zero, NSPLIT, FILL,
     H: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, NHOT: gl.constexpr, BLOCK_H: gl.constexpr,
     REC_K: gl.constexpr, KA_DP: gl.constexpr, KA_BT: gl.constexpr, KA_PL: gl.constexpr, KA_SC: gl.constexpr,
     KB_DP: gl.constexpr, KB_BT: gl.constexpr, KB_PL: gl.constexpr, KB_SC: gl.constexpr,
     REC_V: gl.constexpr, VA_DP: gl.constexpr, VA_BT: gl.constexpr, VA_PL: gl.constexpr, VA_SC: gl.constexpr,
     VB_DP: gl.constexpr, VB_BT: gl.constexpr, VB_PL: gl.constexpr, VB_SC: gl.constexpr, NW: gl.constexpr,
     PREFETCH: gl.constexpr = 0, PDL: gl.constexpr = False, MIN_TILES: gl.constexpr = 1,
+    WAVE_TILES: gl.constexpr = 0,
 ):
     """Grid (B, H, NSPLIT + NHOT), the workspace of decode_attention._decode_split_kernel: program
     (b, h, s < NSPLIT) runs split s of sequence b's compressed tiles for KV head h, the last NHOT take
@@ -381,8 +382,9 @@ def _decode_split_gluon(
     it; B_DP = 0 when absent) of BT bits (4 or 3), planes at byte PL, fp16 scale at byte SC of records of
     REC bytes; lut_k / lut_v: each part's table words (A at 0, B at 8). q_ptr: the rotated queries
     (fp16, log2 units, channel order); qs_ptr: the scaled queries (fp32, original space) for the hot
-    tokens. A split takes at least MIN_TILES tiles (decode_bounds.split_bounds); PDL: launched while
-    the query kernel runs (griddepcontrol), so nothing it wrote is read before the wait."""
+    tokens. Split sizes: decode_bounds.split_bounds (MIN_TILES, FILL, WAVE_TILES); a split without work
+    returns at once (it writes nothing: the merge reads the first n_act). PDL: launched while the query
+    kernel runs (griddepcontrol), so nothing it wrote is read before the wait."""
     BLOCK_N: gl.constexpr = TOKENS * NW
     MS: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1, 1], instr_shape=[1, 16, 8])
     QOP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MS, k_width=2)
@@ -395,7 +397,9 @@ def _decode_split_gluon(
     h = gl.program_id(1)
     s = gl.program_id(2)
     L = gl.load(prefix_ptr + b)
-    c_end, lo_t, hi_t, per, n_act = split_bounds(L, sinks, window, BLOCK_N, NSPLIT, MIN_TILES)
+    c_end, lo_t, hi_t, per, n_act = split_bounds(L, sinks, window, BLOCK_N, NSPLIT, MIN_TILES, FILL, WAVE_TILES)
+    if (s >= n_act) & (s < NSPLIT):
+        return
     t_start = lo_t + s * per
     t_end = gl.minimum(t_start + per, hi_t)
     PL: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [NW, 1], [1, 0])
