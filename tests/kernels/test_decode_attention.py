@@ -471,7 +471,8 @@ def _split_bounds_kernel(lens_ptr, out_ptr, sinks, window, N: tl.constexpr, BLOC
 
 @pytest.mark.parametrize("block_n,nsplit,min_tiles,fill,wave", [
     (16, 1, 1, 1, 0), (16, 40, 1, 40, 0), (16, 40, 16, 40, 0), (64, 49, 4, 49, 0), (64, 128, 4, 128, 0),
-    (32, 7, 3, 7, 0), (16, 43, 1, 6, 5), (64, 25, 4, 3, 2), (16, 40, 2, 40, 3), (32, 13, 1, 1, 9)])
+    (32, 7, 3, 7, 0), (16, 43, 1, 6, 5), (64, 25, 4, 3, 2), (16, 40, 2, 40, 3), (32, 13, 1, 1, 9),
+    (16, 13, 1, 4, 5)])  # the last: one wave, more waves, then the even split over the grid (FILL < NSPLIT)
 @pytest.mark.parametrize("sinks,window", [(0, 0), (4, 32), (70, 20)])
 def test_split_bounds_cover_every_tile_once(block_n, nsplit, min_tiles, fill, wave, sinks, window):
     """split_bounds (kernels/decode_bounds.py), which every split kernel and the merge call:

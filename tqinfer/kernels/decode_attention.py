@@ -548,7 +548,7 @@ def hot_attention(q, m_i, l_i, acc, k_hot, v_hot, hot_base, s_hh, s_hs, L, sinks
     return m_i, l_i, acc
 
 
-@triton.jit(do_not_specialize=["NSPLIT"])
+@triton.jit(do_not_specialize=["NSPLIT", "FILL"])
 def _decode_merge_kernel(
     q_ptr, k_ptr, v_ptr, prefix_ptr, ws_m, ws_l, ws_acc, rot_v, qjl_rot, out_ptr,
     sinks, window, s_qt, s_qh, s_kt, s_kh, s_ot, s_oh,
@@ -916,9 +916,10 @@ def wave_splits(batch: int, kv_heads: int, block_n: int = 64, sms: int = 132,
     """(grid splits, fill) of the Gluon split kernel, whose splits size themselves on the device
     (decode_bounds.split_bounds with WAVE_TILES): `fill` splits a sequence while a split stays under
     WAVE_TILES tiles, about one wave of the resident programs (per_sm on each of `sms` multiprocessors;
-    4 before the occupancy is known): default_splits' count, at most one wave (one sequence: the same
-    count and splits as default_splits); longer contexts take more splits of WAVE_TILES
-    tiles (of block_n tokens), up to the grid's count: enough for WAVE_GRID_TOKENS tokens, at most
+    4 before the occupancy is known): default_splits' count, at most one wave (so where default_splits'
+    count fits one wave, as for one sequence of 8 KV heads on the H200, the grid, the fill and the splits
+    are default_splits'); longer contexts take more splits of WAVE_TILES tiles (of block_n tokens), up to
+    the grid's count: at least the fill, beyond it enough for WAVE_GRID_TOKENS tokens but at most
     WAVE_GRID_WAVES waves' worth (a split without work costs a launch: ~2 ns a program measured), and
     whole waves (the splits of longer contexts are even over the grid).
     Fixed per batch size, so a CUDA graph replays at any context length."""
@@ -1024,7 +1025,7 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
         nsplit, fill = wave_splits(bsz, h, block_n, sms or 132, _RESIDENT.get(config))
     else:
         nsplit = num_splits or default_splits(bsz, h, sms or 132, _RESIDENT.get(config))
-        fill = nsplit
+        fill = 1  # unused without WAVE_TILES
     pdl = programmatic_launch(q.device)
     min_tiles = max(1, SPLIT_MIN_TOKENS // block_n) if gluon else 1
     qk, qs = decode_queries(q, h, scale, k_lay, view.k_pool.dtype, lut, permute=not gluon, pdl=pdl)

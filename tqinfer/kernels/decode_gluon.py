@@ -383,8 +383,10 @@ def _decode_split_gluon(
     REC bytes; lut_k / lut_v: each part's table words (A at 0, B at 8). q_ptr: the rotated queries
     (fp16, log2 units, channel order); qs_ptr: the scaled queries (fp32, original space) for the hot
     tokens. Split sizes: decode_bounds.split_bounds (MIN_TILES, FILL, WAVE_TILES); a split without work
-    returns at once (it writes nothing: the merge reads the first n_act). PDL: launched while the query
-    kernel runs (griddepcontrol), so nothing it wrote is read before the wait."""
+    but the first returns at once (it writes nothing: the merge reads the first n_act). PDL: launched
+    while the query kernel runs (griddepcontrol), so nothing it wrote is read before the wait; split 0
+    of every (sequence, head) waits even without work, so that the split grid ends after the query
+    kernel and the merge, which waits for the split grid, reads the queries after it too."""
     BLOCK_N: gl.constexpr = TOKENS * NW
     MS: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1, 1], instr_shape=[1, 16, 8])
     QOP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MS, k_width=2)
@@ -398,7 +400,7 @@ def _decode_split_gluon(
     s = gl.program_id(2)
     L = gl.load(prefix_ptr + b)
     c_end, lo_t, hi_t, per, n_act = split_bounds(L, sinks, window, BLOCK_N, NSPLIT, MIN_TILES, FILL, WAVE_TILES)
-    if (s >= n_act) & (s < NSPLIT):
+    if (s >= n_act) & (s > 0) & (s < NSPLIT):  # split 0 always waits: the merge's wait then covers the queries
         return
     t_start = lo_t + s * per
     t_end = gl.minimum(t_start + per, hi_t)
