@@ -1092,7 +1092,7 @@ SPLIT_MIN_TOKENS = 256
 # the Gluon kernel's splits by context length (wave_splits; 0: the even split over default_splits' count).
 # H200, graph replay, tq3.5 / tq4, even splits of the count given (.bench/w/s13_splits.py, 2026-11-30 16:20
 # UTC): the best count fills about one wave of programs until a split would pass ~40-48 tiles, then adds
-# waves of such splits: 8B shape B8 8k 4 splits 82.5 us (default 37: 115.0), B8 32k 12-16 219.5 (default 37: 236.0),
+# waves of such splits: 8B shape B8 8k 4 splits 82.5 us (default 37: 115.0), B8 32k 12-16 219.7-219.4 (default 37: 236.0),
 # B16 32k 8-12 413-417 (3: 420.7; tq4 33: 441.2), B4 32k 12 120.2, B2 32k 24 70.7, B1 128k 48 115.8 (96: 119.5).
 # The rule against the even split (.bench/w/s13_wave.py, 16:44 UTC, same process): tq3.5 B2 32k 72.8 -> 68.0,
 # B8 32k 230.3 -> 209.6, B16 32k 406.8 -> 404.8; tq4 B8 32k 227.3 -> 221.5, B16 32k 439.9 -> 411.0; one
