@@ -906,9 +906,15 @@ def default_splits(batch: int, kv_heads: int, sms: int = 132, per_sm: int | None
         return max(1, min(MAX_SPLITS, -(-waves * sms // (batch * kv_heads))))
     slots, progs = sms * per_sm, batch * kv_heads
     most = min(MAX_SPLITS, -(-8 * slots // progs))  # at most ~8 waves: more only grow the workspace and merge
-    cost = {n: -(-progs * n // slots) / n for n in range(1, most + 1)}
+    return min(_whole_waves(progs, slots, 1, most))
+
+
+def _whole_waves(progs: int, slots: int, lo: int, hi: int) -> list[int]:
+    """The split counts in lo .. hi whose programs (progs a split) fill their waves of `slots` within 2%
+    of the best: a split costs 1 / n of the work, a wave started is paid in full."""
+    cost = {n: -(-progs * n // slots) / n for n in range(lo, hi + 1)}
     best = min(cost.values())
-    return min(n for n, c in cost.items() if c <= best * 1.02)
+    return [n for n, c in cost.items() if c <= best * 1.02]
 
 
 def wave_splits(batch: int, kv_heads: int, block_n: int = 64, sms: int = 132,
@@ -928,9 +934,7 @@ def wave_splits(batch: int, kv_heads: int, block_n: int = 64, sms: int = 132,
     most = min(-(-WAVE_GRID_WAVES * slots // progs), -(-WAVE_GRID_TOKENS // (block_n * WAVE_TILES)))
     most = min(MAX_SPLITS, max(fill, most))
     # past that context the splits are even over the grid: the largest count whose last wave is about full
-    cost = {n: -(-progs * n // slots) / n for n in range(fill, most + 1)}
-    best = min(cost.values())
-    return max(n for n, c in cost.items() if c <= best * 1.02), fill
+    return max(_whole_waves(progs, slots, fill, most)), fill
 
 
 def resident_programs(kernel, num_warps: int, device) -> int | None:
