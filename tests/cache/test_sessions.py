@@ -68,6 +68,50 @@ def test_greedy_generation_after_load_equals_uncached(folder, tmp_path):
     assert loaded == uncached
 
 
+def _as_format1(llm, path, out):
+    """A copy of a saved session as the previous format wrote it: every 3-bit TurboQuant part's 1-bit
+    plane with code j at bit j % 8 (now at bit (0, 1, 4, 5, 2, 3, 6, 7)[j % 8]), bit by bit."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from tqinfer.cache.store import payload_checksum
+    from tqinfer.quant.turboquant import mse_parts
+
+    with safe_open(str(path), "pt") as f:
+        header = json.loads(f.metadata()["tqinfer"])
+    tensors = load_file(str(path))
+    at = (0, 1, 4, 5, 2, 3, 6, 7)
+    for name in [n for n in tensors if n.endswith((".k", ".v"))]:
+        layer, which = name.split(".")
+        codec = (llm.cache.k_codec if which == "k" else llm.cache.v_codec)[int(layer)]
+        rec = tensors[name].clone()
+        for p in mse_parts(codec):
+            if p.quantizer.bits == 3:
+                lo, n = p.planes + p.quantizer.dim // 4, p.quantizer.dim // 8
+                plane = rec[..., lo:lo + n].int()
+                rec[..., lo:lo + n] = sum(((plane >> at[j]) & 1) << j for j in range(8)).to(torch.uint8)
+        tensors[name] = rec
+    header.update(format="tqinfer-session-1", checksum=payload_checksum(tensors))
+    save_file(tensors, str(out), metadata={"tqinfer": json.dumps(header, sort_keys=True)})
+
+
+def test_a_session_of_the_previous_format_loads_and_continues_exactly(folder, tmp_path):
+    llm = make(folder)  # tq3.5 keys (a 3-bit part), tq3 values
+    ids = list(range(3, 90))
+    with llm.session() as s:
+        s.append(ids)
+        s.save(tmp_path / "s.safetensors")
+        cont = s.append([5, 6, 7], all_logits=True)
+    _as_format1(llm, tmp_path / "s.safetensors", tmp_path / "old.safetensors")
+    from safetensors.torch import load_file
+    new, old = load_file(str(tmp_path / "s.safetensors")), load_file(str(tmp_path / "old.safetensors"))
+    assert not torch.equal(new["0.k"], old["0.k"]) and not torch.equal(new["0.v"], old["0.v"])
+    with make(folder).load_session(tmp_path / "old.safetensors") as r:
+        assert torch.equal(r.append([5, 6, 7], all_logits=True), cont)
+
+
 def test_mismatched_cache_type_or_model_is_refused(folder, tiny_hf_folder, tmp_path):
     llm = make(folder)
     with llm.session() as s:

@@ -5,11 +5,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tqinfer.quant.packing import pack, packed_bytes, planes, unpack
+from tqinfer.quant.packing import pack, packed_bytes, planes, swap3, unpack
 
 
 def layout_oracle(codes: list[int], bits: int) -> list[int]:
-    """The documented layout, written out bit by bit."""
+    """The documented layout, written out bit by bit: the 1-bit plane of 3-bit codes has code j at bit
+    (0, 1, 4, 5, 2, 3, 6, 7)[j % 8], i.e. bits 1 and 2 of j % 8 swapped."""
     out = []
     shift = 0
     for p in planes(bits):
@@ -17,10 +18,21 @@ def layout_oracle(codes: list[int], bits: int) -> list[int]:
         per = 8 // p
         for j, c in enumerate(codes):
             field = (c >> shift) & ((1 << p) - 1)
-            plane[j // per] |= field << ((j % per) * p)
+            e = j % per
+            at = ((e & 1) | ((e >> 2) & 1) << 1 | ((e >> 1) & 1) << 2) if (p, bits) == (1, 3) else e * p
+            plane[j // per] |= field << at
         out += plane
         shift += p
     return out
+
+
+def test_swap3_is_the_involution_between_the_3bit_plane_and_plain_order():
+    codes = torch.randint(0, 8, (200, 8), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
+    plane = pack(codes, 3)[:, 2]  # 8 codes: 2 bytes of 2-bit fields, then the 1-bit plane byte
+    plain = sum(((codes[:, j].int() >> 2) & 1) << j for j in range(8))
+    assert torch.equal(swap3(plane.int()), plain) and torch.equal(swap3(plain), plane.int())
+    assert [swap3(1 << j) for j in range(8)] == [1, 2, 16, 32, 4, 8, 64, 128]
+    assert swap3(0xA5A5) == (swap3(0xA5) | swap3(0xA5) << 8)  # byte by byte
 
 
 def test_plane_decomposition():

@@ -21,8 +21,12 @@ from safetensors.torch import load_file, save_file
 from tqinfer.cache.config import center_mode
 from tqinfer.cache.paged import flat_slots, read_tokens, write_dense
 from tqinfer.errors import TqinferError
+from tqinfer.quant.packing import packed_bytes, swap3
+from tqinfer.quant.turboquant import mse_parts
 
-FORMAT = "tqinfer-session-1"
+FORMAT = "tqinfer-session-2"
+# format 1: the 1-bit plane of 3-bit codes in plain bit order (code j at bit j % 8), converted on load
+READS = (FORMAT, "tqinfer-session-1")
 
 
 class CacheFileError(TqinferError):
@@ -88,9 +92,26 @@ def read_header(path: str | Path) -> dict:
     if "tqinfer" not in meta:
         raise CacheFileError(f"{path} has no tqinfer metadata")
     header = json.loads(meta["tqinfer"])
-    if header.get("format") != FORMAT:
-        raise CacheFileError(f"{path} is format {header.get('format')!r}, this tqinfer reads {FORMAT!r}")
+    if header.get("format") not in READS:
+        raise CacheFileError(f"{path} is format {header.get('format')!r}, this tqinfer reads "
+                             + " and ".join(repr(f) for f in READS))
     return header
+
+
+def _format1_records(codec, rec: torch.Tensor) -> torch.Tensor:
+    """Records [..., record_bytes] of a format-1 file in this format: the 1-bit plane of each 3-bit
+    TurboQuant part had its bits in plain order, now in packing.PERM3's (swap3 is its own inverse)."""
+    try:
+        parts = mse_parts(codec)
+    except NotImplementedError:  # no TurboQuant parts: no 3-bit plane the kernels read
+        return rec
+    rec = rec.clone()
+    for p in parts:
+        if p.quantizer.bits == 3:
+            lo = p.planes + p.quantizer.dim // 4
+            hi = lo + packed_bytes(p.quantizer.dim, 1)
+            rec[..., lo:hi] = swap3(rec[..., lo:hi].int()).to(torch.uint8)
+    return rec
 
 
 def check_header(header: dict, expected: dict, path) -> None:
@@ -159,8 +180,12 @@ def load_sequence(cache, slot: int, path: str | Path, expected: dict) -> list[in
     cache.reserve(slot, n)
     flat = flat_slots(cache.block_table[slot], torch.arange(n, device=cache.device), cache.block_size)
     for layer in range(cache.args.num_hidden_layers):
-        write_dense(cache.k_pool[layer], tensors[f"{layer}.k"].to(cache.device), flat, cache.block_size)
-        write_dense(cache.v_pool[layer], tensors[f"{layer}.v"].to(cache.device), flat, cache.block_size)
+        for which, codec in (("k", cache.k_codec[layer]), ("v", cache.v_codec[layer])):
+            rec = tensors[f"{layer}.{which}"]
+            if header["format"] == "tqinfer-session-1" and codec is not None:
+                rec = _format1_records(codec, rec)
+            pool = cache.k_pool[layer] if which == "k" else cache.v_pool[layer]
+            write_dense(pool, rec.to(cache.device), flat, cache.block_size)
         if cache.k_hot[layer] is not None:
             cache.k_hot[layer][slot] = tensors[f"{layer}.k_hot"].to(cache.device)
             cache.v_hot[layer][slot] = tensors[f"{layer}.v_hot"].to(cache.device)

@@ -10,7 +10,7 @@
  *
  * Record layout (tqinfer/quant/packing.py, turboquant.py): a part's codes are planes of widths 4, 2,
  * 1 (b = 3: a 2-bit plane, then a 1-bit plane), code j of a width-w plane at bit (j * w) % 8 of byte
- * j * w / 8; the part's fp16 norm at byte TQ_P<k>_SCALE. Rotated space: part k's values occupy
+ * j * w / 8 (the 1-bit plane of b = 3: at bit PERM3[j % 8], see high_bits3); the part's fp16 norm at byte TQ_P<k>_SCALE. Rotated space: part k's values occupy
  * channels [TQ_P<k>_CH, + TQ_P<k>_DIM). The query arrives rotated and the output leaves rotated.
  *
  * Pool [blocks, H, BS, R] uint8; table: the sequence's block ids (int32); token t of head h sits at
@@ -59,6 +59,13 @@ INLINE float fp16(const uint8_t *p) {
     return f;
 }
 
+/* Bits sh[0..15] of the 16-bit word at byte j / 8 of src, one per lane. */
+INLINE vi bits16(const uint8_t *src, int j, vu sh) {
+    uint16_t w;
+    memcpy(&w, src + j / 8, 2);
+    return (vi)((((vu){}) + (uint32_t)w) >> sh & 1);
+}
+
 /* The 16 fields of width W for codes j .. j + 15 of the plane at src, one per lane. */
 INLINE vi fields(const uint8_t *src, int j, int W) {
     if (W == 4) {
@@ -74,17 +81,20 @@ INLINE vi fields(const uint8_t *src, int j, int W) {
         memcpy(&w, src + j / 4, 4);
         return (vi)((((vu){}) + w) >> sh & 3);
     }
-    const vu sh = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-    uint16_t w;
-    memcpy(&w, src + j / 8, 2);
-    return (vi)((((vu){}) + (uint32_t)w) >> sh & 1);
+    return bits16(src, j, (vu){0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15});
+}
+
+/* The high bits of 3-bit codes j .. j + 15: their 1-bit plane holds code j at bit PERM3[j % 8] of byte
+ * j / 8 (packing.py: codes 0-7 of a byte at bits 0, 1, 4, 5, 2, 3, 6, 7). */
+INLINE vi high_bits3(const uint8_t *src, int j) {
+    return bits16(src, j, (vu){0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15});
 }
 
 /* Codes j .. j + 15 of a part of `dim` codes of `bits` bits whose planes start at src. */
 INLINE vi codes16(const uint8_t *src, int dim, int bits, int j) {
     switch (bits) {
     case 4: return fields(src, j, 4);
-    case 3: return fields(src, j, 2) | fields(src + dim / 4, j, 1) << 2;
+    case 3: return fields(src, j, 2) | high_bits3(src + dim / 4, j) << 2;
     case 2: return fields(src, j, 2);
     default: return fields(src, j, 1);
     }

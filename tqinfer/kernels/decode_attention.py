@@ -80,17 +80,28 @@ def _spread(w, UB: tl.constexpr, K: tl.constexpr, J: tl.constexpr, STEP: tl.cons
 
 
 @triton.jit
-def _units(row, OFF: tl.constexpr, UB: tl.constexpr, NC: tl.constexpr, WB: tl.constexpr):
+def swap3(x, ON: tl.constexpr = True):
+    """packing.swap3 (where ON): the bytes of the 1-bit plane of 3-bit codes (packing.PERM3's order) in
+    plain order, code j at bit j % 8."""
+    if ON:
+        t = ((x >> 2) ^ x) & 0x0C0C0C0C
+        x = x ^ t ^ (t << 2)
+    return x
+
+
+@triton.jit
+def _units(row, OFF: tl.constexpr, UB: tl.constexpr, NC: tl.constexpr, WB: tl.constexpr, PERM3: tl.constexpr = False):
     """[N, NC] int32: unit c (UB bits) of the plane at byte OFF of each record row[N] in the low bits,
-    read as words of WB bits (one load per word, split in registers). Unmasked: every tile lies in
-    allocated blocks."""
+    read as words of WB bits (one load per word, split in registers). PERM3: the 1-bit plane of 3-bit
+    codes, its bytes put in plain order (swap3) as loaded. Unmasked: every tile lies in allocated
+    blocks."""
     if WB > UB:
-        w = _spread(_words(row, OFF, WB, (NC * UB) // WB), UB, WB // UB, 0, 1)
+        w = _spread(swap3(_words(row, OFF, WB, (NC * UB) // WB), PERM3), UB, WB // UB, 0, 1)
     elif UB >= 8:
-        w = _words(row, OFF, UB, NC)
+        w = swap3(_words(row, OFF, UB, NC), PERM3)
     else:  # units under a byte, read alone: the byte holding each, shifted
         c = tl.arange(0, NC)
-        w = tl.load((row + OFF)[:, None] + ((c * UB) // 8)[None, :]).to(tl.int32) >> ((c * UB) % 8)[None, :]
+        w = swap3(tl.load((row + OFF)[:, None] + ((c * UB) // 8)[None, :]).to(tl.int32), PERM3) >> ((c * UB) % 8)[None, :]
     return w
 
 
@@ -200,7 +211,7 @@ def _part_units(row, tab, DP: tl.constexpr, BITS: tl.constexpr, PL: tl.constexpr
     w = _units(row, PL, NS * PB, NC, (WIDE % 16) * 8)
     w2 = w
     if BITS == 3:
-        w2 = _units(row, PL + DP // 4, NS, NC, (WIDE // 16) * 8)
+        w2 = _units(row, PL + DP // 4, NS, NC, (WIDE // 16) * 8, True)
     if MODE == 1:
         tabr = tl.broadcast_to(tl.load(tab + TB + tl.arange(0, 1 << BITS))[None, :], [row.shape[0], 1 << BITS])
     else:

@@ -116,29 +116,6 @@ def _rows8(x):
 
 
 @gluon.jit
-def _lut3(f, hb, t0, t1, t2, t3):
-    """The fp16 centroids of eight 3-bit codes: 2-bit fields in the low 16 bits of f (code e at bits 2e),
-    high bits in the low byte of hb (code e at bit e). The fields are spread to selector nibbles (bits
-    0-1 and 2), then one PRMT per byte plane picks from the 8-entry table (low bytes in t0, t1; high
-    bytes in t2, t3) for each four codes."""
-    return gl.inline_asm_elementwise(
-        "{.reg .b32 x, y, z, s, lo, hi, p;"
-        "and.b32 x, $8, 0xFFFF; shl.b32 y, x, 8; or.b32 x, x, y; and.b32 x, x, 0x00FF00FF;"
-        "shl.b32 y, x, 4; or.b32 x, x, y; and.b32 x, x, 0x0F0F0F0F;"
-        "shl.b32 y, x, 2; or.b32 x, x, y; and.b32 x, x, 0x33333333;"
-        "and.b32 y, $9, 0xFF; shl.b32 z, y, 12; or.b32 y, y, z; and.b32 y, y, 0x000F000F;"
-        "shl.b32 z, y, 6; or.b32 y, y, z; and.b32 y, y, 0x03030303;"
-        "shl.b32 z, y, 3; or.b32 y, y, z; and.b32 y, y, 0x11111111;"
-        "shl.b32 y, y, 2; or.b32 s, x, y;"
-        "prmt.b32 lo, $10, $11, s; prmt.b32 hi, $12, $13, s;"
-        "prmt.b32 p, lo, hi, 0x5140; mov.b32 {$0, $1}, p; prmt.b32 p, lo, hi, 0x7362; mov.b32 {$2, $3}, p;"
-        "shr.b32 s, s, 16; prmt.b32 lo, $10, $11, s; prmt.b32 hi, $12, $13, s;"
-        "prmt.b32 p, lo, hi, 0x5140; mov.b32 {$4, $5}, p; prmt.b32 p, lo, hi, 0x7362; mov.b32 {$6, $7}, p;}",
-        "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r", [f, hb, t0, t1, t2, t3],
-        dtype=(gl.float16,) * 8, is_pure=True, pack=1)
-
-
-@gluon.jit
 def _prefetch(ptr, LEVEL: gl.constexpr):
     """prefetch.global.L1 (LEVEL 1) or .L2 (2) of the line holding each address; returns zeros."""
     if LEVEL == 1:
@@ -158,34 +135,85 @@ def _grid_wait(x):
                                      "=r,r", [x], dtype=gl.int32, is_pure=False, pack=1)
 
 
-@gluon.jit
-def _lut3x4(f, hb, t0, t1, t2, t3):
-    """_lut3 for four 3-bit codes: 2-bit fields in the low byte of f, high bits in the low nibble of hb."""
-    return gl.inline_asm_elementwise(
-        "{.reg .b32 x, y, z, s, lo, hi, p;"
-        "and.b32 x, $4, 0xFF; shl.b32 y, x, 4; or.b32 x, x, y; and.b32 x, x, 0x0F0F;"
-        "shl.b32 y, x, 2; or.b32 x, x, y; and.b32 x, x, 0x3333;"
-        "and.b32 y, $5, 0xF; shl.b32 z, y, 6; or.b32 y, y, z; and.b32 y, y, 0x0303;"
-        "shl.b32 z, y, 3; or.b32 y, y, z; and.b32 y, y, 0x1111;"
-        "shl.b32 y, y, 2; or.b32 s, x, y;"
-        "prmt.b32 lo, $6, $7, s; prmt.b32 hi, $8, $9, s;"
-        "prmt.b32 p, lo, hi, 0x5140; mov.b32 {$0, $1}, p; prmt.b32 p, lo, hi, 0x7362; mov.b32 {$2, $3}, p;}",
-        "=h,=h,=h,=h,r,r,r,r,r,r", [f, hb, t0, t1, t2, t3],
-        dtype=(gl.float16,) * 4, is_pure=True, pack=1)
+# 3-bit codes (packing.py: a plane of 2-bit fields, code j at bit 2 j, then a 1-bit plane in PERM3's
+# order, codes 0-7 of a byte at bits 0, 1, 4, 5, 2, 3, 6, 7). Two tokens a, b (keys: two halves of one
+# token's codes) become PRMT selectors of eight nibbles, the 2-bit field in bits 0-1 and the high bit in
+# bit 2, by byte shuffles, shifts and masks: w = fields with a byte of a, a byte of b, a byte of a, a byte
+# of b, so that w & 0x33333333 holds codes (a0 a2 b0 b2 a4 a6 b4 b6) and (w >> 2) & 0x33333333 codes
+# (a1 a3 b1 b3 a5 a7 b5 b7); y = the high-bit bytes of a, b, a >> 2, b >> 2, whose bits 4 n and 4 n + 1
+# are those codes' high bits (PERM3 puts them there), moved to bit 2 by << 2 and << 1. One PRMT per byte
+# plane looks up four codes (table: low bytes in t0, t1, high bytes in t2, t3); the last PRMTs pair
+# nibbles n and n + 2, so code e of a and of b leave in one register, at outputs 2 e and 2 e + 1.
+_W3_KEY = gl.constexpr("prmt.b32 w, $16, $17, 0x5410; shr.u32 y, $18, 2; prmt.b32 y, $18, y, 0x5140;")
+_W3_VALUE = gl.constexpr("prmt.b32 w, $16, $17, 0x5140; prmt.b32 h, $18, $19, 0x0040; shr.u32 y, h, 2;"
+                         "prmt.b32 y, h, y, 0x5410;")
+
 
 @gluon.jit
-def _joined8(f, hb, t0, t1, t2, t3):
-    """_lut3's eight centroids of every unit joined along three new last axes: code e at [.., e & 1,
-    (e >> 1) & 1, e >> 2]."""
-    x0, x1, x2, x3, x4, x5, x6, x7 = _lut3(f.to(gl.int32), hb.to(gl.int32), t0, t1, t2, t3)
-    return gl.join(gl.join(gl.join(x0, x1), gl.join(x2, x3)), gl.join(gl.join(x4, x5), gl.join(x6, x7)))
+def _lut3x16(a, b, c, d, t0, t1, t2, t3, KEY: gl.constexpr):
+    """Sixteen fp16 centroids of 3-bit codes, code e of token a at output 2 e, of token b at 2 e + 1.
+    Values (KEY False): a, b: the 2-bit fields of eight codes of each token (16 bits), c, d: their
+    high-bit bytes. Keys: sixteen codes of one token, a: fields of codes 0-7, b: of 8-15, c: the two
+    high-bit bytes (d unused); a_e is code (e & 3) + 8 (e >> 2), b_e code 4 + (e & 3) + 8 (e >> 2)."""
+    PRE: gl.constexpr = _W3_KEY if KEY else _W3_VALUE
+    return gl.inline_asm_elementwise(
+        "{.reg .b32 w, h, x, y, z, s, lo, hi, p;" + PRE
+        + "and.b32 x, w, 0x33333333; shl.b32 z, y, 2; and.b32 z, z, 0x44444444; or.b32 s, x, z;"
+        "prmt.b32 lo, $20, $21, s; prmt.b32 hi, $22, $23, s;"
+        "prmt.b32 p, lo, hi, 0x6240; mov.b32 {$0, $1}, p; prmt.b32 p, lo, hi, 0x7351; mov.b32 {$4, $5}, p;"
+        "shr.u32 s, s, 16; prmt.b32 lo, $20, $21, s; prmt.b32 hi, $22, $23, s;"
+        "prmt.b32 p, lo, hi, 0x6240; mov.b32 {$8, $9}, p; prmt.b32 p, lo, hi, 0x7351; mov.b32 {$12, $13}, p;"
+        "shr.u32 x, w, 2; and.b32 x, x, 0x33333333; shl.b32 z, y, 1; and.b32 z, z, 0x44444444; or.b32 s, x, z;"
+        "prmt.b32 lo, $20, $21, s; prmt.b32 hi, $22, $23, s;"
+        "prmt.b32 p, lo, hi, 0x6240; mov.b32 {$2, $3}, p; prmt.b32 p, lo, hi, 0x7351; mov.b32 {$6, $7}, p;"
+        "shr.u32 s, s, 16; prmt.b32 lo, $20, $21, s; prmt.b32 hi, $22, $23, s;"
+        "prmt.b32 p, lo, hi, 0x6240; mov.b32 {$10, $11}, p; prmt.b32 p, lo, hi, 0x7351; mov.b32 {$14, $15}, p;}",
+        "=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r,r,r", [a, b, c, d, t0, t1, t2, t3],
+        dtype=(gl.float16,) * 16, is_pure=True, pack=1)
+
+
+_X3_KEY = gl.constexpr("shr.u32 x, $8, 2; prmt.b32 w, $8, x, 0x5410; shr.u32 h, $10, 2; prmt.b32 h, $10, h, 0x0040;")
+_X3_VALUE = gl.constexpr("prmt.b32 f, $8, $9, 0x0040; shr.u32 x, f, 2; prmt.b32 w, f, x, 0x5410;"
+                         "prmt.b32 h, $10, $11, 0x0040;")
+
+
+@gluon.jit
+def _lut3x8(a, b, c, d, t0, t1, t2, t3, KEY: gl.constexpr):
+    """_lut3x16 for four codes of each token (parts of 32 channels): values: a, b the fields' bytes, c, d
+    the high bits of those codes at bits 0, 1, 4, 5 (PERM3's places of codes 0-3); keys: a the fields
+    of eight codes of one token (16 bits), c their high-bit byte (b, d unused): a_e is code e, b_e code
+    4 + e. w = fields bytes a, b, a >> 2, b >> 2 (codes a0 a2 b0 b2 a1 a3 b1 b3), y = high bits a, b,
+    a >> 1, b >> 1 (the same codes' at bits 4 n)."""
+    PRE: gl.constexpr = _X3_KEY if KEY else _X3_VALUE
+    return gl.inline_asm_elementwise(
+        "{.reg .b32 f, w, h, x, y, z, s, lo, hi, p;" + PRE
+        + "shr.u32 y, h, 1; prmt.b32 y, h, y, 0x5410;"
+        "and.b32 x, w, 0x33333333; shl.b32 z, y, 2; and.b32 z, z, 0x44444444; or.b32 s, x, z;"
+        "prmt.b32 lo, $12, $13, s; prmt.b32 hi, $14, $15, s;"
+        "prmt.b32 p, lo, hi, 0x6240; mov.b32 {$0, $1}, p; prmt.b32 p, lo, hi, 0x7351; mov.b32 {$4, $5}, p;"
+        "shr.u32 s, s, 16; prmt.b32 lo, $12, $13, s; prmt.b32 hi, $14, $15, s;"
+        "prmt.b32 p, lo, hi, 0x6240; mov.b32 {$2, $3}, p; prmt.b32 p, lo, hi, 0x7351; mov.b32 {$6, $7}, p;}",
+        "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r,r,r", [a, b, c, d, t0, t1, t2, t3],
+        dtype=(gl.float16,) * 8, is_pure=True, pack=1)
+
+
+@gluon.constexpr_function
+def _key_units(DP, BITS):
+    """Units a thread reads of each of a key part's tokens: of 4 codes (4-bit), 16 (3-bit), or one of 8
+    (3-bit parts of 32 channels)."""
+    return DP // 16 if BITS == 4 else max(DP // 64, 1)
+
+
+@gluon.constexpr_function
+def _key_layout(DP, BITS, NW):
+    """[NW, units, t, token] of a key part (see _key_fragment)."""
+    return gl.BlockedLayout([1, _key_units(DP, BITS), 1, 1], [1, 1, 4, 8], [NW, 1, 1, 1], [2, 3, 1, 0])
+
 
 @gluon.jit
 def _key_tables(lut, zero, DP: gl.constexpr, BITS: gl.constexpr, NW: gl.constexpr):
     """One key part's table words, shaped [1, 1, 4, 1] in its unit layout (see _key_fragment)."""
-    U: gl.constexpr = DP // 16 if BITS == 4 else DP // 32
-    KU: gl.constexpr = gl.BlockedLayout([1, U, 1, 1], [1, 1, 4, 8], [NW, 1, 1, 1], [2, 3, 1, 0])
-    return _table(lut, _idx4(4, 2, KU) * zero)
+    return _table(lut, _idx4(4, 2, _key_layout(DP, BITS, NW)) * zero)
 
 
 @gluon.jit
@@ -193,73 +221,140 @@ def _key_fragment(base, t0, t1, t2, t3, t4, t5, t6, t7, REC: gl.constexpr, DP: g
                   PL: gl.constexpr, NW: gl.constexpr):
     """K^T [NW, DP, 16] (fp16) of one key part for each warp's 16 tokens of the tile whose first record is
     at `base`. Thread t of a quad reads codes t DP / 4 .. (t + 1) DP / 4 of its tokens (tokens l // 4 and
-    l // 4 + 8) in units of 4 (4-bit: 16-bit words) or 8 (3-bit: 16 bits of 2-bit fields and a byte of
-    high bits); code t DP / 4 + 4 c + e lands on row 16 c + 8 (e >> 1) + 2 t + (e & 1)."""
-    U: gl.constexpr = DP // 16 if BITS == 4 else DP // 32
-    KU: gl.constexpr = gl.BlockedLayout([1, U, 1, 1], [1, 1, 4, 8], [NW, 1, 1, 1], [2, 3, 1, 0])
+    l // 4 + 8) in units: 4-bit, four codes (a 16-bit word); code t DP / 4 + 4 c + e lands on row
+    16 c + 8 (e >> 1) + 2 t + (e & 1). 3-bit, sixteen codes (32 bits of fields, two bytes of high bits;
+    eight codes in parts of 32 channels); output i of unit c (_lut3x16 / _lut3x8's order) lands on row
+    64 c + 32 (i >> 3) + 16 ((i >> 2) & 1) + 8 ((i >> 1) & 1) + 2 t + (i & 1). _part_queries permutes
+    the query's columns to match."""
+    KU: gl.constexpr = _key_layout(DP, BITS, NW)
     row = base + (_idx4(NW, 0, KU) * TOKENS + _idx4(TOKENS, 3, KU)) * REC + PL
     t = _idx4(4, 2, KU)
-    c = _idx4(U, 1, KU)
+    c = _idx4(_key_units(DP, BITS), 1, KU)
     if BITS == 4:
         u = gl.load((row + t * (DP // 8) + c * 2).to(gl.pointer_type(gl.uint16)))
         x0, x1, x2, x3 = _lut4(u.to(gl.int32), t0, t1, t2, t3, t4, t5, t6, t7)
         x = gl.join(gl.join(x0, x1), gl.join(x2, x3))  # [NW, U, t, n, e & 1, e >> 1]
         frag = gl.reshape(gl.permute(x, [0, 1, 5, 2, 4, 3]), [NW, DP, TOKENS])
-    else:
-        f = gl.load((row + t * (DP // 16) + c * 2).to(gl.pointer_type(gl.uint16)))
-        x = _joined8(f, gl.load(row + DP // 4 + t * (DP // 32) + c), t0, t1, t2, t3)
+    elif DP == 32:
+        f = gl.load((row + t * 2).to(gl.pointer_type(gl.uint16))).to(gl.int32)
+        hb = gl.load(row + 8 + t).to(gl.int32)
+        o0, o1, o2, o3, o4, o5, o6, o7 = _lut3x8(f, f, hb, hb, t0, t1, t2, t3, True)
+        x = _pairs4(o0, o1, o2, o3, o4, o5, o6, o7)  # [NW, 1, t, n, i & 1, (i >> 1) & 1, i >> 2]
         frag = gl.reshape(gl.permute(x, [0, 1, 6, 5, 2, 4, 3]), [NW, DP, TOKENS])
+    else:
+        fp = (row + t * (DP // 16) + c * 4).to(gl.pointer_type(gl.uint16))
+        hb = gl.load((row + DP // 4 + t * (DP // 32) + c * 2).to(gl.pointer_type(gl.uint16))).to(gl.int32)
+        o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15 = _lut3x16(
+            gl.load(fp).to(gl.int32), gl.load(fp + 1).to(gl.int32), hb, hb, t0, t1, t2, t3, True)
+        x = gl.join(_pairs4(o0, o1, o2, o3, o4, o5, o6, o7), _pairs4(o8, o9, o10, o11, o12, o13, o14, o15))
+        frag = gl.reshape(gl.permute(x, [0, 1, 7, 6, 5, 2, 4, 3]), [NW, DP, TOKENS])  # x: [.., t, n, i0..i3]
     return frag
+
+
+@gluon.jit
+def _lut4_pairs(ua, ub, l0, l1, l2, l3, h0, h1, h2, h3):
+    """_lut4 for the four 4-bit codes of two tokens (ua, ub: low 16 bits, code e at bits 4e), returned as
+    eight fp16 with code e of token a at 2e and of token b at 2e + 1, so that each (a, b) pair leaves in
+    one register (the value mma's A operand pairs two tokens of a channel): the units' bytes are
+    interleaved (nibbles a0 a1 b0 b1 | a2 a3 b2 b3) and the last PRMTs pick bytes 0, 2 and 1, 3."""
+    return gl.inline_asm_elementwise(
+        "{.reg .b32 u, s, t, m, la, lb, ha, hb, lo, hi, p;"
+        "prmt.b32 u, $8, $9, 0x5140; and.b32 s, u, 0x77777777; shr.u32 t, u, 1; or.b32 t, t, 0x88888888;"
+        "prmt.b32 m, 0, 0x80808080, t;"
+        "prmt.b32 la, $10, $11, s; prmt.b32 lb, $12, $13, s; prmt.b32 ha, $14, $15, s; prmt.b32 hb, $16, $17, s;"
+        "lop3.b32 lo, la, lb, m, 0xD8; lop3.b32 hi, ha, hb, m, 0xD8;"
+        "prmt.b32 p, lo, hi, 0x6240; mov.b32 {$0, $1}, p; prmt.b32 p, lo, hi, 0x7351; mov.b32 {$2, $3}, p;"
+        "shr.u32 s, s, 16; shr.u32 t, t, 16; prmt.b32 m, 0, 0x80808080, t;"
+        "prmt.b32 la, $10, $11, s; prmt.b32 lb, $12, $13, s; prmt.b32 ha, $14, $15, s; prmt.b32 hb, $16, $17, s;"
+        "lop3.b32 lo, la, lb, m, 0xD8; lop3.b32 hi, ha, hb, m, 0xD8;"
+        "prmt.b32 p, lo, hi, 0x6240; mov.b32 {$4, $5}, p; prmt.b32 p, lo, hi, 0x7351; mov.b32 {$6, $7}, p;}",
+        "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r,r,r,r,r", [ua, ub, l0, l1, l2, l3, h0, h1, h2, h3],
+        dtype=(gl.float16,) * 8, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _pairs4(o0, o1, o2, o3, o4, o5, o6, o7):
+    """Eight outputs (code e of token 2P + k at 2e + k) joined as [.., P, k, e & 1, e >> 1]."""
+    return gl.join(gl.join(gl.join(o0, o1), gl.join(o2, o3)), gl.join(gl.join(o4, o5), gl.join(o6, o7)))
+
+
+@gluon.constexpr_function
+def _value_units(DP, BITS):
+    """Units a thread reads of each of a value part's tokens: of 4 codes (4-bit, 3-bit parts of 32
+    channels), else of 8."""
+    return DP // 32 if BITS == 4 or DP == 32 else DP // 64
+
+
+@gluon.constexpr_function
+def _value_layout(DP, BITS, NW):
+    """[NW, units, g, P] with the pair of tokens 2P, 2P + 1 of each thread (see _value_fragment)."""
+    return gl.BlockedLayout([1, _value_units(DP, BITS), 1, 1], [1, 1, 8, 4], [NW, 1, 1, 1], [3, 2, 1, 0])
 
 
 @gluon.jit
 def _value_tables(lut, zero, DP: gl.constexpr, BITS: gl.constexpr, NW: gl.constexpr):
     """One value part's table words, shaped [1, 1, 8, 1] in its unit layout (see _value_fragment)."""
-    J: gl.constexpr = DP // 32 if BITS == 4 or DP == 32 else DP // 64
-    VU: gl.constexpr = gl.BlockedLayout([1, J, 1, 2], [1, 1, 8, 4], [NW, 1, 1, 1], [3, 2, 1, 0])
-    return _table(lut, _idx4(8, 2, VU) * zero)
+    return _table(lut, _idx4(8, 2, _value_layout(DP, BITS, NW)) * zero)
 
 
 @gluon.jit
 def _value_fragment(base, t0, t1, t2, t3, t4, t5, t6, t7, REC: gl.constexpr, DP: gl.constexpr, BITS: gl.constexpr,
                     PL: gl.constexpr, NW: gl.constexpr):
     """V^T [NW, DP, 16] (fp16) of one value part for each warp's 16 tokens of the tile at `base`. Thread
-    g = l // 4 reads codes g DP / 8 .. (g + 1) DP / 8 of its four tokens (2 t, 2 t + 1, 2 t + 8, 2 t + 9)
-    in units of 4 codes (4-bit, and 3-bit parts of 32 channels) or 8 (3-bit): code g DP / 8 + 4 c + e of
-    4-code unit c lands on row 32 c + 16 (e >> 1) + 8 (e & 1) + g, code g DP / 8 + 8 c + e of 8-code unit c
-    on row 64 c + 32 (e >> 2) + 16 ((e >> 1) & 1) + 8 (e & 1) + g: either way row m holds code
-    g DP / 8 + 4 (m >> 5) + 2 ((m >> 4) & 1) + ((m >> 3) & 1) (_store_part)."""
-    J: gl.constexpr = DP // 32 if BITS == 4 or DP == 32 else DP // 64  # 4-code units, else 8-code ones
-    VU: gl.constexpr = gl.BlockedLayout([1, J, 1, 2], [1, 1, 8, 4], [NW, 1, 1, 1], [3, 2, 1, 0])
-    row = base + (_idx4(NW, 0, VU) * TOKENS + _idx4(TOKENS, 3, VU)) * REC + PL
-    g = _idx4(8, 2, VU)
-    c = _idx4(J, 1, VU)
+    g = l // 4 reads codes g DP / 8 .. (g + 1) DP / 8 of its four tokens (2 t, 2 t + 1, 2 t + 8, 2 t + 9:
+    token pairs P = t, t + 4) in units of 4 codes (4-bit, and 3-bit parts of 32 channels) or 8 (3-bit):
+    code g DP / 8 + 4 c + e of 4-code unit c lands on row 32 c + 16 (e >> 1) + 8 (e & 1) + g, code
+    g DP / 8 + 8 c + e of 8-code unit c on row 64 c + 32 (e >> 2) + 16 ((e >> 1) & 1) + 8 (e & 1) + g:
+    either way row m holds code g DP / 8 + 4 (m >> 5) + 2 ((m >> 4) & 1) + ((m >> 3) & 1) (_store_part).
+    The operand holds a channel's two tokens 2P, 2P + 1 in one register: both tokens' units are looked
+    up together (_lut4_pairs, _lut3x16, _lut3x8), so no register is re-packed before the mma."""
+    VP: gl.constexpr = _value_layout(DP, BITS, NW)
+    ra = base + (_idx4(NW, 0, VP) * TOKENS + 2 * _idx4(8, 3, VP)) * REC + PL  # token 2P; 2P + 1 at ra + REC
+    g = _idx4(8, 2, VP)
+    c = _idx4(_value_units(DP, BITS), 1, VP)
     if BITS == 4 or DP == 32:
         if BITS == 4:
-            u = gl.load((row + g * (DP // 16) + c * 2).to(gl.pointer_type(gl.uint16)))
-            y0, y1, y2, y3 = _lut4(u.to(gl.int32), t0, t1, t2, t3, t4, t5, t6, t7)
-        else:  # a 3-bit part of 32 channels: codes 4 g .. 4 g + 3, a byte of 2-bit fields, a nibble of high bits
-            hb = gl.load(row + DP // 4 + g // 2).to(gl.int32) >> ((g & 1) * 4)
-            y0, y1, y2, y3 = _lut3x4(gl.load(row + g).to(gl.int32), hb, t0, t1, t2, t3)
-        y = gl.join(gl.join(y0, y1), gl.join(y2, y3))  # [NW, J, g, token, e & 1, e >> 1]
-        frag = gl.reshape(gl.permute(y, [0, 1, 5, 4, 2, 3]), [NW, DP, TOKENS])
+            off = g * (DP // 16) + c * 2
+            ua = gl.load((ra + off).to(gl.pointer_type(gl.uint16))).to(gl.int32)
+            ub = gl.load((ra + REC + off).to(gl.pointer_type(gl.uint16))).to(gl.int32)
+            o0, o1, o2, o3, o4, o5, o6, o7 = _lut4_pairs(ua, ub, t0, t1, t2, t3, t4, t5, t6, t7)
+        else:  # a 3-bit part of 32 channels: codes 4 g .. 4 g + 3, a byte of fields, four high bits (PERM3:
+            sh = (g & 1) * 2  # at bits 0, 1, 4, 5 of byte g // 2 for even g, 2, 3, 6, 7 for odd)
+            o0, o1, o2, o3, o4, o5, o6, o7 = _lut3x8(
+                gl.load(ra + g).to(gl.int32), gl.load(ra + REC + g).to(gl.int32),
+                gl.load(ra + DP // 4 + g // 2).to(gl.int32) >> sh, gl.load(ra + REC + DP // 4 + g // 2).to(gl.int32) >> sh,
+                t0, t1, t2, t3, False)
+        y = _pairs4(o0, o1, o2, o3, o4, o5, o6, o7)  # [NW, J, g, P, k, e & 1, e >> 1]
+        frag = gl.reshape(gl.permute(y, [0, 1, 6, 5, 2, 3, 4]), [NW, DP, TOKENS])
     else:
-        f = gl.load((row + g * (DP // 32) + c * 2).to(gl.pointer_type(gl.uint16)))
-        y = _joined8(f, gl.load(row + DP // 4 + g * (DP // 64) + c), t0, t1, t2, t3)
-        frag = gl.reshape(gl.permute(y, [0, 1, 6, 5, 4, 2, 3]), [NW, DP, TOKENS])
+        off = g * (DP // 32) + c * 2
+        hoff = DP // 4 + g * (DP // 64) + c
+        o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12, o13, o14, o15 = _lut3x16(
+            gl.load((ra + off).to(gl.pointer_type(gl.uint16))).to(gl.int32),
+            gl.load((ra + REC + off).to(gl.pointer_type(gl.uint16))).to(gl.int32),
+            gl.load(ra + hoff).to(gl.int32), gl.load(ra + REC + hoff).to(gl.int32), t0, t1, t2, t3, False)
+        y = gl.join(_pairs4(o0, o1, o2, o3, o4, o5, o6, o7), _pairs4(o8, o9, o10, o11, o12, o13, o14, o15))
+        frag = gl.reshape(gl.permute(y, [0, 1, 7, 6, 5, 2, 3, 4]), [NW, DP, TOKENS])  # y: [.., P, k, e0, e1, e2]
     return frag
 
 
 @gluon.jit
-def _part_queries(q_row, s_qh, G: gl.constexpr, CH: gl.constexpr, DP: gl.constexpr, QOP: gl.constexpr,
-                  NW: gl.constexpr):
+def _part_queries(q_row, s_qh, G: gl.constexpr, CH: gl.constexpr, DP: gl.constexpr, BITS: gl.constexpr,
+                  QOP: gl.constexpr, NW: gl.constexpr):
     """The group's rotated queries [NW, 16, DP] for one key part (channels CH ..), columns permuted to
-    _key_fragment's rows: row k <- code t DP / 4 + 4 (k >> 4) + 2 ((k >> 3) & 1) + (k & 1), t = (k >> 1) & 3.
-    Loaded in the operand's own layout (no conversion); rows >= G are zeros."""
+    _key_fragment's rows: row k <- code t DP / 4 + x, t = (k >> 1) & 3, x = 4 (k >> 4) + 2 ((k >> 3) & 1)
+    + (k & 1) for 4-bit codes, 16 (k >> 6) + 8 ((k >> 5) & 1) + 4 (k & 1) + 2 ((k >> 4) & 1) + ((k >> 3) & 1)
+    for 3-bit ones (output i = (k & 1) + 2 ((k >> 3) & 1) + 4 ((k >> 4) & 1) + 8 ((k >> 5) & 1) of unit
+    k >> 6 is code (e & 3) + 4 (i & 1) + 8 (e >> 2), e = i >> 1). Loaded in the operand's own layout (no
+    conversion); rows >= G are zeros."""
     r = _idx3(16, 1, QOP)
     k = _idx3(DP, 2, QOP)
     w = _idx3(NW, 0, QOP)
-    ch = CH + ((k >> 1) & 3) * (DP // 4) + (k >> 4) * 4 + ((k >> 3) & 1) * 2 + (k & 1)
+    if BITS == 4:
+        x = (k >> 4) * 4 + ((k >> 3) & 1) * 2 + (k & 1)
+    else:
+        x = (k >> 6) * 16 + ((k >> 5) & 1) * 8 + (k & 1) * 4 + ((k >> 4) & 1) * 2 + ((k >> 3) & 1)
+    ch = CH + ((k >> 1) & 3) * (DP // 4) + x
     return gl.load(q_row + gl.minimum(r, G - 1) * s_qh + ch + w * 0, mask=(r < G) & (w >= 0), other=0.0)
 
 
@@ -414,14 +509,14 @@ def _decode_split_gluon(
         b = _grid_wait(b)
 
     q_row = q_ptr + b * s_qb + h * G * s_qh
-    qa = _part_queries(q_row, s_qh, G, 0, KA_DP, QOP, NW)
+    qa = _part_queries(q_row, s_qh, G, 0, KA_DP, KA_BT, QOP, NW)
     kta = _key_tables(lut_k, zero, KA_DP, KA_BT, NW)
     vta = _value_tables(lut_v, zero, VA_DP, VA_BT, NW)
     qb = qa  # (part B absent: placeholders, never read)
     ktb = kta
     vtb = vta
     if KB_DP > 0:
-        qb = _part_queries(q_row, s_qh, G, KA_DP, KB_DP, QOP, NW)
+        qb = _part_queries(q_row, s_qh, G, KA_DP, KB_DP, KB_BT, QOP, NW)
         ktb = _key_tables(lut_k + 8, zero, KB_DP, KB_BT, NW)
     if VB_DP > 0:
         vtb = _value_tables(lut_v + 8, zero, VB_DP, VB_BT, NW)

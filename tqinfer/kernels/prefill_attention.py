@@ -17,7 +17,7 @@ import triton.language as tl
 
 from . import reference
 from .decode_attention import (INTERPRET, LOG2E, NEG, _hot, _layouts, _lut3, _lut4, _tables, hot_attention,
-                               kernel_reads, lut_words, pair_centroids, prepare_queries, runnable)
+                               kernel_reads, lut_words, pair_centroids, prepare_queries, runnable, swap3)
 from .quantize import CodePart, RecordLayout
 
 # ----------------------------------------------------------------------------------------------------
@@ -117,8 +117,8 @@ def _unit_tile(row, tab_ptr, D: tl.constexpr, BITS: tl.constexpr, UNIT: tl.const
         wp = _load_units(row + PLANE, u // 2, UNIT) >> ((u % 2) * 8)[None, :]
     else:
         wp = _load_units(row + PLANE, u, UNIT)
-    if BITS % 16 == 3:  # the 1-bit plane after the 2-bit one: unit u // 2, codes from bit (u % 2) * NS
-        ws = _load_units(row + (PLANE + D // 4), u // 2, UNIT) >> ((u % 2) * NS)[None, :]
+    if BITS % 16 == 3:  # the 1-bit plane after the 2-bit one (plain order: swap3): unit u // 2, codes from bit (u % 2) * NS
+        ws = swap3(_load_units(row + (PLANE + D // 4), u // 2, UNIT)) >> ((u % 2) * NS)[None, :]
     else:
         ws = wp
     if BITS // 16 == 2:  # centroids in registers, looked up by tl.gather

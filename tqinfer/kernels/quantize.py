@@ -148,12 +148,15 @@ def _build_layout(codec) -> RecordLayout:
 
 @triton.jit
 def _pack_plane(code, out_row, tmask, POS: tl.constexpr, W: tl.constexpr, OFF: tl.constexpr,
-                BT: tl.constexpr, DP: tl.constexpr):
-    """Store bits [POS, POS + W) of code[BT, DP] as a plane of width W at byte OFF of each record."""
+                BT: tl.constexpr, DP: tl.constexpr, PERM3: tl.constexpr = False):
+    """Store bits [POS, POS + W) of code[BT, DP] as a plane of width W at byte OFF of each record
+    (PERM3: the 1-bit plane of 3-bit codes, its bits in packing.PERM3's order)."""
     PB: tl.constexpr = 8 // W
     f = (code >> POS) & ((1 << W) - 1)
     f3 = tl.reshape(f, [BT, DP // PB, PB])
     sh = tl.arange(0, PB) * W
+    if PERM3:
+        sh = (sh & 1) | ((sh & 2) << 1) | ((sh & 4) >> 1)
     byte = tl.sum(f3 << sh[None, None, :], axis=2)  # disjoint bit fields: the sum is an OR
     j = tl.arange(0, DP // PB)
     tl.store(out_row[:, None] + OFF + j[None, :], byte.to(tl.uint8), mask=tmask[:, None])
@@ -197,7 +200,7 @@ def _quantize_part(y, out_row, tmask, DP: tl.constexpr, BITS: tl.constexpr, PLAN
     if (BITS // 2) % 2 == 1:
         _pack_plane(code, out_row, tmask, POS2, 2, OFF2, BT, DP)
     if BITS % 2 == 1:
-        _pack_plane(code, out_row, tmask, POS1, 1, OFF1, BT, DP)
+        _pack_plane(code, out_row, tmask, POS1, 1, OFF1, BT, DP, BITS == 3)
     tl.store((out_row + SCALE).to(tl.pointer_type(tl.float16)), n.to(tl.float16), mask=tmask)
     return u, code, n
 

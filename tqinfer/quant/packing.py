@@ -8,15 +8,31 @@ Layout (the Triton kernels rely on it; do not change it without them):
 - A plane of width p packs 8 // p codes per byte: code j sits in byte j // (8 // p) at bit shift
   (j % (8 // p)) * p, least significant bits first. For n codes a plane takes n * p / 8 bytes
   (rounded up to whole bytes when n * p is not a multiple of 8; the unused high bits are zero).
+- Except the 1-bit plane of 3-bit codes: code j sits in byte j // 8 at bit PERM3[j % 8] (codes 0-7 at
+  bits 0, 1, 4, 5, 2, 3, 6, 7: index bits 1 and 2 swapped). Sixteen codes' 2-bit fields (a 32-bit
+  word, code j at bit 2 j) and high bits (16 bits) then become two PRMT selectors of eight nibbles
+  (fields in bits 0-1, the high bit in bit 2) with shifts, masks and one byte shuffle, no bit-by-bit
+  spreading (decode_gluon's 3-bit lookups).
 - Planes are concatenated in order, so plane k starts at byte sum(plane_bytes(n, p) for earlier p).
 
 A kernel reading code j of a b=3 record: lo = (rec[j // 4] >> (2 * (j % 4))) & 3,
-hi = (rec[n // 4 + j // 8] >> (j % 8)) & 1, code = lo | hi << 2.
+hi = (rec[n // 4 + j // 8] >> PERM3[j % 8]) & 1, code = lo | hi << 2. swap3(byte) (an involution)
+turns a byte of that plane into plain order (code j at bit j % 8) and back.
 """
 
 from __future__ import annotations
 
 import torch
+
+
+PERM3 = (0, 1, 4, 5, 2, 3, 6, 7)  # bit of code j % 8 in a byte of the 1-bit plane of 3-bit codes
+
+
+def swap3(x):
+    """Bits 2-3 and 4-5 of every byte of x (an int or an integer tensor) exchanged: PERM3's order to the
+    plain one and back."""
+    t = ((x >> 2) ^ x) & 0x0C0C0C0C  # a delta swap: masks that fit any integer width
+    return x ^ t ^ (t << 2)
 
 
 def planes(bits: int) -> list[int]:
@@ -38,21 +54,25 @@ def packed_bytes(n: int, bits: int) -> int:
     return sum(plane_bytes(n, p) for p in planes(bits))
 
 
-def _pack_plane(fields: torch.Tensor, width: int) -> torch.Tensor:
+def _shifts(width: int, bits: int) -> list[int]:
+    """Bit shift of each of a byte's fields in a plane of `width` of `bits`-bit codes."""
+    return list(PERM3) if (width, bits) == (1, 3) else [i * width for i in range(8 // width)]
+
+
+def _pack_plane(fields: torch.Tensor, width: int, bits: int) -> torch.Tensor:
     per = 8 // width
     n = fields.shape[-1]
     pad = (-n) % per
     if pad:
         fields = torch.nn.functional.pad(fields, (0, pad))
     fields = fields.reshape(*fields.shape[:-1], -1, per)
-    weights = torch.tensor([1 << (i * width) for i in range(per)], dtype=torch.uint8, device=fields.device)
+    weights = torch.tensor([1 << sh for sh in _shifts(width, bits)], dtype=torch.uint8, device=fields.device)
     # disjoint bit fields: the weighted sum is their OR and stays below 256, so uint8 cannot overflow
     return (fields * weights).sum(-1, dtype=torch.uint8)
 
 
-def _unpack_plane(packed: torch.Tensor, width: int, n: int) -> torch.Tensor:
-    per = 8 // width
-    shifts = torch.arange(0, 8, width, dtype=torch.uint8, device=packed.device)
+def _unpack_plane(packed: torch.Tensor, width: int, bits: int, n: int) -> torch.Tensor:
+    shifts = torch.tensor(_shifts(width, bits), dtype=torch.uint8, device=packed.device)
     fields = (packed.unsqueeze(-1) >> shifts) & ((1 << width) - 1)
     return fields.reshape(*packed.shape[:-1], -1)[..., :n]
 
@@ -65,7 +85,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
         return codes.contiguous()
     out, shift = [], 0
     for p in planes(bits):
-        out.append(_pack_plane((codes >> shift) & ((1 << p) - 1), p))
+        out.append(_pack_plane((codes >> shift) & ((1 << p) - 1), p, bits))
         shift += p
     return torch.cat(out, -1) if len(out) > 1 else out[0]
 
@@ -81,7 +101,7 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     codes, start, shift = None, 0, 0
     for p in planes(bits):
         nb = plane_bytes(n, p)
-        part = _unpack_plane(packed[..., start : start + nb], p, n) << shift
+        part = _unpack_plane(packed[..., start : start + nb], p, bits, n) << shift
         codes = part if codes is None else codes | part
         start += nb
         shift += p

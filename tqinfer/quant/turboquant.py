@@ -14,7 +14,7 @@ import torch
 
 from .base import KVCodec
 from .codebook import codebook
-from .packing import pack, packed_bytes, unpack
+from .packing import pack, packed_bytes, swap3, unpack
 from .qjl import QJLSketch, SketchedCodec
 from .records import (assemble, check_input, check_norms, check_record, contiguous_bytes, even, fp16_bytes, pad_to,
                       read_fp16)
@@ -125,7 +125,8 @@ class TurboQuantMSE(RotatedCodec):
         faster on CPU than F.embedding of a row.
         - "byte" (1, 2, 4 bits): a code byte -> its 8 / b centroids.
         - "lo_hi" (3 bits, planes [2, 1]): lo-plane byte j | (the high bits of its 4 codes) << 8 ->
-          4 centroids; "nibbles": a hi-plane byte -> its two nibbles << 8 (int32 pair as int64)."""
+          4 centroids; "nibbles": a hi-plane byte -> the high bits of its codes 0-3 and 4-7, each four
+          in plain order << 8 (int32 pair as int64; the plane's bits are in packing.PERM3's order)."""
         key = (self.bits, self.dim, device)  # shared by every codec of these bits and dim: one copy in cache
         if key not in _TABLES:
             c = self.centroids64.float()
@@ -141,8 +142,9 @@ class TurboQuantMSE(RotatedCodec):
             if self.bits == 3:
                 i = torch.arange(4096)
                 codes = fields(i, 2, 4) | ((i[:, None] >> 8 >> torch.arange(4)[None, :]) & 1) << 2
+                plain = swap3(b)
                 books = {"lo_hi": as_elements(c[codes]),
-                         "nibbles": (torch.stack([b & 15, b >> 4], -1) << 8).int().view(torch.int64).view(-1)}
+                         "nibbles": (torch.stack([plain & 15, plain >> 4], -1) << 8).int().view(torch.int64).view(-1)}
             else:
                 # (a 16-bit word -> 4 centroids table for 4 bits was measured slower in the model:
                 # at 1 MB it falls out of cache between layers)
