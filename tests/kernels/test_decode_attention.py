@@ -375,6 +375,20 @@ def test_gluon_kernel_only_where_it_reads(kind, d, ok, monkeypatch):
         paged_decode_attention(*args, kernel="cuda")
 
 
+@pytest.mark.parametrize("kt,vt,same", [("tq3.5", "tq3.5", True), ("tq4", "tq4", True), ("tq3", "tq3", True),
+                                        ("tq4", "tq3", False), ("tq3.5", "tq4", False)])
+def test_gluon_value_tables_shared_only_where_equal(kt, vt, same):
+    """gluon_same_tables: the value parts' PRMT tables are the key parts' (one register copy in the
+    Gluon kernel) exactly where the words are equal part by part, which the codebooks make true for the
+    same type on both sides (each side its own seed) and false across bit widths."""
+    view, _, _ = build_cache(kt, vt, [5], heads=1, d=128, sinks=0, window=0, block_size=BS,
+                             dtype=torch.float32, device=DEV, seed=1)
+    k_lay, v_lay = decode_attention._layouts(view, DEV)
+    words = lambda lay: [decode_attention.lut_words(lay, p) for p in lay.parts]  # noqa: E731
+    assert decode_attention.gluon_same_tables(k_lay, v_lay) == same == (words(k_lay) == words(v_lay))
+    assert (decode_attention.gluon_table(k_lay).tolist() == decode_attention.gluon_table(v_lay).tolist()) == same
+
+
 def test_gluon_needs_mma_v2_and_gluon(monkeypatch):
     """gluon_reads on CUDA: only on compute capability 8.0 or newer (mma.m16n8k16), asked once per device,
     and never without decode_gluon (a triton without Gluon)."""

@@ -1033,7 +1033,11 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
     if gluon:  # its constants, register cap and what its occupancy depends on
         gargs = {**_gluon_args(k_lay, "K"), **_gluon_args(v_lay, "V")}
         cap = GLUON_MAXNREG if GLUON_MAXNREG is not None else gluon_register_cap(k_lay, v_lay)
-        config = ("gluon", tuple(gargs.items()), h, d, g, bs, nhot, k_hot.dtype, cap, GLUON_PREFETCH, q.device)
+        # two-part records at d 64 (the 135M shape's tq3.5) ran slower with one copy (H200, 2026-11-30 20:25 UTC:
+        # 4k 16.6 -> 17.3 us, 32k 21.3 -> 22.5); d 128 tq3.5 faster from 32k (128k B1 107.2 -> 105.3, 32k B8
+        # 214.3 -> 205.5; 4 programs an SM instead of 3), slower at 8k (26.8 -> 29.7); one part within 1-3%
+        same = GLUON_SAME_TABLES and gluon_same_tables(k_lay, v_lay) and not (len(k_lay.parts) == 2 and d < 128)
+        config = ("gluon", tuple(gargs.items()), h, d, g, bs, nhot, k_hot.dtype, cap, GLUON_PREFETCH, same, q.device)
         block_n = decode_gluon.WARP_TOKENS * GLUON_WARPS
     wave_tiles = WAVE_TILES if gluon and not num_splits else 0
     if wave_tiles:
@@ -1059,7 +1063,8 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
             ws_m, ws_l, ws_acc, qs, k_hot, v_hot, seq_slot,
             view.sinks, view.window, bt.stride(0), qk.stride(0), qk.stride(1), qs.stride(0), qs.stride(1), *hs,
             0, nsplit, fill, H=h, G=g, D=d, BS=bs, NHOT=nhot, BLOCK_H=hot_block, **gargs, NW=GLUON_WARPS,
-            PREFETCH=GLUON_PREFETCH, PDL=pdl, MIN_TILES=min_tiles, WAVE_TILES=wave_tiles, num_warps=GLUON_WARPS,
+            PREFETCH=GLUON_PREFETCH, PDL=pdl, MIN_TILES=min_tiles, WAVE_TILES=wave_tiles, SAME_TABLES=same,
+            num_warps=GLUON_WARPS,
             launch_pdl=pdl, **regs)
         num_warps = GLUON_WARPS
     else:
@@ -1129,6 +1134,7 @@ def programmatic_launch(device: torch.device) -> bool:
 
 
 GLUON_WARPS = 4  # warps of the Gluon split kernel: 16 tokens each of a 64-token tile
+GLUON_SAME_TABLES = True  # a variant switch: False loads the value tables even where they are the keys'
 GLUON_MAXNREG = None  # a variant: ptxas's register cap for the Gluon kernel (0: none; None: gluon_register_cap)
 
 
@@ -1198,6 +1204,14 @@ def _gluon_args(layout: RecordLayout, side: str) -> dict:
         vals = (p.dim, p.bits, p.planes, p.scale) if p is not None else (0, 4, 0, 0)
         out.update(zip((f"{side}{tag}_{x}" for x in ("DP", "BT", "PL", "SC")), vals))
     return out
+
+
+def gluon_same_tables(k_lay: RecordLayout, v_lay: RecordLayout) -> bool:
+    """Whether the value parts' PRMT tables are the key parts' (the codebook depends on a part's bits and
+    width only, so tq3.5 / tq4 / tq3 keys and values share theirs): the Gluon kernel then holds one copy."""
+    return (len(k_lay.parts) == len(v_lay.parts)
+            and all(a.bits == b.bits and a.dim == b.dim and lut_words(k_lay, a) == lut_words(v_lay, b)
+                    for a, b in zip(k_lay.parts, v_lay.parts)))
 
 
 def gluon_table(layout: RecordLayout) -> torch.Tensor:

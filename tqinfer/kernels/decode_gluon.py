@@ -293,8 +293,10 @@ def _value_layout(DP, BITS, NW):
 
 @gluon.jit
 def _value_tables(lut, zero, DP: gl.constexpr, BITS: gl.constexpr, NW: gl.constexpr):
-    """One value part's table words, shaped [1, 1, 8, 1] in its unit layout (see _value_fragment)."""
-    return _table(lut, _idx4(8, 2, _value_layout(DP, BITS, NW)) * zero)
+    """One value part's table words, shaped [1, 1, 1, 8] in its unit layout (see _value_fragment), each
+    thread's two elements (and the key tables' one) loaded from word (lane & 3) * zero: the same address
+    as _key_tables', so that where they are one table ptxas loads it once."""
+    return _table(lut, (_idx4(8, 3, _value_layout(DP, BITS, NW)) & 3) * zero)
 
 
 @gluon.jit
@@ -469,13 +471,14 @@ def _decode_split_gluon(
     REC_V: gl.constexpr, VA_DP: gl.constexpr, VA_BT: gl.constexpr, VA_PL: gl.constexpr, VA_SC: gl.constexpr,
     VB_DP: gl.constexpr, VB_BT: gl.constexpr, VB_PL: gl.constexpr, VB_SC: gl.constexpr, NW: gl.constexpr,
     PREFETCH: gl.constexpr = 0, PDL: gl.constexpr = False, MIN_TILES: gl.constexpr = 1,
-    WAVE_TILES: gl.constexpr = 0,
+    WAVE_TILES: gl.constexpr = 0, SAME_TABLES: gl.constexpr = False,
 ):
     """Grid (B, H, NSPLIT + NHOT), the workspace of decode_attention._decode_split_kernel: program
     (b, h, s < NSPLIT) runs split s of sequence b's compressed tiles for KV head h, the last NHOT take
     chunks of BLOCK_H hot tokens. Keys and values: one or two parts (A over channels 0 .. A_DP, B after
     it; B_DP = 0 when absent) of BT bits (4 or 3), planes at byte PL, fp16 scale at byte SC of records of
-    REC bytes; lut_k / lut_v: each part's table words (A at 0, B at 8). q_ptr: the rotated queries
+    REC bytes; lut_k / lut_v: each part's table words (A at 0, B at 8; SAME_TABLES: the value parts' are
+    the key parts', read from lut_k at the same per-thread addresses, so ptxas keeps one copy). q_ptr: the rotated queries
     (fp16, log2 units, channel order); qs_ptr: the scaled queries (fp32, original space) for the hot
     tokens. Split sizes: decode_bounds.split_bounds (MIN_TILES, FILL, WAVE_TILES); a split without work
     but the first returns at once (it writes nothing: the merge reads the first n_act). PDL: launched
@@ -511,15 +514,16 @@ def _decode_split_gluon(
     q_row = q_ptr + b * s_qb + h * G * s_qh
     qa = _part_queries(q_row, s_qh, G, 0, KA_DP, KA_BT, QOP, NW)
     kta = _key_tables(lut_k, zero, KA_DP, KA_BT, NW)
-    vta = _value_tables(lut_v, zero, VA_DP, VA_BT, NW)
     qb = qa  # (part B absent: placeholders, never read)
     ktb = kta
-    vtb = vta
     if KB_DP > 0:
         qb = _part_queries(q_row, s_qh, G, KA_DP, KB_DP, KB_BT, QOP, NW)
         ktb = _key_tables(lut_k + 8, zero, KB_DP, KB_BT, NW)
+    lut_vv = lut_k if SAME_TABLES else lut_v  # the value parts' tables are the key parts': the same loads
+    vta = _value_tables(lut_vv, zero, VA_DP, VA_BT, NW)
+    vtb = vta
     if VB_DP > 0:
-        vtb = _value_tables(lut_v + 8, zero, VB_DP, VB_BT, NW)
+        vtb = _value_tables(lut_vv + 8, zero, VB_DP, VB_BT, NW)
     sn = _idx2(NW, 0, TS) * TOKENS + _idx2(TOKENS, 1, TS)  # token of the tile, [W, 16] as the scores hold it
 
     zs = gl.zeros([NW, 16, TOKENS], gl.float32, MS)
