@@ -1033,7 +1033,7 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
     if gluon:  # its constants, register cap and what its occupancy depends on
         gargs = {**_gluon_args(k_lay, "K"), **_gluon_args(v_lay, "V")}
         cap = GLUON_MAXNREG if GLUON_MAXNREG is not None else gluon_register_cap(k_lay, v_lay)
-        # two-part records at d 64 (the 135M shape's tq3.5) ran slower with one copy (H200, 2026-11-30 20:25 UTC:
+        # two-part records at d 64 (the 135M shape's tq3.5) ran slower with one copy (H200, 2026-11-30 20:19-20:20 UTC:
         # 4k 16.6 -> 17.3 us, 32k 21.3 -> 22.5); d 128 tq3.5 faster from 32k (128k B1 107.2 -> 105.3, 32k B8
         # 214.3 -> 205.5; 4 programs an SM instead of 3), slower at 8k (26.8 -> 29.7); one part within 1-3%
         same = GLUON_SAME_TABLES and gluon_same_tables(k_lay, v_lay) and not (len(k_lay.parts) == 2 and d < 128)
