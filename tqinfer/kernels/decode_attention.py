@@ -101,7 +101,8 @@ def _units(row, OFF: tl.constexpr, UB: tl.constexpr, NC: tl.constexpr, WB: tl.co
         w = swap3(_words(row, OFF, UB, NC), PERM3)
     else:  # units under a byte, read alone: the byte holding each, shifted
         c = tl.arange(0, NC)
-        w = swap3(tl.load((row + OFF)[:, None] + ((c * UB) // 8)[None, :]).to(tl.int32), PERM3) >> ((c * UB) % 8)[None, :]
+        w = tl.load((row + OFF)[:, None] + ((c * UB) // 8)[None, :]).to(tl.int32)
+        w = swap3(w, PERM3) >> ((c * UB) % 8)[None, :]
     return w
 
 

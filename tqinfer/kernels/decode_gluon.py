@@ -322,10 +322,10 @@ def _value_fragment(base, t0, t1, t2, t3, t4, t5, t6, t7, REC: gl.constexpr, DP:
             o0, o1, o2, o3, o4, o5, o6, o7 = _lut4_pairs(ua, ub, t0, t1, t2, t3, t4, t5, t6, t7)
         else:  # a 3-bit part of 32 channels: codes 4 g .. 4 g + 3, a byte of fields, four high bits (PERM3:
             sh = (g & 1) * 2  # at bits 0, 1, 4, 5 of byte g // 2 for even g, 2, 3, 6, 7 for odd)
+            hp = ra + DP // 4 + g // 2
             o0, o1, o2, o3, o4, o5, o6, o7 = _lut3x8(
-                gl.load(ra + g).to(gl.int32), gl.load(ra + REC + g).to(gl.int32),
-                gl.load(ra + DP // 4 + g // 2).to(gl.int32) >> sh, gl.load(ra + REC + DP // 4 + g // 2).to(gl.int32) >> sh,
-                t0, t1, t2, t3, False)
+                gl.load(ra + g).to(gl.int32), gl.load(ra + REC + g).to(gl.int32), gl.load(hp).to(gl.int32) >> sh,
+                gl.load(hp + REC).to(gl.int32) >> sh, t0, t1, t2, t3, False)
         y = _pairs4(o0, o1, o2, o3, o4, o5, o6, o7)  # [NW, J, g, P, k, e & 1, e >> 1]
         frag = gl.reshape(gl.permute(y, [0, 1, 6, 5, 2, 3, 4]), [NW, DP, TOKENS])
     else:
@@ -478,8 +478,8 @@ def _decode_split_gluon(
     chunks of BLOCK_H hot tokens. Keys and values: one or two parts (A over channels 0 .. A_DP, B after
     it; B_DP = 0 when absent) of BT bits (4 or 3), planes at byte PL, fp16 scale at byte SC of records of
     REC bytes; lut_k / lut_v: each part's table words (A at 0, B at 8; SAME_TABLES: the value parts' are
-    the key parts', read from lut_k at the same per-thread addresses, so ptxas keeps one copy). q_ptr: the rotated queries
-    (fp16, log2 units, channel order); qs_ptr: the scaled queries (fp32, original space) for the hot
+    the key parts', read from lut_k at the same per-thread addresses, so ptxas keeps one copy). q_ptr: the
+    rotated queries (fp16, log2 units, channel order); qs_ptr: the scaled queries (fp32, original space) for the hot
     tokens. Split sizes: decode_bounds.split_bounds (MIN_TILES, FILL, WAVE_TILES); a split without work
     but the first returns at once (it writes nothing: the merge reads the first n_act). PDL: launched
     while the query kernel runs (griddepcontrol), so nothing it wrote is read before the wait; split 0

@@ -117,7 +117,7 @@ def _unit_tile(row, tab_ptr, D: tl.constexpr, BITS: tl.constexpr, UNIT: tl.const
         wp = _load_units(row + PLANE, u // 2, UNIT) >> ((u % 2) * 8)[None, :]
     else:
         wp = _load_units(row + PLANE, u, UNIT)
-    if BITS % 16 == 3:  # the 1-bit plane after the 2-bit one (plain order: swap3): unit u // 2, codes from bit (u % 2) * NS
+    if BITS % 16 == 3:  # 1-bit plane after the 2-bit one, in plain order (swap3): unit u // 2, from bit (u % 2) * NS
         ws = swap3(_load_units(row + (PLANE + D // 4), u // 2, UNIT)) >> ((u % 2) * NS)[None, :]
     else:
         ws = wp
