@@ -135,6 +135,20 @@ def _grid_wait(x):
                                      "=r,r", [x], dtype=gl.int32, is_pure=False, pack=1)
 
 
+def _ptx_select(shift: int, up: int, tab: int, outs: tuple) -> str:
+    """PTX of one selector and its lookups: s = ((w >> shift) & 0x33333333) | ((y << up) & 0x44444444),
+    each half of s looked up in the table at operands $tab .. $tab + 3 (low bytes, then high bytes) and
+    nibbles n, n + 2 paired: the low half's pairs to outputs outs[0], the high half's to outs[1]."""
+    out = (f"shr.u32 x, w, {shift}; and.b32 x, x, 0x33333333;" if shift else "and.b32 x, w, 0x33333333;")
+    out += f"shl.b32 z, y, {up}; and.b32 z, z, 0x44444444; or.b32 s, x, z;"
+    for half, (o1, o2) in enumerate(outs):
+        out += "shr.u32 s, s, 16;" if half else ""
+        out += (f"prmt.b32 lo, ${tab}, ${tab + 1}, s; prmt.b32 hi, ${tab + 2}, ${tab + 3}, s;"
+                f"prmt.b32 p, lo, hi, 0x6240; mov.b32 {{${o1}, ${o1 + 1}}}, p;"
+                f"prmt.b32 p, lo, hi, 0x7351; mov.b32 {{${o2}, ${o2 + 1}}}, p;")
+    return out
+
+
 # 3-bit codes (packing.py: a plane of 2-bit fields, code j at bit 2 j, then a 1-bit plane in PERM3's
 # order, codes 0-7 of a byte at bits 0, 1, 4, 5, 2, 3, 6, 7). Two tokens a, b (keys: two halves of one
 # token's codes) become PRMT selectors of eight nibbles, the 2-bit field in bits 0-1 and the high bit in
@@ -147,6 +161,7 @@ def _grid_wait(x):
 _W3_KEY = gl.constexpr("prmt.b32 w, $16, $17, 0x5410; shr.u32 y, $18, 2; prmt.b32 y, $18, y, 0x5140;")
 _W3_VALUE = gl.constexpr("prmt.b32 w, $16, $17, 0x5140; prmt.b32 h, $18, $19, 0x0040; shr.u32 y, h, 2;"
                          "prmt.b32 y, h, y, 0x5410;")
+_SEL16 = gl.constexpr(_ptx_select(0, 2, 20, ((0, 4), (8, 12))) + _ptx_select(2, 1, 20, ((2, 6), (10, 14))) + "}")
 
 
 @gluon.jit
@@ -157,17 +172,7 @@ def _lut3x16(a, b, c, d, t0, t1, t2, t3, KEY: gl.constexpr):
     high-bit bytes (d unused); a_e is code (e & 3) + 8 (e >> 2), b_e code 4 + (e & 3) + 8 (e >> 2)."""
     PRE: gl.constexpr = _W3_KEY if KEY else _W3_VALUE
     return gl.inline_asm_elementwise(
-        "{.reg .b32 w, h, x, y, z, s, lo, hi, p;" + PRE
-        + "and.b32 x, w, 0x33333333; shl.b32 z, y, 2; and.b32 z, z, 0x44444444; or.b32 s, x, z;"
-        "prmt.b32 lo, $20, $21, s; prmt.b32 hi, $22, $23, s;"
-        "prmt.b32 p, lo, hi, 0x6240; mov.b32 {$0, $1}, p; prmt.b32 p, lo, hi, 0x7351; mov.b32 {$4, $5}, p;"
-        "shr.u32 s, s, 16; prmt.b32 lo, $20, $21, s; prmt.b32 hi, $22, $23, s;"
-        "prmt.b32 p, lo, hi, 0x6240; mov.b32 {$8, $9}, p; prmt.b32 p, lo, hi, 0x7351; mov.b32 {$12, $13}, p;"
-        "shr.u32 x, w, 2; and.b32 x, x, 0x33333333; shl.b32 z, y, 1; and.b32 z, z, 0x44444444; or.b32 s, x, z;"
-        "prmt.b32 lo, $20, $21, s; prmt.b32 hi, $22, $23, s;"
-        "prmt.b32 p, lo, hi, 0x6240; mov.b32 {$2, $3}, p; prmt.b32 p, lo, hi, 0x7351; mov.b32 {$6, $7}, p;"
-        "shr.u32 s, s, 16; prmt.b32 lo, $20, $21, s; prmt.b32 hi, $22, $23, s;"
-        "prmt.b32 p, lo, hi, 0x6240; mov.b32 {$10, $11}, p; prmt.b32 p, lo, hi, 0x7351; mov.b32 {$14, $15}, p;}",
+        "{.reg .b32 w, h, x, y, z, s, lo, hi, p;" + PRE + _SEL16,
         "=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r,r,r", [a, b, c, d, t0, t1, t2, t3],
         dtype=(gl.float16,) * 16, is_pure=True, pack=1)
 
@@ -175,6 +180,7 @@ def _lut3x16(a, b, c, d, t0, t1, t2, t3, KEY: gl.constexpr):
 _X3_KEY = gl.constexpr("shr.u32 x, $8, 2; prmt.b32 w, $8, x, 0x5410; shr.u32 h, $10, 2; prmt.b32 h, $10, h, 0x0040;")
 _X3_VALUE = gl.constexpr("prmt.b32 f, $8, $9, 0x0040; shr.u32 x, f, 2; prmt.b32 w, f, x, 0x5410;"
                          "prmt.b32 h, $10, $11, 0x0040;")
+_SEL8 = gl.constexpr("shr.u32 y, h, 1; prmt.b32 y, h, y, 0x5410;" + _ptx_select(0, 2, 12, ((0, 4), (2, 6))) + "}")
 
 
 @gluon.jit
@@ -186,13 +192,7 @@ def _lut3x8(a, b, c, d, t0, t1, t2, t3, KEY: gl.constexpr):
     a >> 1, b >> 1 (the same codes' at bits 4 n)."""
     PRE: gl.constexpr = _X3_KEY if KEY else _X3_VALUE
     return gl.inline_asm_elementwise(
-        "{.reg .b32 f, w, h, x, y, z, s, lo, hi, p;" + PRE
-        + "shr.u32 y, h, 1; prmt.b32 y, h, y, 0x5410;"
-        "and.b32 x, w, 0x33333333; shl.b32 z, y, 2; and.b32 z, z, 0x44444444; or.b32 s, x, z;"
-        "prmt.b32 lo, $12, $13, s; prmt.b32 hi, $14, $15, s;"
-        "prmt.b32 p, lo, hi, 0x6240; mov.b32 {$0, $1}, p; prmt.b32 p, lo, hi, 0x7351; mov.b32 {$4, $5}, p;"
-        "shr.u32 s, s, 16; prmt.b32 lo, $12, $13, s; prmt.b32 hi, $14, $15, s;"
-        "prmt.b32 p, lo, hi, 0x6240; mov.b32 {$2, $3}, p; prmt.b32 p, lo, hi, 0x7351; mov.b32 {$6, $7}, p;}",
+        "{.reg .b32 f, w, h, x, y, z, s, lo, hi, p;" + PRE + _SEL8,
         "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r,r,r", [a, b, c, d, t0, t1, t2, t3],
         dtype=(gl.float16,) * 8, is_pure=True, pack=1)
 
