@@ -89,7 +89,7 @@ def _as_format1(llm, path, out):
         rec = tensors[name].clone()
         for p in mse_parts(codec):
             if p.quantizer.bits == 3:
-                lo, n = p.planes + p.quantizer.dim // 4, p.quantizer.dim // 8
+                lo, n = p.planes + (2 * p.quantizer.dim + 7) // 8, (p.quantizer.dim + 7) // 8
                 plane = rec[..., lo:lo + n].int()
                 rec[..., lo:lo + n] = sum(((plane >> at[j]) & 1) << j for j in range(8)).to(torch.uint8)
         tensors[name] = rec
@@ -110,6 +110,34 @@ def test_a_session_of_the_previous_format_loads_and_continues_exactly(folder, tm
     assert not torch.equal(new["0.k"], old["0.k"]) and not torch.equal(new["0.v"], old["0.v"])
     with make(folder).load_session(tmp_path / "old.safetensors") as r:
         assert torch.equal(r.append([5, 6, 7], all_logits=True), cont)
+
+
+@pytest.mark.parametrize("kind,d", [("tq3", 64), ("tq3.5", 128), ("tq2.5", 64), ("tqp4", 128), ("tq2.5-paper", 40),
+                                    ("tq3.5-paper", 72), ("tq3.5-paper", 40), ("tq4", 64)])
+def test_format1_records_convert_every_3bit_part(kind, d):
+    """store._format1_records turns a record whose 3-bit parts' 1-bit planes are in plain order (the old
+    format, written here code by code) into this format's record, for part widths that are not a multiple
+    of 8 too (tq2.5-paper at d 40: 10 codes, the 2-bit plane 3 bytes); other bytes and types untouched."""
+    from tqinfer.cache.store import _format1_records
+    from tqinfer.quant.packing import packed_bytes, unpack
+    from tqinfer.quant.registry import make_codec
+    from tqinfer.quant.turboquant import mse_parts
+
+    codec = make_codec(kind, d, 2, seed=3)
+    new = codec.encode(torch.randn(5, 2, d, generator=torch.Generator().manual_seed(4)))
+    old = new.clone()
+    for p in mse_parts(codec):
+        n = p.quantizer.dim
+        if p.quantizer.bits != 3:
+            continue
+        codes = unpack(new[..., p.planes:p.planes + packed_bytes(n, 3)], 3, n).long()
+        lo = p.planes + (2 * n + 7) // 8
+        plain = torch.zeros(*new.shape[:-1], (n + 7) // 8, dtype=torch.long)
+        for j in range(n):
+            plain[..., j // 8] |= ((codes[..., j] >> 2) & 1) << (j % 8)
+        old[..., lo:lo + (n + 7) // 8] = plain.to(torch.uint8)
+    assert torch.equal(_format1_records(codec, old), new)
+    assert kind == "tq4" or not torch.equal(old, new)  # the formats differ where there are 3-bit codes
 
 
 def test_mismatched_cache_type_or_model_is_refused(folder, tiny_hf_folder, tmp_path):

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from tqinfer.cache.config import center_mode
 from tqinfer.cache.paged import flat_slots, read_tokens, write_dense
 from tqinfer.errors import TqinferError
-from tqinfer.quant.packing import packed_bytes, swap3
+from tqinfer.quant.packing import plane_bytes, swap3
 from tqinfer.quant.turboquant import mse_parts
 
 FORMAT = "tqinfer-session-2"
@@ -103,13 +103,13 @@ def _format1_records(codec, rec: torch.Tensor) -> torch.Tensor:
     TurboQuant part had its bits in plain order, now in packing.PERM3's (swap3 is its own inverse)."""
     try:
         parts = mse_parts(codec)
-    except NotImplementedError:  # no TurboQuant parts: no 3-bit plane the kernels read
+    except NotImplementedError:  # not TurboQuant: the registry's other types have no 3-bit codes (polar: 4/2/2/2)
         return rec
     rec = rec.clone()
     for p in parts:
         if p.quantizer.bits == 3:
-            lo = p.planes + p.quantizer.dim // 4
-            hi = lo + packed_bytes(p.quantizer.dim, 1)
+            lo = p.planes + plane_bytes(p.quantizer.dim, 2)  # after the 2-bit plane (a part of 10 codes: 3 bytes)
+            hi = lo + plane_bytes(p.quantizer.dim, 1)
             rec[..., lo:hi] = swap3(rec[..., lo:hi].int()).to(torch.uint8)
     return rec
 

@@ -18,9 +18,12 @@ its mma fragments need and decodes them where they are used:
   loop compiles with no shared-memory instruction: every layout change in it stays in registers.)
 - a unit's four 4-bit codes become four fp16 by PRMT lookups in a 16-entry table held in eight
   registers (low bytes of entries 4i .. 4i + 3 in word i, high bytes in word 4 + i), 12 instructions a
-  unit; eight 3-bit codes (16 bits of 2-bit fields, a byte of high bits) by spreading the fields to
-  selector nibbles, then one PRMT per byte plane and four codes. Records of two parts (tq3.5: 64
-  channels of 4 bits, 64 of 3) take one mma per part and scale, on the same scores and probabilities.
+  unit; 3-bit codes, sixteen at a time (32 bits of 2-bit fields, two bytes of high bits in packing.PERM3's
+  order), become two PRMT selectors by a byte shuffle, shifts and masks (_lut3x16), then one PRMT per
+  byte plane and four codes. Values are looked up two tokens at a time, so that a channel's two tokens
+  leave in one register (the value mma's A operand). Where the key and value parts' tables are equal,
+  one copy serves both (SAME_TABLES). Records of two parts (tq3.5: 64 channels of 4 bits, 64 of 3) take
+  one mma per part and scale, on the same scores and probabilities.
 - warps never synchronize: warp w takes tokens 16 w .. 16 w + 15 of every 16 * num_warps-token tile with
   its own online softmax; the warps' states merge once at the end of the split. Each warp prefetches the
   lines of its next tile's records (PREFETCH) while it works on this one.

@@ -29,8 +29,8 @@ PERM3 = (0, 1, 4, 5, 2, 3, 6, 7)  # bit of code j % 8 in a byte of the 1-bit pla
 
 
 def swap3(x):
-    """Bits 2-3 and 4-5 of every byte of x (an int or an integer tensor) exchanged: PERM3's order to the
-    plain one and back."""
+    """Bits 2-3 and 4-5 of each of the low four bytes of x (an int or an integer tensor: bytes or words of
+    up to 32 bits) exchanged: PERM3's order to the plain one and back."""
     t = ((x >> 2) ^ x) & 0x0C0C0C0C  # a delta swap: masks that fit any integer width
     return x ^ t ^ (t << 2)
 
