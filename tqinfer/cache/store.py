@@ -25,8 +25,8 @@ from tqinfer.quant.packing import plane_bytes, swap3
 from tqinfer.quant.turboquant import mse_parts
 
 FORMAT = "tqinfer-session-2"
-# format 1: the 1-bit plane of 3-bit codes in plain bit order (code j at bit j % 8), converted on load
-READS = (FORMAT, "tqinfer-session-1")
+FORMAT_1 = "tqinfer-session-1"  # the 1-bit plane of 3-bit codes in plain bit order (code j at bit j % 8): converted
+READS = (FORMAT, FORMAT_1)
 
 
 class CacheFileError(TqinferError):
@@ -180,11 +180,11 @@ def load_sequence(cache, slot: int, path: str | Path, expected: dict) -> list[in
     cache.reserve(slot, n)
     flat = flat_slots(cache.block_table[slot], torch.arange(n, device=cache.device), cache.block_size)
     for layer in range(cache.args.num_hidden_layers):
-        for which, codec in (("k", cache.k_codec[layer]), ("v", cache.v_codec[layer])):
+        for which, codec, pool in (("k", cache.k_codec[layer], cache.k_pool[layer]),
+                                   ("v", cache.v_codec[layer], cache.v_pool[layer])):
             rec = tensors[f"{layer}.{which}"]
-            if header["format"] == "tqinfer-session-1" and codec is not None:
+            if header["format"] == FORMAT_1 and codec is not None:
                 rec = _format1_records(codec, rec)
-            pool = cache.k_pool[layer] if which == "k" else cache.v_pool[layer]
             write_dense(pool, rec.to(cache.device), flat, cache.block_size)
         if cache.k_hot[layer] is not None:
             cache.k_hot[layer][slot] = tensors[f"{layer}.k_hot"].to(cache.device)
