@@ -6,16 +6,18 @@ dequantized keys and values reach the dot operands through shared memory or thro
 lookups. Here the layouts are explicit (triton.experimental.gluon), so a thread loads exactly the codes
 its mma fragments need and decodes them where they are used:
 
-- keys: S[G, n] = q . K^T with K^T the B operand [d, 16 tokens] of mma.m16n8k16. Thread (lane l, t =
-  l % 4) holds, for tokens l // 4 and l // 4 + 8, the channels 16 kb + 2 t + {0, 1, 8, 9} of each
-  k-block kb. The order of channels inside the dot product is free, so k-block kb's four channels are
-  taken to be four codes of the record read together: thread t reads codes t * d / 4 + 4 kb + e of a
-  part of d channels and the query's columns are permuted to match (once per program).
+- keys: S^T[16 tokens, 8 rows] = K . Q^T with K the A operand [16 tokens, d] of mma.m16n8k16 (the 16
+  tokens fill its 16 rows; the group's G <= 8 query rows are the 8 columns, so no row of the mma is
+  padding). Thread (lane l, t = l % 4) holds, for tokens l // 4 and l // 4 + 8, the channels 16 kb + 2 t
+  + {0, 1, 8, 9} of each k-block kb. The order of channels inside the dot product is free, so k-block kb's
+  four channels are taken to be four codes of the record read together: thread t reads codes t * d / 4 +
+  4 kb + e of a part of d channels and the query's rows are permuted to match (once per program).
 - values: O^T[d, G] = V^T . P^T with V^T the A operand [d, 16 tokens]; thread (g = l // 4) holds rows
   16 mb + 8 mh + g for tokens 2 t + {0, 1, 8, 9}: per token d / 8 channels, again one unit per four
   (codes g * d / 8 + 4 j + e -> row 32 j + 16 (e >> 1) + 8 (e & 1) + g), stored to their channels at
-  the end. P^T is the B operand: S's accumulator layout restricted to 8 rows and transposed. (The tile
-  loop compiles with no shared-memory instruction: every layout change in it stays in registers.)
+  the end. P [16 tokens, 8 rows] is the B operand: the scores' accumulator layout with each 8 x 8 half
+  transposed by movmatrix. (The tile loop compiles with no shared-memory instruction: every layout
+  change in it stays in registers.)
 - a unit's four 4-bit codes become four fp16 by PRMT lookups in a 16-entry table held in eight
   registers (low bytes of entries 4i .. 4i + 3 in word i, high bytes in word 4 + i), 12 instructions a
   unit; 3-bit codes, sixteen at a time (32 bits of 2-bit fields, two bytes of high bits in packing.PERM3's
@@ -111,11 +113,17 @@ def _idx2(N: gl.constexpr, AXIS: gl.constexpr, L: gl.constexpr):
 
 
 @gluon.jit
-def _rows8(x):
-    """Rows 0-7 of an mma accumulator [W, 16, N] (row bit 3 is a register bit of its layout)."""
-    y = gl.permute(gl.reshape(x, [x.shape[0], 2, 8, x.shape[2]]), [0, 2, 3, 1])
-    lo, hi = gl.split(y)
-    return lo
+def _tokens_as_k(p, POP: gl.constexpr):
+    """P [W, 16 tokens, 8 rows] (fp16, the score accumulator's layout: lane (g, t) holds tokens g, g + 8 of
+    rows 2 t, 2 t + 1) as the value mma's B operand [k = 16 tokens, n = 8 rows] (lane (g, t) holds row g of
+    tokens 2 t, 2 t + 1, 2 t + 8, 2 t + 9): each 8 x 8 half transposed in registers by movmatrix. Its
+    output in p's layout holds at [8 h + g, 2 t + e] the probability of token 8 h + 2 t + e, row g; the
+    reshape and permute name that, and the conversion to POP moves nothing."""
+    y = gl.inline_asm_elementwise("movmatrix.sync.aligned.m8n8.trans.b16 $0, $1;", "=r,r", [p],
+                                  dtype=gl.float16, is_pure=True, pack=2)
+    w: gl.constexpr = p.shape[0]
+    y = gl.reshape(gl.permute(gl.reshape(y, [w, 2, 8, 8]), [0, 1, 3, 2]), [w, 16, 8])
+    return gl.convert_layout(y, POP)
 
 
 @gluon.jit
@@ -346,14 +354,14 @@ def _value_fragment(base, t0, t1, t2, t3, t4, t5, t6, t7, REC: gl.constexpr, DP:
 @gluon.jit
 def _part_queries(q_row, s_qh, G: gl.constexpr, CH: gl.constexpr, DP: gl.constexpr, BITS: gl.constexpr,
                   QOP: gl.constexpr, NW: gl.constexpr):
-    """The group's rotated queries [NW, 16, DP] for one key part (channels CH ..), columns permuted to
-    _key_fragment's rows: row k <- code t DP / 4 + x, t = (k >> 1) & 3, x = 4 (k >> 4) + 2 ((k >> 3) & 1)
+    """The group's rotated queries, Q^T [NW, DP, 8] (the key mma's B operand) for one key part (channels
+    CH ..), rows permuted to _key_fragment's channel order: row k <- code t DP / 4 + x, t = (k >> 1) & 3, x = 4 (k >> 4) + 2 ((k >> 3) & 1)
     + (k & 1) for 4-bit codes, 16 (k >> 6) + 8 ((k >> 5) & 1) + 4 (k & 1) + 2 ((k >> 4) & 1) + ((k >> 3) & 1)
     for 3-bit ones (output i = (k & 1) + 2 ((k >> 3) & 1) + 4 ((k >> 4) & 1) + 8 ((k >> 5) & 1) of unit
     k >> 6 is code (e & 3) + 4 (i & 1) + 8 (e >> 2), e = i >> 1). Loaded in the operand's own layout (no
-    conversion); rows >= G are zeros."""
-    r = _idx3(16, 1, QOP)
-    k = _idx3(DP, 2, QOP)
+    conversion); columns >= G are zeros."""
+    r = _idx3(8, 2, QOP)
+    k = _idx3(DP, 1, QOP)
     w = _idx3(NW, 0, QOP)
     if BITS == 4:
         x = (k >> 4) * 4 + ((k >> 3) & 1) * 2 + (k & 1)
@@ -428,19 +436,20 @@ def _slice_base(k_pool, v_pool, bt_ptr, b, s_bt, h, ti, sn, sinks, c_end, H: gl.
 def _slice_scores(k_base, sn, tmask, qa, qb, zs, kta, ktb, REC_K: gl.constexpr, KA_DP: gl.constexpr,
                   KA_BT: gl.constexpr, KA_PL: gl.constexpr, KA_SC: gl.constexpr, KB_DP: gl.constexpr,
                   KB_BT: gl.constexpr, KB_PL: gl.constexpr, KB_SC: gl.constexpr, KOP: gl.constexpr, NW: gl.constexpr):
-    """Scores [W, 16, 16] (log2 units; -inf past the slice's real tokens) of each warp's 16 tokens: one
-    mma per key part, times the part's scale."""
+    """Scores S^T [W, 16 tokens, 8 rows] (log2 units; -inf past the slice's real tokens) of each warp's 16
+    tokens: per key part one mma with the keys as the A operand (16 tokens fill its 16 rows; the group's
+    rows are the 8 columns), times the part's scale."""
     k_sc = k_base + sn * REC_K
-    kf = gl.convert_layout(_key_fragment(k_base, kta[0], kta[1], kta[2], kta[3], kta[4], kta[5], kta[6], kta[7],
-                                         REC_K, KA_DP, KA_BT, KA_PL, NW), KOP)
+    kf = gl.convert_layout(gl.permute(_key_fragment(k_base, kta[0], kta[1], kta[2], kta[3], kta[4], kta[5], kta[6],
+                                                    kta[7], REC_K, KA_DP, KA_BT, KA_PL, NW), [0, 2, 1]), KOP)
     sk = gl.load((k_sc + KA_SC).to(gl.pointer_type(gl.float16)), mask=tmask, other=0.0).to(gl.float32)
-    sc = mma_v2(qa, kf, zs) * gl.expand_dims(sk, 1)
+    sc = mma_v2(kf, qa, zs) * gl.expand_dims(sk, 2)
     if KB_DP > 0:
-        kf = gl.convert_layout(_key_fragment(k_base, ktb[0], ktb[1], ktb[2], ktb[3], ktb[4], ktb[5], ktb[6], ktb[7],
-                                             REC_K, KB_DP, KB_BT, KB_PL, NW), KOP)
+        kf = gl.convert_layout(gl.permute(_key_fragment(k_base, ktb[0], ktb[1], ktb[2], ktb[3], ktb[4], ktb[5],
+                                                        ktb[6], ktb[7], REC_K, KB_DP, KB_BT, KB_PL, NW), [0, 2, 1]), KOP)
         sk = gl.load((k_sc + KB_SC).to(gl.pointer_type(gl.float16)), mask=tmask, other=0.0).to(gl.float32)
-        sc += mma_v2(qb, kf, zs) * gl.expand_dims(sk, 1)
-    return gl.where(gl.expand_dims(tmask, 1), sc, float("-inf"))
+        sc += mma_v2(kf, qb, zs) * gl.expand_dims(sk, 2)
+    return gl.where(gl.expand_dims(tmask, 2), sc, float("-inf"))
 
 
 @gluon.jit
@@ -448,16 +457,17 @@ def _slice_values(v_base, sn, tmask, p, zs, acc_a, acc_b, vta, vtb, REC_V: gl.co
                   VA_BT: gl.constexpr, VA_PL: gl.constexpr, VA_SC: gl.constexpr, VB_DP: gl.constexpr,
                   VB_BT: gl.constexpr, VB_PL: gl.constexpr, VB_SC: gl.constexpr, POP: gl.constexpr,
                   VOP: gl.constexpr, NW: gl.constexpr):
-    """acc_X += V_X^T . (p * scale_X)^T for each value part X of each warp's 16 tokens (p: [W, 8, 16])."""
+    """acc_X += V_X^T . (p * scale_X) for each value part X of each warp's 16 tokens (p: [W, 16 tokens, 8
+    rows], the scores' layout)."""
     v_sc = v_base + sn * REC_V
     sv = gl.load((v_sc + VA_SC).to(gl.pointer_type(gl.float16)), mask=tmask, other=0.0).to(gl.float32)
-    pt = gl.convert_layout(gl.permute((p * _rows8(zs + gl.expand_dims(sv, 1))).to(gl.float16), [0, 2, 1]), POP)
+    pt = _tokens_as_k((p * gl.expand_dims(sv, 2)).to(gl.float16), POP)
     vf = gl.convert_layout(_value_fragment(v_base, vta[0], vta[1], vta[2], vta[3], vta[4], vta[5], vta[6], vta[7],
                                            REC_V, VA_DP, VA_BT, VA_PL, NW), VOP)
     acc_a = mma_v2(vf, pt, acc_a)
     if VB_DP > 0:
         sv = gl.load((v_sc + VB_SC).to(gl.pointer_type(gl.float16)), mask=tmask, other=0.0).to(gl.float32)
-        pt = gl.convert_layout(gl.permute((p * _rows8(zs + gl.expand_dims(sv, 1))).to(gl.float16), [0, 2, 1]), POP)
+        pt = _tokens_as_k((p * gl.expand_dims(sv, 2)).to(gl.float16), POP)
         vf = gl.convert_layout(_value_fragment(v_base, vtb[0], vtb[1], vtb[2], vtb[3], vtb[4], vtb[5], vtb[6],
                                                vtb[7], REC_V, VB_DP, VB_BT, VB_PL, NW), VOP)
         acc_b = mma_v2(vf, pt, acc_b)
@@ -490,11 +500,11 @@ def _decode_split_gluon(
     kernel and the merge, which waits for the split grid, reads the queries after it too."""
     BLOCK_N: gl.constexpr = TOKENS * NW
     MS: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1, 1], instr_shape=[1, 16, 8])
-    QOP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MS, k_width=2)
-    KOP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MS, k_width=2)
-    VOP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MS, k_width=2)
-    POP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MS, k_width=2)
-    TS: gl.constexpr = gl.SliceLayout(1, MS)  # [W, tokens] of the score tile
+    KOP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MS, k_width=2)  # K [W, 16 tokens, DP]
+    QOP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MS, k_width=2)  # Q^T [W, DP, 8 rows]
+    VOP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MS, k_width=2)  # V^T [W, DP, 16 tokens]
+    POP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MS, k_width=2)  # P [W, 16 tokens, 8 rows]
+    TS: gl.constexpr = gl.SliceLayout(2, MS)  # [W, tokens] of the score tile
 
     b = gl.program_id(0)
     h = gl.program_id(1)
@@ -529,9 +539,9 @@ def _decode_split_gluon(
         vtb = _value_tables(lut_vv + 8, zero, VB_DP, VB_BT, NW)
     sn = _idx2(NW, 0, TS) * TOKENS + _idx2(TOKENS, 1, TS)  # token of the tile, [W, 16] as the scores hold it
 
-    zs = gl.zeros([NW, 16, TOKENS], gl.float32, MS)
-    m_i = gl.max(_rows8(zs), 2) + NEG
-    l_i = gl.max(_rows8(zs), 2)
+    zs = gl.zeros([NW, TOKENS, 8], gl.float32, MS)
+    m_i = gl.max(zs, 1) + NEG  # [W, 8 rows]
+    l_t = zs  # each lane's share of the row sums, summed over the tokens after the loop
     acc_a = gl.zeros([NW, VA_DP, 8], gl.float32, MS)
     acc_b = gl.zeros([NW, VB_DP if VB_DP > 0 else 16, 8], gl.float32, MS)
     for ti in range(t_start, t_end):
@@ -540,13 +550,12 @@ def _decode_split_gluon(
                            REC_V, PREFETCH)
         k_base, v_base, tmask = _slice_base(k_pool, v_pool, bt_ptr, b, s_bt, h, ti, sn, sinks, c_end, H, BS, BLOCK_N,
                                             REC_K, REC_V)
-        s8 = _rows8(_slice_scores(k_base, sn, tmask, qa, qb, zs, kta, ktb, REC_K, KA_DP, KA_BT, KA_PL, KA_SC, KB_DP,
-                                  KB_BT, KB_PL, KB_SC, KOP, NW))
-        m_new = gl.maximum(m_i, gl.max(s8, 2))
-        alpha = gl.exp2(m_i - m_new)
-        p = gl.exp2(s8 - gl.expand_dims(m_new, 2))
-        l_i = l_i * alpha + gl.sum(p, 2)
-        al = gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, MS)), 1)
+        st = _slice_scores(k_base, sn, tmask, qa, qb, zs, kta, ktb, REC_K, KA_DP, KA_BT, KA_PL, KA_SC, KB_DP,
+                           KB_BT, KB_PL, KB_SC, KOP, NW)
+        m_new = gl.maximum(m_i, gl.max(st, 1))
+        al = gl.expand_dims(gl.exp2(m_i - m_new), 1)  # [W, 1, 8]: scales the values' columns as it is
+        p = gl.exp2(st - gl.expand_dims(m_new, 1))
+        l_t = l_t * al + p
         acc_a, acc_b = _slice_values(v_base, sn, tmask, p, zs, acc_a * al, acc_b * al, vta, vtb, REC_V, VA_DP, VA_BT,
                                      VA_PL, VA_SC, VB_DP, VB_BT, VB_PL, VB_SC, POP, VOP, NW)
         m_i = m_new
@@ -555,7 +564,8 @@ def _decode_split_gluon(
     RL: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])
     m_t = gl.max(m_i, 0)
     wgt = gl.exp2(m_i - gl.expand_dims(m_t, 0))
-    wo = gl.expand_dims(gl.convert_layout(wgt, gl.SliceLayout(1, MS)), 1)
+    l_i = gl.sum(l_t, 1)
+    wo = gl.expand_dims(wgt, 1)
     ws = (b * H + h) * (NSPLIT + NHOT) + s
     g_real = gl.where(s < n_act, G, 0)
     rr = gl.arange(0, 8, layout=RL)
