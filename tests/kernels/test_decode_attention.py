@@ -348,6 +348,31 @@ def test_gluon_split_kernel_matches_float64(kt, vt, d, h, g, sinks, window, spli
     assert rel_err(out, tri) < 5e-4
 
 
+@pytest.mark.skipif(DEV != "cuda", reason="the Gluon kernel is compiled CUDA code")
+@pytest.mark.parametrize("kt,vt,d,h,g", GLUON_CASES,
+                         ids=[f"{c[0]}-{c[1]}-d{c[2]}-h{c[3]}-g{c[4]}" for c in GLUON_CASES])
+def test_gluon_pipelined_loop_same_as_plain(kt, vt, d, h, g, monkeypatch):
+    """GLUON_PIPELINE on and off: the same arithmetic in the same order (one tile's scores beside the
+    previous tile's softmax and values), so the same output to fp32 rounding, and == float64; lengths that
+    give splits of no tile, one tile (the loop body never runs) and several."""
+    lens = [1, 40, 64 + 1, 2 * 64 + 5, 7 * 64 + 3]
+    view, kd, vd = build_cache(kt, vt, lens, heads=h, d=d, sinks=3, window=20, block_size=64, dtype=torch.float32,
+                               device=DEV, seed=d + g)
+    gen = torch.Generator().manual_seed(d + g + 1)
+    q = torch.randn(len(lens), h * g, d, generator=gen).to(DEV)
+    k = torch.randn(len(lens), h, d, generator=gen).to(DEV)
+    v = torch.randn(len(lens), h, d, generator=gen).to(DEV)
+    cu = torch.arange(len(lens) + 1, dtype=torch.int32, device=DEV)
+    pl = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    outs = []
+    for on in (False, True):
+        monkeypatch.setattr(decode_attention, "GLUON_PIPELINE", on)
+        outs.append(paged_decode_attention(q, k, v, cu, pl, view, 1 / math.sqrt(d), num_splits=3, kernel="gluon"))
+    assert torch.isfinite(outs[1]).all()
+    assert rel_err(outs[1], outs[0]) < 1e-6
+    assert rel_err(outs[1], attention64(q, k, v, cu, lens, kd, vd, 1 / math.sqrt(d))) < 2e-3
+
+
 @pytest.mark.parametrize("kind,d,ok", [("tq4", 128, True), ("tq4", 64, True), ("tq3.5", 128, True),
                                        ("tq3.5", 64, True), ("tq3", 128, True), ("tq3", 64, True),
                                        ("tq2.5", 64, False), ("tq2", 128, False), ("tqp3", 64, False),

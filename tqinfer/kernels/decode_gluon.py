@@ -475,6 +475,21 @@ def _slice_values(v_base, sn, tmask, p, zs, acc_a, acc_b, vta, vtb, REC_V: gl.co
 
 
 @gluon.jit
+def _slice_update(st, v_base, sn, tmask, m_i, l_t, acc_a, acc_b, zs, vta, vtb, REC_V: gl.constexpr,
+                  VA_DP: gl.constexpr, VA_BT: gl.constexpr, VA_PL: gl.constexpr, VA_SC: gl.constexpr,
+                  VB_DP: gl.constexpr, VB_BT: gl.constexpr, VB_PL: gl.constexpr, VB_SC: gl.constexpr,
+                  POP: gl.constexpr, VOP: gl.constexpr, NW: gl.constexpr):
+    """The online softmax over one tile's scores st [W, 16 tokens, 8 rows] and its values: the new (row
+    maxima, lanes' row sums, accumulators)."""
+    m_new = gl.maximum(m_i, gl.max(st, 1))
+    al = gl.expand_dims(gl.exp2(m_i - m_new), 1)  # [W, 1, 8]: scales the values' columns as it is
+    p = gl.exp2(st - gl.expand_dims(m_new, 1))
+    acc_a, acc_b = _slice_values(v_base, sn, tmask, p, zs, acc_a * al, acc_b * al, vta, vtb, REC_V, VA_DP, VA_BT,
+                                 VA_PL, VA_SC, VB_DP, VB_BT, VB_PL, VB_SC, POP, VOP, NW)
+    return m_new, l_t * al + p, acc_a, acc_b
+
+
+@gluon.jit
 def _decode_split_gluon(
     q_ptr, k_pool, v_pool, lut_k, lut_v, bt_ptr, prefix_ptr, ws_m, ws_l, ws_acc, qs_ptr, k_hot, v_hot, slot_ptr,
     sinks, window, s_bt, s_qb, s_qh, s_qsb, s_qsh, s_hb, s_hh, s_hs, zero, NSPLIT, FILL,
@@ -484,7 +499,7 @@ def _decode_split_gluon(
     REC_V: gl.constexpr, VA_DP: gl.constexpr, VA_BT: gl.constexpr, VA_PL: gl.constexpr, VA_SC: gl.constexpr,
     VB_DP: gl.constexpr, VB_BT: gl.constexpr, VB_PL: gl.constexpr, VB_SC: gl.constexpr, NW: gl.constexpr,
     PREFETCH: gl.constexpr = 0, PDL: gl.constexpr = False, MIN_TILES: gl.constexpr = 1,
-    WAVE_TILES: gl.constexpr = 0, SAME_TABLES: gl.constexpr = False,
+    WAVE_TILES: gl.constexpr = 0, SAME_TABLES: gl.constexpr = False, PIPELINE: gl.constexpr = False,
 ):
     """Grid (B, H, NSPLIT + NHOT), the workspace of decode_attention._decode_split_kernel: program
     (b, h, s < NSPLIT) runs split s of sequence b's compressed tiles for KV head h, the last NHOT take
@@ -497,7 +512,9 @@ def _decode_split_gluon(
     but the first returns at once (it writes nothing: the merge reads the first n_act). PDL: launched
     while the query kernel runs (griddepcontrol), so nothing it wrote is read before the wait; split 0
     of every (sequence, head) waits even without work, so that the split grid ends after the query
-    kernel and the merge, which waits for the split grid, reads the queries after it too."""
+    kernel and the merge, which waits for the split grid, reads the queries after it too. PIPELINE: the loop
+    computes tile ti's scores beside tile ti - 1's softmax and values (the same arithmetic in the same
+    order; two independent chains for the scheduler, at the cost of registers)."""
     BLOCK_N: gl.constexpr = TOKENS * NW
     MS: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1, 1], instr_shape=[1, 16, 8])
     KOP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MS, k_width=2)  # K [W, 16 tokens, DP]
@@ -544,21 +561,42 @@ def _decode_split_gluon(
     l_t = zs  # each lane's share of the row sums, summed over the tokens after the loop
     acc_a = gl.zeros([NW, VA_DP, 8], gl.float32, MS)
     acc_b = gl.zeros([NW, VB_DP if VB_DP > 0 else 16, 8], gl.float32, MS)
-    for ti in range(t_start, t_end):
-        if PREFETCH > 0:  # the lines of this warp's records of the next tile, to L1 (1) or L2 (2)
-            _prefetch_tile(k_pool, v_pool, bt_ptr, b, s_bt, h, ti + 1, t_end, pw, line, H, BS, BLOCK_N, REC_K,
-                           REC_V, PREFETCH)
-        k_base, v_base, tmask = _slice_base(k_pool, v_pool, bt_ptr, b, s_bt, h, ti, sn, sinks, c_end, H, BS, BLOCK_N,
-                                            REC_K, REC_V)
-        st = _slice_scores(k_base, sn, tmask, qa, qb, zs, kta, ktb, REC_K, KA_DP, KA_BT, KA_PL, KA_SC, KB_DP,
-                           KB_BT, KB_PL, KB_SC, KOP, NW)
-        m_new = gl.maximum(m_i, gl.max(st, 1))
-        al = gl.expand_dims(gl.exp2(m_i - m_new), 1)  # [W, 1, 8]: scales the values' columns as it is
-        p = gl.exp2(st - gl.expand_dims(m_new, 1))
-        l_t = l_t * al + p
-        acc_a, acc_b = _slice_values(v_base, sn, tmask, p, zs, acc_a * al, acc_b * al, vta, vtb, REC_V, VA_DP, VA_BT,
-                                     VA_PL, VA_SC, VB_DP, VB_BT, VB_PL, VB_SC, POP, VOP, NW)
-        m_i = m_new
+    if PIPELINE:  # the scores of tile ti beside the softmax and values of tile ti - 1: two independent chains
+        if t_start < t_end:
+            if PREFETCH > 0:
+                _prefetch_tile(k_pool, v_pool, bt_ptr, b, s_bt, h, t_start + 1, t_end, pw, line, H, BS, BLOCK_N,
+                               REC_K, REC_V, PREFETCH)
+            k_base, v_base, tmask = _slice_base(k_pool, v_pool, bt_ptr, b, s_bt, h, t_start, sn, sinks, c_end, H, BS,
+                                                BLOCK_N, REC_K, REC_V)
+            st = _slice_scores(k_base, sn, tmask, qa, qb, zs, kta, ktb, REC_K, KA_DP, KA_BT, KA_PL, KA_SC, KB_DP,
+                               KB_BT, KB_PL, KB_SC, KOP, NW)
+            for ti in range(t_start + 1, t_end):
+                if PREFETCH > 0:
+                    _prefetch_tile(k_pool, v_pool, bt_ptr, b, s_bt, h, ti + 1, t_end, pw, line, H, BS, BLOCK_N, REC_K,
+                                   REC_V, PREFETCH)
+                k_next, v_next, t_next = _slice_base(k_pool, v_pool, bt_ptr, b, s_bt, h, ti, sn, sinks, c_end, H, BS,
+                                                     BLOCK_N, REC_K, REC_V)
+                s_next = _slice_scores(k_next, sn, t_next, qa, qb, zs, kta, ktb, REC_K, KA_DP, KA_BT, KA_PL, KA_SC,
+                                       KB_DP, KB_BT, KB_PL, KB_SC, KOP, NW)
+                m_i, l_t, acc_a, acc_b = _slice_update(st, v_base, sn, tmask, m_i, l_t, acc_a, acc_b, zs, vta, vtb,
+                                                       REC_V, VA_DP, VA_BT, VA_PL, VA_SC, VB_DP, VB_BT, VB_PL, VB_SC,
+                                                       POP, VOP, NW)
+                st = s_next
+                v_base = v_next
+                tmask = t_next
+            m_i, l_t, acc_a, acc_b = _slice_update(st, v_base, sn, tmask, m_i, l_t, acc_a, acc_b, zs, vta, vtb, REC_V,
+                                                   VA_DP, VA_BT, VA_PL, VA_SC, VB_DP, VB_BT, VB_PL, VB_SC, POP, VOP, NW)
+    else:
+        for ti in range(t_start, t_end):
+            if PREFETCH > 0:  # the lines of this warp's records of the next tile, to L1 (1) or L2 (2)
+                _prefetch_tile(k_pool, v_pool, bt_ptr, b, s_bt, h, ti + 1, t_end, pw, line, H, BS, BLOCK_N, REC_K,
+                               REC_V, PREFETCH)
+            k_base, v_base, tmask = _slice_base(k_pool, v_pool, bt_ptr, b, s_bt, h, ti, sn, sinks, c_end, H, BS,
+                                                BLOCK_N, REC_K, REC_V)
+            st = _slice_scores(k_base, sn, tmask, qa, qb, zs, kta, ktb, REC_K, KA_DP, KA_BT, KA_PL, KA_SC, KB_DP,
+                               KB_BT, KB_PL, KB_SC, KOP, NW)
+            m_i, l_t, acc_a, acc_b = _slice_update(st, v_base, sn, tmask, m_i, l_t, acc_a, acc_b, zs, vta, vtb, REC_V,
+                                                   VA_DP, VA_BT, VA_PL, VA_SC, VB_DP, VB_BT, VB_PL, VB_SC, POP, VOP, NW)
 
     # the warps' states merged; rows < G of splits with work stored
     RL: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])
