@@ -414,6 +414,25 @@ def test_gluon_value_tables_shared_only_where_equal(kt, vt, same):
     assert (decode_attention.gluon_table(k_lay).tolist() == decode_attention.gluon_table(v_lay).tolist()) == same
 
 
+@pytest.mark.parametrize("kind,d", [("tq4", 128), ("tq4", 64), ("tq3.5", 128), ("tq3.5", 64)])
+def test_gluon_4bit_lookups_only_for_symmetric_codebooks(kind, d):
+    """lut_symmetric: the 4-bit Lloyd-Max codebooks are symmetric bit for bit in fp16 (the Gluon kernel
+    looks up magnitudes and flips signs); a table with one entry off by a bit is not, and its records go to
+    the Triton kernel (gluon_layouts False)."""
+    view, _, _ = build_cache(kind, kind, [5], heads=1, d=d, sinks=0, window=0, block_size=BS,
+                             dtype=torch.float32, device=DEV, seed=1)
+    k_lay, v_lay = decode_attention._layouts(view, DEV)
+    four = [p for p in k_lay.parts if p.bits == 4]
+    assert four and all(decode_attention.lut_symmetric(k_lay, p) for p in four)
+    assert decode_attention.gluon_layouts(k_lay, v_lay, d, 4, 64)
+    words = list(decode_attention.lut_words(k_lay, four[0]))
+    words[1] = f"0x{int(words[1], 16) ^ 0x100:08x}"  # entry 5's low byte: no longer entry 10's
+    k_lay.__dict__["_kernel_luts"][four[0].table] = tuple(words)
+    assert not decode_attention.lut_symmetric(k_lay, four[0])
+    assert not decode_attention.gluon_layouts(k_lay, v_lay, d, 4, 64)
+    assert decode_attention.gluon_layouts(v_lay, v_lay, d, 4, 64)
+
+
 def test_gluon_needs_mma_v2_and_gluon(monkeypatch):
     """gluon_reads on CUDA: only on compute capability 8.0 or newer (mma.m16n8k16), asked once per device,
     and never without decode_gluon (a triton without Gluon)."""

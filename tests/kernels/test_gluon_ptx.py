@@ -1,5 +1,6 @@
-"""decode_gluon's inline PTX on the CPU: the lookups' PTX strings (_lut4, _lut4_pairs, _lut3x16, _lut3x8) run by a
-small PTX interpreter (prmt with its sign-replicate mode, shifts, and / or, lop3, mov into halves), the fragment
+"""decode_gluon's inline PTX on the CPU: the lookups' PTX strings (_lut4x8 for keys and values, _lut3x16, _lut3x8) run
+by a small PTX interpreter (prmt with its sign-replicate mode, shifts, and / or / xor / not, lop3, mul, mov into
+halves), the fragment
 assembly (join / permute / reshape) mirrored in numpy, on records packed by tqinfer.quant.packing: every key row
 k holds the centroid of the channel _part_queries' formula gives it, every value row m the channel _store_part's
 gives it. The Gluon kernel runs on CUDA only; its GPU test checks it against float64, this one keeps its bit
@@ -38,7 +39,9 @@ def lop3(a, b, c, imm):
 
 
 OPS = {"prmt.b32": prmt, "shr.u32": lambda a, s: a >> s, "shl.b32": lambda a, s: (a << s) & M32,
-       "and.b32": lambda a, b: a & b, "or.b32": lambda a, b: a | b, "lop3.b32": lop3, "mov.b32": lambda a: a}
+       "and.b32": lambda a, b: a & b, "or.b32": lambda a, b: a | b, "xor.b32": lambda a, b: a ^ b,
+       "not.b32": lambda a: ~a & M32, "mul.lo.u32": lambda a, b: (a * b) & M32, "lop3.b32": lop3,
+       "mov.b32": lambda a: a}
 
 
 def run(asm: str, inputs: dict, nout: int) -> list:
@@ -79,6 +82,10 @@ def _lut3_asm(wide: bool, key: bool) -> str:  # the strings _lut3x16 / _lut3x8 a
     return regs + str(pre.value) + str((G._SEL16 if wide else G._SEL8).value)
 
 
+def _lut4_asm(key: bool) -> str:  # the string _lut4x8 assembles
+    return "{.reg .b32 w, x, z, s, t, m, la, lb, ha, hb, p;" + str((G._SYM4_KEY if key else G._SYM4_VALUE).value)
+
+
 def words_of(table):  # lut_words: low bytes of entries 4i .. 4i + 3 in word i, then the high bytes
     return [sum(((table[i + j] >> sh) & 0xFF) << (8 * j) for j in range(4)) for sh in (0, 8)
             for i in range(0, len(table), 4)]
@@ -98,16 +105,15 @@ def u16(rec, tok, off):
 
 def key_fragment(dp, bits, rec, tw):
     """_key_fragment's K^T [dp, 16] of one warp."""
-    if bits == 4:
-        lut4 = _asm_literal(G._lut4)
-        xs = np.zeros((1, dp // 16, 4, T, 4), dtype=np.int64)
-        for c in range(dp // 16):
+    if bits == 4:  # the upper half of the symmetric table: words 2, 3 (low bytes), 6, 7 (high bytes)
+        xs = np.zeros((1, dp // 32, 4, T, 8), dtype=np.int64)
+        for c in range(dp // 32):
             for t in range(4):
                 for n in range(T):
-                    xs[0, c, t, n] = run(lut4, {4: u16(rec, n, t * (dp // 8) + c * 2),
-                                                **{5 + i: tw[i] for i in range(8)}}, 4)
-        x = join(join(xs[..., 0], xs[..., 1]), join(xs[..., 2], xs[..., 3]))
-        return np.transpose(x, [0, 1, 5, 2, 4, 3]).reshape(dp, T)
+                    off = t * (dp // 8) + c * 4
+                    xs[0, c, t, n] = run(_lut4_asm(True), {8: u16(rec, n, off), 9: u16(rec, n, off + 2), 10: tw[2],
+                                                           11: tw[3], 12: tw[6], 13: tw[7]}, 8)
+        return np.transpose(pairs4([xs[..., i] for i in range(8)]), [0, 1, 6, 5, 2, 4, 3]).reshape(dp, T)
     if dp == 32:
         o = np.zeros((1, 1, 4, T, 8), dtype=np.int64)
         for t in range(4):
@@ -139,8 +145,8 @@ def value_fragment(dp, bits, rec, tw):
                 a, b = 2 * p, 2 * p + 1
                 if bits == 4:
                     off = g * (dp // 16) + c * 2
-                    o[0, c, g, p] = run(_asm_literal(G._lut4_pairs), {8: u16(rec, a, off), 9: u16(rec, b, off),
-                                                                      **{10 + i: tw[i] for i in range(8)}}, 8)
+                    o[0, c, g, p] = run(_lut4_asm(False), {8: u16(rec, a, off), 9: u16(rec, b, off), 10: tw[2],
+                                                           11: tw[3], 12: tw[6], 13: tw[7]}, 8)
                 elif dp == 32:
                     sh, hp = (g & 1) * 2, dp // 4 + g // 2
                     o[0, c, g, p] = run(_lut3_asm(False, False), {8: int(rec[a, g]), 9: int(rec[b, g]),
@@ -175,6 +181,9 @@ def test_gluon_lookups_give_each_row_its_channels_centroid(bits, dp):
     codes = torch.randint(0, 1 << bits, (T, dp), generator=g, dtype=torch.uint8)
     rec = pack(codes, bits).numpy().astype(np.int64)
     table = torch.randperm(1 << 16, generator=g)[: 1 << bits].tolist()  # distinct 16-bit entries
+    if bits == 4:  # symmetric, as the 4-bit lookups take it: entry 7 - j is entry 8 + j with the sign flipped
+        upper = torch.randperm(1 << 15, generator=g)[:8].tolist()
+        table = [u ^ 0x8000 for u in reversed(upper)] + upper
     tw = words_of(table)
     qch = [query_channel(k, dp, bits) for k in range(dp)]
     sch = [store_channel(m, dp) for m in range(dp)]

@@ -770,6 +770,20 @@ def lut_words(layout: RecordLayout, part: CodePart) -> tuple:
     return cache[part.table]
 
 
+def lut_symmetric(layout: RecordLayout, part: CodePart) -> bool:
+    """Whether a part's fp16 centroids are symmetric bit for bit (centroid n - 1 - i = -centroid i: equal
+    low bytes, high bytes apart in the sign bit), as the Gluon kernel's 4-bit lookups take them (the
+    Lloyd-Max codebooks of a symmetric density are; a table that is not goes to the Triton kernel)."""
+    words = lut_words(layout, part)
+    if not words:
+        return False
+    w = [int(x, 16) for x in words]
+    n = len(w) // 2 * 4
+    lo = [(w[i // 4] >> (8 * (i % 4))) & 0xFF for i in range(n)]
+    hi = [(w[len(w) // 2 + i // 4] >> (8 * (i % 4))) & 0xFF for i in range(n)]
+    return all(lo[i] == lo[n - 1 - i] and hi[i] == hi[n - 1 - i] ^ 0x80 for i in range(n))
+
+
 def _columns(layout: RecordLayout, part: CodePart, lut: bool, cols: int) -> int:
     """A part's columns: `cols` at least where it is read by PRMT lookups (4- and 3-bit codes), else
     MIN_COLS (part_columns)."""
@@ -1193,8 +1207,9 @@ def _capability(device: torch.device) -> tuple[int, int]:
 def gluon_layouts(k_lay: RecordLayout | None, v_lay: RecordLayout | None, d: int, g: int, block_size: int) -> bool:
     """Whether decode_gluon's split kernel reads these records: head_dim 64 or 128, at most 8 query heads
     a group, blocks of whole 64-token tiles, and keys and values of one or two equal MSE parts (no QJL)
-    of 4 bits and at least 32 channels or 3 bits and at least 32 (64 with GLUON_3BIT_32 off), 16-bit
-    aligned: tq4, tq3.5 and tq3 at head_dim 64 and 128 (tq3.5 at 64 not with GLUON_3BIT_32 off)."""
+    of 4 bits and at least 32 channels (a symmetric codebook: lut_symmetric) or 3 bits and at least 32 (64
+    with GLUON_3BIT_32 off), 16-bit aligned: tq4, tq3.5 and tq3 at head_dim 64 and 128 (tq3.5 at 64 not with
+    GLUON_3BIT_32 off)."""
     if decode_gluon is None or d not in (64, 128) or g > 8 or block_size % (decode_gluon.WARP_TOKENS * GLUON_WARPS):
         return False
 
@@ -1203,7 +1218,7 @@ def gluon_layouts(k_lay: RecordLayout | None, v_lay: RecordLayout | None, d: int
         return (lay is not None and lay.qjl is None and lay.record_bytes % 2 == 0
                 and len({p.dim for p in lay.parts}) == 1 and sum(p.dim for p in lay.parts) == d
                 and all(p.bits in least and p.dim >= least[p.bits] and p.planes % 2 == 0 and p.scale % 2 == 0
-                        for p in lay.parts))
+                        and (p.bits != 4 or lut_symmetric(lay, p)) for p in lay.parts))
     return ok(k_lay) and ok(v_lay)
 
 

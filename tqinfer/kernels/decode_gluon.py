@@ -18,9 +18,9 @@ its mma fragments need and decodes them where they are used:
   the end. P [16 tokens, 8 rows] is the B operand: the scores' accumulator layout with each 8 x 8 half
   transposed by movmatrix. (The tile loop compiles with no shared-memory instruction: every layout
   change in it stays in registers.)
-- a unit's four 4-bit codes become four fp16 by PRMT lookups in a 16-entry table held in eight
-  registers (low bytes of entries 4i .. 4i + 3 in word i, high bytes in word 4 + i), 12 instructions a
-  unit; 3-bit codes, sixteen at a time (32 bits of 2-bit fields, two bytes of high bits in packing.PERM3's
+- eight 4-bit codes become eight fp16 by PRMT lookups of their magnitudes in the upper half of the
+  symmetric 16-entry table (four registers: low bytes of centroids 8 .. 15, then high bytes) and a sign
+  flip of the high bytes (_lut4x8, 19 integer instructions and one multiply for eight codes); 3-bit codes, sixteen at a time (32 bits of 2-bit fields, two bytes of high bits in packing.PERM3's
   order), become two PRMT selectors by a byte shuffle, shifts and masks (_lut3x16), then one PRMT per
   byte plane and four codes. Values are looked up two tokens at a time, so that a channel's two tokens
   leave in one register (the value mma's A operand). Where the key and value parts' tables are equal,
@@ -49,18 +49,42 @@ WARP_TOKENS = 16
 TOKENS = gl.constexpr(WARP_TOKENS)  # tokens a warp takes from each tile: the n of the key mma, the k of the value mma
 
 
+# 4-bit codes: the codebook is symmetric (centroid 15 - i = -centroid i, bit for bit in fp16; decode_attention
+# checks it), so code i is the magnitude j = i & 7 (i >= 8) or 7 - (i & 7) (i < 8), negated for i < 8: j picks
+# the low and high bytes from the table of centroids 8 .. 15 (two words each, the halves t2, t3, t6, t7 of
+# lut_words' eight) and a PRMT in sign-replicate mode turns bit 3 into a byte mask that flips the high byte's
+# sign. Eight codes (w: code e at bits 4 e) a call: x = 1 in each nibble of a negative code, s = the
+# magnitudes (w ^ 7 x), t = 0xC | x selects byte 0 (0x00) or 1 (0x80) of the second source, 0x8000, with the
+# sign replicated (an immediate there: ptxas materializes one in the first source at every use).
+_SYM4 = gl.constexpr(
+    "shr.u32 x, w, 3; not.b32 x, x; and.b32 x, x, 0x11111111; mul.lo.u32 z, x, 7; xor.b32 s, w, z;"
+    "and.b32 s, s, 0x77777777; or.b32 t, x, 0xCCCCCCCC;"
+    "prmt.b32 la, $10, $11, s; prmt.b32 ha, $12, $13, s; prmt.b32 m, 0, 0x8000, t; lop3.b32 ha, ha, m, 0x80808080, 0x78;"
+    "shr.u32 s, s, 16; shr.u32 t, t, 16;"
+    "prmt.b32 lb, $10, $11, s; prmt.b32 hb, $12, $13, s; prmt.b32 m, 0, 0x8000, t; lop3.b32 hb, hb, m, 0x80808080, 0x78;")
+# keys: w = codes 0-3 (a), 4-7 (b) of one token; outputs pair codes (0, 1), (2, 3), ...
+_SYM4_KEY = gl.constexpr("prmt.b32 w, $8, $9, 0x5410;" + _SYM4.value +
+                         "prmt.b32 p, la, ha, 0x5140; mov.b32 {$0, $1}, p; prmt.b32 p, la, ha, 0x7362; mov.b32 {$2, $3}, p;"
+                         "prmt.b32 p, lb, hb, 0x5140; mov.b32 {$4, $5}, p; prmt.b32 p, lb, hb, 0x7362; mov.b32 {$6, $7}, p;}")
+# values: a, b four codes of two tokens, bytes interleaved (nibbles a0 a1 b0 b1 | a2 a3 b2 b3); outputs pair
+# the tokens' code e at 2 e, 2 e + 1
+_SYM4_VALUE = gl.constexpr("prmt.b32 w, $8, $9, 0x5140;" + _SYM4.value +
+                           "prmt.b32 p, la, ha, 0x6240; mov.b32 {$0, $1}, p; prmt.b32 p, la, ha, 0x7351; mov.b32 {$2, $3}, p;"
+                           "prmt.b32 p, lb, hb, 0x6240; mov.b32 {$4, $5}, p; prmt.b32 p, lb, hb, 0x7351; mov.b32 {$6, $7}, p;}")
+
+
 @gluon.jit
-def _lut4(u, l0, l1, l2, l3, h0, h1, h2, h3):
-    """The fp16 centroids of the four 4-bit codes in the low 16 bits of u (code e at bits 4e): a 3-bit
-    index picks bytes from two 8-entry halves of the table, bit 3 chooses the half byte by byte."""
+def _lut4x8(a, b, l2, l3, h2, h3, KEY: gl.constexpr):
+    """Eight fp16 centroids of 4-bit codes (low 16 bits of a and b, code e at bits 4 e) from the symmetric
+    table's upper half (l2, l3: low bytes of centroids 8 .. 15, h2, h3: high bytes). Keys (KEY): a, b the
+    codes 0-3 and 4-7 of one token, output e = code e. Values: a, b four codes of tokens 2P and 2P + 1,
+    code e of a at output 2 e, of b at 2 e + 1 (a channel's two tokens leave in one register, the value
+    mma's A operand)."""
+    ASM: gl.constexpr = _SYM4_KEY if KEY else _SYM4_VALUE
     return gl.inline_asm_elementwise(
-        "{.reg .b32 s, t, m, la, lb, ha, hb, lo, hi, p, r;"
-        "and.b32 s, $4, 0x7777; shr.u32 t, $4, 1; or.b32 t, t, 0x8888; prmt.b32 m, 0, 0x80808080, t;"
-        "prmt.b32 la, $5, $6, s; prmt.b32 lb, $7, $8, s; prmt.b32 ha, $9, $10, s; prmt.b32 hb, $11, $12, s;"
-        "lop3.b32 lo, la, lb, m, 0xD8; lop3.b32 hi, ha, hb, m, 0xD8;"
-        "prmt.b32 p, lo, hi, 0x5140; prmt.b32 r, lo, hi, 0x7362; mov.b32 {$0, $1}, p; mov.b32 {$2, $3}, r;}",
-        "=h,=h,=h,=h,r,r,r,r,r,r,r,r,r", [u, l0, l1, l2, l3, h0, h1, h2, h3],
-        dtype=(gl.float16, gl.float16, gl.float16, gl.float16), is_pure=True, pack=1)
+        "{.reg .b32 w, x, z, s, t, m, la, lb, ha, hb, p;" + ASM,
+        "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r", [a, b, l2, l3, h2, h3],
+        dtype=(gl.float16,) * 8, is_pure=True, pack=1)
 
 
 @gluon.jit
@@ -210,9 +234,9 @@ def _lut3x8(a, b, c, d, t0, t1, t2, t3, KEY: gl.constexpr):
 
 @gluon.constexpr_function
 def _key_units(DP, BITS):
-    """Units a thread reads of each of a key part's tokens: of 4 codes (4-bit), 16 (3-bit), or one of 8
+    """Units a thread reads of each of a key part's tokens: of 8 codes (4-bit), 16 (3-bit), or one of 8
     (3-bit parts of 32 channels)."""
-    return DP // 16 if BITS == 4 else max(DP // 64, 1)
+    return DP // 32 if BITS == 4 else max(DP // 64, 1)
 
 
 @gluon.constexpr_function
@@ -232,8 +256,9 @@ def _key_fragment(base, t0, t1, t2, t3, t4, t5, t6, t7, REC: gl.constexpr, DP: g
                   PL: gl.constexpr, NW: gl.constexpr):
     """K^T [NW, DP, 16] (fp16) of one key part for each warp's 16 tokens of the tile whose first record is
     at `base`. Thread t of a quad reads codes t DP / 4 .. (t + 1) DP / 4 of its tokens (tokens l // 4 and
-    l // 4 + 8) in units: 4-bit, four codes (a 16-bit word); code t DP / 4 + 4 c + e lands on row
-    16 c + 8 (e >> 1) + 2 t + (e & 1). 3-bit, sixteen codes (32 bits of fields, two bytes of high bits;
+    l // 4 + 8) in units: 4-bit, eight codes (two 16-bit words); code t DP / 4 + 8 c + e lands on row
+    32 c + 16 (e >> 2) + 8 ((e >> 1) & 1) + 2 t + (e & 1) (= 16 c' + 8 (e' >> 1) + 2 t + (e' & 1) for the
+    four-code units c' = 2 c + (e >> 2), e' = e & 3 that _part_queries counts in). 3-bit, sixteen codes (32 bits of fields, two bytes of high bits;
     eight codes in parts of 32 channels); output i of unit c (_lut3x16 / _lut3x8's order) lands on row
     64 c + 32 (i >> 3) + 16 ((i >> 2) & 1) + 8 ((i >> 1) & 1) + 2 t + (i & 1). _part_queries permutes
     the query's columns to match."""
@@ -242,10 +267,11 @@ def _key_fragment(base, t0, t1, t2, t3, t4, t5, t6, t7, REC: gl.constexpr, DP: g
     t = _idx4(4, 2, KU)
     c = _idx4(_key_units(DP, BITS), 1, KU)
     if BITS == 4:
-        u = gl.load((row + t * (DP // 8) + c * 2).to(gl.pointer_type(gl.uint16)))
-        x0, x1, x2, x3 = _lut4(u.to(gl.int32), t0, t1, t2, t3, t4, t5, t6, t7)
-        x = gl.join(gl.join(x0, x1), gl.join(x2, x3))  # [NW, U, t, n, e & 1, e >> 1]
-        frag = gl.reshape(gl.permute(x, [0, 1, 5, 2, 4, 3]), [NW, DP, TOKENS])
+        u = (row + t * (DP // 8) + c * 4).to(gl.pointer_type(gl.uint16))
+        o0, o1, o2, o3, o4, o5, o6, o7 = _lut4x8(gl.load(u).to(gl.int32), gl.load(u + 1).to(gl.int32), t2, t3, t6, t7,
+                                                 True)
+        x = _pairs4(o0, o1, o2, o3, o4, o5, o6, o7)  # [NW, U, t, n, e & 1, (e >> 1) & 1, e >> 2]
+        frag = gl.reshape(gl.permute(x, [0, 1, 6, 5, 2, 4, 3]), [NW, DP, TOKENS])
     elif DP == 32:
         f = gl.load((row + t * 2).to(gl.pointer_type(gl.uint16))).to(gl.int32)
         hb = gl.load(row + 8 + t).to(gl.int32)
@@ -260,27 +286,6 @@ def _key_fragment(base, t0, t1, t2, t3, t4, t5, t6, t7, REC: gl.constexpr, DP: g
         x = gl.join(_pairs4(o0, o1, o2, o3, o4, o5, o6, o7), _pairs4(o8, o9, o10, o11, o12, o13, o14, o15))
         frag = gl.reshape(gl.permute(x, [0, 1, 7, 6, 5, 2, 4, 3]), [NW, DP, TOKENS])  # x: [.., t, n, i0..i3]
     return frag
-
-
-@gluon.jit
-def _lut4_pairs(ua, ub, l0, l1, l2, l3, h0, h1, h2, h3):
-    """_lut4 for the four 4-bit codes of two tokens (ua, ub: low 16 bits, code e at bits 4e), returned as
-    eight fp16 with code e of token a at 2e and of token b at 2e + 1, so that each (a, b) pair leaves in
-    one register (the value mma's A operand pairs two tokens of a channel): the units' bytes are
-    interleaved (nibbles a0 a1 b0 b1 | a2 a3 b2 b3) and the last PRMTs pick bytes 0, 2 and 1, 3."""
-    return gl.inline_asm_elementwise(
-        "{.reg .b32 u, s, t, m, la, lb, ha, hb, lo, hi, p;"
-        "prmt.b32 u, $8, $9, 0x5140; and.b32 s, u, 0x77777777; shr.u32 t, u, 1; or.b32 t, t, 0x88888888;"
-        "prmt.b32 m, 0, 0x80808080, t;"
-        "prmt.b32 la, $10, $11, s; prmt.b32 lb, $12, $13, s; prmt.b32 ha, $14, $15, s; prmt.b32 hb, $16, $17, s;"
-        "lop3.b32 lo, la, lb, m, 0xD8; lop3.b32 hi, ha, hb, m, 0xD8;"
-        "prmt.b32 p, lo, hi, 0x6240; mov.b32 {$0, $1}, p; prmt.b32 p, lo, hi, 0x7351; mov.b32 {$2, $3}, p;"
-        "shr.u32 s, s, 16; shr.u32 t, t, 16; prmt.b32 m, 0, 0x80808080, t;"
-        "prmt.b32 la, $10, $11, s; prmt.b32 lb, $12, $13, s; prmt.b32 ha, $14, $15, s; prmt.b32 hb, $16, $17, s;"
-        "lop3.b32 lo, la, lb, m, 0xD8; lop3.b32 hi, ha, hb, m, 0xD8;"
-        "prmt.b32 p, lo, hi, 0x6240; mov.b32 {$4, $5}, p; prmt.b32 p, lo, hi, 0x7351; mov.b32 {$6, $7}, p;}",
-        "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r,r,r,r,r", [ua, ub, l0, l1, l2, l3, h0, h1, h2, h3],
-        dtype=(gl.float16,) * 8, is_pure=True, pack=1)
 
 
 @gluon.jit
@@ -320,7 +325,7 @@ def _value_fragment(base, t0, t1, t2, t3, t4, t5, t6, t7, REC: gl.constexpr, DP:
     g DP / 8 + 8 c + e of 8-code unit c on row 64 c + 32 (e >> 2) + 16 ((e >> 1) & 1) + 8 (e & 1) + g:
     either way row m holds code g DP / 8 + 4 (m >> 5) + 2 ((m >> 4) & 1) + ((m >> 3) & 1) (_store_part).
     The operand holds a channel's two tokens 2P, 2P + 1 in one register: both tokens' units are looked
-    up together (_lut4_pairs, _lut3x16, _lut3x8), so no register is re-packed before the mma."""
+    up together (_lut4x8, _lut3x16, _lut3x8), so no register is re-packed before the mma."""
     VP: gl.constexpr = _value_layout(DP, BITS, NW)
     ra = base + (_idx4(NW, 0, VP) * TOKENS + 2 * _idx4(8, 3, VP)) * REC + PL  # token 2P; 2P + 1 at ra + REC
     g = _idx4(8, 2, VP)
@@ -330,7 +335,7 @@ def _value_fragment(base, t0, t1, t2, t3, t4, t5, t6, t7, REC: gl.constexpr, DP:
             off = g * (DP // 16) + c * 2
             ua = gl.load((ra + off).to(gl.pointer_type(gl.uint16))).to(gl.int32)
             ub = gl.load((ra + REC + off).to(gl.pointer_type(gl.uint16))).to(gl.int32)
-            o0, o1, o2, o3, o4, o5, o6, o7 = _lut4_pairs(ua, ub, t0, t1, t2, t3, t4, t5, t6, t7)
+            o0, o1, o2, o3, o4, o5, o6, o7 = _lut4x8(ua, ub, t2, t3, t6, t7, False)
         else:  # a 3-bit part of 32 channels: codes 4 g .. 4 g + 3, a byte of fields, four high bits (PERM3:
             sh = (g & 1) * 2  # at bits 0, 1, 4, 5 of byte g // 2 for even g, 2, 3, 6, 7 for odd)
             hp = ra + DP // 4 + g // 2
