@@ -1052,7 +1052,7 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
         # 4k 16.6 -> 17.3 us, 32k 21.3 -> 22.5); d 128 tq3.5 faster from 32k (128k B1 107.2 -> 105.3, 32k B8
         # 214.3 -> 205.5; 4 programs an SM instead of 3), slower at 8k (26.8 -> 29.7); one part within 1-3%
         same = GLUON_SAME_TABLES and gluon_same_tables(k_lay, v_lay) and not (len(k_lay.parts) == 2 and d < 128)
-        pipeline = not cap if GLUON_PIPELINE is None else GLUON_PIPELINE
+        pipeline = len(k_lay.parts) == 2 and d < 128 if GLUON_PIPELINE is None else GLUON_PIPELINE
         config = ("gluon", tuple(gargs.items()), h, d, g, bs, nhot, k_hot.dtype, cap, GLUON_PREFETCH, same, pipeline,
                   q.device)
         block_n = decode_gluon.WARP_TOKENS * GLUON_WARPS
@@ -1154,11 +1154,12 @@ def programmatic_launch(device: torch.device) -> bool:
 GLUON_WARPS = 4  # warps of the Gluon split kernel: 16 tokens each of a 64-token tile
 GLUON_SAME_TABLES = True  # a variant switch: False loads the value tables even where they are the keys'
 # each tile's scores computed beside the previous tile's softmax and values (two independent chains for the
-# scheduler; None: where no register cap applies, i.e. two-part records). H200, graph replay, same process
-# (.bench/w/flags.py, 2026-12-01 03:14 UTC), off -> on: tq3.5 8B B1 8k 29.7 -> 26.0 us, 32k 41.9 -> 41.6, 128k
-# 95.7 -> 93.1 (155 registers: three programs an SM), B8 32k 180.4 -> 177.2; 135M 4k 18.0 -> 16.7, 32k 22.1 ->
-# 21.0; one-part records (capped at 128) slower: tq4 128k 106.4 -> 107.7, 8k 29.9 -> 31.4, tq3 128k 81.6 ->
-# 84.2; tq3.5 capped at 128 too: 128k 101.7, B8 32k 194.9
+# scheduler; None: for two-part records at head_dim 64, the default model's tq3.5). H200, graph replay, same
+# process (.bench/w/flags.py), off -> on: with the 16-entry 4-bit tables (2026-12-01 03:14 UTC) tq3.5 8B B1 8k
+# 29.7 -> 26.0 us, 128k 95.7 -> 93.1 (155 registers: three programs an SM), B8 32k 180.4 -> 177.2, 135M 4k 18.0
+# -> 16.7, 32k 22.1 -> 21.0; tq4 128k 106.4 -> 107.7 (capped at 128). With the symmetric 4-bit lookups (03:39;
+# tq3.5 at d 128 then 128 registers either way): tq3.5 8B 128k 89.3 -> 91.0, B8 32k 168.3 -> 184.3, 32k 40.9 ->
+# 42.0, 8k 29.4 -> 29.3; 135M 4k 17.0 -> 16.3; tq4 / tq3 within 1-3%, mostly slower
 GLUON_PIPELINE = None
 GLUON_MAXNREG = None  # a variant: ptxas's register cap for the Gluon kernel (0: none; None: gluon_register_cap)
 
