@@ -458,7 +458,7 @@ def _slice_scores(k_base, sn, tmask, qa, qb, zs, kta, ktb, REC_K: gl.constexpr, 
 
 
 @gluon.jit
-def _slice_values(v_base, sn, tmask, p, zs, acc_a, acc_b, vta, vtb, REC_V: gl.constexpr, VA_DP: gl.constexpr,
+def _slice_values(v_base, sn, tmask, p, acc_a, acc_b, vta, vtb, REC_V: gl.constexpr, VA_DP: gl.constexpr,
                   VA_BT: gl.constexpr, VA_PL: gl.constexpr, VA_SC: gl.constexpr, VB_DP: gl.constexpr,
                   VB_BT: gl.constexpr, VB_PL: gl.constexpr, VB_SC: gl.constexpr, POP: gl.constexpr,
                   VOP: gl.constexpr, NW: gl.constexpr):
@@ -480,7 +480,7 @@ def _slice_values(v_base, sn, tmask, p, zs, acc_a, acc_b, vta, vtb, REC_V: gl.co
 
 
 @gluon.jit
-def _slice_update(st, v_base, sn, tmask, m_i, l_t, acc_a, acc_b, zs, vta, vtb, REC_V: gl.constexpr,
+def _slice_update(st, v_base, sn, tmask, m_i, l_t, acc_a, acc_b, vta, vtb, REC_V: gl.constexpr,
                   VA_DP: gl.constexpr, VA_BT: gl.constexpr, VA_PL: gl.constexpr, VA_SC: gl.constexpr,
                   VB_DP: gl.constexpr, VB_BT: gl.constexpr, VB_PL: gl.constexpr, VB_SC: gl.constexpr,
                   POP: gl.constexpr, VOP: gl.constexpr, NW: gl.constexpr):
@@ -489,7 +489,7 @@ def _slice_update(st, v_base, sn, tmask, m_i, l_t, acc_a, acc_b, zs, vta, vtb, R
     m_new = gl.maximum(m_i, gl.max(st, 1))
     al = gl.expand_dims(gl.exp2(m_i - m_new), 1)  # [W, 1, 8]: scales the values' columns as it is
     p = gl.exp2(st - gl.expand_dims(m_new, 1))
-    acc_a, acc_b = _slice_values(v_base, sn, tmask, p, zs, acc_a * al, acc_b * al, vta, vtb, REC_V, VA_DP, VA_BT,
+    acc_a, acc_b = _slice_values(v_base, sn, tmask, p, acc_a * al, acc_b * al, vta, vtb, REC_V, VA_DP, VA_BT,
                                  VA_PL, VA_SC, VB_DP, VB_BT, VB_PL, VB_SC, POP, VOP, NW)
     return m_new, l_t * al + p, acc_a, acc_b
 
@@ -583,13 +583,13 @@ def _decode_split_gluon(
                                                      BLOCK_N, REC_K, REC_V)
                 s_next = _slice_scores(k_next, sn, t_next, qa, qb, zs, kta, ktb, REC_K, KA_DP, KA_BT, KA_PL, KA_SC,
                                        KB_DP, KB_BT, KB_PL, KB_SC, KOP, NW)
-                m_i, l_t, acc_a, acc_b = _slice_update(st, v_base, sn, tmask, m_i, l_t, acc_a, acc_b, zs, vta, vtb,
+                m_i, l_t, acc_a, acc_b = _slice_update(st, v_base, sn, tmask, m_i, l_t, acc_a, acc_b, vta, vtb,
                                                        REC_V, VA_DP, VA_BT, VA_PL, VA_SC, VB_DP, VB_BT, VB_PL, VB_SC,
                                                        POP, VOP, NW)
                 st = s_next
                 v_base = v_next
                 tmask = t_next
-            m_i, l_t, acc_a, acc_b = _slice_update(st, v_base, sn, tmask, m_i, l_t, acc_a, acc_b, zs, vta, vtb, REC_V,
+            m_i, l_t, acc_a, acc_b = _slice_update(st, v_base, sn, tmask, m_i, l_t, acc_a, acc_b, vta, vtb, REC_V,
                                                    VA_DP, VA_BT, VA_PL, VA_SC, VB_DP, VB_BT, VB_PL, VB_SC, POP, VOP, NW)
     else:
         for ti in range(t_start, t_end):
@@ -600,7 +600,7 @@ def _decode_split_gluon(
                                                 BLOCK_N, REC_K, REC_V)
             st = _slice_scores(k_base, sn, tmask, qa, qb, zs, kta, ktb, REC_K, KA_DP, KA_BT, KA_PL, KA_SC, KB_DP,
                                KB_BT, KB_PL, KB_SC, KOP, NW)
-            m_i, l_t, acc_a, acc_b = _slice_update(st, v_base, sn, tmask, m_i, l_t, acc_a, acc_b, zs, vta, vtb, REC_V,
+            m_i, l_t, acc_a, acc_b = _slice_update(st, v_base, sn, tmask, m_i, l_t, acc_a, acc_b, vta, vtb, REC_V,
                                                    VA_DP, VA_BT, VA_PL, VA_SC, VB_DP, VB_BT, VB_PL, VB_SC, POP, VOP, NW)
 
     # the warps' states merged; rows < G of splits with work stored
