@@ -12,7 +12,7 @@ its mma fragments need and decodes them where they are used:
   + {0, 1, 8, 9} of each k-block kb. The order of channels inside the dot product is free, so k-block kb's
   four channels are taken to be four codes of the record read together: thread t reads codes t * d / 4 +
   4 kb + e of a part of d channels and the query's rows are permuted to match (once per program).
-- values: O^T[d, G] = V^T . P^T with V^T the A operand [d, 16 tokens]; thread (g = l // 4) holds rows
+- values: O^T[d, 8 rows] = V^T . P with V^T the A operand [d, 16 tokens]; thread (g = l // 4) holds rows
   16 mb + 8 mh + g for tokens 2 t + {0, 1, 8, 9}: per token d / 8 channels, again one unit per four
   (codes g * d / 8 + 4 j + e -> row 32 j + 16 (e >> 1) + 8 (e & 1) + g), stored to their channels at
   the end. P [16 tokens, 8 rows] is the B operand: the scores' accumulator layout with each 8 x 8 half
@@ -20,15 +20,17 @@ its mma fragments need and decodes them where they are used:
   change in it stays in registers.)
 - eight 4-bit codes become eight fp16 by PRMT lookups of their magnitudes in the upper half of the
   symmetric 16-entry table (four registers: low bytes of centroids 8 .. 15, then high bytes) and a sign
-  flip of the high bytes (_lut4x8, 19 integer instructions and one multiply for eight codes); 3-bit codes, sixteen at a time (32 bits of 2-bit fields, two bytes of high bits in packing.PERM3's
-  order), become two PRMT selectors by a byte shuffle, shifts and masks (_lut3x16), then one PRMT per
-  byte plane and four codes. Values are looked up two tokens at a time, so that a channel's two tokens
+  flip of the high bytes (_lut4x8, 19 integer instructions and one multiply for eight codes); 3-bit
+  codes, sixteen at a time (32 bits of 2-bit fields, two bytes of high bits in packing.PERM3's order),
+  become two PRMT selectors by a byte shuffle, shifts and masks (_lut3x16), then one PRMT per byte plane
+  and four codes. Values are looked up two tokens at a time, so that a channel's two tokens
   leave in one register (the value mma's A operand). Where the key and value parts' tables are equal,
   one copy serves both (SAME_TABLES). Records of two parts (tq3.5: 64 channels of 4 bits, 64 of 3) take
   one mma per part and scale, on the same scores and probabilities.
 - warps never synchronize: warp w takes tokens 16 w .. 16 w + 15 of every 16 * num_warps-token tile with
   its own online softmax; the warps' states merge once at the end of the split. Each warp prefetches the
-  lines of its next tile's records (PREFETCH) while it works on this one.
+  lines of its next tile's records (PREFETCH) while it works on this one, and may compute a tile's scores
+  beside the previous tile's softmax and values (PIPELINE).
 
 The workspace it writes (m, l, un-normalized accumulator per split and query row, values in the
 codec's rotated space; the hot-token programs at the end of the grid) is the Triton kernel's, so the
@@ -59,18 +61,21 @@ TOKENS = gl.constexpr(WARP_TOKENS)  # tokens a warp takes from each tile: the n 
 _SYM4 = gl.constexpr(
     "shr.u32 x, w, 3; not.b32 x, x; and.b32 x, x, 0x11111111; mul.lo.u32 z, x, 7; xor.b32 s, w, z;"
     "and.b32 s, s, 0x77777777; or.b32 t, x, 0xCCCCCCCC;"
-    "prmt.b32 la, $10, $11, s; prmt.b32 ha, $12, $13, s; prmt.b32 m, 0, 0x8000, t; lop3.b32 ha, ha, m, 0x80808080, 0x78;"
-    "shr.u32 s, s, 16; shr.u32 t, t, 16;"
-    "prmt.b32 lb, $10, $11, s; prmt.b32 hb, $12, $13, s; prmt.b32 m, 0, 0x8000, t; lop3.b32 hb, hb, m, 0x80808080, 0x78;")
+    "prmt.b32 la, $10, $11, s; prmt.b32 ha, $12, $13, s; prmt.b32 m, 0, 0x8000, t;"
+    "lop3.b32 ha, ha, m, 0x80808080, 0x78; shr.u32 s, s, 16; shr.u32 t, t, 16;"
+    "prmt.b32 lb, $10, $11, s; prmt.b32 hb, $12, $13, s; prmt.b32 m, 0, 0x8000, t;"
+    "lop3.b32 hb, hb, m, 0x80808080, 0x78;")
 # keys: w = codes 0-3 (a), 4-7 (b) of one token; outputs pair codes (0, 1), (2, 3), ...
-_SYM4_KEY = gl.constexpr("prmt.b32 w, $8, $9, 0x5410;" + _SYM4.value +
-                         "prmt.b32 p, la, ha, 0x5140; mov.b32 {$0, $1}, p; prmt.b32 p, la, ha, 0x7362; mov.b32 {$2, $3}, p;"
-                         "prmt.b32 p, lb, hb, 0x5140; mov.b32 {$4, $5}, p; prmt.b32 p, lb, hb, 0x7362; mov.b32 {$6, $7}, p;}")
+_SYM4_KEY = gl.constexpr(
+    "prmt.b32 w, $8, $9, 0x5410;" + _SYM4.value
+    + "prmt.b32 p, la, ha, 0x5140; mov.b32 {$0, $1}, p; prmt.b32 p, la, ha, 0x7362; mov.b32 {$2, $3}, p;"
+    + "prmt.b32 p, lb, hb, 0x5140; mov.b32 {$4, $5}, p; prmt.b32 p, lb, hb, 0x7362; mov.b32 {$6, $7}, p;}")
 # values: a, b four codes of two tokens, bytes interleaved (nibbles a0 a1 b0 b1 | a2 a3 b2 b3); outputs pair
 # the tokens' code e at 2 e, 2 e + 1
-_SYM4_VALUE = gl.constexpr("prmt.b32 w, $8, $9, 0x5140;" + _SYM4.value +
-                           "prmt.b32 p, la, ha, 0x6240; mov.b32 {$0, $1}, p; prmt.b32 p, la, ha, 0x7351; mov.b32 {$2, $3}, p;"
-                           "prmt.b32 p, lb, hb, 0x6240; mov.b32 {$4, $5}, p; prmt.b32 p, lb, hb, 0x7351; mov.b32 {$6, $7}, p;}")
+_SYM4_VALUE = gl.constexpr(
+    "prmt.b32 w, $8, $9, 0x5140;" + _SYM4.value
+    + "prmt.b32 p, la, ha, 0x6240; mov.b32 {$0, $1}, p; prmt.b32 p, la, ha, 0x7351; mov.b32 {$2, $3}, p;"
+    + "prmt.b32 p, lb, hb, 0x6240; mov.b32 {$4, $5}, p; prmt.b32 p, lb, hb, 0x7351; mov.b32 {$6, $7}, p;}")
 
 
 @gluon.jit
@@ -258,7 +263,8 @@ def _key_fragment(base, t0, t1, t2, t3, t4, t5, t6, t7, REC: gl.constexpr, DP: g
     at `base`. Thread t of a quad reads codes t DP / 4 .. (t + 1) DP / 4 of its tokens (tokens l // 4 and
     l // 4 + 8) in units: 4-bit, eight codes (two 16-bit words); code t DP / 4 + 8 c + e lands on row
     32 c + 16 (e >> 2) + 8 ((e >> 1) & 1) + 2 t + (e & 1) (= 16 c' + 8 (e' >> 1) + 2 t + (e' & 1) for the
-    four-code units c' = 2 c + (e >> 2), e' = e & 3 that _part_queries counts in). 3-bit, sixteen codes (32 bits of fields, two bytes of high bits;
+    four-code units c' = 2 c + (e >> 2), e' = e & 3 that _part_queries counts in). 3-bit, sixteen codes
+    (32 bits of fields, two bytes of high bits;
     eight codes in parts of 32 channels); output i of unit c (_lut3x16 / _lut3x8's order) lands on row
     64 c + 32 (i >> 3) + 16 ((i >> 2) & 1) + 8 ((i >> 1) & 1) + 2 t + (i & 1). _part_queries permutes
     the query's columns to match."""
@@ -360,9 +366,9 @@ def _value_fragment(base, t0, t1, t2, t3, t4, t5, t6, t7, REC: gl.constexpr, DP:
 def _part_queries(q_row, s_qh, G: gl.constexpr, CH: gl.constexpr, DP: gl.constexpr, BITS: gl.constexpr,
                   QOP: gl.constexpr, NW: gl.constexpr):
     """The group's rotated queries, Q^T [NW, DP, 8] (the key mma's B operand) for one key part (channels
-    CH ..), rows permuted to _key_fragment's channel order: row k <- code t DP / 4 + x, t = (k >> 1) & 3, x = 4 (k >> 4) + 2 ((k >> 3) & 1)
-    + (k & 1) for 4-bit codes, 16 (k >> 6) + 8 ((k >> 5) & 1) + 4 (k & 1) + 2 ((k >> 4) & 1) + ((k >> 3) & 1)
-    for 3-bit ones (output i = (k & 1) + 2 ((k >> 3) & 1) + 4 ((k >> 4) & 1) + 8 ((k >> 5) & 1) of unit
+    CH ..), rows permuted to _key_fragment's channel order: row k <- code t DP / 4 + x, t = (k >> 1) & 3,
+    x = 4 (k >> 4) + 2 ((k >> 3) & 1) + (k & 1) for 4-bit codes, 16 (k >> 6) + 8 ((k >> 5) & 1) + 4 (k & 1)
+    + 2 ((k >> 4) & 1) + ((k >> 3) & 1) for 3-bit ones (output i = (k & 1) + 2 ((k >> 3) & 1) + 4 ((k >> 4) & 1) + 8 ((k >> 5) & 1) of unit
     k >> 6 is code (e & 3) + 4 (i & 1) + 8 (e >> 2), e = i >> 1). Loaded in the operand's own layout (no
     conversion); columns >= G are zeros."""
     r = _idx3(8, 2, QOP)
@@ -445,13 +451,15 @@ def _slice_scores(k_base, sn, tmask, qa, qb, zs, kta, ktb, REC_K: gl.constexpr, 
     tokens: per key part one mma with the keys as the A operand (16 tokens fill its 16 rows; the group's
     rows are the 8 columns), times the part's scale."""
     k_sc = k_base + sn * REC_K
-    kf = gl.convert_layout(gl.permute(_key_fragment(k_base, kta[0], kta[1], kta[2], kta[3], kta[4], kta[5], kta[6],
-                                                    kta[7], REC_K, KA_DP, KA_BT, KA_PL, NW), [0, 2, 1]), KOP)
+    kf = _key_fragment(k_base, kta[0], kta[1], kta[2], kta[3], kta[4], kta[5], kta[6], kta[7], REC_K, KA_DP, KA_BT,
+                       KA_PL, NW)
+    kf = gl.convert_layout(gl.permute(kf, [0, 2, 1]), KOP)
     sk = gl.load((k_sc + KA_SC).to(gl.pointer_type(gl.float16)), mask=tmask, other=0.0).to(gl.float32)
     sc = mma_v2(kf, qa, zs) * gl.expand_dims(sk, 2)
     if KB_DP > 0:
-        kf = gl.convert_layout(gl.permute(_key_fragment(k_base, ktb[0], ktb[1], ktb[2], ktb[3], ktb[4], ktb[5],
-                                                        ktb[6], ktb[7], REC_K, KB_DP, KB_BT, KB_PL, NW), [0, 2, 1]), KOP)
+        kf = _key_fragment(k_base, ktb[0], ktb[1], ktb[2], ktb[3], ktb[4], ktb[5], ktb[6], ktb[7], REC_K, KB_DP,
+                           KB_BT, KB_PL, NW)
+        kf = gl.convert_layout(gl.permute(kf, [0, 2, 1]), KOP)
         sk = gl.load((k_sc + KB_SC).to(gl.pointer_type(gl.float16)), mask=tmask, other=0.0).to(gl.float32)
         sc += mma_v2(kf, qb, zs) * gl.expand_dims(sk, 2)
     return gl.where(gl.expand_dims(tmask, 2), sc, float("-inf"))
