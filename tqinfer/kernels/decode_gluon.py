@@ -368,9 +368,9 @@ def _part_queries(q_row, s_qh, G: gl.constexpr, CH: gl.constexpr, DP: gl.constex
     """The group's rotated queries, Q^T [NW, DP, 8] (the key mma's B operand) for one key part (channels
     CH ..), rows permuted to _key_fragment's channel order: row k <- code t DP / 4 + x, t = (k >> 1) & 3,
     x = 4 (k >> 4) + 2 ((k >> 3) & 1) + (k & 1) for 4-bit codes, 16 (k >> 6) + 8 ((k >> 5) & 1) + 4 (k & 1)
-    + 2 ((k >> 4) & 1) + ((k >> 3) & 1) for 3-bit ones (output i = (k & 1) + 2 ((k >> 3) & 1) + 4 ((k >> 4) & 1) + 8 ((k >> 5) & 1) of unit
-    k >> 6 is code (e & 3) + 4 (i & 1) + 8 (e >> 2), e = i >> 1). Loaded in the operand's own layout (no
-    conversion); columns >= G are zeros."""
+    + 2 ((k >> 4) & 1) + ((k >> 3) & 1) for 3-bit ones (output i = (k & 1) + 2 ((k >> 3) & 1) + 4 ((k >> 4) & 1)
+    + 8 ((k >> 5) & 1) of unit k >> 6 is code (e & 3) + 4 (i & 1) + 8 (e >> 2), e = i >> 1). Loaded in the
+    operand's own layout (no conversion); columns >= G are zeros."""
     r = _idx3(8, 2, QOP)
     k = _idx3(DP, 1, QOP)
     w = _idx3(NW, 0, QOP)
