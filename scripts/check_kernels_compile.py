@@ -101,8 +101,9 @@ def as_on_cuda(call):
     return with_pdl(run)
 
 
-def compile_caught(kernel, args, kwargs, target) -> str:
-    """Compile one caught launch for `target`: 'REG:r STACK:s SHARED:m' from cuobjdump."""
+def compile_launch(kernel, args, kwargs, target):
+    """Compile one caught launch for `target` (the launch's options, its tensors as pointers, its ints
+    unspecialized): triton's compiled kernel, its cubin in .asm["cubin"]."""
     kwargs = dict(kwargs)
     options = {k: kwargs.pop(k) for k in OPTIONS if k in kwargs}
     values = list(args) + [kwargs[n] for n in kernel.arg_names[len(args):]]
@@ -115,15 +116,25 @@ def compile_caught(kernel, args, kwargs, target) -> str:
         else:
             signature[name] = "fp32" if isinstance(value, float) else "i32"
     source = GluonASTSource if GluonJITFunction is not None and isinstance(kernel, GluonJITFunction) else ASTSource
-    compiled = triton.compile(source(kernel, signature, constants), target=target, options=options)
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if not os.path.exists(cuobjdump):  # compiled all the same; no resource usage to show
-        return "compiled"
+    return triton.compile(source(kernel, signature, constants), target=target, options=options)
+
+
+def cuobjdump(compiled, flag: str) -> str | None:
+    """cuobjdump's output for a compiled kernel's cubin (flag: "-res-usage", "-sass"); None where the
+    installed triton ships no cuobjdump."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return None
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
-        usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
-    m = re.search(r"REG:\d+ STACK:\d+ SHARED:\d+", usage)
+        return subprocess.run([tool, flag, f.name], capture_output=True, text=True).stdout
+
+
+def compile_caught(kernel, args, kwargs, target) -> str:
+    """Compile one caught launch for `target`: 'REG:r STACK:s SHARED:m' from cuobjdump."""
+    usage = cuobjdump(compile_launch(kernel, args, kwargs, target), "-res-usage")
+    m = re.search(r"REG:\d+ STACK:\d+ SHARED:\d+", usage or "")
     return m.group(0) if m else "compiled"
 
 

@@ -4,11 +4,17 @@ programs the real compiler rejects: a prefill change passed them all, then faile
 H200 (docs/BENCHMARKS.md, 2026-11-30)."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+try:
+    from triton.experimental import gluon as GLUON
+except ImportError:  # pragma: no cover - depends on the installed triton
+    GLUON = None
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,3 +30,24 @@ def test_every_kernel_compiles_for_sm90():
     assert run.stdout.rstrip().endswith("0 failed"), report
     # decode (3 kernels), prefill (2 lookups), quantize (3 launches) per compressed type and shape, the fused
     assert run.stdout.count(": REG:") + run.stdout.count(": compiled") >= 80, report
+
+
+@pytest.mark.slow
+def test_gluon_sass_counts_the_tile_loop():
+    """scripts/gluon_sass.py finds the Gluon split kernel's tile loop in its sm_90 SASS: a loop of a few
+    hundred instructions with the PRMT lookups and the mma instructions in it; and it names the records
+    the kernel does not read instead of compiling something else."""
+    if GLUON is None:
+        pytest.skip("triton without Gluon")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    script = str(ROOT / "scripts" / "gluon_sass.py")
+    run = subprocess.run([sys.executable, script, "tq4", "--d", "64", "--g", "3"], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    m = re.search(r"REG:(\d+) STACK:\d+ SHARED:\d+; tile loop (\d+) instructions", run.stdout)
+    assert m and 0 < int(m.group(1)) <= 255 and 150 <= int(m.group(2)) <= 3000, run.stdout
+    ops = dict(x.split(":") for x in run.stdout.strip().splitlines()[-1].split())
+    assert int(ops["PRMT"]) > 0 and int(ops["HMMA"]) > 0 and int(ops["BRA"]) >= 1, run.stdout
+    bad = subprocess.run([sys.executable, script, "tq2"], env=env, capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "tq2" in bad.stderr and "Gluon" in bad.stderr, bad.stderr[-2000:]
