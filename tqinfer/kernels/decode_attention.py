@@ -773,15 +773,18 @@ def lut_words(layout: RecordLayout, part: CodePart) -> tuple:
 def lut_symmetric(layout: RecordLayout, part: CodePart) -> bool:
     """Whether a part's fp16 centroids are symmetric bit for bit (centroid n - 1 - i = -centroid i: equal
     low bytes, high bytes apart in the sign bit), as the Gluon kernel's 4-bit lookups take them (the
-    Lloyd-Max codebooks of a symmetric density are; a table that is not goes to the Triton kernel)."""
+    Lloyd-Max codebooks of a symmetric density are; a table that is not goes to the Triton kernel). Kept on
+    the layout with the words it was read from (a decode call asks every layer)."""
     words = lut_words(layout, part)
-    if not words:
-        return False
-    w = [int(x, 16) for x in words]
-    n = len(w) // 2 * 4
-    lo = [(w[i // 4] >> (8 * (i % 4))) & 0xFF for i in range(n)]
-    hi = [(w[len(w) // 2 + i // 4] >> (8 * (i % 4))) & 0xFF for i in range(n)]
-    return all(lo[i] == lo[n - 1 - i] and hi[i] == hi[n - 1 - i] ^ 0x80 for i in range(n))
+    cache = layout.__dict__.setdefault("_lut_symmetric", {})
+    if cache.get(part.table, (None,))[0] is not words:
+        w = [int(x, 16) for x in words] if words else []
+        n = len(w) // 2 * 4
+        lo = [(w[i // 4] >> (8 * (i % 4))) & 0xFF for i in range(n)]
+        hi = [(w[len(w) // 2 + i // 4] >> (8 * (i % 4))) & 0xFF for i in range(n)]
+        cache[part.table] = (words, bool(w) and all(lo[i] == lo[n - 1 - i] and hi[i] == hi[n - 1 - i] ^ 0x80
+                                                    for i in range(n)))
+    return cache[part.table][1]
 
 
 def _columns(layout: RecordLayout, part: CodePart, lut: bool, cols: int) -> int:
