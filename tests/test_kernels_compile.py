@@ -39,6 +39,9 @@ def test_gluon_sass_counts_the_tile_loop():
     the kernel does not read instead of compiling something else."""
     if GLUON is None:
         pytest.skip("triton without Gluon")
+    import triton
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")):
+        pytest.skip("this triton ships no cuobjdump: no SASS to read")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
     script = str(ROOT / "scripts" / "gluon_sass.py")

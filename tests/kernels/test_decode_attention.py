@@ -425,12 +425,16 @@ def test_gluon_4bit_lookups_only_for_symmetric_codebooks(kind, d):
     four = [p for p in k_lay.parts if p.bits == 4]
     assert four and all(decode_attention.lut_symmetric(k_lay, p) for p in four)
     assert decode_attention.gluon_layouts(k_lay, v_lay, d, 4, 64)
-    words = list(decode_attention.lut_words(k_lay, four[0]))
-    words[1] = f"0x{int(words[1], 16) ^ 0x100:08x}"  # entry 5's low byte: no longer entry 10's
-    k_lay.__dict__["_kernel_luts"][four[0].table] = tuple(words)
-    assert not decode_attention.lut_symmetric(k_lay, four[0])
-    assert not decode_attention.gluon_layouts(k_lay, v_lay, d, 4, 64)
+    good = list(decode_attention.lut_words(k_lay, four[0]))
+    for word in (1, 5):  # entry 5's low byte (word 1), then its high byte (word 5): no longer entry 10's
+        words = list(good)
+        words[word] = f"0x{int(words[word], 16) ^ 0x100:08x}"
+        k_lay.__dict__["_kernel_luts"][four[0].table] = tuple(words)
+        assert not decode_attention.lut_symmetric(k_lay, four[0])
+        assert not decode_attention.gluon_layouts(k_lay, v_lay, d, 4, 64)
     assert decode_attention.gluon_layouts(v_lay, v_lay, d, 4, 64)
+    k_lay.__dict__["_kernel_luts"][four[0].table] = tuple(good)
+    assert decode_attention.lut_symmetric(k_lay, four[0])
 
 
 def test_gluon_needs_mma_v2_and_gluon(monkeypatch):

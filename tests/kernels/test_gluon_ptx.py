@@ -181,8 +181,11 @@ def test_gluon_lookups_give_each_row_its_channels_centroid(bits, dp):
     codes = torch.randint(0, 1 << bits, (T, dp), generator=g, dtype=torch.uint8)
     rec = pack(codes, bits).numpy().astype(np.int64)
     table = torch.randperm(1 << 16, generator=g)[: 1 << bits].tolist()  # distinct 16-bit entries
-    if bits == 4:  # symmetric, as the 4-bit lookups take it: entry 7 - j is entry 8 + j with the sign flipped
-        upper = torch.randperm(1 << 15, generator=g)[:8].tolist()
+    if bits == 4:  # symmetric, as the 4-bit lookups take it: entry 7 - j is entry 8 + j with the sign flipped;
+        # random signs in the upper half too, so that setting the sign bit (or) is told from flipping it (xor)
+        signs = torch.randint(0, 2, (8,), generator=g).tolist()
+        upper = [m | (s << 15) for m, s in zip(torch.randperm(1 << 15, generator=g)[:8].tolist(), signs)]
+        assert 0 < sum(signs) < 8
         table = [u ^ 0x8000 for u in reversed(upper)] + upper
     tw = words_of(table)
     qch = [query_channel(k, dp, bits) for k in range(dp)]
