@@ -24,7 +24,6 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import torch  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
 import check_kernels_compile as ck  # noqa: E402
@@ -34,14 +33,8 @@ from tqinfer.kernels import decode_attention as da  # noqa: E402
 def split_launch(kind: str, d: int, g: int):
     """The Gluon split kernel's launch for one sequence of `kind` (KV heads 8 at d 128, 3 at d 64)."""
     h = 8 if d == 128 else 3
-    view = ck.paged_view(kind, h, d, 300)
-    k = torch.zeros(1, h, d, dtype=torch.bfloat16)
-    q = torch.zeros(1, h * g, d, dtype=torch.bfloat16)
-    one, lens = torch.arange(2, dtype=torch.int32), torch.tensor([300], dtype=torch.int32)
     try:
-        calls = ck.catch([da, da.decode_gluon], ["_decode_split_gluon", "_decode_merge_kernel", "_decode_queries_kernel"],
-                         ck.as_on_cuda(lambda: da.paged_decode_attention(q, k, k.clone(), one, lens, view, 0.1,
-                                                                         kernel="gluon")))
+        calls = ck.gluon_decode_launches(ck.paged_view(kind, h, d, 300), h, g, d)
     except ValueError as e:  # records the Gluon kernel does not read
         sys.exit(f"{kind} at d {d}, g {g}: {e}")
     return next(c for c in calls if c[0].fn.__name__ == "_decode_split_gluon")

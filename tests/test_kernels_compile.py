@@ -19,10 +19,17 @@ except ImportError:  # pragma: no cover - depends on the installed triton
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _compile_env() -> dict:
+    """The environment of a compiling script: without TRITON_INTERPRET (the interpreter compiles nothing),
+    the repository on PYTHONPATH."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    return env
+
+
 @pytest.mark.slow
 def test_every_kernel_compiles_for_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the interpreter compiles nothing
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    env = _compile_env()
     run = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_kernels_compile.py")], env=env,
                          capture_output=True, text=True, timeout=1200)
     report = run.stdout[-4000:] + run.stderr[-4000:]
@@ -42,8 +49,7 @@ def test_gluon_sass_counts_the_tile_loop():
     import triton
     if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")):
         pytest.skip("this triton ships no cuobjdump: no SASS to read")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    env = _compile_env()
     script = str(ROOT / "scripts" / "gluon_sass.py")
     run = subprocess.run([sys.executable, script, "tq4", "--d", "64", "--g", "3"], env=env, capture_output=True,
                          text=True, timeout=600)

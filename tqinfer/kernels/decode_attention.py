@@ -1054,8 +1054,9 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
         # two-part records at d 64 (the 135M shape's tq3.5) ran slower with one copy (H200, 2026-11-30 20:19-20:20 UTC:
         # 4k 16.6 -> 17.3 us, 32k 21.3 -> 22.5); d 128 tq3.5 faster from 32k (128k B1 107.2 -> 105.3, 32k B8
         # 214.3 -> 205.5; 4 programs an SM instead of 3), slower at 8k (26.8 -> 29.7); one part within 1-3%
-        same = GLUON_SAME_TABLES and gluon_same_tables(k_lay, v_lay) and not (len(k_lay.parts) == 2 and d < 128)
-        pipeline = len(k_lay.parts) == 2 and d < 128 if GLUON_PIPELINE is None else GLUON_PIPELINE
+        two_part_64 = len(k_lay.parts) == 2 and d < 128
+        same = GLUON_SAME_TABLES and gluon_same_tables(k_lay, v_lay) and not two_part_64
+        pipeline = two_part_64 if GLUON_PIPELINE is None else GLUON_PIPELINE
         config = ("gluon", tuple(gargs.items()), h, d, g, bs, nhot, k_hot.dtype, cap, GLUON_PREFETCH, same, pipeline,
                   q.device)
         block_n = decode_gluon.WARP_TOKENS * GLUON_WARPS

@@ -488,6 +488,23 @@ def _slice_values(v_base, sn, tmask, p, acc_a, acc_b, vta, vtb, REC_V: gl.conste
 
 
 @gluon.jit
+def _tile_scores(k_pool, v_pool, bt_ptr, b, s_bt, h, ti, t_end, sn, sinks, c_end, pw, line, qa, qb, zs, kta, ktb,
+                 H: gl.constexpr, BS: gl.constexpr, BLOCK_N: gl.constexpr, REC_K: gl.constexpr, REC_V: gl.constexpr,
+                 KA_DP: gl.constexpr, KA_BT: gl.constexpr, KA_PL: gl.constexpr, KA_SC: gl.constexpr,
+                 KB_DP: gl.constexpr, KB_BT: gl.constexpr, KB_PL: gl.constexpr, KB_SC: gl.constexpr,
+                 KOP: gl.constexpr, NW: gl.constexpr, PREFETCH: gl.constexpr):
+    """Tile ti < t_end: its first value record, token mask and scores (_slice_scores), after each warp
+    prefetches the lines of its records of tile ti + 1 (PREFETCH 1: to L1, 2: to L2)."""
+    if PREFETCH > 0:
+        _prefetch_tile(k_pool, v_pool, bt_ptr, b, s_bt, h, ti + 1, t_end, pw, line, H, BS, BLOCK_N, REC_K, REC_V,
+                       PREFETCH)
+    k_base, v_base, tmask = _slice_base(k_pool, v_pool, bt_ptr, b, s_bt, h, ti, sn, sinks, c_end, H, BS, BLOCK_N,
+                                        REC_K, REC_V)
+    return v_base, tmask, _slice_scores(k_base, sn, tmask, qa, qb, zs, kta, ktb, REC_K, KA_DP, KA_BT, KA_PL, KA_SC,
+                                        KB_DP, KB_BT, KB_PL, KB_SC, KOP, NW)
+
+
+@gluon.jit
 def _slice_update(st, v_base, sn, tmask, m_i, l_t, acc_a, acc_b, vta, vtb, REC_V: gl.constexpr,
                   VA_DP: gl.constexpr, VA_BT: gl.constexpr, VA_PL: gl.constexpr, VA_SC: gl.constexpr,
                   VB_DP: gl.constexpr, VB_BT: gl.constexpr, VB_PL: gl.constexpr, VB_SC: gl.constexpr,
@@ -576,21 +593,14 @@ def _decode_split_gluon(
     acc_b = gl.zeros([NW, VB_DP if VB_DP > 0 else 16, 8], gl.float32, MS)
     if PIPELINE:  # the scores of tile ti beside the softmax and values of tile ti - 1: two independent chains
         if t_start < t_end:
-            if PREFETCH > 0:
-                _prefetch_tile(k_pool, v_pool, bt_ptr, b, s_bt, h, t_start + 1, t_end, pw, line, H, BS, BLOCK_N,
-                               REC_K, REC_V, PREFETCH)
-            k_base, v_base, tmask = _slice_base(k_pool, v_pool, bt_ptr, b, s_bt, h, t_start, sn, sinks, c_end, H, BS,
-                                                BLOCK_N, REC_K, REC_V)
-            st = _slice_scores(k_base, sn, tmask, qa, qb, zs, kta, ktb, REC_K, KA_DP, KA_BT, KA_PL, KA_SC, KB_DP,
-                               KB_BT, KB_PL, KB_SC, KOP, NW)
+            v_base, tmask, st = _tile_scores(k_pool, v_pool, bt_ptr, b, s_bt, h, t_start, t_end, sn, sinks, c_end, pw,
+                                             line, qa, qb, zs, kta, ktb, H, BS, BLOCK_N, REC_K, REC_V, KA_DP, KA_BT,
+                                             KA_PL, KA_SC, KB_DP, KB_BT, KB_PL, KB_SC, KOP, NW, PREFETCH)
             for ti in range(t_start + 1, t_end):
-                if PREFETCH > 0:
-                    _prefetch_tile(k_pool, v_pool, bt_ptr, b, s_bt, h, ti + 1, t_end, pw, line, H, BS, BLOCK_N, REC_K,
-                                   REC_V, PREFETCH)
-                k_next, v_next, t_next = _slice_base(k_pool, v_pool, bt_ptr, b, s_bt, h, ti, sn, sinks, c_end, H, BS,
-                                                     BLOCK_N, REC_K, REC_V)
-                s_next = _slice_scores(k_next, sn, t_next, qa, qb, zs, kta, ktb, REC_K, KA_DP, KA_BT, KA_PL, KA_SC,
-                                       KB_DP, KB_BT, KB_PL, KB_SC, KOP, NW)
+                v_next, t_next, s_next = _tile_scores(k_pool, v_pool, bt_ptr, b, s_bt, h, ti, t_end, sn, sinks, c_end,
+                                                      pw, line, qa, qb, zs, kta, ktb, H, BS, BLOCK_N, REC_K, REC_V,
+                                                      KA_DP, KA_BT, KA_PL, KA_SC, KB_DP, KB_BT, KB_PL, KB_SC, KOP, NW,
+                                                      PREFETCH)
                 m_i, l_t, acc_a, acc_b = _slice_update(st, v_base, sn, tmask, m_i, l_t, acc_a, acc_b, vta, vtb,
                                                        REC_V, VA_DP, VA_BT, VA_PL, VA_SC, VB_DP, VB_BT, VB_PL, VB_SC,
                                                        POP, VOP, NW)
@@ -601,13 +611,9 @@ def _decode_split_gluon(
                                                    VA_DP, VA_BT, VA_PL, VA_SC, VB_DP, VB_BT, VB_PL, VB_SC, POP, VOP, NW)
     else:
         for ti in range(t_start, t_end):
-            if PREFETCH > 0:  # the lines of this warp's records of the next tile, to L1 (1) or L2 (2)
-                _prefetch_tile(k_pool, v_pool, bt_ptr, b, s_bt, h, ti + 1, t_end, pw, line, H, BS, BLOCK_N, REC_K,
-                               REC_V, PREFETCH)
-            k_base, v_base, tmask = _slice_base(k_pool, v_pool, bt_ptr, b, s_bt, h, ti, sn, sinks, c_end, H, BS,
-                                                BLOCK_N, REC_K, REC_V)
-            st = _slice_scores(k_base, sn, tmask, qa, qb, zs, kta, ktb, REC_K, KA_DP, KA_BT, KA_PL, KA_SC, KB_DP,
-                               KB_BT, KB_PL, KB_SC, KOP, NW)
+            v_base, tmask, st = _tile_scores(k_pool, v_pool, bt_ptr, b, s_bt, h, ti, t_end, sn, sinks, c_end, pw,
+                                             line, qa, qb, zs, kta, ktb, H, BS, BLOCK_N, REC_K, REC_V, KA_DP, KA_BT,
+                                             KA_PL, KA_SC, KB_DP, KB_BT, KB_PL, KB_SC, KOP, NW, PREFETCH)
             m_i, l_t, acc_a, acc_b = _slice_update(st, v_base, sn, tmask, m_i, l_t, acc_a, acc_b, vta, vtb, REC_V,
                                                    VA_DP, VA_BT, VA_PL, VA_SC, VB_DP, VB_BT, VB_PL, VB_SC, POP, VOP, NW)
 
