@@ -373,6 +373,30 @@ def test_gluon_pipelined_loop_same_as_plain(kt, vt, d, h, g, monkeypatch):
     assert rel_err(outs[1], attention64(q, k, v, cu, lens, kd, vd, 1 / math.sqrt(d))) < 2e-3
 
 
+@pytest.mark.skipif(DEV != "cuda", reason="the Gluon kernel is compiled CUDA code")
+@pytest.mark.parametrize("kt,d,h,g", [("tq3.5", 128, 2, 4), ("tq4", 64, 3, 3)])
+def test_gluon_hot_chunks_first_or_last(kt, d, h, g, monkeypatch):
+    """The hot-token programs run first where a sequence's programs fit a wave (wave_programs), else
+    last: the workspace is the same either way, so the outputs agree (< 1e-6) and == float64; sinks and
+    a window over two hot chunks, lengths inside the window, at one tile and over many splits."""
+    lens = [5, 64 + 30, 9 * 64 + 7]
+    view, kd, vd = build_cache(kt, kt, lens, heads=h, d=d, sinks=4, window=28, block_size=64, dtype=torch.float32,
+                               device=DEV, seed=d + g + 7)
+    gen = torch.Generator().manual_seed(d + g + 8)
+    q = torch.randn(len(lens), h * g, d, generator=gen).to(DEV)
+    k = torch.randn(len(lens), h, d, generator=gen).to(DEV)
+    v = torch.randn(len(lens), h, d, generator=gen).to(DEV)
+    cu = torch.arange(len(lens) + 1, dtype=torch.int32, device=DEV)
+    pl = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    outs = []
+    for wave in (1 << 20, 0):  # first, last
+        monkeypatch.setattr(decode_attention, "wave_programs", lambda *a, w=wave: w)
+        outs.append(paged_decode_attention(q, k, v, cu, pl, view, 1 / math.sqrt(d), num_splits=4, kernel="gluon"))
+    assert torch.isfinite(outs[1]).all()
+    assert rel_err(outs[1], outs[0]) < 1e-6
+    assert rel_err(outs[0], attention64(q, k, v, cu, lens, kd, vd, 1 / math.sqrt(d))) < 2e-3
+
+
 @pytest.mark.parametrize("kind,d,ok", [("tq4", 128, True), ("tq4", 64, True), ("tq3.5", 128, True),
                                        ("tq3.5", 64, True), ("tq3", 128, True), ("tq3", 64, True),
                                        ("tq2.5", 64, False), ("tq2", 128, False), ("tqp3", 64, False),

@@ -569,9 +569,11 @@ def _decode_merge_kernel(
     V_ROTATED: tl.constexpr, DVQ: tl.constexpr, PDL: tl.constexpr = False, MIN_TILES: tl.constexpr = 1, FILL=1,
     WAVE_TILES: tl.constexpr = 0,
 ):
-    """One program per query head: a log-sum-exp reduction over the splits with work (vectorised, SB
-    at a time), un-rotation in column chunks of CJ, the hot chunks and the new token added in the
-    original space."""
+    """One program per query head: a log-sum-exp reduction over the splits with work (online, SB at a
+    time), un-rotation in column chunks of CJ, the hot chunks and the new token added in the original
+    space. The workspace loads of the first SB splits, the hot chunks' and the query issue together, and
+    under PDL the rotation is prefetched to L2 before the wait (H200, tq3.5, graph replay: the merge's
+    share of the call 4.5-4.8 -> 3.4-4.3 us)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     g = tl.program_id(2)
@@ -582,39 +584,47 @@ def _decode_merge_kernel(
     base = (b * H + h) * (NSPLIT + NHOT)
     k_new = tl.load(k_ptr + b * s_kt + h * s_kh + d).to(tl.float32)
     if PDL:  # launched while the split kernel ran: the queries and the workspace read after it completes
+        if V_ROTATED:  # meanwhile the rotation (an input) fetched to L2
+            ln = tl.arange(0, D * D // 32)  # its 128-byte lines
+            tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.b32 $0, 0;", "=r,l", [rot_v + h * D * D + ln * 32],
+                                      dtype=tl.int32, is_pure=False, pack=1)
         tl.extra.cuda.gdc_wait()
+    # every load that needs only the workspace issued before any of them is used: one wait for memory
     q = tl.load(q_ptr + b * s_qt + (h * G + g) * s_qh + d)
-    sc = tl.sum(q * k_new, axis=0)  # the new token
-    si = tl.arange(0, SP)
-    m_s = tl.load(ws_m + (base + si) * G + g, mask=si < n_act, other=NEG)
-    l_s = tl.load(ws_l + (base + si) * G + g, mask=si < n_act, other=0.0)
-    mx = tl.maximum(tl.max(m_s, axis=0), sc)
     hj = tl.arange(0, HP)
     hmask = hj < NHOT
-    if NHOT > 0:
-        m_h = tl.load(ws_m + (base + NSPLIT + hj) * G + g, mask=hmask, other=NEG)
-        l_h = tl.load(ws_l + (base + NSPLIT + hj) * G + g, mask=hmask, other=0.0)
-        mx = tl.maximum(mx, tl.max(m_h, axis=0))
-    p_new = tl.exp2(sc - mx)
-    l_i = tl.sum(l_s * tl.exp2(m_s - mx), axis=0) + p_new
-    if NHOT > 0:
-        w_h = tl.exp2(m_h - mx)
-        l_i += tl.sum(l_h * w_h, axis=0)
-
+    m_h = tl.load(ws_m + (base + NSPLIT + hj) * G + g, mask=hmask, other=NEG)
+    l_h = tl.load(ws_l + (base + NSPLIT + hj) * G + g, mask=hmask, other=0.0)
+    mx = tl.full([], NEG, tl.float32)
+    l_i = tl.zeros([], dtype=tl.float32)
     acc = tl.zeros([D], dtype=tl.float32)
     DQ: tl.constexpr = DVQ if DVQ > 0 else 16
     dq = tl.arange(0, DQ)
     acc_q = tl.zeros([DQ], dtype=tl.float32)
-    for s0 in range(0, n_act, SB):
+    for s0 in range(0, n_act, SB):  # online over chunks of SB splits
         s = s0 + tl.arange(0, SB)
         smask = s < n_act
-        w = tl.exp2(tl.load(ws_m + (base + s) * G + g, mask=smask, other=NEG) - mx)
+        m_s = tl.load(ws_m + (base + s) * G + g, mask=smask, other=NEG)
+        l_s = tl.load(ws_l + (base + s) * G + g, mask=smask, other=0.0)
         row = ws_acc + ((base + s) * G + g) * RW
         a = tl.load(row[:, None] + d[None, :], mask=smask[:, None], other=0.0)
-        acc += tl.sum(a * w[:, None], axis=0)
+        m_new = tl.maximum(mx, tl.max(m_s, axis=0))
+        alpha = tl.exp2(mx - m_new)
+        w = tl.exp2(m_s - m_new)
+        l_i = l_i * alpha + tl.sum(l_s * w, axis=0)
+        acc = acc * alpha + tl.sum(a * w[:, None], axis=0)
         if DVQ > 0:
             aq = tl.load(row[:, None] + D + dq[None, :], mask=smask[:, None], other=0.0)
-            acc_q += tl.sum(aq * w[:, None], axis=0)
+            acc_q = acc_q * alpha + tl.sum(aq * w[:, None], axis=0)
+        mx = m_new
+    sc = tl.sum(q * k_new, axis=0)  # the new token, then the hot chunks
+    m_f = tl.maximum(tl.maximum(mx, sc), tl.max(m_h, axis=0))
+    alpha = tl.exp2(mx - m_f)
+    acc = acc * alpha
+    acc_q = acc_q * alpha
+    p_new = tl.exp2(sc - m_f)
+    w_h = tl.exp2(m_h - m_f)
+    l_i = l_i * alpha + p_new + tl.sum(l_h * w_h, axis=0)
 
     o_ptr = out_ptr + b * s_ot + (h * G + g) * s_oh
     for j0 in tl.static_range(0, D, CJ):
@@ -966,6 +976,13 @@ def wave_splits(batch: int, kv_heads: int, block_n: int = 64, sms: int = 132,
     return max(_whole_waves(progs, slots, fill, most)), fill
 
 
+def wave_programs(batch: int, kv_heads: int, sms: int = 132, per_sm: int | None = None) -> int:
+    """Programs of each (sequence, KV head) in one wave of the resident ones (per_sm on each of `sms`
+    multiprocessors, 4 before the occupancy is known): where a sequence's splits with work and its hot
+    chunks fit, the Gluon split kernel runs the hot chunks first."""
+    return sms * (per_sm or 4) // (batch * kv_heads)
+
+
 def resident_programs(kernel, num_warps: int, device) -> int | None:
     """Programs of a compiled kernel resident on one multiprocessor at once, limited by its registers
     and shared memory (the CUDA occupancy rules: registers allocated per warp in units of 256); None
@@ -1038,16 +1055,16 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
     if v.stride() != k.stride() or k.stride(2) != 1:
         k, v = k.contiguous(), v.contiguous()
     has_hot, k_hot, v_hot, hs = _hot(view, k)
-    hot_block = max(8, HOT_TILE // d)
-    nhot = -(-(view.sinks + view.window) // hot_block) if has_hot else 0
-    # what the compiled split kernel (its registers, hence its occupancy) depends on
-    config = (tuple(kv_args.items()), h, d, g, bs, block_n, nhot, num_warps, num_stages, lookup, early_v,
-              max_registers, q.dtype, view.k_pool.dtype, k_hot.dtype, q.device)
     sms = q.device.type == "cuda" and torch.cuda.get_device_properties(q.device).multi_processor_count
     gluon = gluon_reads(k_lay, v_lay, d, g, bs, q.device)
     if kernel == "gluon" and not gluon:
         raise ValueError("the Gluon decode kernel does not read these records here (see gluon_reads)")
     gluon = gluon and kernel != "triton"
+    hot_block = decode_gluon.HOT_TOKENS if gluon else max(8, HOT_TILE // d)
+    nhot = -(-(view.sinks + view.window) // hot_block) if has_hot else 0
+    # what the compiled split kernel (its registers, hence its occupancy) depends on
+    config = (tuple(kv_args.items()), h, d, g, bs, block_n, nhot, num_warps, num_stages, lookup, early_v,
+              max_registers, q.dtype, view.k_pool.dtype, k_hot.dtype, q.device)
     if gluon:  # its constants, register cap and what its occupancy depends on
         gargs = {**_gluon_args(k_lay, "K"), **_gluon_args(v_lay, "V")}
         cap = GLUON_MAXNREG if GLUON_MAXNREG is not None else gluon_register_cap(k_lay, v_lay)
@@ -1066,6 +1083,7 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
     else:
         nsplit = num_splits or default_splits(bsz, h, sms or 132, _RESIDENT.get(config))
         fill = 1  # unused without WAVE_TILES
+    wave = wave_programs(bsz, h, sms or 132, _RESIDENT.get(config))
     pdl = programmatic_launch(q.device)
     min_tiles = max(1, SPLIT_MIN_TOKENS // block_n) if gluon else 1
     qk, qs = decode_queries(q, h, scale, k_lay, view.k_pool.dtype, lut, permute=not gluon, pdl=pdl)
@@ -1083,7 +1101,7 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
             qk, view.k_pool, view.v_pool, gluon_table(k_lay), gluon_table(v_lay), bt, prefix_lens,
             ws_m, ws_l, ws_acc, qs, k_hot, v_hot, seq_slot,
             view.sinks, view.window, bt.stride(0), qk.stride(0), qk.stride(1), qs.stride(0), qs.stride(1), *hs,
-            0, nsplit, fill, H=h, G=g, D=d, BS=bs, NHOT=nhot, BLOCK_H=hot_block, **gargs, NW=GLUON_WARPS,
+            0, nsplit, fill, wave, H=h, G=g, D=d, BS=bs, NHOT=nhot, BLOCK_H=hot_block, **gargs, NW=GLUON_WARPS,
             PREFETCH=GLUON_PREFETCH, PDL=pdl, MIN_TILES=min_tiles, WAVE_TILES=wave_tiles, SAME_TABLES=same,
             PIPELINE=pipeline,
             num_warps=GLUON_WARPS,

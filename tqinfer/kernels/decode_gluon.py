@@ -33,7 +33,7 @@ its mma fragments need and decodes them where they are used:
   beside the previous tile's softmax and values (PIPELINE).
 
 The workspace it writes (m, l, un-normalized accumulator per split and query row, values in the
-codec's rotated space; the hot-token programs at the end of the grid) is the Triton kernel's, so the
+codec's rotated space; then the hot-token chunks') is the Triton kernel's, so the
 merge stage is shared. Compiled GPU code only (inline PTX, explicit layouts): the interpreter and other devices run
 the Triton kernel.
 """
@@ -49,6 +49,7 @@ from .decode_bounds import hot_count, split_bounds
 NEG = gl.constexpr(-1.0e30)
 WARP_TOKENS = 16
 TOKENS = gl.constexpr(WARP_TOKENS)  # tokens a warp takes from each tile: the n of the key mma, the k of the value mma
+HOT_TOKENS = 16  # hot tokens a program (_hot_chunk: the 16 lanes of its score layout)
 
 
 # 4-bit codes: the codebook is symmetric (centroid 15 - i = -centroid i, bit for bit in fp16; decode_attention
@@ -395,30 +396,62 @@ def _store_part(acc, ws_row, RW: gl.constexpr, rows, CH: gl.constexpr, DP: gl.co
 
 
 @gluon.jit
+def _hot_slots(i, n_hot, n_sink, w_lo, sinks, window):
+    """(ring slot, mask) of hot tokens i: the sinks, then the recent window from its ring slots."""
+    t = gl.where(i < n_sink, i, w_lo + i - n_sink)
+    return gl.where(i < n_sink, i, sinks + (t - sinks) % gl.maximum(window, 1)), i < n_hot
+
+
+@gluon.jit
 def _hot_chunk(q_row, s_qh, k_hot, v_hot, hot_base, s_hs, L, sinks, window, i0, ws_m, ws_l, ws_acc,
                G: gl.constexpr, D: gl.constexpr, BLOCK_H: gl.constexpr, NW: gl.constexpr):
     """decode_attention.hot_chunk: the softmax state of query rows r < G (fp32, log2-scaled, at q_row +
     r * s_qh) over hot tokens i0 .. i0 + BLOCK_H - 1 of one sequence (the sinks, then the recent window
-    from its ring slots; past the end m = NEG, l = 0, acc = 0), in fp32 on the CUDA cores."""
-    HL: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [NW, 1], [1, 0])
+    from its ring slots; past the end m = NEG, l = 0, acc = 0), in fp32 on the CUDA cores, all rows at
+    once. The lines of the keys, values and queries are prefetched to L1 first, so that the loops over
+    channel chunks (few registers) wait for memory once: scores [tokens, 8 rows] with the tokens over 16
+    lanes and 16 channels a chunk summed in each thread; values [tokens, 8 rows, 32 channels] with 4
+    tokens and 4 channels a thread, the tokens over 4 lanes."""
+    SD: gl.constexpr = 16
+    DC: gl.constexpr = 32
+    S3: gl.constexpr = gl.BlockedLayout([BLOCK_H // 16, 1, SD], [16, 2, 1], [1, NW, 1], [2, 1, 0])
+    O3: gl.constexpr = gl.BlockedLayout([BLOCK_H // 4, 8 // NW, 4], [4, 1, 8], [1, NW, 1], [2, 1, 0])
+    SC: gl.constexpr = gl.SliceLayout(2, S3)
     n_hot, n_sink, w_lo = hot_count(L, sinks, window)
-    i = i0 + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, HL))
-    d = gl.arange(0, D, layout=gl.SliceLayout(0, HL))
-    hmask = i < n_hot
-    t = gl.where(i < n_sink, i, w_lo + i - n_sink)
-    slot = gl.where(i < n_sink, i, sinks + (t - sinks) % gl.maximum(window, 1))
-    ptr = hot_base + gl.expand_dims(slot, 1) * s_hs + gl.expand_dims(d, 0)
-    hm = gl.expand_dims(hmask, 1) & gl.expand_dims(d >= 0, 0)
-    kh = gl.load(k_hot + ptr, mask=hm, other=0.0).to(gl.float32)
-    vh = gl.load(v_hot + ptr, mask=hm, other=0.0).to(gl.float32)
-    for r in range(0, G):
-        q = gl.load(q_row + r * s_qh + d)
-        sc = gl.where(hmask, gl.sum(kh * gl.expand_dims(q, 0), 1), float("-inf"))
-        m = gl.maximum(gl.max(sc, 0), NEG)
-        p = gl.exp2(sc - m)
-        gl.store(ws_m + r, m)
-        gl.store(ws_l + r, gl.sum(p, 0))
-        gl.store(ws_acc + r * D + d, gl.sum(gl.expand_dims(p, 1) * vh, 0))
+    LPT: gl.constexpr = D // 64  # 128-byte lines of a bf16 row (keys, values; of wider ones the first LPT); a fp32
+    # query row has 2 LPT
+    PF: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])
+    x = gl.arange(0, BLOCK_H * LPT, layout=PF)
+    row = _hot_slots(i0 + x // LPT, n_hot, n_sink, w_lo, sinks, window)[0] * s_hs + (x % LPT) * 64
+    _prefetch(k_hot + hot_base + row, 1)
+    _prefetch(v_hot + hot_base + row, 1)
+    x = gl.arange(0, 16 * LPT, layout=PF)
+    _prefetch(q_row + gl.minimum(x // (2 * LPT), G - 1) * s_qh + (x % (2 * LPT)) * 32, 1)
+
+    slot, hmask = _hot_slots(i0 + _idx3(BLOCK_H, 0, S3), n_hot, n_sink, w_lo, sinks, window)
+    c = _idx3(SD, 2, S3)
+    kp = k_hot + hot_base + slot * s_hs + c
+    qp = q_row + gl.minimum(_idx3(8, 1, S3), G - 1) * s_qh + c
+    sc = gl.zeros([BLOCK_H, 8], gl.float32, SC)
+    for j in range(0, D // SD):
+        kh = gl.load(kp + j * SD, mask=hmask & (c >= 0), other=0.0).to(gl.float32)
+        sc += gl.sum(kh * gl.load(qp + j * SD), 2)
+    sc = gl.where((i0 + _idx2(BLOCK_H, 0, SC)) < n_hot, sc, float("-inf"))
+    m = gl.maximum(gl.max(sc, 0), NEG)
+    p = gl.exp2(sc - gl.expand_dims(m, 0))
+    r = gl.arange(0, 8, layout=gl.SliceLayout(0, SC))
+    gl.store(ws_m + r, m, mask=r < G)
+    gl.store(ws_l + r, gl.sum(p, 0), mask=r < G)
+    p3 = gl.expand_dims(gl.convert_layout(p, gl.SliceLayout(2, O3)), 2)
+    slot, hmask = _hot_slots(i0 + _idx3(BLOCK_H, 0, O3), n_hot, n_sink, w_lo, sinks, window)
+    c = _idx3(DC, 2, O3)
+    vp = v_hot + hot_base + slot * s_hs + c
+    AC: gl.constexpr = gl.SliceLayout(0, O3)
+    ro = _idx2(8, 0, AC)
+    ap = ws_acc + ro * D + _idx2(DC, 1, AC)
+    for j in range(0, D // DC):
+        vh = gl.load(vp + j * DC, mask=hmask & (c >= 0), other=0.0).to(gl.float32)
+        gl.store(ap + j * DC, gl.sum(p3 * vh, 0), mask=ro < G)
 
 
 @gluon.jit
@@ -522,7 +555,7 @@ def _slice_update(st, v_base, sn, tmask, m_i, l_t, acc_a, acc_b, vta, vtb, REC_V
 @gluon.jit
 def _decode_split_gluon(
     q_ptr, k_pool, v_pool, lut_k, lut_v, bt_ptr, prefix_ptr, ws_m, ws_l, ws_acc, qs_ptr, k_hot, v_hot, slot_ptr,
-    sinks, window, s_bt, s_qb, s_qh, s_qsb, s_qsh, s_hb, s_hh, s_hs, zero, NSPLIT, FILL,
+    sinks, window, s_bt, s_qb, s_qh, s_qsb, s_qsh, s_hb, s_hh, s_hs, zero, NSPLIT, FILL, WAVE,
     H: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, NHOT: gl.constexpr, BLOCK_H: gl.constexpr,
     REC_K: gl.constexpr, KA_DP: gl.constexpr, KA_BT: gl.constexpr, KA_PL: gl.constexpr, KA_SC: gl.constexpr,
     KB_DP: gl.constexpr, KB_BT: gl.constexpr, KB_PL: gl.constexpr, KB_SC: gl.constexpr,
@@ -531,9 +564,12 @@ def _decode_split_gluon(
     PREFETCH: gl.constexpr = 0, PDL: gl.constexpr = False, MIN_TILES: gl.constexpr = 1,
     WAVE_TILES: gl.constexpr = 0, SAME_TABLES: gl.constexpr = False, PIPELINE: gl.constexpr = False,
 ):
-    """Grid (B, H, NSPLIT + NHOT), the workspace of decode_attention._decode_split_kernel: program
-    (b, h, s < NSPLIT) runs split s of sequence b's compressed tiles for KV head h, the last NHOT take
-    chunks of BLOCK_H hot tokens. Keys and values: one or two parts (A over channels 0 .. A_DP, B after
+    """Grid (B, H, NSPLIT + NHOT), the workspace of decode_attention._decode_split_kernel: split s <
+    NSPLIT of sequence b's compressed tiles for KV head h, then NHOT chunks of BLOCK_H hot tokens. The
+    grid dispatches them in that order, except where a sequence's programs with work (its n_act splits
+    and the hot chunks) fit in WAVE (one wave of the resident programs, per sequence and head): then the
+    hot chunks come first, so that they start first (H200, 8B shape, tq3.5, graph replay: 8k 28.4 -> 27.0
+    us; past a wave they delay splits: 32k 40.7 -> 41.9, 128k 89.0 -> 92.9). Keys and values: one or two parts (A over channels 0 .. A_DP, B after
     it; B_DP = 0 when absent) of BT bits (4 or 3), planes at byte PL, fp16 scale at byte SC of records of
     REC bytes; lut_k / lut_v: each part's table words (A at 0, B at 8; SAME_TABLES: the value parts' are
     the key parts', read from lut_k at the same per-thread addresses, so ptxas keeps one copy). q_ptr: the
@@ -555,9 +591,11 @@ def _decode_split_gluon(
 
     b = gl.program_id(0)
     h = gl.program_id(1)
-    s = gl.program_id(2)
     L = gl.load(prefix_ptr + b)
     c_end, lo_t, hi_t, per, n_act = split_bounds(L, sinks, window, BLOCK_N, NSPLIT, MIN_TILES, FILL, WAVE_TILES)
+    s = gl.program_id(2)
+    if n_act + NHOT <= WAVE:  # all in one wave: the hot-token programs first (dispatched first), else last
+        s = (s + NSPLIT) % (NSPLIT + NHOT)
     if (s >= n_act) & (s > 0) & (s < NSPLIT):  # split 0 always waits: the merge's wait then covers the queries
         return
     t_start = lo_t + s * per
