@@ -608,6 +608,14 @@ def _decode_split_gluon(
             _prefetch_tile(k_pool, v_pool, bt_ptr, b, s_bt, h, t_start, t_end, pw, line, H, BS, BLOCK_N, REC_K,
                            REC_V, PREFETCH)
         b = _grid_wait(b)
+    ws = (b * H + h) * (NSPLIT + NHOT) + s
+    if NHOT > 0:
+        if s >= NSPLIT:  # a chunk of the bf16 sink / recent tokens, in the original space; nothing else
+            seq = gl.load(slot_ptr + b).to(gl.int64)
+            _hot_chunk(qs_ptr + b * s_qsb + h * G * s_qsh, s_qsh, k_hot, v_hot, seq * s_hb + h * s_hh, s_hs, L,
+                       sinks, window, (s - NSPLIT) * BLOCK_H, ws_m + ws * G, ws_l + ws * G, ws_acc + ws * G * D,
+                       G, D, BLOCK_H, NW)
+            return
 
     q_row = q_ptr + b * s_qb + h * G * s_qh
     qa = _part_queries(q_row, s_qh, G, 0, KA_DP, KA_BT, QOP, NW)
@@ -661,7 +669,6 @@ def _decode_split_gluon(
     wgt = gl.exp2(m_i - gl.expand_dims(m_t, 0))
     l_i = gl.sum(l_t, 1)
     wo = gl.expand_dims(wgt, 1)
-    ws = (b * H + h) * (NSPLIT + NHOT) + s
     g_real = gl.where(s < n_act, G, 0)
     rr = gl.arange(0, 8, layout=RL)
     gl.store(ws_m + ws * G + rr, gl.convert_layout(m_t, RL), mask=rr < g_real)
@@ -669,9 +676,3 @@ def _decode_split_gluon(
     _store_part(gl.sum(acc_a * wo, 0), ws_acc + ws * G * D, D, g_real, 0, VA_DP, NW)
     if VB_DP > 0:
         _store_part(gl.sum(acc_b * wo, 0), ws_acc + ws * G * D, D, g_real, VA_DP, VB_DP, NW)
-    if NHOT > 0:
-        if s >= NSPLIT:  # a chunk of the bf16 sink / recent tokens, in the original space
-            seq = gl.load(slot_ptr + b).to(gl.int64)
-            _hot_chunk(qs_ptr + b * s_qsb + h * G * s_qsh, s_qsh, k_hot, v_hot, seq * s_hb + h * s_hh, s_hs, L,
-                       sinks, window, (s - NSPLIT) * BLOCK_H, ws_m + ws * G, ws_l + ws * G, ws_acc + ws * G * D,
-                       G, D, BLOCK_H, NW)
