@@ -403,6 +403,18 @@ def _hot_slots(i, n_hot, n_sink, w_lo, sinks, window):
 
 
 @gluon.jit
+def _hot_lines(k_hot, v_hot, hot_base, s_hs, i0, n_hot, n_sink, w_lo, sinks, window, D: gl.constexpr,
+               BLOCK_H: gl.constexpr, NW: gl.constexpr, LEVEL: gl.constexpr):
+    """Prefetch (LEVEL 1: to L1, 2: to L2) the 128-byte lines of hot tokens i0 .. i0 + BLOCK_H - 1's keys
+    and values: the D // 64 of a bf16 row (of wider ones the first D // 64)."""
+    LPT: gl.constexpr = D // 64
+    x = gl.arange(0, BLOCK_H * LPT, layout=gl.BlockedLayout([1], [32], [NW], [0]))
+    row = _hot_slots(i0 + x // LPT, n_hot, n_sink, w_lo, sinks, window)[0] * s_hs + (x % LPT) * 64
+    _prefetch(k_hot + hot_base + row, LEVEL)
+    _prefetch(v_hot + hot_base + row, LEVEL)
+
+
+@gluon.jit
 def _hot_chunk(q_row, s_qh, k_hot, v_hot, hot_base, s_hs, L, sinks, window, i0, ws_m, ws_l, ws_acc,
                G: gl.constexpr, D: gl.constexpr, BLOCK_H: gl.constexpr, NW: gl.constexpr):
     """decode_attention.hot_chunk: the softmax state of query rows r < G (fp32, log2-scaled, at q_row +
@@ -418,15 +430,9 @@ def _hot_chunk(q_row, s_qh, k_hot, v_hot, hot_base, s_hs, L, sinks, window, i0, 
     O3: gl.constexpr = gl.BlockedLayout([BLOCK_H // 4, 8 // NW, 4], [4, 1, 8], [1, NW, 1], [2, 1, 0])
     SC: gl.constexpr = gl.SliceLayout(2, S3)
     n_hot, n_sink, w_lo = hot_count(L, sinks, window)
-    LPT: gl.constexpr = D // 64  # 128-byte lines of a bf16 row (keys, values; of wider ones the first LPT); a fp32
-    # query row has 2 LPT
-    PF: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])
-    x = gl.arange(0, BLOCK_H * LPT, layout=PF)
-    row = _hot_slots(i0 + x // LPT, n_hot, n_sink, w_lo, sinks, window)[0] * s_hs + (x % LPT) * 64
-    _prefetch(k_hot + hot_base + row, 1)
-    _prefetch(v_hot + hot_base + row, 1)
-    x = gl.arange(0, 16 * LPT, layout=PF)
-    _prefetch(q_row + gl.minimum(x // (2 * LPT), G - 1) * s_qh + (x % (2 * LPT)) * 32, 1)
+    _hot_lines(k_hot, v_hot, hot_base, s_hs, i0, n_hot, n_sink, w_lo, sinks, window, D, BLOCK_H, NW, 1)
+    x = gl.arange(0, D // 4, layout=gl.BlockedLayout([1], [32], [NW], [0]))  # 128-byte lines of 8 fp32 rows
+    _prefetch(q_row + gl.minimum(x // (D // 32), G - 1) * s_qh + (x % (D // 32)) * 32, 1)
 
     slot, hmask = _hot_slots(i0 + _idx3(BLOCK_H, 0, S3), n_hot, n_sink, w_lo, sinks, window)
     c = _idx3(SD, 2, S3)
@@ -598,6 +604,29 @@ def _decode_split_gluon(
         s = (s + NSPLIT) % (NSPLIT + NHOT)
     if (s >= n_act) & (s > 0) & (s < NSPLIT):  # split 0 always waits: the merge's wait then covers the queries
         return
+    if NHOT > 0:
+        if s >= NSPLIT:  # a chunk of the bf16 sink / recent tokens, in the original space; nothing else
+            seq = gl.load(slot_ptr + b).to(gl.int64)
+            hot_base = seq * s_hb + h * s_hh
+            i0 = (s - NSPLIT) * BLOCK_H
+            if PDL:  # launched while the query kernel ran: the chunk's lines fetched to L2 meanwhile
+                n_hot, n_sink, w_lo = hot_count(L, sinks, window)
+                _hot_lines(k_hot, v_hot, hot_base, s_hs, i0, n_hot, n_sink, w_lo, sinks, window, D, BLOCK_H, NW, 2)
+                b = _grid_wait(b)
+            ws = (b * H + h) * (NSPLIT + NHOT) + s
+            _hot_chunk(qs_ptr + b * s_qsb + h * G * s_qsh, s_qsh, k_hot, v_hot, hot_base, s_hs, L, sinks, window,
+                       i0, ws_m + ws * G, ws_l + ws * G, ws_acc + ws * G * D, G, D, BLOCK_H, NW)
+            return
+    # the tables (inputs) loaded before the wait
+    kta = _key_tables(lut_k, zero, KA_DP, KA_BT, NW)
+    ktb = kta  # (part B absent: placeholders, never read)
+    if KB_DP > 0:
+        ktb = _key_tables(lut_k + 8, zero, KB_DP, KB_BT, NW)
+    lut_vv = lut_k if SAME_TABLES else lut_v  # the value parts' tables are the key parts': the same loads
+    vta = _value_tables(lut_vv, zero, VA_DP, VA_BT, NW)
+    vtb = vta
+    if VB_DP > 0:
+        vtb = _value_tables(lut_vv + 8, zero, VB_DP, VB_BT, NW)
     t_start = lo_t + s * per
     t_end = gl.minimum(t_start + per, hi_t)
     PL: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [NW, 1], [1, 0])
@@ -609,27 +638,11 @@ def _decode_split_gluon(
                            REC_V, PREFETCH)
         b = _grid_wait(b)
     ws = (b * H + h) * (NSPLIT + NHOT) + s
-    if NHOT > 0:
-        if s >= NSPLIT:  # a chunk of the bf16 sink / recent tokens, in the original space; nothing else
-            seq = gl.load(slot_ptr + b).to(gl.int64)
-            _hot_chunk(qs_ptr + b * s_qsb + h * G * s_qsh, s_qsh, k_hot, v_hot, seq * s_hb + h * s_hh, s_hs, L,
-                       sinks, window, (s - NSPLIT) * BLOCK_H, ws_m + ws * G, ws_l + ws * G, ws_acc + ws * G * D,
-                       G, D, BLOCK_H, NW)
-            return
-
     q_row = q_ptr + b * s_qb + h * G * s_qh
     qa = _part_queries(q_row, s_qh, G, 0, KA_DP, KA_BT, QOP, NW)
-    kta = _key_tables(lut_k, zero, KA_DP, KA_BT, NW)
-    qb = qa  # (part B absent: placeholders, never read)
-    ktb = kta
+    qb = qa
     if KB_DP > 0:
         qb = _part_queries(q_row, s_qh, G, KA_DP, KB_DP, KB_BT, QOP, NW)
-        ktb = _key_tables(lut_k + 8, zero, KB_DP, KB_BT, NW)
-    lut_vv = lut_k if SAME_TABLES else lut_v  # the value parts' tables are the key parts': the same loads
-    vta = _value_tables(lut_vv, zero, VA_DP, VA_BT, NW)
-    vtb = vta
-    if VB_DP > 0:
-        vtb = _value_tables(lut_vv + 8, zero, VB_DP, VB_BT, NW)
     sn = _idx2(NW, 0, TS) * TOKENS + _idx2(TOKENS, 1, TS)  # token of the tile, [W, 16] as the scores hold it
 
     zs = gl.zeros([NW, TOKENS, 8], gl.float32, MS)
