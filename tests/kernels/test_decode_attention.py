@@ -355,22 +355,9 @@ def test_gluon_pipelined_loop_same_as_plain(kt, vt, d, h, g, monkeypatch):
     """GLUON_PIPELINE on and off: the same arithmetic in the same order (one tile's scores beside the
     previous tile's softmax and values), so the same output to fp32 rounding, and == float64; lengths that
     give splits of no tile, one tile (the loop body never runs) and several."""
-    lens = [1, 40, 64 + 1, 2 * 64 + 5, 7 * 64 + 3]
-    view, kd, vd = build_cache(kt, vt, lens, heads=h, d=d, sinks=3, window=20, block_size=64, dtype=torch.float32,
-                               device=DEV, seed=d + g)
-    gen = torch.Generator().manual_seed(d + g + 1)
-    q = torch.randn(len(lens), h * g, d, generator=gen).to(DEV)
-    k = torch.randn(len(lens), h, d, generator=gen).to(DEV)
-    v = torch.randn(len(lens), h, d, generator=gen).to(DEV)
-    cu = torch.arange(len(lens) + 1, dtype=torch.int32, device=DEV)
-    pl = torch.tensor(lens, dtype=torch.int32, device=DEV)
-    outs = []
-    for on in (False, True):
-        monkeypatch.setattr(decode_attention, "GLUON_PIPELINE", on)
-        outs.append(paged_decode_attention(q, k, v, cu, pl, view, 1 / math.sqrt(d), num_splits=3, kernel="gluon"))
-    assert torch.isfinite(outs[1]).all()
-    assert rel_err(outs[1], outs[0]) < 1e-6
-    assert rel_err(outs[1], attention64(q, k, v, cu, lens, kd, vd, 1 / math.sqrt(d))) < 2e-3
+    _gluon_same_under([("GLUON_PIPELINE", False), ("GLUON_PIPELINE", True)], kt, vt, d, h, g,
+                      [1, 40, 64 + 1, 2 * 64 + 5, 7 * 64 + 3], sinks=3, window=20, splits=3, seed=d + g,
+                      monkeypatch=monkeypatch)
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="the Gluon kernel is compiled CUDA code")
@@ -379,22 +366,29 @@ def test_gluon_hot_chunks_first_or_last(kt, d, h, g, monkeypatch):
     """The hot-token programs run first where a sequence's programs fit a wave (wave_programs), else
     last: the workspace is the same either way, so the outputs agree (< 1e-6) and == float64; sinks and
     a window over two hot chunks, lengths inside the window, at one tile and over many splits."""
-    lens = [5, 64 + 30, 9 * 64 + 7]
-    view, kd, vd = build_cache(kt, kt, lens, heads=h, d=d, sinks=4, window=28, block_size=64, dtype=torch.float32,
-                               device=DEV, seed=d + g + 7)
-    gen = torch.Generator().manual_seed(d + g + 8)
+    first, last = (lambda *a: 1 << 20), (lambda *a: 0)
+    _gluon_same_under([("wave_programs", first), ("wave_programs", last)], kt, kt, d, h, g, [5, 64 + 30, 9 * 64 + 7],
+                      sinks=4, window=28, splits=4, seed=d + g + 7, monkeypatch=monkeypatch)
+
+
+def _gluon_same_under(settings, kt, vt, d, h, g, lens, sinks, window, splits, seed, monkeypatch):
+    """The Gluon kernel's outputs under two settings ((decode_attention attribute, value) each) on one
+    cache and inputs: finite, the same to fp32 rounding (< 1e-6), and == float64 (< 2e-3)."""
+    view, kd, vd = build_cache(kt, vt, lens, heads=h, d=d, sinks=sinks, window=window, block_size=64,
+                               dtype=torch.float32, device=DEV, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
     q = torch.randn(len(lens), h * g, d, generator=gen).to(DEV)
     k = torch.randn(len(lens), h, d, generator=gen).to(DEV)
     v = torch.randn(len(lens), h, d, generator=gen).to(DEV)
     cu = torch.arange(len(lens) + 1, dtype=torch.int32, device=DEV)
     pl = torch.tensor(lens, dtype=torch.int32, device=DEV)
     outs = []
-    for wave in (1 << 20, 0):  # first, last
-        monkeypatch.setattr(decode_attention, "wave_programs", lambda *a, w=wave: w)
-        outs.append(paged_decode_attention(q, k, v, cu, pl, view, 1 / math.sqrt(d), num_splits=4, kernel="gluon"))
+    for name, value in settings:
+        monkeypatch.setattr(decode_attention, name, value)
+        outs.append(paged_decode_attention(q, k, v, cu, pl, view, 1 / math.sqrt(d), num_splits=splits, kernel="gluon"))
     assert torch.isfinite(outs[1]).all()
     assert rel_err(outs[1], outs[0]) < 1e-6
-    assert rel_err(outs[0], attention64(q, k, v, cu, lens, kd, vd, 1 / math.sqrt(d))) < 2e-3
+    assert rel_err(outs[1], attention64(q, k, v, cu, lens, kd, vd, 1 / math.sqrt(d))) < 2e-3
 
 
 @pytest.mark.parametrize("kind,d,ok", [("tq4", 128, True), ("tq4", 64, True), ("tq3.5", 128, True),

@@ -574,19 +574,21 @@ def _decode_split_gluon(
     NSPLIT of sequence b's compressed tiles for KV head h, then NHOT chunks of BLOCK_H hot tokens. The
     grid dispatches them in that order, except where a sequence's programs with work (its n_act splits
     and the hot chunks) fit in WAVE (one wave of the resident programs, per sequence and head): then the
-    hot chunks come first, so that they start first (H200, 8B shape, tq3.5, graph replay: 8k 28.4 -> 27.0
-    us; past a wave they delay splits: 32k 40.7 -> 41.9, 128k 89.0 -> 92.9). Keys and values: one or two parts (A over channels 0 .. A_DP, B after
-    it; B_DP = 0 when absent) of BT bits (4 or 3), planes at byte PL, fp16 scale at byte SC of records of
-    REC bytes; lut_k / lut_v: each part's table words (A at 0, B at 8; SAME_TABLES: the value parts' are
-    the key parts', read from lut_k at the same per-thread addresses, so ptxas keeps one copy). q_ptr: the
-    rotated queries (fp16, log2 units, channel order); qs_ptr: the scaled queries (fp32, original space) for the hot
-    tokens. Split sizes: decode_bounds.split_bounds (MIN_TILES, FILL, WAVE_TILES); a split without work
-    but the first returns at once (it writes nothing: the merge reads the first n_act). PDL: launched
-    while the query kernel runs (griddepcontrol), so nothing it wrote is read before the wait; split 0
-    of every (sequence, head) waits even without work, so that the split grid ends after the query
-    kernel and the merge, which waits for the split grid, reads the queries after it too. PIPELINE: the loop
-    computes tile ti's scores beside tile ti - 1's softmax and values (the same arithmetic in the same
-    order; two independent chains for the scheduler, at the cost of registers)."""
+    hot chunks come first, so that they start first (H200, 8B shape, tq3.5, graph replay, the code of
+    4a080ab: 8k 28.4 -> 27.0 us; past a wave they delay splits: 32k 40.7 -> 41.9, 128k 89.0 -> 92.9). A
+    hot-chunk program does nothing else (_hot_chunk after the wait). Keys and values: one or two parts
+    (A over channels 0 .. A_DP, B after it; B_DP = 0 when absent) of BT bits (4 or 3), planes at byte PL,
+    fp16 scale at byte SC of records of REC bytes; lut_k / lut_v: each part's table words (A at 0, B at
+    8; SAME_TABLES: the value parts' are the key parts', read from lut_k at the same per-thread
+    addresses, so ptxas keeps one copy), loaded before the wait. q_ptr: the rotated queries (fp16, log2
+    units, channel order); qs_ptr: the scaled queries (fp32, original space) for the hot tokens. Split
+    sizes: decode_bounds.split_bounds (MIN_TILES, FILL, WAVE_TILES); a split without work but the first
+    returns at once (it writes nothing: the merge reads the first n_act). PDL: launched while the query
+    kernel runs (griddepcontrol), so nothing it wrote is read before the wait; split 0 of every
+    (sequence, head) waits even without work, so that the split grid ends after the query kernel and the
+    merge, which waits for the split grid, reads the queries after it too. PIPELINE: the loop computes
+    tile ti's scores beside tile ti - 1's softmax and values (the same arithmetic in the same order; two
+    independent chains for the scheduler, at the cost of registers)."""
     BLOCK_N: gl.constexpr = TOKENS * NW
     MS: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1, 1], instr_shape=[1, 16, 8])
     KOP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MS, k_width=2)  # K [W, 16 tokens, DP]
