@@ -574,8 +574,9 @@ def _decode_split_gluon(
     NSPLIT of sequence b's compressed tiles for KV head h, then NHOT chunks of BLOCK_H hot tokens. The
     grid dispatches them in that order, except where a sequence's programs with work (its n_act splits
     and the hot chunks) fit in WAVE (one wave of the resident programs, per sequence and head): then the
-    hot chunks come first, so that they start first (H200, 8B shape, tq3.5, graph replay, the code of
-    4a080ab: 8k 28.4 -> 27.0 us; past a wave they delay splits: 32k 40.7 -> 41.9, 128k 89.0 -> 92.9). A
+    hot chunks come first, so that they start first (H200, 8B shape, tq3.5, graph replay, the tree before
+    4a080ab with the order forced, last -> first: 8k 28.4 -> 27.0 us; past a wave they delay splits: 32k
+    40.7 -> 41.9, 128k 89.0 -> 92.9). A
     hot-chunk program does nothing else (_hot_chunk after the wait). Keys and values: one or two parts
     (A over channels 0 .. A_DP, B after it; B_DP = 0 when absent) of BT bits (4 or 3), planes at byte PL,
     fp16 scale at byte SC of records of REC bytes; lut_k / lut_v: each part's table words (A at 0, B at
