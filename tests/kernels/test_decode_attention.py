@@ -361,19 +361,29 @@ def test_gluon_pipelined_loop_same_as_plain(kt, vt, d, h, g, monkeypatch):
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="the Gluon kernel is compiled CUDA code")
-@pytest.mark.parametrize("kt,d,h,g", [("tq3.5", 128, 2, 4), ("tq4", 64, 3, 3)])
-def test_gluon_hot_chunks_first_or_last(kt, d, h, g, monkeypatch):
+@pytest.mark.parametrize("kt,d,h,g,sinks,window", [("tq3.5", 128, 2, 4, 4, 28), ("tq4", 64, 3, 3, 4, 28),
+                                                   ("tq3.5", 128, 2, 4, 4, 0)])
+def test_gluon_hot_chunks_first_or_last(kt, d, h, g, sinks, window, monkeypatch):
     """The hot-token programs run first where a sequence's programs fit a wave (wave_programs), else
-    last: the workspace is the same either way, so the outputs agree (< 1e-6) and == float64; sinks and
-    a window over two hot chunks, lengths inside the window, at one tile and over many splits."""
-    first, last = (lambda *a: 1 << 20), (lambda *a: 0)
-    _gluon_same_under([("wave_programs", first), ("wave_programs", last)], kt, kt, d, h, g, [5, 64 + 30, 9 * 64 + 7],
-                      sinks=4, window=28, splits=4, seed=d + g + 7, monkeypatch=monkeypatch)
+    last, decided per sequence: the workspace is the same either way, so the outputs agree (< 1e-6) and
+    == float64, with NaN-poisoned workspaces. All first, all last, and a wave of 3 programs that puts the
+    short sequences' hot chunks first and the longest's last (its 3 splits with work); sinks and a window
+    over two hot chunks, or sinks alone (the window 0: hot tokens past the sinks map to no ring slot)."""
+    asked = []
+
+    def wave(n):
+        return lambda *a: asked.append(a) or n
+
+    settings = [("wave_programs", wave(1 << 20)), ("wave_programs", wave(0)), ("wave_programs", wave(3))]
+    _gluon_same_under(settings, kt, kt, d, h, g, [5, 64 + 30, 9 * 64 + 7], sinks=sinks, window=window, splits=5,
+                      seed=d + g + 7, monkeypatch=monkeypatch, poison=True)
+    assert len(asked) == len(settings)
 
 
-def _gluon_same_under(settings, kt, vt, d, h, g, lens, sinks, window, splits, seed, monkeypatch):
-    """The Gluon kernel's outputs under two settings ((decode_attention attribute, value) each) on one
-    cache and inputs: finite, the same to fp32 rounding (< 1e-6), and == float64 (< 2e-3)."""
+def _gluon_same_under(settings, kt, vt, d, h, g, lens, sinks, window, splits, seed, monkeypatch, poison=False):
+    """The Gluon kernel's outputs under each of `settings` ((decode_attention attribute, value) each) on
+    one cache and inputs: finite, the same to fp32 rounding (< 1e-6), and == float64 (< 2e-3); poison:
+    the buffers the call allocates (its workspaces) filled with NaN, so that a slot left unwritten fails."""
     view, kd, vd = build_cache(kt, vt, lens, heads=h, d=d, sinks=sinks, window=window, block_size=64,
                                dtype=torch.float32, device=DEV, seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -382,13 +392,23 @@ def _gluon_same_under(settings, kt, vt, d, h, g, lens, sinks, window, splits, se
     v = torch.randn(len(lens), h, d, generator=gen).to(DEV)
     cu = torch.arange(len(lens) + 1, dtype=torch.int32, device=DEV)
     pl = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    ref = attention64(q, k, v, cu, lens, kd, vd, 1 / math.sqrt(d))
+    if poison:
+        empty, empty_like = torch.empty, torch.empty_like
+
+        def nan(t):
+            return t.fill_(float("nan")) if t.is_floating_point() else t
+
+        monkeypatch.setattr(torch, "empty", lambda *a, **k: nan(empty(*a, **k)))
+        monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan(empty_like(*a, **k)))
     outs = []
     for name, value in settings:
         monkeypatch.setattr(decode_attention, name, value)
         outs.append(paged_decode_attention(q, k, v, cu, pl, view, 1 / math.sqrt(d), num_splits=splits, kernel="gluon"))
-    assert torch.isfinite(outs[1]).all()
-    assert rel_err(outs[1], outs[0]) < 1e-6
-    assert rel_err(outs[1], attention64(q, k, v, cu, lens, kd, vd, 1 / math.sqrt(d))) < 2e-3
+    for out in outs:
+        assert torch.isfinite(out).all()
+        assert rel_err(out, outs[0]) < 1e-6
+        assert rel_err(out, ref) < 2e-3
 
 
 @pytest.mark.parametrize("kind,d,ok", [("tq4", 128, True), ("tq4", 64, True), ("tq3.5", 128, True),

@@ -565,7 +565,7 @@ def _decode_merge_kernel(
     q_ptr, k_ptr, v_ptr, prefix_ptr, ws_m, ws_l, ws_acc, rot_v, qjl_rot, out_ptr,
     sinks, window, s_qt, s_qh, s_kt, s_kh, s_ot, s_oh,
     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT,
-    SP: tl.constexpr, SB: tl.constexpr, NHOT: tl.constexpr, HP: tl.constexpr, CJ: tl.constexpr,
+    SB: tl.constexpr, NHOT: tl.constexpr, HP: tl.constexpr, CJ: tl.constexpr,
     V_ROTATED: tl.constexpr, DVQ: tl.constexpr, PDL: tl.constexpr = False, MIN_TILES: tl.constexpr = 1, FILL=1,
     WAVE_TILES: tl.constexpr = 0,
 ):
@@ -1128,7 +1128,7 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
         qs, k, v, prefix_lens, ws_m, ws_l, ws_acc, rot_v, qjl_rot, out,
         view.sinks, view.window, qs.stride(0), qs.stride(1), k.stride(0), k.stride(1),
         out.stride(0), out.stride(1),
-        H=h, G=g, D=d, BLOCK_N=block_n, NSPLIT=nsplit, SP=sp, SB=min(sp, chunk), NHOT=nhot,
+        H=h, G=g, D=d, BLOCK_N=block_n, NSPLIT=nsplit, SB=min(sp, chunk), NHOT=nhot,
         HP=triton.next_power_of_2(max(nhot, 1)), CJ=min(d, chunk) if v_lay is not None else d,
         V_ROTATED=v_lay is not None, DVQ=dvq, PDL=pdl, MIN_TILES=min_tiles, FILL=fill, WAVE_TILES=wave_tiles,
         num_warps=MERGE_WARPS, launch_pdl=pdl)

@@ -406,10 +406,12 @@ def _hot_slots(i, n_hot, n_sink, w_lo, sinks, window):
 def _hot_lines(k_hot, v_hot, hot_base, s_hs, i0, n_hot, n_sink, w_lo, sinks, window, D: gl.constexpr,
                BLOCK_H: gl.constexpr, NW: gl.constexpr, LEVEL: gl.constexpr):
     """Prefetch (LEVEL 1: to L1, 2: to L2) the 128-byte lines of hot tokens i0 .. i0 + BLOCK_H - 1's keys
-    and values: the D // 64 of a bf16 row (of wider ones the first D // 64)."""
-    LPT: gl.constexpr = D // 64
+    and values (tokens past the sequence's hot ones: row 0's, always in the buffer)."""
+    EPL: gl.constexpr = 1024 // k_hot.dtype.element_ty.primitive_bitwidth  # elements a line
+    LPT: gl.constexpr = D // EPL
     x = gl.arange(0, BLOCK_H * LPT, layout=gl.BlockedLayout([1], [32], [NW], [0]))
-    row = _hot_slots(i0 + x // LPT, n_hot, n_sink, w_lo, sinks, window)[0] * s_hs + (x % LPT) * 64
+    slot, real = _hot_slots(i0 + x // LPT, n_hot, n_sink, w_lo, sinks, window)
+    row = gl.where(real, slot, 0) * s_hs + (x % LPT) * EPL
     _prefetch(k_hot + hot_base + row, LEVEL)
     _prefetch(v_hot + hot_base + row, LEVEL)
 
@@ -558,7 +560,7 @@ def _slice_update(st, v_base, sn, tmask, m_i, l_t, acc_a, acc_b, vta, vtb, REC_V
     return m_new, l_t * al + p, acc_a, acc_b
 
 
-@gluon.jit
+@gluon.jit(do_not_specialize=["WAVE"])  # a run-time bound: one compile whatever its value
 def _decode_split_gluon(
     q_ptr, k_pool, v_pool, lut_k, lut_v, bt_ptr, prefix_ptr, ws_m, ws_l, ws_acc, qs_ptr, k_hot, v_hot, slot_ptr,
     sinks, window, s_bt, s_qb, s_qh, s_qsb, s_qsh, s_hb, s_hh, s_hs, zero, NSPLIT, FILL, WAVE,
