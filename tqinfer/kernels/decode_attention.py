@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from .decode_bounds import hot_count, split_bounds
+from .decode_bounds import hot_count, hot_slot, split_bounds
 
 try:  # Gluon (triton.experimental.gluon) with Ampere mma: triton 3.6 and 3.9 have it; without it, Triton only
     from . import decode_gluon
@@ -400,9 +400,7 @@ def hot_tokens(k_hot, v_hot, hot_base, s_hs, sinks, window, i0, n_hot, n_sink, w
     d = tl.arange(0, D)
     i = i0 + tl.arange(0, BLOCK_H)
     hmask = i < n_hot
-    t = tl.where(i < n_sink, i, w_lo + i - n_sink)
-    slot = tl.where(i < n_sink, i, sinks + (t - sinks) % tl.maximum(window, 1))
-    ptr = hot_base + slot[:, None] * s_hs + d[None, :]
+    ptr = hot_base + hot_slot(i, n_sink, w_lo, sinks, window)[:, None] * s_hs + d[None, :]
     kh = tl.load(k_hot + ptr, mask=hmask[:, None], other=0.0).to(tl.float32)
     vh = tl.load(v_hot + ptr, mask=hmask[:, None], other=0.0).to(tl.float32)
     return kh, vh, hmask

@@ -30,3 +30,10 @@ def hot_count(L, sinks, window):
     n_sink = tl.minimum(sinks, L)
     w_lo = tl.where(window > 0, tl.maximum(sinks, L - window), L)
     return n_sink + tl.maximum(L - w_lo, 0), n_sink, w_lo
+
+
+@triton.jit
+def hot_slot(i, n_sink, w_lo, sinks, window):
+    """Ring slot of hot token i (in order: the sinks, then the recent window, whose ring follows them)."""
+    t = tl.where(i < n_sink, i, w_lo + i - n_sink)
+    return tl.where(i < n_sink, i, sinks + (t - sinks) % tl.maximum(window, 1))

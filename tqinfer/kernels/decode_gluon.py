@@ -44,7 +44,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from .decode_bounds import hot_count, split_bounds
+from .decode_bounds import hot_count, hot_slot, split_bounds
 
 NEG = gl.constexpr(-1.0e30)
 WARP_TOKENS = 16
@@ -398,8 +398,7 @@ def _store_part(acc, ws_row, RW: gl.constexpr, rows, CH: gl.constexpr, DP: gl.co
 @gluon.jit
 def _hot_slots(i, n_hot, n_sink, w_lo, sinks, window):
     """(ring slot, mask) of hot tokens i: the sinks, then the recent window from its ring slots."""
-    t = gl.where(i < n_sink, i, w_lo + i - n_sink)
-    return gl.where(i < n_sink, i, sinks + (t - sinks) % gl.maximum(window, 1)), i < n_hot
+    return hot_slot(i, n_sink, w_lo, sinks, window), i < n_hot
 
 
 @gluon.jit
@@ -417,8 +416,8 @@ def _hot_lines(k_hot, v_hot, hot_base, s_hs, i0, n_hot, n_sink, w_lo, sinks, win
 
 
 @gluon.jit
-def _hot_chunk(q_row, s_qh, k_hot, v_hot, hot_base, s_hs, L, sinks, window, i0, ws_m, ws_l, ws_acc,
-               G: gl.constexpr, D: gl.constexpr, BLOCK_H: gl.constexpr, NW: gl.constexpr):
+def _hot_chunk(q_row, s_qh, k_hot, v_hot, hot_base, s_hs, n_hot, n_sink, w_lo, sinks, window, i0, ws_m, ws_l,
+               ws_acc, G: gl.constexpr, D: gl.constexpr, BLOCK_H: gl.constexpr, NW: gl.constexpr):
     """decode_attention.hot_chunk: the softmax state of query rows r < G (fp32, log2-scaled, at q_row +
     r * s_qh) over hot tokens i0 .. i0 + BLOCK_H - 1 of one sequence (the sinks, then the recent window
     from its ring slots; past the end m = NEG, l = 0, acc = 0), in fp32 on the CUDA cores, all rows at
@@ -431,7 +430,6 @@ def _hot_chunk(q_row, s_qh, k_hot, v_hot, hot_base, s_hs, L, sinks, window, i0, 
     S3: gl.constexpr = gl.BlockedLayout([BLOCK_H // 16, 1, SD], [16, 2, 1], [1, NW, 1], [2, 1, 0])
     O3: gl.constexpr = gl.BlockedLayout([BLOCK_H // 4, 8 // NW, 4], [4, 1, 8], [1, NW, 1], [2, 1, 0])
     SC: gl.constexpr = gl.SliceLayout(2, S3)
-    n_hot, n_sink, w_lo = hot_count(L, sinks, window)
     _hot_lines(k_hot, v_hot, hot_base, s_hs, i0, n_hot, n_sink, w_lo, sinks, window, D, BLOCK_H, NW, 1)
     x = gl.arange(0, D // 4, layout=gl.BlockedLayout([1], [32], [NW], [0]))  # 128-byte lines of 8 fp32 rows
     _prefetch(q_row + gl.minimum(x // (D // 32), G - 1) * s_qh + (x % (D // 32)) * 32, 1)
@@ -578,8 +576,8 @@ def _decode_split_gluon(
     and the hot chunks) fit in WAVE (one wave of the resident programs, per sequence and head): then the
     hot chunks come first, so that they start first (H200, 8B shape, tq3.5, graph replay, the tree before
     4a080ab with the order forced, last -> first: 8k 28.4 -> 27.0 us; past a wave they delay splits: 32k
-    40.7 -> 41.9, 128k 89.0 -> 92.9). A
-    hot-chunk program does nothing else (_hot_chunk after the wait). Keys and values: one or two parts
+    40.7 -> 41.9, 128k 89.0 -> 92.9). A hot-chunk program does nothing else (_hot_chunk after the wait).
+    Keys and values: one or two parts
     (A over channels 0 .. A_DP, B after it; B_DP = 0 when absent) of BT bits (4 or 3), planes at byte PL,
     fp16 scale at byte SC of records of REC bytes; lut_k / lut_v: each part's table words (A at 0, B at
     8; SAME_TABLES: the value parts' are the key parts', read from lut_k at the same per-thread
@@ -614,13 +612,13 @@ def _decode_split_gluon(
             seq = gl.load(slot_ptr + b).to(gl.int64)
             hot_base = seq * s_hb + h * s_hh
             i0 = (s - NSPLIT) * BLOCK_H
+            n_hot, n_sink, w_lo = hot_count(L, sinks, window)
             if PDL:  # launched while the query kernel ran: the chunk's lines fetched to L2 meanwhile
-                n_hot, n_sink, w_lo = hot_count(L, sinks, window)
                 _hot_lines(k_hot, v_hot, hot_base, s_hs, i0, n_hot, n_sink, w_lo, sinks, window, D, BLOCK_H, NW, 2)
                 b = _grid_wait(b)
             ws = (b * H + h) * (NSPLIT + NHOT) + s
-            _hot_chunk(qs_ptr + b * s_qsb + h * G * s_qsh, s_qsh, k_hot, v_hot, hot_base, s_hs, L, sinks, window,
-                       i0, ws_m + ws * G, ws_l + ws * G, ws_acc + ws * G * D, G, D, BLOCK_H, NW)
+            _hot_chunk(qs_ptr + b * s_qsb + h * G * s_qsh, s_qsh, k_hot, v_hot, hot_base, s_hs, n_hot, n_sink, w_lo,
+                       sinks, window, i0, ws_m + ws * G, ws_l + ws * G, ws_acc + ws * G * D, G, D, BLOCK_H, NW)
             return
     # the tables (inputs) loaded before the wait
     kta = _key_tables(lut_k, zero, KA_DP, KA_BT, NW)
