@@ -221,6 +221,9 @@ def test_wave_splits():
                 even = decode_attention.default_splits(b, h, 132, per_sm)
                 if b == 1 and h * even <= slots:  # one sequence, one wave: default_splits' count and grid
                     assert nsplit == fill == even
+    # the splits one program a multiprocessor allows (split_bounds' SPREAD): 8B shape 16, 135M 44, at least 1
+    assert [decode_attention.split_spread(b, h, 132) for b, h in ((1, 8), (1, 3), (2, 8), (17, 8), (64, 8))] == [
+        16, 44, 8, 1, 1]
 
 
 def test_resident_programs(monkeypatch):
@@ -307,12 +310,15 @@ def test_gluon_split_kernel_matches_float64(kt, vt, d, h, g, sinks, window, spli
     """The Gluon split kernel (decode_gluon) == float64 and == the Triton split kernel on the same cache:
     ragged lengths around tile, block and window edges, empty splits, a first tile past the sinks,
     blocks of two tiles, K and V of different parts, NaN-poisoned workspaces. splits None: the default,
-    wave-sized splits, here with a grid of 7 and a fill of 2 splits of at most 2 tiles (one tile at
-    least), so that the lengths take one split, a wave of two and (616 tokens: 10 tiles) five splits."""
+    wave-sized splits, here with a grid of 7 and a fill of 4 splits of at most 2 tiles, two at least
+    unless at most 3 splits of one tile cover the context (split_spread), so that the lengths take one
+    split, three of one tile (189 tokens: 3 tiles past the window; two of two tiles without the spread)
+    or five of two (616 tokens: 10 tiles)."""
     if splits is None:
-        monkeypatch.setattr(decode_attention, "wave_splits", lambda *a: (7, 2))
+        monkeypatch.setattr(decode_attention, "wave_splits", lambda *a: (7, 4))
         monkeypatch.setattr(decode_attention, "WAVE_TILES", 2)
-        monkeypatch.setattr(decode_attention, "SPLIT_MIN_TOKENS", 64)
+        monkeypatch.setattr(decode_attention, "SPLIT_MIN_TOKENS", 128)
+        monkeypatch.setattr(decode_attention, "split_spread", lambda *a: 3)
     lens = [1, 17, bs - 1, bs + 1, 3 * bs - 3, 9 * bs + 40]
     view, kd, vd = build_cache(kt, vt, lens, heads=h, d=d, sinks=sinks, window=window, block_size=bs,
                                dtype=torch.float32, device=DEV, seed=d + g + bs)
@@ -558,10 +564,10 @@ def test_programmatic_launch_same_result(kind, d, h, g, kernel, monkeypatch):
 
 @triton.jit
 def _split_bounds_kernel(lens_ptr, out_ptr, sinks, window, N: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT,
-                         MIN_TILES: tl.constexpr, FILL, WAVE_TILES: tl.constexpr):
+                         MIN_TILES: tl.constexpr, FILL, WAVE_TILES: tl.constexpr, SPREAD):
     i = tl.arange(0, N)
     c_end, lo, hi, per, n_act = decode_bounds.split_bounds(tl.load(lens_ptr + i), sinks, window, BLOCK_N,
-                                                           NSPLIT, MIN_TILES, FILL, WAVE_TILES)
+                                                           NSPLIT, MIN_TILES, FILL, WAVE_TILES, SPREAD)
     tl.store(out_ptr + i * 5, c_end)
     tl.store(out_ptr + i * 5 + 1, lo + i * 0)
     tl.store(out_ptr + i * 5 + 2, hi)
@@ -574,24 +580,27 @@ def _split_bounds_kernel(lens_ptr, out_ptr, sinks, window, N: tl.constexpr, BLOC
     (32, 7, 3, 7, 0), (16, 43, 1, 6, 5), (64, 25, 4, 3, 2), (16, 40, 2, 40, 3), (32, 13, 1, 1, 9),
     (16, 13, 1, 4, 5)])  # the last: one wave, more waves, then the even split over the grid (FILL < NSPLIT)
 @pytest.mark.parametrize("sinks,window", [(0, 0), (4, 32), (70, 20)])
-def test_split_bounds_cover_every_tile_once(block_n, nsplit, min_tiles, fill, wave, sinks, window):
+@pytest.mark.parametrize("spread", [1, 5])
+def test_split_bounds_cover_every_tile_once(block_n, nsplit, min_tiles, fill, wave, sinks, window, spread):
     """split_bounds (kernels/decode_bounds.py), which every split kernel and the merge call:
-    the first n_act <= NSPLIT splits take at least MIN_TILES tiles each (the last what is left) and cover
-    the compressed tiles exactly once, the rest none; no tiles, no split; MIN_TILES 1 is the even split.
-    With WAVE_TILES (the Gluon kernel's wave_splits): FILL splits while a split stays within WAVE_TILES
-    tiles, splits of WAVE_TILES tiles past that, the even split over NSPLIT once those would be more."""
+    the first n_act <= NSPLIT splits take at least MIN_TILES tiles each (the last what is left), or fewer
+    where SPREAD splits of fewer cover the tiles, and cover the compressed tiles exactly once, the rest
+    none; no tiles, no split; MIN_TILES 1 is the even split. With WAVE_TILES (the Gluon kernel's
+    wave_splits): FILL splits while a split stays within WAVE_TILES tiles, splits of WAVE_TILES tiles past
+    that, the even split over NSPLIT once those would be more."""
     lens = torch.arange(0, 2048, 4, dtype=torch.int32, device=DEV)  # 512: a power of two for tl.arange
     out = torch.full((lens.numel(), 5), -7, dtype=torch.int32, device=DEV)
     _split_bounds_kernel[(1,)](lens, out, sinks, window, N=lens.numel(), BLOCK_N=block_n, NSPLIT=nsplit, FILL=fill,
-                               MIN_TILES=min_tiles, WAVE_TILES=wave)
+                               MIN_TILES=min_tiles, WAVE_TILES=wave, SPREAD=spread)
     for length, (c_end, lo, hi, per, n_act) in zip(lens.tolist(), out.tolist()):
         assert c_end == (length - window if window else length)
         assert lo == sinks // block_n and hi == (max(lo, -(-c_end // block_n)) if c_end > sinks else lo)
         tiles = hi - lo
-        want = max(-(-tiles // nsplit), min_tiles)
+        floor = min(min_tiles, max(1, -(-tiles // spread)))  # fewer tiles where SPREAD splits cover them
+        want = max(-(-tiles // nsplit), floor)
         if wave:
             want = max(want, min(-(-tiles // fill), wave))
-        assert per >= min_tiles and per == want
+        assert per >= floor and per == want and (per >= min_tiles or -(-tiles // per) <= spread)
         if wave and tiles <= fill * wave:  # one wave: at most FILL splits
             assert n_act <= fill
         elif wave and tiles <= nsplit * wave and min_tiles <= wave:  # more waves of WAVE_TILES-tile splits

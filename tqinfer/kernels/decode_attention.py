@@ -558,14 +558,14 @@ def hot_attention(q, m_i, l_i, acc, k_hot, v_hot, hot_base, s_hh, s_hs, L, sinks
     return m_i, l_i, acc
 
 
-@triton.jit(do_not_specialize=["NSPLIT", "FILL"])
+@triton.jit(do_not_specialize=["NSPLIT", "FILL", "SPREAD"])
 def _decode_merge_kernel(
     q_ptr, k_ptr, v_ptr, prefix_ptr, ws_m, ws_l, ws_acc, rot_v, qjl_rot, out_ptr,
     sinks, window, s_qt, s_qh, s_kt, s_kh, s_ot, s_oh,
     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT,
     SB: tl.constexpr, NHOT: tl.constexpr, HP: tl.constexpr, CJ: tl.constexpr,
     V_ROTATED: tl.constexpr, DVQ: tl.constexpr, PDL: tl.constexpr = False, MIN_TILES: tl.constexpr = 1, FILL=1,
-    WAVE_TILES: tl.constexpr = 0,
+    WAVE_TILES: tl.constexpr = 0, SPREAD=1,
 ):
     """One program per query head: a log-sum-exp reduction over the splits with work (online, SB at a
     time), un-rotation in column chunks of CJ, the hot chunks and the new token added in the original
@@ -578,7 +578,7 @@ def _decode_merge_kernel(
     d = tl.arange(0, D)
     RW: tl.constexpr = D + DVQ
     L = tl.load(prefix_ptr + b)
-    n_act = split_bounds(L, sinks, window, BLOCK_N, NSPLIT, MIN_TILES, FILL, WAVE_TILES)[4]
+    n_act = split_bounds(L, sinks, window, BLOCK_N, NSPLIT, MIN_TILES, FILL, WAVE_TILES, SPREAD)[4]
     base = (b * H + h) * (NSPLIT + NHOT)
     k_new = tl.load(k_ptr + b * s_kt + h * s_kh + d).to(tl.float32)
     if PDL:  # launched while the split kernel ran: the queries and the workspace read after it completes
@@ -974,6 +974,13 @@ def wave_splits(batch: int, kv_heads: int, block_n: int = 64, sms: int = 132,
     return max(_whole_waves(progs, slots, fill, most)), fill
 
 
+def split_spread(batch: int, kv_heads: int, sms: int = 132) -> int:
+    """Splits of one (sequence, KV head) that one program a multiprocessor allows (decode_bounds.split_bounds'
+    SPREAD): a context whose splits of fewer than SPLIT_MIN_TOKENS tokens still number at most this many
+    takes the smaller ones, so that a short context spreads over the idle multiprocessors."""
+    return max(1, sms // (batch * kv_heads))
+
+
 def wave_programs(batch: int, kv_heads: int, sms: int = 132, per_sm: int | None = None) -> int:
     """Programs of each (sequence, KV head) in one wave of the resident ones (per_sm on each of `sms`
     multiprocessors, 4 before the occupancy is known): where a sequence's splits with work and its hot
@@ -1078,9 +1085,10 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
     wave_tiles = WAVE_TILES if gluon and not num_splits else 0
     if wave_tiles:
         nsplit, fill = wave_splits(bsz, h, block_n, sms or 132, _RESIDENT.get(config))
+        spread = split_spread(bsz, h, sms or 132)
     else:
         nsplit = num_splits or default_splits(bsz, h, sms or 132, _RESIDENT.get(config))
-        fill = 1  # unused without WAVE_TILES
+        fill, spread = 1, 1  # unused without WAVE_TILES; splits of MIN_TILES tiles at least
     wave = wave_programs(bsz, h, sms or 132, _RESIDENT.get(config))
     pdl = programmatic_launch(q.device)
     min_tiles = max(1, SPLIT_MIN_TOKENS // block_n) if gluon else 1
@@ -1099,7 +1107,7 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
             qk, view.k_pool, view.v_pool, gluon_table(k_lay), gluon_table(v_lay), bt, prefix_lens,
             ws_m, ws_l, ws_acc, qs, k_hot, v_hot, seq_slot,
             view.sinks, view.window, bt.stride(0), qk.stride(0), qk.stride(1), qs.stride(0), qs.stride(1), *hs,
-            0, nsplit, fill, wave, H=h, G=g, D=d, BS=bs, NHOT=nhot, BLOCK_H=hot_block, **gargs, NW=GLUON_WARPS,
+            0, nsplit, fill, wave, spread, H=h, G=g, D=d, BS=bs, NHOT=nhot, BLOCK_H=hot_block, **gargs, NW=GLUON_WARPS,
             PREFETCH=GLUON_PREFETCH, PDL=pdl, MIN_TILES=min_tiles, WAVE_TILES=wave_tiles, SAME_TABLES=same,
             PIPELINE=pipeline,
             num_warps=GLUON_WARPS,
@@ -1129,7 +1137,7 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
         H=h, G=g, D=d, BLOCK_N=block_n, NSPLIT=nsplit, SB=min(sp, chunk), NHOT=nhot,
         HP=triton.next_power_of_2(max(nhot, 1)), CJ=min(d, chunk) if v_lay is not None else d,
         V_ROTATED=v_lay is not None, DVQ=dvq, PDL=pdl, MIN_TILES=min_tiles, FILL=fill, WAVE_TILES=wave_tiles,
-        num_warps=MERGE_WARPS, launch_pdl=pdl)
+        SPREAD=spread, num_warps=MERGE_WARPS, launch_pdl=pdl)
     return out
 
 
@@ -1145,7 +1153,12 @@ DECODE_PDL = None
 # splits (the rest exit at once; the merge reads as many). H200, PDL on, 14:36-14:38: tq3.5 8B B1 8k 32.4
 # (64) / 30.4 (256) / 33.6 us (512), 135M 4k 17.3 / 17.3 / 20.7, 32k 21.3 / 21.5 / 22.8; 8B 32k and 128k
 # within 0.2 us. Not for the Triton kernel: bf16 pages 135M 4k 16.8 with it against 12.0 without, 8B 8k
-# 26.0 against 22.7 (14:50)
+# 26.0 against 22.7 (14:50). Where splits of fewer tiles still number at most split_spread's count (one
+# program a multiprocessor), a short context takes them (2026-12-01 10:02 UTC, graph replay, same process,
+# tq3.5 / tq4, without -> with: 135M shape B1 1k 15.0 -> 13.0 / 15.1 -> 12.7 us, 2k 14.9 -> 13.1 / 14.9 ->
+# 12.8, 4k 15.1 -> 13.8 / 15.2 -> 13.8, 8k 15.2 -> 14.9 / 15.3 -> 14.8; 8B B1 2k 19.3 -> 18.3 / 19.6 -> 18.5;
+# 8B 4k to 128k, B8 32k and 135M 32k within 0.2 us: their splits unchanged). A lower floor everywhere
+# was slower (09:55: 128 tokens 8B B1 8k 23.0 -> 26.3, 4k 20.0 -> 20.6)
 SPLIT_MIN_TOKENS = 256
 # the Gluon kernel's splits by context length (wave_splits; 0: the even split over default_splits' count).
 # H200, graph replay, tq3.5 / tq4, even splits of the count given (.bench/w/s13_splits.py, 2026-11-30 16:20

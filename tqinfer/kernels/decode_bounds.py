@@ -8,16 +8,19 @@ import triton.language as tl
 
 @triton.jit
 def split_bounds(L, sinks, window, BLOCK_N: tl.constexpr, NSPLIT, MIN_TILES: tl.constexpr, FILL,
-                 WAVE_TILES: tl.constexpr):
+                 WAVE_TILES: tl.constexpr, SPREAD=1):
     """For a prefix of L tokens: the end of the compressed tokens, the first tile, the tile bound, tiles
     per split and the number of splits with work (the first n_act <= NSPLIT; the rest are empty). A
-    split takes at least MIN_TILES tiles and, with WAVE_TILES > 0, at least min(WAVE_TILES, tiles / FILL):
-    FILL splits a sequence while that fills one wave of the GPU, more splits of WAVE_TILES tiles (up to
-    NSPLIT) past it. WAVE_TILES 0: the even split over NSPLIT (FILL unused)."""
+    split takes at least MIN_TILES tiles, or fewer (at least one) where that many splits still number at
+    most SPREAD (the splits of a sequence that one program a multiprocessor allows: short contexts spread
+    over the idle ones), and, with WAVE_TILES > 0, at least min(WAVE_TILES, tiles / FILL): FILL splits a
+    sequence while that fills one wave of the GPU, more splits of WAVE_TILES tiles (up to NSPLIT) past
+    it. WAVE_TILES 0: the even split over NSPLIT (FILL unused). SPREAD 1: MIN_TILES tiles at least."""
     c_end = tl.where(window > 0, L - window, L)
     lo = sinks // BLOCK_N
     hi = tl.where(c_end > sinks, (c_end + BLOCK_N - 1) // BLOCK_N, lo)
-    per = tl.maximum((hi - lo + NSPLIT - 1) // NSPLIT, MIN_TILES)
+    floor = tl.minimum(tl.maximum((hi - lo + SPREAD - 1) // SPREAD, 1), MIN_TILES)
+    per = tl.maximum((hi - lo + NSPLIT - 1) // NSPLIT, floor)
     if WAVE_TILES > 0:
         per = tl.maximum(per, tl.minimum((hi - lo + FILL - 1) // FILL, WAVE_TILES))
     n_act = (hi - lo + per - 1) // per

@@ -558,10 +558,10 @@ def _slice_update(st, v_base, sn, tmask, m_i, l_t, acc_a, acc_b, vta, vtb, REC_V
     return m_new, l_t * al + p, acc_a, acc_b
 
 
-@gluon.jit(do_not_specialize=["WAVE"])  # a run-time bound: one compile whatever its value
+@gluon.jit(do_not_specialize=["WAVE", "SPREAD"])  # run-time bounds: one compile whatever their values
 def _decode_split_gluon(
     q_ptr, k_pool, v_pool, lut_k, lut_v, bt_ptr, prefix_ptr, ws_m, ws_l, ws_acc, qs_ptr, k_hot, v_hot, slot_ptr,
-    sinks, window, s_bt, s_qb, s_qh, s_qsb, s_qsh, s_hb, s_hh, s_hs, zero, NSPLIT, FILL, WAVE,
+    sinks, window, s_bt, s_qb, s_qh, s_qsb, s_qsh, s_hb, s_hh, s_hs, zero, NSPLIT, FILL, WAVE, SPREAD,
     H: gl.constexpr, G: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, NHOT: gl.constexpr, BLOCK_H: gl.constexpr,
     REC_K: gl.constexpr, KA_DP: gl.constexpr, KA_BT: gl.constexpr, KA_PL: gl.constexpr, KA_SC: gl.constexpr,
     KB_DP: gl.constexpr, KB_BT: gl.constexpr, KB_PL: gl.constexpr, KB_SC: gl.constexpr,
@@ -583,7 +583,7 @@ def _decode_split_gluon(
     8; SAME_TABLES: the value parts' are the key parts', read from lut_k at the same per-thread
     addresses, so ptxas keeps one copy), loaded before the wait. q_ptr: the rotated queries (fp16, log2
     units, channel order); qs_ptr: the scaled queries (fp32, original space) for the hot tokens. Split
-    sizes: decode_bounds.split_bounds (MIN_TILES, FILL, WAVE_TILES); a split without work but the first
+    sizes: decode_bounds.split_bounds (MIN_TILES, FILL, WAVE_TILES, SPREAD); a split without work but the first
     returns at once (it writes nothing: the merge reads the first n_act). PDL: launched while the query
     kernel runs (griddepcontrol), so nothing it wrote is read before the wait; split 0 of every
     (sequence, head) waits even without work, so that the split grid ends after the query kernel and the
@@ -601,7 +601,8 @@ def _decode_split_gluon(
     b = gl.program_id(0)
     h = gl.program_id(1)
     L = gl.load(prefix_ptr + b)
-    c_end, lo_t, hi_t, per, n_act = split_bounds(L, sinks, window, BLOCK_N, NSPLIT, MIN_TILES, FILL, WAVE_TILES)
+    c_end, lo_t, hi_t, per, n_act = split_bounds(L, sinks, window, BLOCK_N, NSPLIT, MIN_TILES, FILL, WAVE_TILES,
+                                                 SPREAD)
     s = gl.program_id(2)
     if n_act + NHOT <= WAVE:  # all in one wave: the hot-token programs first (dispatched first), else last
         s = (s + NSPLIT) % (NSPLIT + NHOT)
