@@ -572,8 +572,8 @@ def _decode_merge_kernel(
     space. The workspace loads of the first SB splits, the hot chunks' (their accumulators too where one
     column chunk covers D) and the query issue together, and under PDL the rotation is prefetched to L2
     before the wait (H200, tq3.5, graph replay: the merge's share of the call 4.5-4.8 -> 3.4-4.3 us; the
-    hot accumulators with the rest, 2026-12-01 10:21 UTC: 8B B1 8k tq4 24.0 -> 23.6 us, 135M 4k 13.6 ->
-    13.3, 128k 86.4 -> 86.1)."""
+    hot accumulators with the rest, 2026-12-01 10:21 UTC, tq3.5 / tq4: 8B B1 8k 22.8 -> 22.7 / 24.0 ->
+    23.6 us, 128k 86.4 -> 86.1 / 91.8 -> 91.3, 135M 4k 13.6 -> 13.3 / 13.5 -> 13.3)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     g = tl.program_id(2)
@@ -1165,8 +1165,8 @@ DECODE_PDL = None
 # program a multiprocessor), a short context takes them (2026-12-01 10:02 UTC, graph replay, same process,
 # tq3.5 / tq4, without -> with: 135M shape B1 1k 15.0 -> 13.0 / 15.1 -> 12.7 us, 2k 14.9 -> 13.1 / 14.9 ->
 # 12.8, 4k 15.1 -> 13.8 / 15.2 -> 13.8, 8k 15.2 -> 14.9 / 15.3 -> 14.8; 8B B1 2k 19.3 -> 18.3 / 19.6 -> 18.5;
-# 8B 4k to 128k, B8 32k and 135M 32k within 0.2 us: their splits unchanged). A lower floor everywhere
-# was slower (09:55: 128 tokens 8B B1 8k 23.0 -> 26.3, 4k 20.0 -> 20.6)
+# 8B 4k to 128k, B8 32k and 135M 32k within 0.3 us: their splits unchanged). A lower floor for every
+# shape slowed the 8B shape (09:55: 128 tokens 8B B1 8k 23.0 -> 26.3, 4k 20.0 -> 20.6)
 SPLIT_MIN_TOKENS = 256
 # the Gluon kernel's splits by context length (wave_splits; 0: the even split over default_splits' count).
 # H200, graph replay, tq3.5 / tq4, even splits of the count given (.bench/w/s13_splits.py, 2026-11-30 16:20
