@@ -72,10 +72,10 @@ PATCHES = {
         ("    _store_part(gl.sum(acc_a * wo, 0),", "    gl.store(tr + 7, _now(b))\n    _store_part(gl.sum(acc_a * wo, 0),"),
         ("        _store_part(gl.sum(acc_b * wo, 0), ws_acc + ws * G * D, D, g_real, VA_DP, VB_DP, NW)\n",
          "        _store_part(gl.sum(acc_b * wo, 0), ws_acc + ws * G * D, D, g_real, VA_DP, VB_DP, NW)\n"
-         "    gl.store(tr + 3, _now(b))\n" + _NOW_GLUON),
+         "    gl.store(tr + 3, _now(b))\n"),
     ],
     "kernels/decode_attention.py": [
-        ("    WAVE_TILES: tl.constexpr = 0, SPREAD=1,\n):", "    WAVE_TILES: tl.constexpr = 0, SPREAD=1, trace=None,\n):"),
+        ("SPREAD=1, HOT_EARLY: tl.constexpr = False,\n):", "SPREAD=1, HOT_EARLY: tl.constexpr = False, trace=None,\n):"),
         ("    g = tl.program_id(2)\n    d = tl.arange(0, D)\n",
          "    g = tl.program_id(2)\n    tr = trace + ((b * H + h) * G + g) * 8\n    tl.store(tr, _tnow(b))\n"
          "    d = tl.arange(0, D)\n"),
@@ -96,10 +96,11 @@ PATCHES = {
          "d[None, :], x.to(qk_ptr.dtype.element_ty), mask=gm)\n    tl.store(tr + 3, _tnow(b))\n"),
         ("ROTATE=k_layout is not None, PDL=pdl)", "ROTATE=k_layout is not None, PDL=pdl, trace=TRACE['query'])"),
         ("            0, nsplit, fill, wave, spread, H=h,", "            0, nsplit, fill, wave, spread, TRACE['split'], H=h,"),
-        ("        SPREAD=spread, num_warps=MERGE_WARPS,", "        SPREAD=spread, trace=TRACE['merge'], num_warps=MERGE_WARPS,"),
+        ("        SPREAD=spread, HOT_EARLY=", "        SPREAD=spread, trace=TRACE['merge'], HOT_EARLY="),
     ],
 }
-APPEND = {"kernels/decode_attention.py": _NOW_TRITON}  # at the end of the module
+APPEND = {"kernels/decode_gluon.py": _NOW_GLUON, "kernels/decode_attention.py": _NOW_TRITON}  # at the module's end
+ROWS = 1 << 20  # stamp rows a kernel's buffer holds (programs)
 
 
 def instrument(dst: str) -> str:
@@ -129,9 +130,12 @@ def _us(x, t0):
 
 def _stats(tq, ts, tm) -> dict:
     """One replay's stage times (µs from the first query program's start) from the stamp rows."""
-    t0 = min(r[0] for r in tq)
     split = [r for r in ts if r[4] == 0]
     hot = [r for r in ts if r[4] == 1]
+    if not tq or not split or not tm:
+        raise SystemExit("no stamps from the query, Gluon split or merge kernel: this cache type is not read by "
+                         "the Gluon kernel (decode_attention.gluon_reads), which alone is stamped")
+    t0 = min(r[0] for r in tq)
     col = lambda rows, i: [r[i] for r in rows]  # noqa: E731
     med = statistics.median
     out = {
@@ -154,7 +158,8 @@ def _stats(tq, ts, tm) -> dict:
 
 
 def per_sm(ts, tq) -> dict:
-    """{(split programs, hot programs) on an SM: (SMs, their median finish, the latest)} of one replay."""
+    """{(split programs with work, hot-chunk programs) on an SM: (SMs, the median and latest time its last
+    split program finished)} of one replay; SMs that ran no split with work are left out."""
     t0 = min(r[0] for r in tq)
     ends, hots = collections.defaultdict(list), collections.Counter(r[5] for r in ts if r[4] == 1)
     for r in ts:
@@ -181,14 +186,18 @@ def main() -> None:
     from tqinfer.kernels import decode_attention as da
 
     for k, v in json.loads(args.flags).items():
+        if not hasattr(da, k):
+            raise SystemExit(f"decode_attention has no attribute {k!r}")
         setattr(da, k, v)
     for name in ("split", "merge", "query"):
-        da.TRACE[name] = torch.zeros(1 << 17, dtype=torch.int64, device="cuda")
+        da.TRACE[name] = torch.zeros(ROWS * 8, dtype=torch.int64, device="cuda")
     flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
     for case in args.cases:
         shape, b, t = case.split(":")
         b, t = int(b), int(t)
         hq, h, d = ba.SHAPES[shape]
+        if b * hq * (da.MAX_SPLITS + 64) > ROWS:  # the largest grid: (B, H, splits + hot chunks); merge (B, H, G)
+            raise SystemExit(f"batch {b} is too large for {ROWS} stamp rows a kernel")
         q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16)
         kn = torch.randn(b, h, d, device="cuda", dtype=torch.bfloat16)
         cu = torch.arange(b + 1, device="cuda", dtype=torch.int32)

@@ -310,13 +310,13 @@ def test_gluon_split_kernel_matches_float64(kt, vt, d, h, g, sinks, window, spli
     """The Gluon split kernel (decode_gluon) == float64 and == the Triton split kernel on the same cache:
     ragged lengths around tile, block and window edges, empty splits, a first tile past the sinks,
     blocks of two tiles, K and V of different parts, NaN-poisoned workspaces. splits None: the default,
-    wave-sized splits, here with a grid of 7 and a fill of 4 splits of at most 2 tiles, two at least
-    unless at most 3 splits of one tile cover the context (split_spread), so that the lengths take one
-    split, three of one tile (189 tokens: 3 tiles past the window; two of two tiles without the spread)
-    or five of two (616 tokens: 10 tiles)."""
+    wave-sized splits, here with a grid of 7 and a fill of 4 splits of at most 3 tiles, two at least
+    unless at most 3 splits of one tile cover the context (split_spread), so that past the window of 20
+    the lengths take no split (no tile), one, three of one tile (189 tokens: 3 tiles; without the spread
+    two, of 2 and 1) or four of 3, 3, 3 and 1 (616 tokens: 10 tiles, the fill)."""
     if splits is None:
         monkeypatch.setattr(decode_attention, "wave_splits", lambda *a: (7, 4))
-        monkeypatch.setattr(decode_attention, "WAVE_TILES", 2)
+        monkeypatch.setattr(decode_attention, "WAVE_TILES", 3)
         monkeypatch.setattr(decode_attention, "SPLIT_MIN_TOKENS", 128)
         monkeypatch.setattr(decode_attention, "split_spread", lambda *a: 3)
     lens = [1, 17, bs - 1, bs + 1, 3 * bs - 3, 9 * bs + 40]

@@ -565,12 +565,12 @@ def _decode_merge_kernel(
     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT,
     SB: tl.constexpr, NHOT: tl.constexpr, HP: tl.constexpr, CJ: tl.constexpr,
     V_ROTATED: tl.constexpr, DVQ: tl.constexpr, PDL: tl.constexpr = False, MIN_TILES: tl.constexpr = 1, FILL=1,
-    WAVE_TILES: tl.constexpr = 0, SPREAD=1,
+    WAVE_TILES: tl.constexpr = 0, SPREAD=1, HOT_EARLY: tl.constexpr = False,
 ):
     """One program per query head: a log-sum-exp reduction over the splits with work (online, SB at a
     time), un-rotation in column chunks of CJ, the hot chunks and the new token added in the original
-    space. The workspace loads of the first SB splits, the hot chunks' (their accumulators too where one
-    column chunk covers D) and the query issue together, and under PDL the rotation is prefetched to L2
+    space. The workspace loads of the first SB splits, the hot chunks' (their accumulators too with
+    HOT_EARLY: one column chunk covers D, a small [HP, D] tile) and the query issue together, and under PDL the rotation is prefetched to L2
     before the wait (H200, tq3.5, graph replay: the merge's share of the call 4.5-4.8 -> 3.4-4.3 us; the
     hot accumulators with the rest, 2026-12-01 10:21 UTC, tq3.5 / tq4: 8B B1 8k 22.8 -> 22.7 / 24.0 ->
     23.6 us, 128k 86.4 -> 86.1 / 91.8 -> 91.3, 135M 4k 13.6 -> 13.3 / 13.5 -> 13.3)."""
@@ -596,9 +596,8 @@ def _decode_merge_kernel(
     m_h = tl.load(ws_m + (base + NSPLIT + hj) * G + g, mask=hmask, other=NEG)
     l_h = tl.load(ws_l + (base + NSPLIT + hj) * G + g, mask=hmask, other=0.0)
     hrow = ws_acc + ((base + NSPLIT + hj) * G + g) * RW
-    if NHOT > 0:
-        if CJ == D:  # one column chunk: the hot chunks' accumulators too
-            a_hot = tl.load(hrow[:, None] + d[None, :], mask=hmask[:, None], other=0.0)
+    if HOT_EARLY:  # one column chunk (CJ == D) and a small [HP, D] tile: the hot chunks' accumulators too
+        a_hot = tl.load(hrow[:, None] + d[None, :], mask=hmask[:, None], other=0.0)
     mx = tl.full([], NEG, tl.float32)
     l_i = tl.zeros([], dtype=tl.float32)
     acc = tl.zeros([D], dtype=tl.float32)
@@ -642,7 +641,7 @@ def _decode_merge_kernel(
         else:
             o = acc
         if NHOT > 0:
-            if CJ == D:
+            if HOT_EARLY:
                 a_h = a_hot
             else:
                 a_h = tl.load(hrow[:, None] + j[None, :], mask=hmask[:, None], other=0.0)
@@ -985,7 +984,8 @@ def wave_splits(batch: int, kv_heads: int, block_n: int = 64, sms: int = 132,
 def split_spread(batch: int, kv_heads: int, sms: int = 132) -> int:
     """Splits of one (sequence, KV head) that one program a multiprocessor allows (decode_bounds.split_bounds'
     SPREAD): a context whose splits of fewer than SPLIT_MIN_TOKENS tokens still number at most this many
-    takes the smaller ones, so that a short context spreads over the idle multiprocessors."""
+    takes the smaller ones, so that a short context spreads over the idle multiprocessors. A heuristic:
+    the hot-token chunks' programs are not counted (measured: docs/BENCHMARKS.md, 2026-12-01)."""
     return max(1, sms // (batch * kv_heads))
 
 
@@ -1138,14 +1138,16 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
     qjl_rot = _qjl_unrotation(v_lay) if dvq else ws_m
     sp = triton.next_power_of_2(max(nsplit, MAX_SPLITS))  # fixed: one merge compile whatever the count
     chunk = max(16, (MERGE_TILE_QJL if dvq else MERGE_TILE) // d)  # elements of an [SB, D] / [D, CJ] tile
+    hp = triton.next_power_of_2(max(nhot, 1))
+    cj = min(d, chunk) if v_lay is not None else d
     _decode_merge_kernel[(bsz, h, g)](
         qs, k, v, prefix_lens, ws_m, ws_l, ws_acc, rot_v, qjl_rot, out,
         view.sinks, view.window, qs.stride(0), qs.stride(1), k.stride(0), k.stride(1),
         out.stride(0), out.stride(1),
-        H=h, G=g, D=d, BLOCK_N=block_n, NSPLIT=nsplit, SB=min(sp, chunk), NHOT=nhot,
-        HP=triton.next_power_of_2(max(nhot, 1)), CJ=min(d, chunk) if v_lay is not None else d,
+        H=h, G=g, D=d, BLOCK_N=block_n, NSPLIT=nsplit, SB=min(sp, chunk), NHOT=nhot, HP=hp, CJ=cj,
         V_ROTATED=v_lay is not None, DVQ=dvq, PDL=pdl, MIN_TILES=min_tiles, FILL=fill, WAVE_TILES=wave_tiles,
-        SPREAD=spread, num_warps=MERGE_WARPS, launch_pdl=pdl)
+        SPREAD=spread, HOT_EARLY=cj == d and nhot > 0 and hp * d <= MERGE_HOT_TILE, num_warps=MERGE_WARPS,
+        launch_pdl=pdl)
     return out
 
 
@@ -1312,4 +1314,8 @@ HOT_TILE = 2048  # [tokens, d] elements of hot K (and V) per program: 32 tokens 
 MERGE_TILE = 16384
 MERGE_TILE_QJL = 4096  # values with a QJL part: a second [DVQ, CJ] tile; at 16384 ptxas spills (2760 B at d 128)
 MERGE_WARPS = 4
+# the merge loads the hot chunks' accumulators with the split workspace's where they fit this many elements
+# ([HP, D]; the default window's at d 128: 16 x 128): larger tiles stay live through the reduction (a 2044-token
+# window at d 128: 255 registers and a spill)
+MERGE_HOT_TILE = 2048
 QUERY_TILE = 4096  # fp32 elements of a program's [G, CJ, d] product tile of the query rotation

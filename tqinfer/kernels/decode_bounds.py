@@ -11,11 +11,12 @@ def split_bounds(L, sinks, window, BLOCK_N: tl.constexpr, NSPLIT, MIN_TILES: tl.
                  WAVE_TILES: tl.constexpr, SPREAD=1):
     """For a prefix of L tokens: the end of the compressed tokens, the first tile, the tile bound, tiles
     per split and the number of splits with work (the first n_act <= NSPLIT; the rest are empty). A
-    split takes at least MIN_TILES tiles, or fewer (at least one) where that many splits still number at
-    most SPREAD (the splits of a sequence that one program a multiprocessor allows: short contexts spread
-    over the idle ones), and, with WAVE_TILES > 0, at least min(WAVE_TILES, tiles / FILL): FILL splits a
-    sequence while that fills one wave of the GPU, more splits of WAVE_TILES tiles (up to NSPLIT) past
-    it. WAVE_TILES 0: the even split over NSPLIT (FILL unused). SPREAD 1: MIN_TILES tiles at least."""
+    split takes at least min(MIN_TILES, max(1, tiles / SPREAD)) tiles (rounded up): MIN_TILES, or fewer
+    where SPREAD splits of fewer cover the tiles (SPREAD: the splits of a sequence that one program a
+    multiprocessor allows, so that short contexts spread over the idle ones; 1: MIN_TILES, or all the
+    tiles where there are fewer), and, with WAVE_TILES > 0, at least min(WAVE_TILES, tiles / FILL): FILL
+    splits a sequence while that fills one wave of the GPU, more splits of WAVE_TILES tiles (up to NSPLIT)
+    past it. WAVE_TILES 0: the even split over NSPLIT (FILL unused)."""
     c_end = tl.where(window > 0, L - window, L)
     lo = sinks // BLOCK_N
     hi = tl.where(c_end > sinks, (c_end + BLOCK_N - 1) // BLOCK_N, lo)
