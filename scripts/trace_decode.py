@@ -64,18 +64,21 @@ PATCHES = {
         ("                b = _grid_wait(b)\n            ws =",
          "                b = _grid_wait(b)\n            gl.store(tr + 1, _now(b))\n            ws ="),
         ("G, D, BLOCK_H, NW)\n            return\n",
-         "G, D, BLOCK_H, NW)\n            gl.store(tr + 3, _now(b))\n            gl.store(tr + 4, 1)\n            return\n"),
+         "G, D, BLOCK_H, NW)\n            gl.store(tr + 3, _now(b))\n            gl.store(tr + 4, 1)\n"
+         "            return\n"),
         ("        b = _grid_wait(b)\n    ws = (b * H + h)", "        b = _grid_wait(b)\n    gl.store(tr + 1, _now(b))\n"
          "    ws = (b * H + h)"),
         ("    # the warps' states merged;", "    gl.store(tr + 2, _now(b))\n    gl.store(tr + 6, t_end - t_start)\n"
          "    # the warps' states merged;"),
-        ("    _store_part(gl.sum(acc_a * wo, 0),", "    gl.store(tr + 7, _now(b))\n    _store_part(gl.sum(acc_a * wo, 0),"),
+        ("    _store_part(gl.sum(acc_a * wo, 0),",
+         "    gl.store(tr + 7, _now(b))\n    _store_part(gl.sum(acc_a * wo, 0),"),
         ("        _store_part(gl.sum(acc_b * wo, 0), ws_acc + ws * G * D, D, g_real, VA_DP, VB_DP, NW)\n",
          "        _store_part(gl.sum(acc_b * wo, 0), ws_acc + ws * G * D, D, g_real, VA_DP, VB_DP, NW)\n"
          "    gl.store(tr + 3, _now(b))\n"),
     ],
     "kernels/decode_attention.py": [
-        ("SPREAD=1, HOT_EARLY: tl.constexpr = False,\n):", "SPREAD=1, HOT_EARLY: tl.constexpr = False, trace=None,\n):"),
+        ("SPREAD=1, HOT_EARLY: tl.constexpr = False,\n):",
+         "SPREAD=1, HOT_EARLY: tl.constexpr = False, trace=None,\n):"),
         ("    g = tl.program_id(2)\n    d = tl.arange(0, D)\n",
          "    g = tl.program_id(2)\n    tr = trace + ((b * H + h) * G + g) * 8\n    tl.store(tr, _tnow(b))\n"
          "    d = tl.arange(0, D)\n"),
@@ -83,19 +86,22 @@ PATCHES = {
          "    tl.store(tr + 1, _tnow(b))\n    # every load"),
         ("    sc = tl.sum(q * k_new, axis=0)", "    tl.store(tr + 2, _tnow(b))\n    sc = tl.sum(q * k_new, axis=0)"),
         ("    o_ptr = out_ptr + b * s_ot", "    tl.store(tr + 4, _tnow(b))\n    o_ptr = out_ptr + b * s_ot"),
-        ("        else:\n            o = acc\n", "        else:\n            o = acc\n        tl.store(tr + 5, _tnow(b))\n"),
+        ("        else:\n            o = acc\n",
+         "        else:\n            o = acc\n        tl.store(tr + 5, _tnow(b))\n"),
         ("            o += tl.sum(a_h * w_h[:, None], axis=0)\n",
          "            o += tl.sum(a_h * w_h[:, None], axis=0)\n        tl.store(tr + 6, _tnow(b))\n"),
         ("        tl.store(o_ptr + j, (o / l_i).to(out_ptr.dtype.element_ty))\n",
          "        tl.store(o_ptr + j, (o / l_i).to(out_ptr.dtype.element_ty))\n    tl.store(tr + 3, _tnow(b))\n"),
-        ("ROTATE: tl.constexpr, PDL: tl.constexpr = False):", "ROTATE: tl.constexpr, PDL: tl.constexpr = False, trace=None):"),
+        ("ROTATE: tl.constexpr, PDL: tl.constexpr = False):",
+         "ROTATE: tl.constexpr, PDL: tl.constexpr = False, trace=None):"),
         ("    j0 = tl.program_id(2) * CJ\n", "    j0 = tl.program_id(2) * CJ\n"
          "    tr = trace + ((b * tl.num_programs(1) + h) * tl.num_programs(2) + tl.program_id(2)) * 8\n"
          "    tl.store(tr, _tnow(b))\n"),
         ("d[None, :], x.to(qk_ptr.dtype.element_ty), mask=gm)\n",
          "d[None, :], x.to(qk_ptr.dtype.element_ty), mask=gm)\n    tl.store(tr + 3, _tnow(b))\n"),
         ("ROTATE=k_layout is not None, PDL=pdl)", "ROTATE=k_layout is not None, PDL=pdl, trace=TRACE['query'])"),
-        ("            0, nsplit, fill, wave, spread, H=h,", "            0, nsplit, fill, wave, spread, TRACE['split'], H=h,"),
+        ("            0, nsplit, fill, wave, spread, H=h,",
+         "            0, nsplit, fill, wave, spread, TRACE['split'], H=h,"),
         ("        SPREAD=spread, HOT_EARLY=", "        SPREAD=spread, trace=TRACE['merge'], HOT_EARLY="),
     ],
 }

@@ -570,10 +570,11 @@ def _decode_merge_kernel(
     """One program per query head: a log-sum-exp reduction over the splits with work (online, SB at a
     time), un-rotation in column chunks of CJ, the hot chunks and the new token added in the original
     space. The workspace loads of the first SB splits, the hot chunks' (their accumulators too with
-    HOT_EARLY: one column chunk covers D, a small [HP, D] tile) and the query issue together, and under PDL the rotation is prefetched to L2
-    before the wait (H200, tq3.5, graph replay: the merge's share of the call 4.5-4.8 -> 3.4-4.3 us; the
-    hot accumulators with the rest, 2026-12-01 10:21 UTC, tq3.5 / tq4: 8B B1 8k 22.8 -> 22.7 / 24.0 ->
-    23.6 us, 128k 86.4 -> 86.1 / 91.8 -> 91.3, 135M 4k 13.6 -> 13.3 / 13.5 -> 13.3)."""
+    HOT_EARLY: one column chunk covers D, a small [HP, D] tile) and the query issue together, and under
+    PDL the rotation is prefetched to L2 before the wait (H200, tq3.5, graph replay: the merge's share of
+    the call 4.5-4.8 -> 3.4-4.3 us; the hot accumulators with the rest, 2026-12-01 10:21 UTC, tq3.5 / tq4:
+    8B B1 8k 22.8 -> 22.7 / 24.0 -> 23.6 us, 128k 86.4 -> 86.1 / 91.8 -> 91.3, 135M 4k 13.6 -> 13.3 /
+    13.5 -> 13.3)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     g = tl.program_id(2)
