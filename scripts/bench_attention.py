@@ -56,6 +56,19 @@ def graph_time(fn) -> float:
     return do_bench(g.replay, warmup=25, rep=150, return_mode="median") * 1e3
 
 
+def decode_case(case: str):
+    """"shape:batch:context" -> (shape, B, T, KV heads, head_dim, q, k_new, cu_q, lens): one decode step's
+    inputs over a cache of T tokens a sequence (bf16 queries and new keys, the new key also the value)."""
+    shape, b, t = case.split(":")
+    b, t = int(b), int(t)
+    hq, h, d = SHAPES[shape]
+    q = torch.randn(b, hq, d, device=DEV, dtype=torch.bfloat16)
+    kn = torch.randn(b, h, d, device=DEV, dtype=torch.bfloat16)
+    cu = torch.arange(b + 1, device=DEV, dtype=torch.int32)
+    lens = torch.full((b,), t, device=DEV, dtype=torch.int32)
+    return shape, b, t, h, d, q, kn, cu, lens
+
+
 def make_cache(kind: str, b: int, t: int, h: int, d: int, seed: int = 0):
     """A paged cache of b sequences holding t tokens each, random K/V written through write_tokens."""
     gen = torch.Generator(device=DEV).manual_seed(seed)

@@ -62,14 +62,8 @@ def main() -> None:
 
     rows = []
     for case in args.cases:
-        shape, b, t = case.split(":")
-        b, t = int(b), int(t)
-        hq, h, d = ba.SHAPES[shape]
-        q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16)
+        shape, b, t, h, d, q, kn, cu, lens = ba.decode_case(case)
         sdpa = sdpa_us(q, h, t)
-        kn = torch.randn(b, h, d, device="cuda", dtype=torch.bfloat16)
-        cu = torch.arange(b + 1, device="cuda", dtype=torch.int32)
-        lens = torch.full((b,), t, device="cuda", dtype=torch.int32)
         for kind in args.kinds:
             view = ba.make_cache(kind, b, t, h, d)
             out = torch.empty_like(q)

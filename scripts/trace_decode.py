@@ -199,15 +199,9 @@ def main() -> None:
         da.TRACE[name] = torch.zeros(ROWS * 8, dtype=torch.int64, device="cuda")
     flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
     for case in args.cases:
-        shape, b, t = case.split(":")
-        b, t = int(b), int(t)
-        hq, h, d = ba.SHAPES[shape]
-        if b * hq * (da.MAX_SPLITS + 64) > ROWS:  # the largest grid: (B, H, splits + hot chunks); merge (B, H, G)
+        shape, b, t, h, d, q, kn, cu, lens = ba.decode_case(case)
+        if q.shape[0] * q.shape[1] * (da.MAX_SPLITS + 64) > ROWS:  # the largest grid: (B, H, splits + hot)
             raise SystemExit(f"batch {b} is too large for {ROWS} stamp rows a kernel")
-        q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16)
-        kn = torch.randn(b, h, d, device="cuda", dtype=torch.bfloat16)
-        cu = torch.arange(b + 1, device="cuda", dtype=torch.int32)
-        lens = torch.full((b,), t, device="cuda", dtype=torch.int32)
         for kind in args.kinds:
             view = ba.make_cache(kind, b, t, h, d)
             out = torch.empty_like(q)
