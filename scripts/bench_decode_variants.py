@@ -9,7 +9,9 @@ the first variant's and a markdown table last.
         --variants '{}' '{"SPLIT_MIN_TOKENS": 128}' '{"decode_gluon.HOT_TOKENS": 32}'
 
 It is what docs/BENCHMARKS.md's 2026-12-01 sweeps ran as .bench/w/flags.py (same measurement), committed
-after them.
+after them. A variant takes effect where the code reads the attribute at each call: host-side settings
+(SPLIT_MIN_TOKENS, WAVE_TILES, MERGE_WARPS, decode_gluon.HOT_TOKENS, ...), not constants a kernel copied at
+import (decode_gluon.WARP_TOKENS) or results cached on a codec's layout (ASM_COLS' query permutation).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import contextlib
 import json
 import math
 import os
+import shlex
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -53,12 +56,20 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=["{}"], help="JSON objects of attribute values")
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     variants = [json.loads(v) for v in args.variants]
+    if not all(isinstance(v, dict) for v in variants):
+        p.error("each variant is a JSON object of attribute values")
     import torch
 
     import bench_attention as ba
     from bench_decode_kernels import rel_diff, sdpa_us
     from tqinfer.kernels import decode_attention as da
+
+    for variant in variants:  # every name checked before any GPU time is spent
+        with applied(da, variant):
+            pass
 
     rows = []
     for case in args.cases:
@@ -86,7 +97,7 @@ def main() -> None:
             del view
             torch.cuda.empty_cache()
     print(f"<!-- {torch.cuda.get_device_name()} · torch {torch.__version__} · "
-          f"`PYTHONPATH=. python scripts/bench_decode_variants.py {' '.join(sys.argv[1:])}` -->")
+          f"`PYTHONPATH=. python scripts/bench_decode_variants.py {shlex.join(sys.argv[1:])}` -->")
     print("| shape | B | T | type | SDPA bf16 µs | " + " | ".join(f"`{v}` µs" for v in args.variants) + " |")
     print("|" + "---|" * (5 + len(variants)))
     for shape, b, t, kind, sdpa, best, diffs in rows:

@@ -182,25 +182,33 @@ def main() -> None:
     p.add_argument("--kinds", nargs="*", default=["tq3.5"])
     p.add_argument("--cases", nargs="*", default=["llama3-8b:1:8192"], help="shape:batch:context")
     p.add_argument("--reps", type=int, default=15)
-    p.add_argument("--flags", default="{}", help="decode_attention module attributes to set, as JSON")
+    p.add_argument("--flags", default="{}", help="decode_attention settings for the run, as JSON (as a variant of "
+                   "bench_decode_variants.py: \"decode_gluon.HOT_TOKENS\" names a module it imports)")
     args = p.parse_args()
-    sys.path.insert(0, instrument(tempfile.mkdtemp(prefix="tqinfer_trace_")))
-    sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
+    if args.reps < 1:
+        p.error("--reps must be at least 1")
+    with tempfile.TemporaryDirectory(prefix="tqinfer_trace_") as tmp:
+        sys.path.insert(0, instrument(tmp))
+        sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
+        from bench_decode_variants import applied
+        from tqinfer.kernels import decode_attention as da
+
+        with applied(da, json.loads(args.flags)):
+            trace(args, da)
+
+
+def trace(args, da) -> None:
+    """Print the timeline of every case and kind (main's arguments) with the instrumented module da."""
     import torch
 
     import bench_attention as ba
-    from tqinfer.kernels import decode_attention as da
 
-    for k, v in json.loads(args.flags).items():
-        if not hasattr(da, k):
-            raise SystemExit(f"decode_attention has no attribute {k!r}")
-        setattr(da, k, v)
     for name in ("split", "merge", "query"):
         da.TRACE[name] = torch.zeros(ROWS * 8, dtype=torch.int64, device="cuda")
     flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
     for case in args.cases:
         shape, b, t, h, d, q, kn, cu, lens = ba.decode_case(case)
-        if q.shape[0] * q.shape[1] * (da.MAX_SPLITS + 64) > ROWS:  # the largest grid: (B, H, splits + hot)
+        if q.shape[0] * q.shape[1] * (da.MAX_SPLITS + 64) > ROWS:  # > the largest grid: (B, H, splits + hot)
             raise SystemExit(f"batch {b} is too large for {ROWS} stamp rows a kernel")
         for kind in args.kinds:
             view = ba.make_cache(kind, b, t, h, d)
