@@ -44,13 +44,12 @@ def sdpa_us(q: torch.Tensor, h: int, t: int) -> float:
     return ba.graph_time(lambda: F.scaled_dot_product_attention(q.unsqueeze(2), kk, vv, enable_gqa=True))
 
 
-def kernel_rows(kind: str, q: torch.Tensor, h: int, t: int) -> dict:
-    """{kernel: best µs} and the Gluon output's difference from the Triton kernel's, for one cache type."""
+def kernel_rows(kind: str, q: torch.Tensor, kn: torch.Tensor, cu: torch.Tensor, lens: torch.Tensor, h: int,
+                t: int) -> dict:
+    """{kernel: best µs} and the Gluon output's difference from the Triton kernel's, for one cache type
+    (bench_attention.decode_case's inputs)."""
     b, hq, d = q.shape
     scale = 1 / math.sqrt(d)
-    kn = torch.randn(b, h, d, device="cuda", dtype=torch.bfloat16)
-    cu = torch.arange(b + 1, device="cuda", dtype=torch.int32)
-    lens = torch.full((b,), t, device="cuda", dtype=torch.int32)
     view = ba.make_cache(kind, b, t, h, d)
     out = torch.empty_like(q)
     reads = da.gluon_reads(*da._layouts(view, q.device), d, hq // h, view.block_size, q.device)
@@ -72,11 +71,10 @@ def kernel_rows(kind: str, q: torch.Tensor, h: int, t: int) -> dict:
 
 
 def bench_case(shape: str, b: int, t: int, kinds: list[str]) -> dict:
-    hq, h, d = ba.SHAPES[shape]
-    q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16)
+    _, b, t, h, _, q, kn, cu, lens = ba.decode_case(f"{shape}:{b}:{t}")
     row = {"shape": shape, "B": b, "T": t, "sdpa": sdpa_us(q, h, t)}
     for kind in kinds:
-        row.update(kernel_rows(kind, q, h, t))
+        row.update(kernel_rows(kind, q, kn, cu, lens, h, t))
         torch.cuda.empty_cache()
     return row
 

@@ -577,8 +577,8 @@ def _decode_split_gluon(
     hot chunks come first, so that they start first (H200, 8B shape, tq3.5, graph replay, the tree before
     4a080ab with the order forced, last -> first: 8k 28.4 -> 27.0 us; past a wave they delay splits: 32k
     40.7 -> 41.9, 128k 89.0 -> 92.9). A hot-chunk program does nothing else (_hot_chunk after the wait).
-    Keys and values: one or two parts
-    (A over channels 0 .. A_DP, B after it; B_DP = 0 when absent) of BT bits (4 or 3), planes at byte PL,
+    Keys and values: one or two parts (A over channels 0 .. A_DP, B after it; B_DP = 0 when absent) of BT
+    bits (4 or 3), planes at byte PL,
     fp16 scale at byte SC of records of REC bytes; lut_k / lut_v: each part's table words (A at 0, B at
     8; SAME_TABLES: the value parts' are the key parts', read from lut_k at the same per-thread
     addresses, so ptxas keeps one copy), loaded before the wait. q_ptr: the rotated queries (fp16, log2
