@@ -77,11 +77,11 @@ PATCHES = {
          "    gl.store(tr + 3, _now(b))\n"),
     ],
     "kernels/decode_attention.py": [
-        ("SPREAD=1, HOT_EARLY: tl.constexpr = False,\n):",
-         "SPREAD=1, HOT_EARLY: tl.constexpr = False, trace=None,\n):"),
-        ("    g = tl.program_id(2)\n    d = tl.arange(0, D)\n",
-         "    g = tl.program_id(2)\n    tr = trace + ((b * H + h) * G + g) * 8\n    tl.store(tr, _tnow(b))\n"
-         "    d = tl.arange(0, D)\n"),
+        ("HOT_EARLY: tl.constexpr = False, NCS: tl.constexpr = 1,\n):",
+         "HOT_EARLY: tl.constexpr = False, NCS: tl.constexpr = 1, trace=None,\n):"),
+        ("    g = tl.program_id(2) // NCS\n",
+         "    g = tl.program_id(2) // NCS\n    tr = trace + ((b * H + h) * G * NCS + tl.program_id(2)) * 8\n"
+         "    tl.store(tr, _tnow(b))\n"),
         ("        tl.extra.cuda.gdc_wait()\n    # every load", "        tl.extra.cuda.gdc_wait()\n"
          "    tl.store(tr + 1, _tnow(b))\n    # every load"),
         ("    sc = tl.sum(q * k_new, axis=0)", "    tl.store(tr + 2, _tnow(b))\n    sc = tl.sum(q * k_new, axis=0)"),

@@ -197,6 +197,19 @@ def test_splits_fill_whole_waves():
     assert decode_attention.default_splits(1, 8, 132) == 66  # occupancy unknown: ~4 programs an SM
 
 
+def test_merge_column_programs(monkeypatch):
+    """The merge's programs per query row: up to MERGE_COLUMNS, a power of two, while rows x programs stay
+    within one a multiprocessor and each keeps 16 columns or more."""
+    monkeypatch.setattr(decode_attention, "MERGE_COLUMNS", 4)
+    mcp = decode_attention.merge_column_programs
+    assert mcp(32, 128) == 4  # 8B shape, one sequence: 128 programs on 132 SMs
+    assert mcp(64, 128) == 2 and mcp(128, 128) == 1 and mcp(256, 128) == 1  # B2, B4, B8
+    assert mcp(9, 64) == 4 and mcp(9, 32) == 2 and mcp(9, 16) == 1  # columns stay >= 16
+    assert mcp(33, 128) == 4 and mcp(34, 128) == 2 and mcp(34, 128, sms=272) == 4
+    monkeypatch.setattr(decode_attention, "MERGE_COLUMNS", 1)
+    assert mcp(1, 128) == 1
+
+
 def test_wave_splits():
     """The Gluon kernel's grid and fill (kernels/decode_attention.wave_splits): one sequence of 8 KV heads
     at 3 programs an SM fills one wave with 49 splits (the grid too: 49 splits of 48 tiles reach 150k

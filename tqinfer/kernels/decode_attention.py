@@ -565,19 +565,24 @@ def _decode_merge_kernel(
     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, NSPLIT,
     SB: tl.constexpr, NHOT: tl.constexpr, HP: tl.constexpr, CJ: tl.constexpr,
     V_ROTATED: tl.constexpr, DVQ: tl.constexpr, PDL: tl.constexpr = False, MIN_TILES: tl.constexpr = 1, FILL=1,
-    WAVE_TILES: tl.constexpr = 0, SPREAD=1, HOT_EARLY: tl.constexpr = False,
+    WAVE_TILES: tl.constexpr = 0, SPREAD=1, HOT_EARLY: tl.constexpr = False, NCS: tl.constexpr = 1,
 ):
-    """One program per query head: a log-sum-exp reduction over the splits with work (online, SB at a
-    time), un-rotation in column chunks of CJ, the hot chunks and the new token added in the original
-    space. The workspace loads of the first SB splits, the hot chunks' (their accumulators too with
-    HOT_EARLY: one column chunk covers D, a small [HP, D] tile) and the query issue together, and under
+    """NCS programs per query head, each for output columns c0 .. c0 + D / NCS: a log-sum-exp reduction over
+    the splits with work (online, SB at a time; every program reduces the whole accumulator, which each
+    output column needs), un-rotation of its columns in chunks of CJ, the hot chunks and the new token
+    added in the original space. The workspace loads of the first SB splits, the hot chunks' (their
+    accumulators too with HOT_EARLY: one column chunk covers the program's columns, a small [HP, CJ] tile)
+    and the query issue together, and under
     PDL the rotation is prefetched to L2 before the wait (H200, tq3.5, graph replay: the merge's share of
     the call 4.5-4.8 -> 3.4-4.3 us; the hot accumulators with the rest, 2026-12-01 10:21 UTC, tq3.5 / tq4:
     8B B1 8k 22.8 -> 22.7 / 24.0 -> 23.6 us, 128k 86.4 -> 86.1 / 91.8 -> 91.3, 135M 4k 13.6 -> 13.3 /
     13.5 -> 13.3)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
-    g = tl.program_id(2)
+    g = tl.program_id(2) // NCS
+    DC: tl.constexpr = D // NCS
+    c0 = (tl.program_id(2) % NCS) * DC
+    dc = c0 + tl.arange(0, DC)
     d = tl.arange(0, D)
     RW: tl.constexpr = D + DVQ
     L = tl.load(prefix_ptr + b)
@@ -586,8 +591,10 @@ def _decode_merge_kernel(
     k_new = tl.load(k_ptr + b * s_kt + h * s_kh + d).to(tl.float32)
     if PDL:  # launched while the split kernel ran: the queries and the workspace read after it completes
         if V_ROTATED:  # meanwhile the rotation (an input) fetched to L2
-            ln = tl.arange(0, D * D // 32)  # its 128-byte lines
-            tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.b32 $0, 0;", "=r,l", [rot_v + h * D * D + ln * 32],
+            LPR: tl.constexpr = (DC + 31) // 32  # 128-byte lines of this program's columns in a row
+            ln = tl.arange(0, D * LPR)
+            tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.b32 $0, 0;", "=r,l",
+                                      [rot_v + h * D * D + (ln // LPR) * D + c0 + (ln % LPR) * 32],
                                       dtype=tl.int32, is_pure=False, pack=1)
         tl.extra.cuda.gdc_wait()
     # every load that needs only the workspace issued before any of them is used: one wait for memory
@@ -597,8 +604,8 @@ def _decode_merge_kernel(
     m_h = tl.load(ws_m + (base + NSPLIT + hj) * G + g, mask=hmask, other=NEG)
     l_h = tl.load(ws_l + (base + NSPLIT + hj) * G + g, mask=hmask, other=0.0)
     hrow = ws_acc + ((base + NSPLIT + hj) * G + g) * RW
-    if HOT_EARLY:  # one column chunk (CJ == D) and a small [HP, D] tile: the hot chunks' accumulators too
-        a_hot = tl.load(hrow[:, None] + d[None, :], mask=hmask[:, None], other=0.0)
+    if HOT_EARLY:  # one column chunk (CJ == D / NCS) and a small [HP, CJ] tile: the hot chunks' accumulators too
+        a_hot = tl.load(hrow[:, None] + dc[None, :], mask=hmask[:, None], other=0.0)
     mx = tl.full([], NEG, tl.float32)
     l_i = tl.zeros([], dtype=tl.float32)
     acc = tl.zeros([D], dtype=tl.float32)
@@ -631,8 +638,8 @@ def _decode_merge_kernel(
     l_i = l_i * alpha + p_new + tl.sum(l_h * w_h, axis=0)
 
     o_ptr = out_ptr + b * s_ot + (h * G + g) * s_oh
-    for j0 in tl.static_range(0, D, CJ):
-        j = j0 + tl.arange(0, CJ)
+    for j0 in tl.static_range(0, DC, CJ):
+        j = c0 + j0 + tl.arange(0, CJ)
         if V_ROTATED:  # x = Πᵀ y, as rows: y @ Π; QJL residual of prod-type values: + y_q @ (scale S Π)
             rot = tl.load(rot_v + h * D * D + d[:, None] * D + j[None, :])
             o = tl.sum(acc[:, None] * rot, axis=0)
@@ -990,6 +997,16 @@ def split_spread(batch: int, kv_heads: int, sms: int = 132) -> int:
     return max(1, sms // (batch * kv_heads))
 
 
+def merge_column_programs(rows: int, head_dim: int, sms: int = 132) -> int:
+    """Merge programs per query row (each un-rotates head_dim / n output columns, after the reduction every
+    one of them repeats): the largest power of two up to MERGE_COLUMNS whose programs (rows of them) still
+    number at most one a multiprocessor, and whose columns stay at least 16."""
+    n = 1
+    while n < MERGE_COLUMNS and rows * n * 2 <= sms and head_dim // (n * 2) >= 16:
+        n *= 2
+    return n
+
+
 def wave_programs(batch: int, kv_heads: int, sms: int = 132, per_sm: int | None = None) -> int:
     """Programs of each (sequence, KV head) in one wave of the resident ones (per_sm on each of `sms`
     multiprocessors, 4 before the occupancy is known): where a sequence's splits with work and its hot
@@ -1140,14 +1157,16 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
     sp = triton.next_power_of_2(max(nsplit, MAX_SPLITS))  # fixed: one merge compile whatever the count
     chunk = max(16, (MERGE_TILE_QJL if dvq else MERGE_TILE) // d)  # elements of an [SB, D] / [D, CJ] tile
     hp = triton.next_power_of_2(max(nhot, 1))
-    cj = min(d, chunk) if v_lay is not None else d
-    _decode_merge_kernel[(bsz, h, g)](
+    ncs = merge_column_programs(bsz * h * g, d, sms or 132) if v_lay is not None else 1  # (unrotated: nothing to split)
+    cj = min(d // ncs, chunk) if v_lay is not None else d // ncs
+    _decode_merge_kernel[(bsz, h, g * ncs)](
         qs, k, v, prefix_lens, ws_m, ws_l, ws_acc, rot_v, qjl_rot, out,
         view.sinks, view.window, qs.stride(0), qs.stride(1), k.stride(0), k.stride(1),
         out.stride(0), out.stride(1),
         H=h, G=g, D=d, BLOCK_N=block_n, NSPLIT=nsplit, SB=min(sp, chunk), NHOT=nhot, HP=hp, CJ=cj,
         V_ROTATED=v_lay is not None, DVQ=dvq, PDL=pdl, MIN_TILES=min_tiles, FILL=fill, WAVE_TILES=wave_tiles,
-        SPREAD=spread, HOT_EARLY=cj == d and nhot > 0 and hp * d <= MERGE_HOT_TILE, num_warps=MERGE_WARPS,
+        SPREAD=spread, HOT_EARLY=cj == d // ncs and nhot > 0 and hp * cj <= MERGE_HOT_TILE, NCS=ncs,
+        num_warps=MERGE_WARPS,
         launch_pdl=pdl)
     return out
 
@@ -1315,6 +1334,13 @@ HOT_TILE = 2048  # [tokens, d] elements of hot K (and V) per program: 32 tokens 
 MERGE_TILE = 16384
 MERGE_TILE_QJL = 4096  # values with a QJL part: a second [DVQ, CJ] tile; at 16384 ptxas spills (2760 B at d 128)
 MERGE_WARPS = 4
+# most merge programs per query row (merge_column_programs; 1: one a row), each un-rotating its share of the
+# columns: the [D, D] rotation's loads were ~1.3 us of the merge at 8k (scripts/trace_decode.py). H200, graph
+# replay, same process (scripts/bench_decode_variants.py, 2026-12-01 12:33 UTC), 1 -> 4 (-> 2), tq3.5 / tq4:
+# 8B B1 8k 22.8 -> 21.9 / 23.3 -> 22.5 us (SDPA 22.1), 2k 18.0 -> 17.3 / 18.5 -> 17.7, 32k 36.4 -> 36.3 (35.8)
+# / 38.3 -> 38.1 (37.7), 128k 85.9 -> 85.5 / 91.7 -> 91.0, B2 8k (2 a row) 30.8 -> 30.1 / 31.7 -> 31.4; 135M
+# 4k and 32k within 0.1 (4 a row at 4k: 13.7 -> 13.8 / 13.7 -> 13.7)
+MERGE_COLUMNS = 4
 # the merge loads the hot chunks' accumulators with the split workspace's where they fit this many elements
 # ([HP, D]; the default window's at d 128: 16 x 128): larger tiles stay live through the reduction (a 2044-token
 # window at d 128: 255 registers and a spill)
