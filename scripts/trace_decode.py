@@ -29,7 +29,7 @@ import sys
 import tempfile
 
 # stamp slots, 8 int64 a program. split: start, after the wait, after the tile loop, end, kind (0: a split
-# with work, 1: hot tokens, 2: nothing to do), SM, tiles, after the m / l stores. merge: start, after the
+# with work, 1: hot tokens, 2: nothing to do), SM, tiles. merge: start, after the
 # wait, after the splits' reduction, end, before the un-rotation, after it, after the hot chunks. query:
 # start, end (slot 3).
 _NOW_GLUON = '''
@@ -70,11 +70,8 @@ PATCHES = {
          "    ws = (b * H + h)"),
         ("    # the warps' states merged;", "    gl.store(tr + 2, _now(b))\n    gl.store(tr + 6, t_end - t_start)\n"
          "    # the warps' states merged;"),
-        ("    _store_part(gl.sum(acc_a * wo, 0),",
-         "    gl.store(tr + 7, _now(b))\n    _store_part(gl.sum(acc_a * wo, 0),"),
-        ("        _store_part(gl.sum(acc_b * wo, 0), ws_acc + ws * G * D, D, g_real, VA_DP, VB_DP, NW)\n",
-         "        _store_part(gl.sum(acc_b * wo, 0), ws_acc + ws * G * D, D, g_real, VA_DP, VB_DP, NW)\n"
-         "    gl.store(tr + 3, _now(b))\n"),
+        ("                               g_real, D, VA_DP, VB_DP, NW)\n",
+         "                               g_real, D, VA_DP, VB_DP, NW)\n    gl.store(tr + 3, _now(b))\n"),
     ],
     "kernels/decode_attention.py": [
         ("HOT_EARLY: tl.constexpr = False, NCS: tl.constexpr = 1,\n):",
@@ -149,7 +146,6 @@ def _stats(tq, ts, tm) -> dict:
         "split start (median)": med(_us(col(split, 0), t0)), "split after wait": med(_us(col(split, 1), t0)),
         "tile loop (median)": med([(r[2] - r[1]) / 1e3 for r in split]),
         "tile loop (max)": max((r[2] - r[1]) / 1e3 for r in split),
-        "loop end to m / l stored": med([(r[7] - r[2]) / 1e3 for r in split]),
         "loop end to split end": med([(r[3] - r[2]) / 1e3 for r in split]),
         "split end (median)": med(_us(col(split, 3), t0)), "split end (max)": max(_us(col(split, 3), t0)),
         "merge after wait": min(_us(col(tm, 1), t0)), "merge splits reduced": max(_us(col(tm, 2), t0)),

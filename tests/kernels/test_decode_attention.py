@@ -370,6 +370,19 @@ def test_gluon_split_kernel_matches_float64(kt, vt, d, h, g, sinks, window, spli
 @pytest.mark.skipif(DEV != "cuda", reason="the Gluon kernel is compiled CUDA code")
 @pytest.mark.parametrize("kt,vt,d,h,g", GLUON_CASES,
                          ids=[f"{c[0]}-{c[1]}-d{c[2]}-h{c[3]}-g{c[4]}" for c in GLUON_CASES])
+def test_gluon_warps_merged_in_shared_memory_same_as_in_registers(kt, vt, d, h, g, monkeypatch):
+    """GLUON_SMEM_MERGE on and off: the split's warps merged through shared memory (_merge_warps) or by
+    reductions in registers, the same sums in another order: the same output to fp32 rounding and ==
+    float64, the workspaces NaN-poisoned (a row or part left unstored fails); lengths with splits of no
+    tile, one tile and several; groups of 1 to 8 rows, one- and two-part records."""
+    _gluon_same_under([("GLUON_SMEM_MERGE", False), ("GLUON_SMEM_MERGE", True)], kt, vt, d, h, g,
+                      [1, 40, 64 + 1, 2 * 64 + 5, 7 * 64 + 3], sinks=3, window=20, splits=3, seed=d + g + 7,
+                      monkeypatch=monkeypatch, poison=True)
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="the Gluon kernel is compiled CUDA code")
+@pytest.mark.parametrize("kt,vt,d,h,g", GLUON_CASES,
+                         ids=[f"{c[0]}-{c[1]}-d{c[2]}-h{c[3]}-g{c[4]}" for c in GLUON_CASES])
 def test_gluon_pipelined_loop_same_as_plain(kt, vt, d, h, g, monkeypatch):
     """GLUON_PIPELINE on and off: the same arithmetic in the same order (one tile's scores beside the
     previous tile's softmax and values), so the same output to fp32 rounding, and == float64; lengths that

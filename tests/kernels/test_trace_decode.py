@@ -24,7 +24,7 @@ def test_trace_patches_apply_and_parse(tmp_path):
     for rel in mod.PATCHES:
         ast.parse((tmp_path / "tqinfer" / rel).read_text())
     gluon = (tmp_path / "tqinfer" / "kernels" / "decode_gluon.py").read_text()
-    assert gluon.count("_now(b)") == 8 and "%smid" in gluon  # start, wait x2, loop, m/l, end x3
+    assert gluon.count("_now(b)") == 7 and "%smid" in gluon  # start, wait x2, loop, end x3
     assert gluon.rstrip().endswith(mod._NOW_GLUON.rstrip())  # the timer helpers after the kernel, not inside it
     merge = (tmp_path / "tqinfer" / "kernels" / "decode_attention.py").read_text()
     assert merge.count("_tnow(b)") == 9 and "TRACE['split']" in merge and "TRACE['query']" in merge
@@ -34,9 +34,9 @@ def test_trace_statistics():
     """_stats / per_sm on made-up stamps (ns): two split programs on SM 3, a hot chunk on SM 3, a split on SM 5,
     an empty split; the query from 1000 to 3000 ns, the merge waiting until 9000."""
     mod = _tool()
-    #       start  wait   loop   end   kind sm tiles m/l
-    split = [[1800, 3200, 6200, 7000, 0, 3, 4, 6500], [1800, 3200, 5200, 6000, 0, 3, 4, 5500],
-             [2000, 3400, 7400, 8400, 0, 5, 4, 7900], [1900, 0, 0, 2100, 2, 5, 0, 0],
+    #       start  wait   loop   end   kind sm tiles (unused)
+    split = [[1800, 3200, 6200, 7000, 0, 3, 4, 0], [1800, 3200, 5200, 6000, 0, 3, 4, 0],
+             [2000, 3400, 7400, 8400, 0, 5, 4, 0], [1900, 0, 0, 2100, 2, 5, 0, 0],
              [1700, 3100, 0, 4100, 1, 3, 0, 0]]
     query = [[1000, 0, 0, 3000, 0, 0, 0, 0], [1200, 0, 0, 2800, 0, 0, 0, 0]]
     merge = [[2500, 9000, 10500, 13000, 10700, 11700, 12200, 0]]

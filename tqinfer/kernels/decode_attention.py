@@ -1106,7 +1106,7 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
         same = GLUON_SAME_TABLES and gluon_same_tables(k_lay, v_lay) and not two_part_64
         pipeline = two_part_64 if GLUON_PIPELINE is None else GLUON_PIPELINE
         config = ("gluon", tuple(gargs.items()), h, d, g, bs, nhot, k_hot.dtype, cap, GLUON_PREFETCH, same, pipeline,
-                  q.device)
+                  GLUON_SMEM_MERGE, q.device)
         block_n = decode_gluon.WARP_TOKENS * GLUON_WARPS
     wave_tiles = WAVE_TILES if gluon and not num_splits else 0
     if wave_tiles:
@@ -1135,7 +1135,7 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
             view.sinks, view.window, bt.stride(0), qk.stride(0), qk.stride(1), qs.stride(0), qs.stride(1), *hs,
             0, nsplit, fill, wave, spread, H=h, G=g, D=d, BS=bs, NHOT=nhot, BLOCK_H=hot_block, **gargs, NW=GLUON_WARPS,
             PREFETCH=GLUON_PREFETCH, PDL=pdl, MIN_TILES=min_tiles, WAVE_TILES=wave_tiles, SAME_TABLES=same,
-            PIPELINE=pipeline,
+            PIPELINE=pipeline, SMEM_MERGE=GLUON_SMEM_MERGE,
             num_warps=GLUON_WARPS,
             launch_pdl=pdl, **regs)
         num_warps = GLUON_WARPS
@@ -1214,6 +1214,12 @@ def programmatic_launch(device: torch.device) -> bool:
     return _capability(device) >= (9, 0)
 
 
+# the Gluon split kernel merges its warps' states through shared memory, one barrier (decode_gluon._merge_warps;
+# False: cross-warp reductions in registers, 15 barriers at tq3.5 d 128). H200, graph replay, same process
+# (scripts/bench_decode_variants.py, 2026-12-01 12:46 UTC), False -> True, tq3.5 / tq4: 8B B1 8k 21.7 -> 19.6 /
+# 22.6 -> 20.5 us (SDPA 22.1), 128k 85.2 -> 82.8 / 90.7 -> 86.3, B8 32k 161.1 -> 167.5 / 167.9 -> 161.1 (tq3.5
+# slower, not explained), 135M 4k 13.4 -> 12.2 / 13.8 -> 12.8
+GLUON_SMEM_MERGE = True
 GLUON_WARPS = 4  # warps of the Gluon split kernel: 16 tokens each of a 64-token tile
 GLUON_SAME_TABLES = True  # a variant switch: False loads the value tables even where they are the keys'
 # each tile's scores computed beside the previous tile's softmax and values (two independent chains for the
