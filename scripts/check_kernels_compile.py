@@ -76,16 +76,21 @@ def catch(module, names: list[str], call) -> list:
     return calls
 
 
+def with_setting(name: str, value, call):
+    """call() (its result returned) with decode_attention's attribute `name` set to `value`."""
+    def run():
+        old = getattr(decode_attention, name)
+        setattr(decode_attention, name, value)
+        try:
+            return call()
+        finally:
+            setattr(decode_attention, name, old)
+    return run
+
+
 def with_pdl(call):
     """call() with decode attention's programmatic dependent launches on, as on an H200 (the CPU has none)."""
-    def run():
-        pdl = decode_attention.DECODE_PDL
-        decode_attention.DECODE_PDL = True
-        try:
-            call()
-        finally:
-            decode_attention.DECODE_PDL = pdl
-    return run
+    return with_setting("DECODE_PDL", True, call)
 
 
 def as_on_cuda(call):
@@ -185,6 +190,9 @@ def cases(quick: bool):
                 for gg in (g, 8) if d == 128 else (g,):  # and 8 query heads a group: the most registers
                     yield (f"decode gluon {kind} d{d} g{gg}", None, None,
                            lambda gg=gg, view=view, h=h, d=d: gluon_decode_launches(view, h, gg, d))
+                yield (f"decode gluon {kind} d{d} g{g} warps merged in registers", None, None,  # a variant switch
+                       with_setting("GLUON_SMEM_MERGE", False,
+                                    lambda view=view, h=h, d=d, g=g: gluon_decode_launches(view, h, g, d)))
             if kind != "bf16":
                 yield (f"decode pairs {kind} d{d}", decode_attention,
                        ["_decode_split_kernel", "_decode_merge_kernel", "_decode_queries_kernel"],

@@ -29,9 +29,9 @@ import sys
 import tempfile
 
 # stamp slots, 8 int64 a program. split: start, after the wait, after the tile loop, end, kind (0: a split
-# with work, 1: hot tokens, 2: nothing to do), SM, tiles. merge: start, after the
-# wait, after the splits' reduction, end, before the un-rotation, after it, after the hot chunks. query:
-# start, end (slot 3).
+# with work, 1: hot tokens, 2: nothing to do), SM, tiles. merge (each column program): start, after the wait,
+# after the splits' reduction, end, before the un-rotation, after it, after the hot chunks. query: start, end
+# (slot 3).
 _NOW_GLUON = '''
 
 @gluon.jit

@@ -88,10 +88,14 @@ def test_decode_split_counts(splits):
     assert rel_err(out, ref) < 2e-3
 
 
-def test_decode_merge_over_split_chunks():
+@pytest.mark.parametrize("columns", [1, 2, 4])
+def test_decode_merge_over_split_chunks(columns, monkeypatch):
     """More splits with work than the merge reduces at once (32 at head_dim 128), hot tokens over 3
     programs (16 a program at head_dim 128), QJL values; and a ragged batch whose short sequences leave
-    most splits empty."""
+    most splits empty. Up to `columns` merge programs a row (MERGE_COLUMNS; 12 rows here, so all of them):
+    one program un-rotates 128 columns in 4 chunks of 32 and adds the hot accumulators chunk by chunk
+    (HOT_EARLY off), two take 64 each in 2 chunks, four take 32 each in one chunk with HOT_EARLY."""
+    monkeypatch.setattr(decode_attention, "MERGE_COLUMNS", columns)
     out, ref, _ = _run("tq4", "tqp3", 128, 1, 4, [40 * BS + 7, 2 * BS, 1], 4, 36, torch.float32, splits=40,
                        seed=4)
     assert torch.isfinite(out).all()

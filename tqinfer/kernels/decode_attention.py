@@ -5,9 +5,10 @@ Stage 1 (grid B x H x (splits + hot chunks)): one program per KV head and split;
 the group share each tile's codes. Scores come from the rotated query against centroids (tl.dot), times
 the token's norm (+ the QJL term); softmax is online in fp32 (base 2, the scale folded into q); values
 accumulate in the codec's rotated space. The last programs of the grid each take a chunk of the bf16
-sink / recent tokens (original space), so they run beside the tiles. Stage 2 (grid B x H x G, one
-program per query head): a log-sum-exp reduction over the splits that have work (a bound computed from
-the prefix length on the device) and the hot chunks, the un-rotation, the new token. The grids depend
+sink / recent tokens (original space), so they run beside the tiles. Stage 2 (grid B x H x G x NCS:
+NCS programs per query head, each for a share of the output columns): a log-sum-exp reduction over the
+splits that have work (a bound computed from the prefix length on the device) and the hot chunks, the
+un-rotation of the program's columns, the new token. The grids depend
 only on the batch size, head counts and the cache's sink / window sizes, so a decode step can be
 captured in a CUDA graph.
 
@@ -572,11 +573,10 @@ def _decode_merge_kernel(
     output column needs), un-rotation of its columns in chunks of CJ, the hot chunks and the new token
     added in the original space. The workspace loads of the first SB splits, the hot chunks' (their
     accumulators too with HOT_EARLY: one column chunk covers the program's columns, a small [HP, CJ] tile)
-    and the query issue together, and under
-    PDL the rotation is prefetched to L2 before the wait (H200, tq3.5, graph replay: the merge's share of
-    the call 4.5-4.8 -> 3.4-4.3 us; the hot accumulators with the rest, 2026-12-01 10:21 UTC, tq3.5 / tq4:
-    8B B1 8k 22.8 -> 22.7 / 24.0 -> 23.6 us, 128k 86.4 -> 86.1 / 91.8 -> 91.3, 135M 4k 13.6 -> 13.3 /
-    13.5 -> 13.3)."""
+    and the query issue together, and under PDL the program's columns of the rotation are prefetched to
+    L2 before the wait (H200, tq3.5, graph replay: the merge's share of the call 4.5-4.8 -> 3.4-4.3 us;
+    the hot accumulators with the rest, 2026-12-01 10:21 UTC, tq3.5 / tq4: 8B B1 8k 22.8 -> 22.7 / 24.0 ->
+    23.6 us, 128k 86.4 -> 86.1 / 91.8 -> 91.3, 135M 4k 13.6 -> 13.3 / 13.5 -> 13.3)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     g = tl.program_id(2) // NCS
@@ -1158,7 +1158,7 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
     chunk = max(16, (MERGE_TILE_QJL if dvq else MERGE_TILE) // d)  # elements of an [SB, D] / [D, CJ] tile
     hp = triton.next_power_of_2(max(nhot, 1))
     ncs = merge_column_programs(bsz * h * g, d, sms or 132) if v_lay is not None else 1  # (unrotated: nothing to split)
-    cj = min(d // ncs, chunk) if v_lay is not None else d // ncs
+    cj = min(d // ncs, chunk) if v_lay is not None else d
     _decode_merge_kernel[(bsz, h, g * ncs)](
         qs, k, v, prefix_lens, ws_m, ws_l, ws_acc, rot_v, qjl_rot, out,
         view.sinks, view.window, qs.stride(0), qs.stride(1), k.stride(0), k.stride(1),
@@ -1348,7 +1348,8 @@ MERGE_WARPS = 4
 # 4k and 32k within 0.1 (4 a row at 4k: 13.7 -> 13.8 / 13.7 -> 13.7)
 MERGE_COLUMNS = 4
 # the merge loads the hot chunks' accumulators with the split workspace's where they fit this many elements
-# ([HP, D]; the default window's at d 128: 16 x 128): larger tiles stay live through the reduction (a 2044-token
-# window at d 128: 255 registers and a spill)
+# ([HP, CJ], CJ a program's columns; the default window's at d 128: 16 x 128 with one program a row): larger
+# tiles stay live through the reduction (a 2044-token window at d 128 and one program a row: 255 registers and
+# a spill)
 MERGE_HOT_TILE = 2048
 QUERY_TILE = 4096  # fp32 elements of a program's [G, CJ, d] product tile of the query rotation
