@@ -1345,8 +1345,9 @@ MERGE_WARPS = 4
 # replay, same process (scripts/bench_decode_variants.py, 2026-12-01 12:33 UTC), 1 -> 4 (-> 2), tq3.5 / tq4:
 # 8B B1 8k 22.8 -> 21.9 / 23.3 -> 22.5 us (SDPA 22.1), 2k 18.0 -> 17.3 / 18.5 -> 17.7, 32k 36.4 -> 36.3 (35.8)
 # / 38.3 -> 38.1 (37.7), 128k 85.9 -> 85.5 / 91.7 -> 91.0, B2 8k (2 a row) 30.8 -> 30.1 / 31.7 -> 31.4; 135M
-# 4k and 32k within 0.1 (4 a row at 4k: 13.7 -> 13.8 / 13.7 -> 13.7)
-MERGE_COLUMNS = 4
+# 4k and 32k within 0.1 (4 a row at 4k: 13.7 -> 13.8 / 13.7 -> 13.7). Under the interpreter 1: each program
+# costs CPU time there (a CPU test of the decode ran 8.8 s with 4, 5.3 s with 1); tests set it where they need it
+MERGE_COLUMNS = 1 if INTERPRET else 4
 # the merge loads the hot chunks' accumulators with the split workspace's where they fit this many elements
 # ([HP, CJ], CJ a program's columns; the default window's at d 128: 16 x 128 with one program a row): larger
 # tiles stay live through the reduction (a 2044-token window at d 128 and one program a row: 255 registers and
