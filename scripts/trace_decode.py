@@ -70,8 +70,8 @@ PATCHES = {
          "    ws = (b * H + h)"),
         ("    # the warps' states merged;", "    gl.store(tr + 2, _now(b))\n    gl.store(tr + 6, t_end - t_start)\n"
          "    # the warps' states merged;"),
-        ("                               g_real, D, VA_DP, VB_DP, NW)\n",
-         "                               g_real, D, VA_DP, VB_DP, NW)\n    gl.store(tr + 3, _now(b))\n"),
+        ("                 D, VA_DP, VB_DP, NW, SMEM_MERGE)\n",
+         "                 D, VA_DP, VB_DP, NW, SMEM_MERGE)\n    gl.store(tr + 3, _now(b))\n"),
     ],
     "kernels/decode_attention.py": [
         ("HOT_EARLY: tl.constexpr = False, NCS: tl.constexpr = 1,\n):",

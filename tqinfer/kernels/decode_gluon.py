@@ -560,12 +560,15 @@ def _slice_update(st, v_base, sn, tmask, m_i, l_t, acc_a, acc_b, vta, vtb, REC_V
 
 @gluon.jit
 def _merge_warps(m_i, l_i, acc_a, acc_b, m_out, l_out, acc_out, rows, D: gl.constexpr, VA_DP: gl.constexpr,
-                 VB_DP: gl.constexpr, NW: gl.constexpr):
+                 VB_DP: gl.constexpr, NW: gl.constexpr, SMEM: gl.constexpr):
     """Merge the warps' softmax states (row maxima m_i and sums l_i [W, 8], accumulators [W, DP, 8] of each
-    value part, the mma layout) and store rows < `rows`: every warp writes its state to shared memory
-    once, then each thread merges the W values of its own elements. One barrier (_merge_warps_registers'
+    value part, the mma layout) and store rows < `rows`. SMEM: every warp writes its state to shared memory
+    once, then each thread merges the W values of its own elements, one barrier (_merge_warps_registers'
     cross-warp reductions and layout changes compiled to 15 at tq3.5, d 128: ~500 instructions after the
-    tile loop against ~180 here)."""
+    tile loop against ~180 here); else _merge_warps_registers."""
+    if not SMEM:
+        _merge_warps_registers(m_i, l_i, acc_a, acc_b, m_out, l_out, acc_out, rows, D, VA_DP, VB_DP, NW)
+        return
     SH2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
     SH3: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[2, 1, 0])
     sm = gl.allocate_shared_memory(gl.float32, [NW, 8], SH2, m_i)
@@ -731,9 +734,5 @@ def _decode_split_gluon(
 
     # the warps' states merged; rows < G of splits with work stored
     g_real = gl.where(s < n_act, G, 0)
-    if SMEM_MERGE:
-        _merge_warps(m_i, gl.sum(l_t, 1), acc_a, acc_b, ws_m + ws * G, ws_l + ws * G, ws_acc + ws * G * D, g_real,
-                     D, VA_DP, VB_DP, NW)
-    else:
-        _merge_warps_registers(m_i, gl.sum(l_t, 1), acc_a, acc_b, ws_m + ws * G, ws_l + ws * G, ws_acc + ws * G * D,
-                               g_real, D, VA_DP, VB_DP, NW)
+    _merge_warps(m_i, gl.sum(l_t, 1), acc_a, acc_b, ws_m + ws * G, ws_l + ws * G, ws_acc + ws * G * D, g_real,
+                 D, VA_DP, VB_DP, NW, SMEM_MERGE)
