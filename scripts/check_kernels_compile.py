@@ -219,9 +219,11 @@ def cases(quick: bool):
                             quantize.write_kv_tokens(view.k_codec, xs, view.k_pool, view.v_codec, xs, view.v_pool,
                                                      slots)))
             i = torch.zeros(1, dtype=torch.int64)
-            yield (f"shift_window {kind} d{d}", quantize, ["_quantize_kv_kernel"],
-                   lambda: quantize.shift_window(view.k_codec, view.v_codec, view.k_hot, view.v_hot, view.k_pool,
-                                                 view.v_pool, k, k.clone(), i, i, i, i))
+            layer = (view.k_codec, view.v_codec, view.k_hot, view.v_hot, view.k_pool, view.v_pool)
+            yield (f"retire_window {kind} d{d}", quantize, ["_quantize_kv_kernel"],
+                   lambda: quantize.retire_window([layer, layer], i, i, i))
+            yield (f"enter_window {kind} d{d}", quantize, ["_enter_window_kernel"],
+                   lambda: quantize.enter_window(view.k_hot, view.v_hot, k, k.clone(), i, i))
     rows, hidden, nq, nkv, hd = 4, 576, 9, 3, 64
     yield ("fused add_rms_norm", fused_triton, ["_add_rms_norm_kernel"],
            lambda: fused_triton.add_rms_norm(torch.zeros(rows, hidden, dtype=x), torch.zeros(rows, hidden, dtype=x),

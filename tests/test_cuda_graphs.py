@@ -125,3 +125,32 @@ def test_replay_after_loading_a_sequence_calibrated_elsewhere(tmp_path):
         err = (a - b).norm() / b.norm()
         assert err < 2e-2, f"step {step}: relative logit error {err:.3g}"
         token, n = int(b.argmax()), n + 1
+
+
+def test_graph_captured_when_the_first_step_calibrates():
+    """A tq3.5 cache filled without a prefill (as scripts/bench_e2e.py fills one): its first decode step
+    calibrates each layer, so the step's records are written layer by layer; the capture after it
+    writes every layer's at once through a table of the layers' tensors, which must exist before the
+    capture (PagedCache.prepare_graph: a capture cannot copy it to the device). The graph is captured
+    and replayed, and equals eager steps."""
+    model, args = tiny_model()
+    graphed, eager = engine_pair(model, args, "tq3.5")
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    n = 200
+    hot = [torch.randn(t.shape, generator=gen, device="cuda", dtype=t.dtype) for t in graphed.cache.k_hot]
+    for e in (graphed, eager):
+        cache = e.cache
+        cache.reserve(0, n)
+        for layer, x in enumerate(hot):
+            cache.k_hot[layer].copy_(x)
+            cache.v_hot[layer].copy_(x.flip(-1))
+        cache.compressed[0] = n - cache.window
+        cache.set_len(0, n)
+    token = 3
+    for step in range(6):
+        a, b = (e.forward([0], [n + step], [[token]]) for e in (graphed, eager))
+        assert torch.isfinite(a).all()
+        err = (a - b).norm() / b.norm()
+        assert err < 2e-2, f"step {step}: relative logit error {err:.3g}"
+        token = int(b.argmax())
+    assert graphed.cuda_graphs and set(graphed.graphs) == {1} and graphed.cache.retired

@@ -130,17 +130,21 @@ def test_context_that_cannot_fit_is_refused_before_allocation():
         PagedCache(cfg, args, max_seqs=1, max_len=1 << 40, dtype=torch.bfloat16, device="cpu")
 
 
-@pytest.mark.parametrize("sinks,window,protected", [(4, 8, 0), (2, 16, 1), (0, 0, 0)])
-def test_planned_decode_writes_equal_the_generic_path(sinks, window, protected):
-    """A decode step's device-side write plan (what a CUDA graph replays) leaves the cache exactly as
-    the host-indexed generic write does, through window exits, a rollback and ragged batches: cache
-    `planned` takes every decode step through its plan, cache `generic` through the generic path."""
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("sinks,window,protected,v_type", [(4, 8, 0, "tq4"), (2, 16, 1, "tq4"), (0, 0, 0, "tq4"),
+                                                            (2, 16, 0, "tq3.5")])
+def test_planned_decode_writes_equal_the_generic_path(sinks, window, protected, v_type, device):
+    """A decode step's device-side write plan (what a CUDA graph replays: every layer's window exits
+    written at the step's start, the new token into its hot row after the layer's attention) leaves
+    the cache exactly as the host-indexed generic write does, through window exits, a rollback and
+    ragged batches: cache `planned` takes every decode step through its plan, cache `generic` through
+    the generic path. On CUDA through the kernels (one launch for the layers of one type)."""
     torch.manual_seed(1)
     H, G, d = 2, 2, 64
-    cfg = CacheConfig(k_type="tq3.5", v_type="tq4", sinks=sinks, window=window, protected_layers=protected,
+    cfg = CacheConfig(k_type="tq3.5", v_type=v_type, sinks=sinks, window=window, protected_layers=protected,
                       block_size=16)
-    args = tiny_args(3 if protected else 1, H, d)
-    planned, generic = (PagedCache(cfg, args, max_seqs=3, max_len=160, dtype=torch.float32, device="cpu")
+    args = tiny_args(3 if protected or v_type == "tq3.5" else 1, H, d)
+    planned, generic = (PagedCache(cfg, args, max_seqs=3, max_len=160, dtype=torch.float32, device=device)
                         for _ in range(2))
     planned.write_ahead = generic.write_ahead = 1  # as on CUDA, where the plan serves decode steps
     layers = args.num_hidden_layers
@@ -148,11 +152,11 @@ def test_planned_decode_writes_equal_the_generic_path(sinks, window, protected):
     def step(slots, chunks, seed):
         gen = torch.Generator().manual_seed(seed)
         T = sum(chunks)
-        q, k, v = (torch.randn(T, heads, d, generator=gen) for heads in (H * G, H, H))
+        q, k, v = (torch.randn(T, heads, d, generator=gen).to(device) for heads in (H * G, H, H))
         outs = []
         for cache in (planned, generic):
             prefix = [cache.lens[s] for s in slots]
-            ctx = StepContext.build(cache, slots, prefix, chunks, "cpu")
+            ctx = StepContext.build(cache, slots, prefix, chunks, device)
             if cache is generic:
                 ctx.plan = None
             outs.append([cache.attend(layer, q, k, v, ctx, d ** -0.5, None) for layer in range(layers)])
@@ -179,6 +183,51 @@ def test_planned_decode_writes_equal_the_generic_path(sinks, window, protected):
         for a, b in ((planned.k_hot, generic.k_hot), (planned.v_hot, generic.v_hot)):
             if a[layer] is not None:
                 assert torch.equal(a[layer], b[layer])
+
+
+def test_a_decode_step_that_calibrates_writes_its_records_after():
+    """A split type's first step being a decode step whose token leaves the window (a cache filled
+    without a prefill, as scripts/bench_e2e.py fills one): each layer calibrates in its own attention,
+    so the planned step writes that layer's records after it (not all layers' at the step's start,
+    with the outlier channels of before): pools, hot rows and outputs equal the generic path's."""
+    torch.manual_seed(3)
+    H, G, d, S, W, n = 2, 2, 64, 2, 16, 40
+    cfg = CacheConfig(k_type="tq3.5", v_type="tq3.5", sinks=S, window=W, block_size=16)
+    args = tiny_args(3, H, d)
+    caches = [PagedCache(cfg, args, max_seqs=2, max_len=96, dtype=torch.float32, device="cpu") for _ in range(2)]
+    planned, generic = caches
+    for cache in caches:
+        cache.write_ahead = 1
+        for slot in (0, 1):
+            cache.reserve(slot, n)
+            cache.compressed[slot] = n - W
+            cache.set_len(slot, n)
+    for layer in range(3):  # the same random hot rows in both (records: zero vectors)
+        for name in ("k_hot", "v_hot"):
+            x = getattr(planned, name)[layer]
+            x.copy_(torch.randn(x.shape) * 2)
+            getattr(generic, name)[layer].copy_(x)
+    for step in range(3):
+        q, k, v = (torch.randn(2, heads, d) for heads in (H * G, H, H))
+        outs = []
+        for cache in caches:
+            ctx = StepContext.build(cache, [0, 1], [cache.lens[0], cache.lens[1]], [1, 1], "cpu")
+            if cache is generic:
+                ctx.plan = None
+            outs.append([cache.attend(layer, q, k, v, ctx, d ** -0.5, None) for layer in range(3)])
+            for slot in (0, 1):
+                cache.set_len(slot, cache.lens[slot] + 1)
+        assert planned.retired == (step > 0)  # all layers at the start once they are calibrated
+        for a, b in zip(*outs):
+            assert not torch.isnan(a).any()
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    nb = planned.num_blocks
+    assert planned.k_pool[2][:nb].any()  # records were written
+    for layer in range(3):
+        for name in ("k_pool", "v_pool"):
+            assert torch.equal(getattr(planned, name)[layer][:nb], getattr(generic, name)[layer][:nb])
+        for name in ("k_hot", "v_hot"):
+            assert torch.equal(getattr(planned, name)[layer], getattr(generic, name)[layer])
 
 
 @pytest.mark.parametrize("sinks,window", [(4, 8), (0, 16)])

@@ -62,34 +62,63 @@ def test_kv_write_equals_two_writes(kt, vt, monkeypatch):
         assert torch.equal(got, exp)
 
 
-@pytest.mark.parametrize("kt,vt", [("tq3.5", "tq3.5"), ("tq4", "tq4"), ("tqp3", "tqp3"), ("tq4", "tq3")])
-def test_shift_window_equals_twin(kt, vt, monkeypatch):
-    """A decode step's window shift in one launch (records of the leaving hot rows, then the new
-    tokens into their hot rows, the same row for most sequences) leaves pools and hot buffers as the
-    twin's gathers, writes and scatters do; a sequence whose token does not leave writes the scratch
-    slot, as the plan says. Other pairs fall back to the twin."""
-    h, d, bs, hot, seqs = 3, 64, 16, 12, 5
-    kc, vc = codec_for(kt, d, h, seed=2), codec_for(vt, d, h, seed=3)
+def _hot_layer(kt, vt, h, d, hot, seqs, blocks, g, seed):
+    """(k_codec, v_codec, k_hot, v_hot, k_pool, v_pool) of one layer, random contents (CPU); a dense
+    side (None) has a bf16 pool."""
+    kc, vc = (None if t is None else codec_for(t, d, h, seed=seed + i) for i, t in enumerate((kt, vt)))
+    if kt == "tq3.5":  # its own outlier channels: per-layer rotations in one launch
+        kc.calibrate(torch.randn(64, h, d, generator=g) * torch.linspace(0.1, 5, d)[torch.randperm(d, generator=g)])
+        vc.calibrate(torch.randn(64, h, d, generator=g) * torch.linspace(5, 0.1, d))
+    hots = [(torch.randn(seqs, h, hot, d, generator=g) * 2).to(torch.bfloat16) for _ in range(2)]
+    pools = [torch.randn(blocks, h, 16, d, generator=g).to(torch.bfloat16) if c is None else
+             torch.randint(0, 256, (blocks, h, 16, c.record_bytes), generator=g, dtype=torch.uint8) for c in (kc, vc)]
+    return [kc, vc, *hots, *pools]
+
+
+def test_retire_window_equals_twin(monkeypatch):
+    """The records of every layer's leaving hot rows (a decode step's start): one launch for the layers
+    of one type (each with its own rotations, through the table of addresses), one for another type's
+    layers, the twin for layers whose K and V differ; the bytes the twin's gathers and writes store,
+    hot buffers untouched. A sequence whose token does not leave writes the scratch slot."""
+    h, d, hot, seqs, blocks = 3, 64, 12, 5, 5
     g = torch.Generator().manual_seed(11)
-    k_hot = torch.randn(seqs, h, hot, d, generator=g).to(torch.bfloat16)
-    v_hot = torch.randn(seqs, h, hot, d, generator=g).to(torch.bfloat16)
-    pools = [torch.randint(0, 256, (5, h, bs, c.record_bytes), generator=g, dtype=torch.uint8) for c in (kc, vc)]
+    types = [("tq3.5", "tq3.5"), ("tq4", "tq3"), ("tq3.5", "tq3.5"), ("tqp3", "tqp3"), (None, "tq4"),
+             ("tq3.5", "tq3.5"), ("tqp3", "tqp3")]
+    layers = [_hot_layer(kt, vt, h, d, hot, seqs, blocks, g, seed=2 * i) for i, (kt, vt) in enumerate(types)]
     seq = torch.tensor([3, 0, 4, 1])
     src_hot = torch.tensor([5, 11, 7, 4])
-    hot_new = torch.tensor([5, 11, 2, 4])  # the leaving row reused, except sequence 4
-    rec_dst = torch.tensor([17, 40, 4 * bs, 63])  # sequence 4's token does not leave: the scratch block
-    k = torch.randn(4, h, d, generator=g) * 2
-    v = torch.randn(4, h, d, generator=g)
-    want = [x.clone() for x in (k_hot, v_hot, *pools)]
-    reference.shift_window(kc, vc, *want, k, v, seq, src_hot, hot_new, rec_dst)
-    got = [x.clone().to(DEV) for x in (k_hot, v_hot, *pools)]
+    rec_dst = torch.tensor([17, 40, 4 * 16, 63])  # sequence 4's token does not leave: the scratch block
+    want = [[x.clone() if torch.is_tensor(x) else x for x in layer] for layer in layers]
+    reference.retire_window(want, seq, src_hot, rec_dst)
+    got = [[x.clone().to(DEV) if torch.is_tensor(x) else x for x in layer] for layer in layers]
     launches = []
     monkeypatch.setattr(quantize, "_quantize_kv_kernel", _Counting(quantize._quantize_kv_kernel, launches))
-    quantize.shift_window(kc, vc, *got, *(x.to(DEV) for x in (k, v, seq, src_hot, hot_new, rec_dst)))
-    assert [grid[1] for grid in launches] == ([2 * h] if kt == vt else [h, h])
+    quantize.retire_window(got, *(x.to(DEV) for x in (seq, src_hot, rec_dst)))
+    # tq3.5 layers 0, 2, 5 in one launch, tqp3 3, 6 in one; tq4 / tq3 two launches of H; the dense K: V's one
+    assert sorted((grid[1], grid[2]) for grid in launches) == sorted([(2 * h, 3), (2 * h, 2), (h, 1), (h, 1), (h, 1)])
+    for i, (a, b, layer) in enumerate(zip(got, want, layers)):
+        for x, y in zip(a[2:], b[2:]):
+            assert torch.equal(x.cpu(), y), f"layer {i} {types[i]}"
+        assert torch.equal(a[2].cpu(), layer[2]) and torch.equal(a[3].cpu(), layer[3])  # hot rows only read
+        assert not torch.equal(b[5], layer[5])  # it wrote
+
+
+@pytest.mark.parametrize("d", [64, 80])
+def test_enter_window_equals_twin(d):
+    """The new tokens into their hot rows (after the layer's attention): the twin's scatter, bit for bit,
+    the other rows untouched; d 80 (no power of two) masked."""
+    h, hot, seqs = 3, 12, 5
+    g = torch.Generator().manual_seed(d)
+    hots = [torch.randn(seqs, h, hot, d, generator=g).to(torch.bfloat16) for _ in range(2)]
+    k, v = (torch.randn(4, h, d, generator=g) for _ in range(2))
+    seq, hot_new = torch.tensor([3, 0, 4, 1]), torch.tensor([5, 11, 2, 4])
+    want = [x.clone() for x in hots]
+    reference.enter_window(*want, k, v, seq, hot_new)
+    got = [x.clone().to(DEV) for x in hots]
+    quantize.enter_window(*got, *(x.to(DEV) for x in (k, v, seq, hot_new)))
     for a, b in zip(got, want):
         assert torch.equal(a.cpu(), b)
-    assert not torch.equal(want[0], k_hot) and not torch.equal(want[2], pools[0])  # it wrote
+    assert not torch.equal(want[0], hots[0]) and not torch.equal(want[1], hots[1])
 
 
 class _Counting:

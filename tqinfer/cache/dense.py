@@ -128,6 +128,9 @@ class DenseCache:
         """No codecs: nothing beside the buffers that a captured step reads (see PagedCache)."""
         return []
 
+    def prepare_graph(self) -> None:
+        """Nothing to do ahead of a capture (see PagedCache)."""
+
     def graph_ready(self, head_dim: int) -> bool:
         if not self.k[0].is_cuda:  # (and no Triton import on the CPU path)
             return False

@@ -164,6 +164,8 @@ class PagedCache:
         self.lens = [0] * max_seqs
         self.compressed = [0] * max_seqs  # leading tokens that already have records
         self.calibrated = [False] * L
+        self.hot_layers = [i for i in range(L) if self.k_hot[i] is not None]  # layers with compressed records
+        self.retired = False  # this decode step's window exits written for every layer at its start (_retire)
 
     # --- blocks -----------------------------------------------------------------------------
     def reserve(self, slot: int, n: int) -> None:
@@ -273,6 +275,8 @@ class PagedCache:
         if not self.calibrated[layer]:
             self._calibrate(layer, q, k, v, ctx, scale)
         k = self.centered(layer, k)
+        if ctx.decode and self.hot_layers[:1] == [layer]:
+            self._retire(ctx.seq_index, ctx.plan)
         out = dispatch.paged_attention(q, k, v, ctx.cu_q, ctx.prefix_lens_t, self.view(layer, ctx), scale, window,
                                        prefix_list=ctx.prefix_lens, chunk_list=ctx.chunk_lens)
         if ctx.decode:
@@ -307,6 +311,34 @@ class PagedCache:
             rows[2] = rows[3]
         return [i for row in rows for i in row]
 
+    def _retire(self, seq: torch.Tensor, plan: torch.Tensor) -> None:
+        """At a decode step's start (its first layer with records), the records of the tokens leaving
+        the window in every layer at once (one launch where the layers share a cache type, in place
+        of a write per layer): their hot rows hold them until each layer's attention has read them
+        and _write_decode puts the new token there. Records are the same bytes whenever written, and
+        no attention of this step reads them (its window still holds the token). Not while a layer
+        is yet to be calibrated (a first step of one token): each layer writes its own after its
+        calibration then."""
+        from tqinfer.kernels import dispatch
+
+        self.retired = self.window > 0 and all(self.calibrated[i] for i in self.hot_layers)
+        if self.retired:
+            _, src_hot, rec_dst, _ = plan
+            dispatch.retire_window(self._retire_layers(self.hot_layers), seq, src_hot, rec_dst)
+
+    def _retire_layers(self, layers: list[int]) -> list[tuple]:
+        """retire_window's (k_codec, v_codec, k_hot, v_hot, k_pool, v_pool) of these layers."""
+        return [(self.k_codec[i], self.v_codec[i], self.k_hot[i], self.v_hot[i], self.k_pool[i], self.v_pool[i])
+                for i in layers]
+
+    def prepare_graph(self) -> None:
+        """Host work a decode step's capture must not do (copies to the device): the table of the
+        layers' tensors retire_window reads, for the codec layouts of now."""
+        from tqinfer.kernels import dispatch
+
+        if self.window > 0 and self.hot_layers:
+            dispatch.prepare_retire(self._retire_layers(self.hot_layers))
+
     def _write_decode(self, layer: int, k: torch.Tensor, v: torch.Tensor, seq: torch.Tensor,
                       plan: torch.Tensor) -> None:
         from tqinfer.kernels import dispatch
@@ -321,9 +353,10 @@ class PagedCache:
             dispatch.write_kv_tokens(self.k_codec[layer], k, self.k_pool[layer], self.v_codec[layer], v,
                                      self.v_pool[layer], rec_dst)
             return
-        # the window's oldest token gets its records before the new token takes its hot slot
-        dispatch.shift_window(self.k_codec[layer], self.v_codec[layer], khot, vhot, self.k_pool[layer],
-                              self.v_pool[layer], k, v, seq, src_hot, hot_new, rec_dst)
+        if not self.retired:  # the step's first layer wrote no records (_retire): this layer's own
+            dispatch.retire_window(self._retire_layers([layer]), seq, src_hot, rec_dst)
+        # the window's oldest token has its records: the new one takes its row
+        dispatch.enter_window(khot, vhot, k, v, seq, hot_new)
 
     def kernel_state(self) -> list:
         """What a captured decode step depends on beside the pools: each codec's layout state (a split

@@ -103,8 +103,23 @@ def write_kv_tokens(k_codec, k, k_pool, v_codec, v, v_pool, slots):
     reference.write_tokens(v_codec, v, v_pool, slots)
 
 
-def shift_window(k_codec, v_codec, k_hot, v_hot, k_pool, v_pool, k, v, seq, src_hot, hot_new, rec_dst):
-    """The window's oldest tokens to records, the new tokens into their hot rows (see reference)."""
-    args = (k_codec, v_codec, k_hot, v_hot, k_pool, v_pool, k, v, seq, src_hot, hot_new, rec_dst)
-    kernel = _quantize_kernel("shift_window") if use_triton(k) else None
-    return kernel(*args) if kernel is not None else reference.shift_window(*args)
+def retire_window(layers, seq, src_hot, rec_dst):
+    """Records of the tokens leaving the window, in every layer (see reference.retire_window)."""
+    kernel = _quantize_kernel("retire_window") if use_triton(seq) else None
+    return kernel(layers, seq, src_hot, rec_dst) if kernel is not None else reference.retire_window(
+        layers, seq, src_hot, rec_dst)
+
+
+def prepare_retire(layers):
+    """What retire_window's kernel reads besides the layers (their address tables), made ahead of a
+    CUDA graph capture; nothing for the twin."""
+    kernel = _quantize_kernel("prepare_retire") if layers and use_triton(layers[0][2]) else None
+    if kernel is not None:
+        kernel(layers)
+
+
+def enter_window(k_hot, v_hot, k, v, seq, hot_new):
+    """The new tokens into their hot rows (see reference.enter_window)."""
+    kernel = _quantize_kernel("enter_window") if use_triton(k) else None
+    return kernel(k_hot, v_hot, k, v, seq, hot_new) if kernel is not None else reference.enter_window(
+        k_hot, v_hot, k, v, seq, hot_new)

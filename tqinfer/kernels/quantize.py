@@ -224,20 +224,35 @@ def _quantize_residual(u, code, n, tab_ptr, s_ptr, out_row, tmask, TAB: tl.const
 
 
 @triton.jit
+def _layer_ptr(row, i, like):
+    """Column i of a layer's row in the pointer table, as a pointer of like's type."""
+    return tl.load(row + i).to(like.dtype)
+
+
+@triton.jit
 def _quantize_kv_kernel(xk_ptr, xv_ptr, slot_ptr, pk_ptr, pv_ptr, rk_ptr, rv_ptr, tk_ptr, tv_ptr,
-                        sk_ptr, sv_ptr, N, s_t, s_h, s_pos, seq_ptr, src_ptr, new_ptr, nk_ptr, nv_ptr, n_t, n_h,
+                        sk_ptr, sv_ptr, N, s_t, s_h, s_pos, seq_ptr, src_ptr, layer_ptr,
                         H: tl.constexpr, BS: tl.constexpr, REC: tl.constexpr, D: tl.constexpr,
                         BT: tl.constexpr, KC: tl.constexpr,
                         CH_A: tl.constexpr, D_A: tl.constexpr, BITS_A: tl.constexpr, PL_A: tl.constexpr,
                         SC_A: tl.constexpr, BND_A: tl.constexpr, TAB_A: tl.constexpr,
                         CH_B: tl.constexpr, D_B: tl.constexpr, BITS_B: tl.constexpr, PL_B: tl.constexpr,
                         SC_B: tl.constexpr, BND_B: tl.constexpr,
-                        M_Q: tl.constexpr, PL_Q: tl.constexpr, SC_Q: tl.constexpr, HOT: tl.constexpr):
+                        M_Q: tl.constexpr, PL_Q: tl.constexpr, SC_Q: tl.constexpr, HOT: tl.constexpr,
+                        LAYERS: tl.constexpr):
     """K and V of the same record layout in one launch: programs [0, H) write K, [H, 2H) V (a decode
     step writes one token per layer, where the launches, not the work, are the cost); a grid of H
-    programs writes K alone (write_tokens, one codec's tokens). HOT: token i is
-    row src[i] of sequence seq[i] in the hot buffers x[slot, h, pos, :] (strides s_t, s_h, s_pos); once
-    its records are stored, the new token n[i] takes hot row new[i] (the recent window shifts by one)."""
+    programs writes K alone (write_tokens, one codec's tokens). HOT: token i is row src[i] of sequence
+    seq[i] in the hot buffers x[slot, h, pos, :] (strides s_t, s_h, s_pos). LAYERS: program_id(2) is a
+    layer, whose ten tensors (x K / V, pool K / V, rotation K / V, tables K / V, QJL matrix K / V) are
+    at row program_id(2) of the int64 table layer_ptr; the arguments are layer 0's (their types)."""
+    if LAYERS:
+        row = layer_ptr + tl.program_id(2) * 10
+        xk_ptr, xv_ptr = _layer_ptr(row, 0, xk_ptr), _layer_ptr(row, 1, xv_ptr)
+        pk_ptr, pv_ptr = _layer_ptr(row, 2, pk_ptr), _layer_ptr(row, 3, pv_ptr)
+        rk_ptr, rv_ptr = _layer_ptr(row, 4, rk_ptr), _layer_ptr(row, 5, rv_ptr)
+        tk_ptr, tv_ptr = _layer_ptr(row, 6, tk_ptr), _layer_ptr(row, 7, tv_ptr)
+        sk_ptr, sv_ptr = _layer_ptr(row, 8, sk_ptr), _layer_ptr(row, 9, sv_ptr)
     hh = tl.program_id(1)
     t = tl.program_id(0) * BT + tl.arange(0, BT)
     tmask = t < N
@@ -255,17 +270,23 @@ def _quantize_kv_kernel(xk_ptr, xv_ptr, slot_ptr, pk_ptr, pv_ptr, rk_ptr, rv_ptr
         _quantize_rows(xv_ptr + rows, t, tmask, slot_ptr, pv_ptr, rv_ptr, tv_ptr, sv_ptr, s_h, h,
                        H, BS, REC, D, BT, KC, CH_A, D_A, BITS_A, PL_A, SC_A, BND_A, TAB_A,
                        CH_B, D_B, BITS_B, PL_B, SC_B, BND_B, M_Q, PL_Q, SC_Q)
-    if HOT:
-        tl.debug_barrier()  # every thread's reads of the leaving rows precede the overwrite
-        cols = tl.arange(0, D)
-        dst = seq * s_t + h * s_h + tl.load(new_ptr + t, mask=tmask, other=0).to(tl.int64) * s_pos
-        src = t.to(tl.int64)[:, None] * n_t + h * n_h + cols[None, :]
-        if hh < H:
-            x = tl.load(nk_ptr + src, mask=tmask[:, None], other=0.0)
-            tl.store(xk_ptr + dst[:, None] + cols[None, :], x.to(xk_ptr.dtype.element_ty), mask=tmask[:, None])
-        else:
-            x = tl.load(nv_ptr + src, mask=tmask[:, None], other=0.0)
-            tl.store(xv_ptr + dst[:, None] + cols[None, :], x.to(xv_ptr.dtype.element_ty), mask=tmask[:, None])
+
+
+@triton.jit
+def _enter_window_kernel(k_hot, v_hot, k, v, seq_ptr, new_ptr, s_t, s_h, s_pos, n_t, n_h, N,
+                         D: tl.constexpr, DP: tl.constexpr, BT: tl.constexpr):
+    """New tokens k[i], v[i] (head program_id(1); D channels, DP the next power of two; in the hot
+    buffers' dtype) into hot row new[i] of sequence seq[i]."""
+    h = tl.program_id(1)
+    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    tmask = t < N
+    seq = tl.load(seq_ptr + t, mask=tmask, other=0).to(tl.int64)
+    dst = seq * s_t + h * s_h + tl.load(new_ptr + t, mask=tmask, other=0).to(tl.int64) * s_pos
+    src = t.to(tl.int64)[:, None] * n_t + h * n_h
+    cols = tl.arange(0, DP)[None, :]
+    m = tmask[:, None] & (cols < D)
+    tl.store(k_hot + dst[:, None] + cols, tl.load(k + src + cols, mask=m), mask=m)
+    tl.store(v_hot + dst[:, None] + cols, tl.load(v + src + cols, mask=m), mask=m)
 
 
 @triton.jit
@@ -375,21 +396,23 @@ def _check_pools(name: str, layout: RecordLayout, h: int, *pools: torch.Tensor) 
                              f"{layout.record_bytes}], got {pool.dtype} {list(pool.shape)}")
 
 
-def _kv_launch(k_codec, v_codec, xk, xv, k_pool, v_pool, slots, n, strides, hot=None) -> None:
+def _kv_launch(k_codec, v_codec, xk, xv, k_pool, v_pool, slots, n, strides, hot=None, layers=None) -> None:
     """One launch of _quantize_kv_kernel: K and V (layouts alike, _same_layout), or K alone where
-    v_codec is None."""
+    v_codec is None; hot: (seq, src) rows of hot buffers xk / xv; layers: (table, count), the tensors
+    given being layer 0's."""
     h, d = k_pool.shape[1], xk.shape[-1]
     layout = record_layout(k_codec, xk.device)
     _check_pools(k_codec.name, layout, h, k_pool, v_pool)
     rk, tk, sk = _tensors(layout)
     rv, tv, sv = (rk, tk, sk) if v_codec is None else _tensors(record_layout(v_codec, xk.device))
-    seq, src, new, nk, nv = hot if hot is not None else (slots, slots, slots, xk, xv)
+    seq, src = hot if hot is not None else (slots, slots)
+    table, count = layers if layers is not None else (slots, 1)
     parts = _part_args(layout)
     kc = min(KC, d, parts["M_Q"] or d)  # a step no wider than the matrices it walks
-    _quantize_kv_kernel[(triton.cdiv(n, BT), h if v_codec is None else 2 * h)](
-        xk, xv, slots.to(torch.int64), k_pool, v_pool, rk, rv, tk, tv, sk, sv, n, *strides, seq, src, new,
-        nk, nv, nk.stride(0), nk.stride(1), H=h, BS=k_pool.shape[2], REC=layout.record_bytes, D=d, BT=BT,
-        KC=kc, HOT=hot is not None, **parts)
+    _quantize_kv_kernel[(triton.cdiv(n, BT), h if v_codec is None else 2 * h, count)](
+        xk, xv, slots.to(torch.int64), k_pool, v_pool, rk, rv, tk, tv, sk, sv, n, *strides, seq, src, table,
+        H=h, BS=k_pool.shape[2], REC=layout.record_bytes, D=d, BT=BT, KC=kc, HOT=hot is not None,
+        LAYERS=layers is not None, **parts)
 
 
 def write_kv_tokens(k_codec, k: torch.Tensor, k_pool: torch.Tensor, v_codec, v: torch.Tensor,
@@ -404,18 +427,82 @@ def write_kv_tokens(k_codec, k: torch.Tensor, k_pool: torch.Tensor, v_codec, v: 
     _kv_launch(k_codec, v_codec, k, v, k_pool, v_pool, slots.to(k.device), k.shape[0], (k.stride(0), k.stride(1), 0))
 
 
-def shift_window(k_codec, v_codec, k_hot, v_hot, k_pool, v_pool, k, v, seq, src_hot, hot_new, rec_dst) -> None:
-    """A decode step's writes to a layer with a recent window, for tokens i of sequences seq[i]: hot
-    row src_hot[i] (the token leaving the window) gets its records at flat pool slot rec_dst[i], then
-    the new token k[i] / v[i] takes hot row hot_new[i]. One launch where K and V share a layout
-    (otherwise the twin's gathers and scatters around two kernel writes)."""
-    if k.shape[0] == 0:
+def retire_window(layers, seq: torch.Tensor, src_hot: torch.Tensor, rec_dst: torch.Tensor) -> None:
+    """A decode step's records, written for all layers at its start: hot row src_hot[i] of sequence
+    seq[i] (the token leaving the recent window) to flat pool slot rec_dst[i], in each layer of
+    `layers` [(k_codec, v_codec, k_hot, v_hot, k_pool, v_pool)]. One launch per group of layers alike
+    (K and V of one record layout, buffers of one shape: every layer of a model with one cache type),
+    through a table of the layers' tensor addresses; other layers by the twin's gathers and writes."""
+    if seq.shape[0] == 0:
         return
-    if not _same_layout(k_codec, v_codec, k.device) or k_hot.stride() != v_hot.stride() or not (k_hot.is_contiguous() and v_hot.is_contiguous()):
+    groups, others = _layer_groups(layers)
+    if others:
         from . import reference
-        return reference.shift_window(k_codec, v_codec, k_hot, v_hot, k_pool, v_pool, k, v, seq, src_hot, hot_new,
-                                      rec_dst, write=write_tokens)
+        reference.retire_window(others, seq, src_hot, rec_dst, write=write_tokens)
+    for group in groups:
+        kc, vc, kh, vh, kp, vp = group[0]
+        _kv_launch(kc, vc, kh, vh, kp, vp, rec_dst, seq.shape[0], (kh.stride(0), kh.stride(1), kh.stride(2)),
+                   hot=(seq, src_hot), layers=(_layer_table(group), len(group)))
+
+
+def prepare_retire(layers) -> None:
+    """The address tables retire_window will read for these layers, built now (a host-to-device copy:
+    ahead of a CUDA graph capture, which cannot make one)."""
+    for group in _layer_groups(layers)[0]:
+        _layer_table(group, build=True)
+
+
+def _layer_groups(layers) -> tuple[list[list], list]:
+    """(groups of layers one launch writes, the layers it does not): K and V of one record layout
+    (_same_layout), contiguous hot buffers of one dtype; a group shares layouts and shapes."""
+    groups: dict = {}
+    others = []
+    for layer in layers:
+        kc, vc, kh, vh, kp, vp = layer
+        if not (_same_layout(kc, vc, kh.device) and kh.stride() == vh.stride() and kh.is_contiguous()
+                and vh.is_contiguous() and kh.dtype == vh.dtype):
+            others.append(layer)
+            continue
+        key = (tuple(_part_args(record_layout(kc, kh.device)).items()), kh.shape, kh.dtype, kp.shape, vp.shape)
+        groups.setdefault(key, []).append(layer)
+    return list(groups.values()), others
+
+
+# tables of layer addresses, by content: never dropped, since a captured decode graph reads the one it
+# was captured with for as long as it is valid (an entry is 80 bytes a layer; new ones come only with
+# new codec layouts, i.e. a calibration or a loaded sequence)
+_TABLES: dict = {}
+
+
+def _layer_table(group, build: bool = False) -> torch.Tensor:
+    """int64 [layers, 10] on the device: each layer's x K / V, pool K / V, rotation K / V, tables K / V,
+    QJL matrix K / V addresses (_quantize_kv_kernel's LAYERS order). Built once per content, never
+    while a CUDA graph is captured (prepare_retire builds it ahead)."""
+    rows = []
+    for kc, vc, kh, vh, kp, vp in group:
+        (rk, tk, sk), (rv, tv, sv) = (_tensors(record_layout(c, kh.device)) for c in (kc, vc))
+        rows.append(tuple(x.data_ptr() for x in (kh, vh, kp, vp, rk, rv, tk, tv, sk, sv)))
+    device = group[0][2].device
+    key = (str(device), tuple(rows))
+    if key not in _TABLES:
+        if not build and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("retire_window's layer table was not built before the CUDA graph capture "
+                               "(call prepare_retire with the layers first)")
+        _TABLES[key] = torch.tensor(rows, dtype=torch.int64, device=device)
+    return _TABLES[key]
+
+
+def enter_window(k_hot, v_hot, k, v, seq: torch.Tensor, hot_new: torch.Tensor) -> None:
+    """The new tokens k[i], v[i] [N, H, d] into hot row hot_new[i] of sequence seq[i] (after the layer's
+    attention has read the row's old token, whose records retire_window wrote), in one launch."""
+    n, h, d = k.shape
+    if n == 0:
+        return
     # in the hot buffers' dtype already (a no-op in the engine): torch rounds, as the twin does
-    k, v = k.to(k_hot.dtype).contiguous(), v.to(v_hot.dtype).contiguous()
-    _kv_launch(k_codec, v_codec, k_hot, v_hot, k_pool, v_pool, rec_dst, k.shape[0],
-               (k_hot.stride(0), k_hot.stride(1), k_hot.stride(2)), hot=(seq, src_hot, hot_new, k, v))
+    k, v = k.to(k_hot.dtype), v.to(v_hot.dtype)
+    if k.stride() != v.stride() or k.stride(2) != 1 or k_hot.stride() != v_hot.stride() or k_hot.stride(3) != 1:
+        from . import reference
+        return reference.enter_window(k_hot, v_hot, k, v, seq, hot_new)
+    _enter_window_kernel[(triton.cdiv(n, BT), h)](
+        k_hot, v_hot, k, v, seq, hot_new, k_hot.stride(0), k_hot.stride(1), k_hot.stride(2), k.stride(0),
+        k.stride(1), n, D=d, DP=triton.next_power_of_2(d), BT=BT)

@@ -29,13 +29,19 @@ def write_tokens(codec, x: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor
     write_dense(pool, x if codec is None else codec.encode(x), slots.long(), pool.shape[2])
 
 
-def shift_window(k_codec, v_codec, k_hot, v_hot, k_pool, v_pool, k, v, seq, src_hot, hot_new, rec_dst,
-                 write=write_tokens) -> None:
-    """A decode step's writes to a layer with a recent window: hot rows src_hot of sequences seq (the
-    tokens leaving the window) get records at flat pool slots rec_dst (through `write`), then the new
-    tokens k / v [N, H, d] take hot rows hot_new (quantize.shift_window does both in one launch)."""
-    write(k_codec, k_hot[seq, :, src_hot], k_pool, rec_dst)
-    write(v_codec, v_hot[seq, :, src_hot], v_pool, rec_dst)
+def retire_window(layers, seq, src_hot, rec_dst, write=write_tokens) -> None:
+    """A decode step's records, for every layer at its start: in each layer (k_codec, v_codec, k_hot,
+    v_hot, k_pool, v_pool) of `layers`, hot rows src_hot of sequences seq (the tokens leaving the
+    recent window) get records at flat pool slots rec_dst, through `write` (quantize.retire_window:
+    one launch for all layers of one cache type)."""
+    for k_codec, v_codec, k_hot, v_hot, k_pool, v_pool in layers:
+        write(k_codec, k_hot[seq, :, src_hot], k_pool, rec_dst)
+        write(v_codec, v_hot[seq, :, src_hot], v_pool, rec_dst)
+
+
+def enter_window(k_hot, v_hot, k, v, seq, hot_new) -> None:
+    """The new tokens k / v [N, H, d] take hot rows hot_new of sequences seq (after the layer's
+    attention read the rows' old tokens)."""
     k_hot[seq, :, hot_new] = k.to(k_hot.dtype)
     v_hot[seq, :, hot_new] = v.to(v_hot.dtype)
 
