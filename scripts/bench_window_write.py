@@ -49,6 +49,7 @@ def model_layers(kind: str, n_layers: int, b: int, h: int, d: int):
 def load_quantize(path: str):
     spec = importlib.util.spec_from_file_location("tqinfer.kernels._quantize_baseline", path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # (its dataclasses look their module up)
     spec.loader.exec_module(mod)
     return mod
 
