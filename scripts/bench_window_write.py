@@ -1,14 +1,15 @@
 """Quantize-on-write per decode step, all layers of a model shape (GPU, CUDA-graph replay, L2 flushed):
-the records of each layer's token leaving the recent window and the new token into its hot row.
+the records of each layer's token leaving the recent window.
 
-- "batched" (the engine's): quantize.retire_window over every layer in one launch at the step's start,
-  then one enter_window a layer;
-- "per layer": retire_window of one layer and its enter_window, layer by layer (two launches a layer);
+- "batched" (the engine's): quantize.retire_window over every layer in one launch at the step's start
+  (the new token then enters its hot row in the decode attention's merge kernel: no launch of its own);
+- "per layer": retire_window of one layer, layer by layer (one launch a layer);
 - "baseline" (--baseline FILE, a copy of an older kernels/quantize.py with shift_window): its one
-  launch a layer.
+  launch a layer, which wrote the records and the new token.
 
 Next to it, one layer's decode attention over a cache of T tokens (paged_decode_attention, same
-process), so that the table gives the write's share of a step's attention (L layers of it).
+process), without and with the new token's hot-row write (enter), so that the table gives the
+write's share of a step's attention (L layers of it).
 
     PYTHONPATH=. python scripts/bench_window_write.py --cases llama3-8b:1:32768 smollm2-135m:1:4096 \
         --kinds tq3.5 tq4 [--baseline .bench/quantize_old.py]
@@ -73,42 +74,35 @@ def main() -> None:
             dst = seq * 4 * 64 + 5  # flat pool slots
             knew, vnew = kn, torch.randn_like(kn)
 
-            def batched():
-                quantize.retire_window(layers, seq, src, dst)
-                for lay in layers:
-                    quantize.enter_window(lay[2], lay[3], knew, vnew, seq, src)
-
-            def per_layer():
-                for lay in layers:
-                    quantize.retire_window([lay], seq, src, dst)
-                    quantize.enter_window(lay[2], lay[3], knew, vnew, seq, src)
-
             row = dict(case=case, kind=kind, layers=n_layers)
-            row["batched"] = graph_time(batched)
-            row["retire"] = graph_time(lambda: quantize.retire_window(layers, seq, src, dst))
-            row["per_layer"] = graph_time(per_layer)
+            row["batched"] = graph_time(lambda: quantize.retire_window(layers, seq, src, dst))
+            row["per_layer"] = graph_time(lambda: [quantize.retire_window([lay], seq, src, dst) for lay in layers])
             if base is not None:
                 row["baseline"] = graph_time(lambda: [base.shift_window(*lay[:6], knew, vnew, seq, src, src, dst)
                                                       for lay in layers])
-            row["batched"] = min(row["batched"], graph_time(batched))  # alternating, the best of two
+            row["batched"] = min(row["batched"], graph_time(lambda: quantize.retire_window(layers, seq, src, dst)))
             view = make_cache(kind, b, t, h, d)
             out = torch.empty_like(q)
-            row["attention"] = graph_time(lambda: paged_decode_attention(q, kn, kn, cu, lens, view, 1 / math.sqrt(d),
-                                                                         out=out))
+            enter = torch.zeros(b, dtype=torch.int64, device="cuda")
+            for label, e in (("attention", None), ("attention_enter", enter)) * 2:  # alternating, the best
+                us = graph_time(lambda: paged_decode_attention(q, kn, kn, cu, lens, view, 1 / math.sqrt(d), out=out,
+                                                               enter=e))
+                row[label] = min(row.get(label, us), us)
             del view, layers
             torch.cuda.empty_cache()
             log(row)
             rows.append(row)
     print(f"<!-- {datetime.date.today()} · {torch.cuda.get_device_name()} · torch {torch.__version__} · "
           f"triton {triton.__version__} · `PYTHONPATH=. python scripts/bench_window_write.py {' '.join(sys.argv[1:])}` -->")
-    print("| case | type | layers | attention a layer µs | step's writes µs: batched (retire alone) | per layer"
-          + (" | baseline" if base else "") + " | batched a layer, % of attention |")
+    print("| case | type | layers | attention a layer µs: without / with the hot-row write | records of the "
+          "step's window exits µs: one launch (per layer) | per layer" + (" | baseline (records and hot row)" if base else "")
+          + " | records a layer, % of attention |")
     print("|---|---|---|---|---|---|" + ("---|" if base else "") + "---|")
     for r in rows:
         share = r["batched"] / r["layers"] / r["attention"] * 100
-        print(f"| {r['case']} | {r['kind']} | {r['layers']} | {r['attention']:.1f} | {r['batched']:.1f} "
-              f"({r['retire']:.1f}) | {r['per_layer']:.1f}" + (f" | {r['baseline']:.1f}" if base else "")
-              + f" | {r['batched'] / r['layers']:.2f} µs, {share:.1f}% |")
+        print(f"| {r['case']} | {r['kind']} | {r['layers']} | {r['attention']:.1f} / {r['attention_enter']:.1f} | "
+              f"{r['batched']:.1f} ({r['batched'] / r['layers']:.2f}) | {r['per_layer']:.1f}"
+              + (f" | {r['baseline']:.1f}" if base else "") + f" | {share:.1f}% |")
 
 
 if __name__ == "__main__":

@@ -185,6 +185,11 @@ def cases(quick: bool):
             yield (f"decode {kind} d{d}", decode_attention,
                    ["_decode_split_kernel", "_decode_merge_kernel", "_decode_queries_kernel"],
                    with_pdl(lambda: decode_attention.paged_decode_attention(q, k, k.clone(), one, lens, view, 0.1)))
+            if kind != "bf16":  # the merge that writes the new token into its hot row (a decode step's)
+                yield (f"decode {kind} d{d} writing the hot row", decode_attention,
+                       ["_decode_split_kernel", "_decode_merge_kernel", "_decode_queries_kernel"],
+                       with_pdl(lambda: decode_attention.paged_decode_attention(
+                           q, k, k.clone(), one, lens, view, 0.1, enter=torch.zeros(1, dtype=torch.int64))))
             k_lay, v_lay = decode_attention._layouts(view, "cpu")
             if GluonJITFunction and decode_attention.gluon_layouts(k_lay, v_lay, d, g, view.block_size):
                 for gg in (g, 8) if d == 128 else (g,):  # and 8 query heads a group: the most registers
@@ -222,8 +227,6 @@ def cases(quick: bool):
             layer = (view.k_codec, view.v_codec, view.k_hot, view.v_hot, view.k_pool, view.v_pool)
             yield (f"retire_window {kind} d{d}", quantize, ["_quantize_kv_kernel"],
                    lambda: quantize.retire_window([layer, layer], i, i, i))
-            yield (f"enter_window {kind} d{d}", quantize, ["_enter_window_kernel"],
-                   lambda: quantize.enter_window(view.k_hot, view.v_hot, k, k.clone(), i, i))
     rows, hidden, nq, nkv, hd = 4, 576, 9, 3, 64
     yield ("fused add_rms_norm", fused_triton, ["_add_rms_norm_kernel"],
            lambda: fused_triton.add_rms_norm(torch.zeros(rows, hidden, dtype=x), torch.zeros(rows, hidden, dtype=x),

@@ -116,6 +116,44 @@ def test_decode_reads_only_written_workspace(monkeypatch):
     assert rel_err(out, ref) < 2e-3
 
 
+ON_GPU = pytest.mark.skipif(DEV != "cuda", reason="GPU cases (the interpreter's time goes to the others)")
+
+
+@pytest.mark.parametrize("kt,vt,d,h,g,kernel", [
+    ("tq3.5", "tq3.5", 64, 3, 3, "triton"), ("tq3.5", "tq3.5", 256, 1, 2, None),
+    pytest.param("tq4", "tq4", 128, 2, 4, None, marks=ON_GPU), pytest.param("tq3.5", "tq3.5", 128, 2, 4, None, marks=ON_GPU),
+    pytest.param("tq3.5", "tq3.5", 64, 3, 3, None, marks=ON_GPU), pytest.param("bf16", "tq3", 64, 1, 4, None, marks=ON_GPU)])
+def test_decode_writes_the_new_token_into_its_hot_row_after_reading(kt, vt, d, h, g, kernel):
+    """enter (a decode step's cache write): the new tokens take their hot rows (the plan's: the leaving
+    token's ring slot, which this attention reads, or a sink) once the splits have read the window:
+    outputs bit-identical to the call without it, hot buffers == the twin's scatter. The merge kernel
+    writes them (Gluon splits by default on the GPU, Triton splits; d 256: the twin's path)."""
+    sinks, window = 3, 20
+    lens = [1, 2, 23, 24, 40, 2 * BS + 5]
+    view, kd, vd = build_cache(kt, vt, lens, heads=h, d=d, sinks=sinks, window=window, block_size=BS,
+                               dtype=torch.float32, device=DEV, seed=d + h)
+    gen = torch.Generator().manual_seed(d)
+    q = torch.randn(len(lens), h * g, d, generator=gen).to(DEV)
+    k = (torch.randn(len(lens), h, d, generator=gen) * 2).to(DEV)
+    v = torch.randn(len(lens), h, d, generator=gen).to(DEV)
+    cu = torch.arange(len(lens) + 1, dtype=torch.int32, device=DEV)
+    pl = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    enter = torch.tensor([p if p < sinks else sinks + (p - sinks) % window for p in lens], device=DEV)
+    before = [view.k_hot.clone(), view.v_hot.clone()]  # (NaN in the rows no token holds)
+    want = [x.clone() for x in before]
+    reference.enter_window(*want, k, v, view.seq_slot.long(), enter)
+    same = lambda a, b: torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)  # noqa: E731
+    splits = 3 if DEV == "cpu" else None  # (the interpreter's time goes with the programs)
+    plain = paged_decode_attention(q, k, v, cu, pl, view, 1 / math.sqrt(d), kernel=kernel, num_splits=splits)
+    assert same(view.k_hot, before[0]) and same(view.v_hot, before[1])
+    out = paged_decode_attention(q, k, v, cu, pl, view, 1 / math.sqrt(d), kernel=kernel, num_splits=splits,
+                                 enter=enter)
+    assert torch.isfinite(out).all() and torch.equal(out, plain)
+    assert same(view.k_hot, want[0]) and same(view.v_hot, want[1])
+    assert not same(want[0], before[0])
+    assert rel_err(out, attention64(q, k, v, cu, lens, kd, vd, 1 / math.sqrt(d))) < 2e-3
+
+
 def test_decode_bf16_inputs():
     out, ref, _ = _run("tq3.5", "tq3.5", 128, 2, 4, LENS, 4, 8, torch.bfloat16, splits=2, seed=5)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()

@@ -275,12 +275,14 @@ class PagedCache:
         if not self.calibrated[layer]:
             self._calibrate(layer, q, k, v, ctx, scale)
         k = self.centered(layer, k)
-        if ctx.decode and self.hot_layers[:1] == [layer]:
-            self._retire(ctx.seq_index, ctx.plan)
+        enter = None
+        if ctx.decode and self.window > 0 and self.k_hot[layer] is not None:
+            self._retire(layer, ctx.seq_index, ctx.plan)
+            enter = ctx.plan[0]  # the new tokens take their hot rows once attention has read them
         out = dispatch.paged_attention(q, k, v, ctx.cu_q, ctx.prefix_lens_t, self.view(layer, ctx), scale, window,
-                                       prefix_list=ctx.prefix_lens, chunk_list=ctx.chunk_lens)
+                                       prefix_list=ctx.prefix_lens, chunk_list=ctx.chunk_lens, enter=enter)
         if ctx.decode:
-            self._write_decode(layer, k, v, ctx.seq_index, ctx.plan)
+            self._write_decode(layer, k, v, ctx.plan)
         else:
             self._write(layer, k, v, ctx)
         return out
@@ -311,20 +313,23 @@ class PagedCache:
             rows[2] = rows[3]
         return [i for row in rows for i in row]
 
-    def _retire(self, seq: torch.Tensor, plan: torch.Tensor) -> None:
-        """At a decode step's start (its first layer with records), the records of the tokens leaving
-        the window in every layer at once (one launch where the layers share a cache type, in place
-        of a write per layer): their hot rows hold them until each layer's attention has read them
-        and _write_decode puts the new token there. Records are the same bytes whenever written, and
-        no attention of this step reads them (its window still holds the token). Not while a layer
-        is yet to be calibrated (a first step of one token): each layer writes its own after its
-        calibration then."""
+    def _retire(self, layer: int, seq: torch.Tensor, plan: torch.Tensor) -> None:
+        """A decode step's records of the tokens leaving the window (hot rows plan[1] -> pool slots
+        plan[2]), before the layer's attention, which then writes the new tokens into those rows: at
+        the step's first layer with a window, every layer's at once (one launch where the layers
+        share a cache type, in place of a write per layer; records are the same bytes whenever
+        written, and no attention of this step reads them: its window still holds the token). While a
+        layer is yet to be calibrated (a first step of one token), each layer its own, after its
+        calibration."""
         from tqinfer.kernels import dispatch
 
-        self.retired = self.window > 0 and all(self.calibrated[i] for i in self.hot_layers)
-        if self.retired:
-            _, src_hot, rec_dst, _ = plan
-            dispatch.retire_window(self._retire_layers(self.hot_layers), seq, src_hot, rec_dst)
+        _, src_hot, rec_dst, _ = plan
+        if layer == self.hot_layers[0]:
+            self.retired = all(self.calibrated[i] for i in self.hot_layers)
+            if self.retired:
+                dispatch.retire_window(self._retire_layers(self.hot_layers), seq, src_hot, rec_dst)
+        if not self.retired:
+            dispatch.retire_window(self._retire_layers([layer]), seq, src_hot, rec_dst)
 
     def _retire_layers(self, layers: list[int]) -> list[tuple]:
         """retire_window's (k_codec, v_codec, k_hot, v_hot, k_pool, v_pool) of these layers."""
@@ -339,24 +344,19 @@ class PagedCache:
         if self.window > 0 and self.hot_layers:
             dispatch.prepare_retire(self._retire_layers(self.hot_layers))
 
-    def _write_decode(self, layer: int, k: torch.Tensor, v: torch.Tensor, seq: torch.Tensor,
-                      plan: torch.Tensor) -> None:
+    def _write_decode(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: torch.Tensor) -> None:
+        """A decode step's writes after the layer's attention, where a layer has no window: the new token
+        to the pool (dense layers; records where the window is empty). With a window, _retire wrote the
+        records before attention and attention the new token."""
         from tqinfer.kernels import dispatch
 
-        hot_new, src_hot, rec_dst, dense_dst = plan
-        khot, vhot = self.k_hot[layer], self.v_hot[layer]
-        if khot is None:
+        _, _, rec_dst, dense_dst = plan
+        if self.k_hot[layer] is None:
             write_dense(self.k_pool[layer], k, dense_dst, self.block_size)
             write_dense(self.v_pool[layer], v, dense_dst, self.block_size)
-            return
-        if self.window == 0:
+        elif self.window == 0:
             dispatch.write_kv_tokens(self.k_codec[layer], k, self.k_pool[layer], self.v_codec[layer], v,
                                      self.v_pool[layer], rec_dst)
-            return
-        if not self.retired:  # the step's first layer wrote no records (_retire): this layer's own
-            dispatch.retire_window(self._retire_layers([layer]), seq, src_hot, rec_dst)
-        # the window's oldest token has its records: the new one takes its row
-        dispatch.enter_window(khot, vhot, k, v, seq, hot_new)
 
     def kernel_state(self) -> list:
         """What a captured decode step depends on beside the pools: each codec's layout state (a split

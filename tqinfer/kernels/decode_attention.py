@@ -567,6 +567,7 @@ def _decode_merge_kernel(
     SB: tl.constexpr, NHOT: tl.constexpr, HP: tl.constexpr, CJ: tl.constexpr,
     V_ROTATED: tl.constexpr, DVQ: tl.constexpr, PDL: tl.constexpr = False, MIN_TILES: tl.constexpr = 1, FILL=1,
     WAVE_TILES: tl.constexpr = 0, SPREAD=1, HOT_EARLY: tl.constexpr = False, NCS: tl.constexpr = 1,
+    k_hot=None, v_hot=None, seq_slot=None, enter_ptr=None, s_hs=0, s_hh=0, s_hr=0, ENTER: tl.constexpr = False,
 ):
     """NCS programs per query head, each for output columns c0 .. c0 + D / NCS: a log-sum-exp reduction over
     the splits with work (online, SB at a time; every program reduces the whole accumulator, which each
@@ -576,7 +577,9 @@ def _decode_merge_kernel(
     and the query issue together, and under PDL the program's columns of the rotation are prefetched to
     L2 before the wait (H200, tq3.5, graph replay: the merge's share of the call 4.5-4.8 -> 3.4-4.3 us;
     the hot accumulators with the rest, 2026-12-01 10:21 UTC, tq3.5 / tq4: 8B B1 8k 22.8 -> 22.7 / 24.0 ->
-    23.6 us, 128k 86.4 -> 86.1 / 91.8 -> 91.3, 135M 4k 13.6 -> 13.3 / 13.5 -> 13.3)."""
+    23.6 us, 128k 86.4 -> 86.1 / 91.8 -> 91.3, 135M 4k 13.6 -> 13.3 / 13.5 -> 13.3). ENTER: once the
+    splits are done (every hot row read), the new token takes hot row enter[b] of sequence seq_slot[b]
+    (the cache's decode write; the programs of the group's first query row store their columns)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     g = tl.program_id(2) // NCS
@@ -597,6 +600,12 @@ def _decode_merge_kernel(
                                       [rot_v + h * D * D + (ln // LPR) * D + c0 + (ln % LPR) * 32],
                                       dtype=tl.int32, is_pure=False, pack=1)
         tl.extra.cuda.gdc_wait()
+    if ENTER:
+        if g == 0:
+            hot = (tl.load(seq_slot + b).to(tl.int64) * s_hs + h * s_hh + tl.load(enter_ptr + b).to(tl.int64) * s_hr
+                   + dc)
+            tl.store(k_hot + hot, tl.load(k_ptr + b * s_kt + h * s_kh + dc))
+            tl.store(v_hot + hot, tl.load(v_ptr + b * s_kt + h * s_kh + dc))
     # every load that needs only the workspace issued before any of them is used: one wait for memory
     q = tl.load(q_ptr + b * s_qt + (h * G + g) * s_qh + d)
     hj = tl.arange(0, HP)
@@ -1047,7 +1056,8 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
                            block_n: int | None = None, out: torch.Tensor | None = None,
                            num_warps: int | None = None, lookup: str | None = None,
                            num_stages: int = 1, early_v: bool | None = None,
-                           max_registers: int | None = None, kernel: str | None = None) -> torch.Tensor:
+                           max_registers: int | None = None, kernel: str | None = None,
+                           enter: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention (every chunk one token: cu_q == arange(B + 1)) over a paged, possibly compressed
     cache: q[B, Hq, d], k/v[B, H, d] the new tokens -> [B, Hq, d] in q's dtype. See kernels/reference.py.
     num_splits fixes the grid (default: by batch size); `out` may be given (written, never read).
@@ -1055,7 +1065,9 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
     capturing a CUDA graph. lookup / num_stages / block_n / num_warps / early_v / max_registers (ptxas's
     register cap for the Triton split kernel) select measured variants of the Triton kernel
     (docs/BENCHMARKS.md); kernel: "gluon" (decode_gluon, where `gluon_reads`; an error elsewhere) or
-    "triton" for the splits, default Gluon where it reads (the Triton kernel's knobs do not apply to it)."""
+    "triton" for the splits, default Gluon where it reads (the Triton kernel's knobs do not apply to it).
+    enter (int64 [B]): once attention has read the window, the new tokens k / v take hot rows enter of
+    their sequences (the cache's decode write, done by the merge kernel)."""
     bsz, hq, d = q.shape
     h = k.shape[1]
     if hq % h:
@@ -1064,8 +1076,12 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
         raise ValueError(f"kernel must be 'gluon', 'triton' or None, not {kernel!r}")
     if kernel == "gluon" and not kernel_reads(view, d):
         raise ValueError("the Gluon decode kernel does not read these records (see gluon_layouts)")
+    if enter is not None and view.k_hot is None:
+        raise ValueError("enter names hot rows of a view without hot buffers")
     if not kernel_reads(view, d):  # the twin serves what no kernel reads
         res = reference.paged_attention(q, k, v, cu_q, prefix_lens, view, scale)
+        if enter is not None:
+            reference.enter_window(view.k_hot, view.v_hot, k, v, view.seq_slot.long(), enter)
         return res if out is None else out.copy_(res)
     if prefix_lens.shape[0] != bsz:
         raise ValueError(f"decode takes one token per sequence: {bsz} queries, {prefix_lens.shape[0]} sequences")
@@ -1086,6 +1102,7 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
     if v.stride() != k.stride() or k.stride(2) != 1:
         k, v = k.contiguous(), v.contiguous()
     has_hot, k_hot, v_hot, hs = _hot(view, k)
+    fused_enter = enter is not None and has_hot and k.dtype == k_hot.dtype  # (else torch rounds, after)
     sms = q.device.type == "cuda" and torch.cuda.get_device_properties(q.device).multi_processor_count
     gluon = gluon_reads(k_lay, v_lay, d, g, bs, q.device)
     if kernel == "gluon" and not gluon:
@@ -1166,8 +1183,11 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
         H=h, G=g, D=d, BLOCK_N=block_n, NSPLIT=nsplit, SB=min(sp, chunk), NHOT=nhot, HP=hp, CJ=cj,
         V_ROTATED=v_lay is not None, DVQ=dvq, PDL=pdl, MIN_TILES=min_tiles, FILL=fill, WAVE_TILES=wave_tiles,
         SPREAD=spread, HOT_EARLY=cj == d // ncs and nhot > 0 and hp * cj <= MERGE_HOT_TILE, NCS=ncs,
-        num_warps=MERGE_WARPS,
+        k_hot=k_hot, v_hot=v_hot, seq_slot=seq_slot, enter_ptr=enter, s_hs=hs[0], s_hh=hs[1], s_hr=hs[2],
+        ENTER=fused_enter, num_warps=MERGE_WARPS,
         launch_pdl=pdl)
+    if enter is not None and not fused_enter:
+        reference.enter_window(view.k_hot, view.v_hot, k, v, view.seq_slot.long(), enter)
     return out
 
 

@@ -20,7 +20,11 @@ def use_triton(t) -> bool:
     return t.is_cuda and kernels_enabled()
 
 
-def paged_attention(q, k, v, cu_q, prefix_lens, view, scale, window=None, prefix_list=None, chunk_list=None):
+def paged_attention(q, k, v, cu_q, prefix_lens, view, scale, window=None, prefix_list=None, chunk_list=None,
+                    enter=None):
+    """Attention of the step's queries over the view (and the chunks' own tokens). enter (decode steps,
+    one token a sequence): then the new tokens take hot rows enter of their sequences (the decode
+    kernel's merge writes them; the other paths after attention)."""
     if use_triton(q) and window is None:
         try:
             from tqinfer.kernels.decode_attention import paged_decode_attention as decode
@@ -29,11 +33,16 @@ def paged_attention(q, k, v, cu_q, prefix_lens, view, scale, window=None, prefix
             decode = prefill = None
         if decode is not None:
             if chunk_list is not None and all(n == 1 for n in chunk_list):
-                return decode(q, k, v, cu_q, prefix_lens, view, scale)
+                return decode(q, k, v, cu_q, prefix_lens, view, scale, enter=enter)
+            if enter is not None:
+                raise ValueError("enter is for decode steps (one token a sequence)")
             if chunk_list is not None and prefix_list is not None and 1 in chunk_list:
                 return mixed_attention(decode, prefill, q, k, v, prefix_lens, view, scale, prefix_list, chunk_list)
             return prefill(q, k, v, cu_q, prefix_lens, view, scale, prefix_list=prefix_list, chunk_list=chunk_list)
-    return reference.paged_attention(q, k, v, cu_q, prefix_lens, view, scale, window, prefix_list, chunk_list)
+    out = reference.paged_attention(q, k, v, cu_q, prefix_lens, view, scale, window, prefix_list, chunk_list)
+    if enter is not None:
+        reference.enter_window(view.k_hot, view.v_hot, k, v, view.seq_slot.long(), enter)
+    return out
 
 
 def mixed_attention(decode, prefill, q, k, v, prefix_lens, view, scale, prefix_list: list[int],
@@ -116,10 +125,3 @@ def prepare_retire(layers):
     kernel = _quantize_kernel("prepare_retire") if layers and use_triton(layers[0][2]) else None
     if kernel is not None:
         kernel(layers)
-
-
-def enter_window(k_hot, v_hot, k, v, seq, hot_new):
-    """The new tokens into their hot rows (see reference.enter_window)."""
-    kernel = _quantize_kernel("enter_window") if use_triton(k) else None
-    return kernel(k_hot, v_hot, k, v, seq, hot_new) if kernel is not None else reference.enter_window(
-        k_hot, v_hot, k, v, seq, hot_new)

@@ -273,23 +273,6 @@ def _quantize_kv_kernel(xk_ptr, xv_ptr, slot_ptr, pk_ptr, pv_ptr, rk_ptr, rv_ptr
 
 
 @triton.jit
-def _enter_window_kernel(k_hot, v_hot, k, v, seq_ptr, new_ptr, s_t, s_h, s_pos, n_t, n_h, N,
-                         D: tl.constexpr, DP: tl.constexpr, BT: tl.constexpr):
-    """New tokens k[i], v[i] (head program_id(1); D channels, DP the next power of two; in the hot
-    buffers' dtype) into hot row new[i] of sequence seq[i]."""
-    h = tl.program_id(1)
-    t = tl.program_id(0) * BT + tl.arange(0, BT)
-    tmask = t < N
-    seq = tl.load(seq_ptr + t, mask=tmask, other=0).to(tl.int64)
-    dst = seq * s_t + h * s_h + tl.load(new_ptr + t, mask=tmask, other=0).to(tl.int64) * s_pos
-    src = t.to(tl.int64)[:, None] * n_t + h * n_h
-    cols = tl.arange(0, DP)[None, :]
-    m = tmask[:, None] & (cols < D)
-    tl.store(k_hot + dst[:, None] + cols, tl.load(k + src + cols, mask=m), mask=m)
-    tl.store(v_hot + dst[:, None] + cols, tl.load(v + src + cols, mask=m), mask=m)
-
-
-@triton.jit
 def _quantize_rows(x_rows, t, tmask, slot_ptr, pool_ptr, rot_ptr, tab_ptr, s_ptr, sx_h, h,
                    H: tl.constexpr, BS: tl.constexpr, REC: tl.constexpr, D: tl.constexpr,
                    BT: tl.constexpr, KC: tl.constexpr,
@@ -490,19 +473,3 @@ def _layer_table(group, build: bool = False) -> torch.Tensor:
                                "(call prepare_retire with the layers first)")
         _TABLES[key] = torch.tensor(rows, dtype=torch.int64, device=device)
     return _TABLES[key]
-
-
-def enter_window(k_hot, v_hot, k, v, seq: torch.Tensor, hot_new: torch.Tensor) -> None:
-    """The new tokens k[i], v[i] [N, H, d] into hot row hot_new[i] of sequence seq[i] (after the layer's
-    attention has read the row's old token, whose records retire_window wrote), in one launch."""
-    n, h, d = k.shape
-    if n == 0:
-        return
-    # in the hot buffers' dtype already (a no-op in the engine): torch rounds, as the twin does
-    k, v = k.to(k_hot.dtype), v.to(v_hot.dtype)
-    if k.stride() != v.stride() or k.stride(2) != 1 or k_hot.stride() != v_hot.stride() or k_hot.stride(3) != 1:
-        from . import reference
-        return reference.enter_window(k_hot, v_hot, k, v, seq, hot_new)
-    _enter_window_kernel[(triton.cdiv(n, BT), h)](
-        k_hot, v_hot, k, v, seq, hot_new, k_hot.stride(0), k_hot.stride(1), k_hot.stride(2), k.stride(0),
-        k.stride(1), n, D=d, DP=triton.next_power_of_2(d), BT=BT)
