@@ -182,7 +182,8 @@ def bench_decode(shape, b, t, kinds, results, dequant_limit=1 << 20, baseline=No
                 row[f"{kind}_deq_us"] = graph_time(dequant_then_sdpa(view, q4, b, t, h, d))
             slots = torch.arange(b, device=DEV) * BS  # one token per sequence leaves the window
             x = torch.randn(b, h, d, device=DEV, dtype=torch.bfloat16)
-            # the engine's write (K and V in one launch) and, for comparison, one launch each
+            # one layer's write of K and V in one launch (the engine's decode steps write every layer's
+            # in one launch: scripts/bench_window_write.py) and, for comparison, one launch each
             row[f"{kind}_write_us"] = graph_time(lambda: write_kv_tokens(view.k_codec, x, view.k_pool,
                                                                          view.v_codec, x, view.v_pool, slots))
             row[f"{kind}_write2_us"] = graph_time(lambda: (write_tokens(view.k_codec, x, view.k_pool, slots),

@@ -185,16 +185,18 @@ def test_planned_decode_writes_equal_the_generic_path(sinks, window, protected, 
                 assert torch.equal(a[layer], b[layer])
 
 
-def test_a_decode_step_that_calibrates_writes_its_records_after():
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_a_decode_step_that_calibrates_writes_its_records_after(device):
     """A split type's first step being a decode step whose token leaves the window (a cache filled
     without a prefill, as scripts/bench_e2e.py fills one): each layer calibrates in its own attention,
     so the planned step writes that layer's records after it (not all layers' at the step's start,
-    with the outlier channels of before): pools, hot rows and outputs equal the generic path's."""
+    with the outlier channels of before): pools, hot rows and outputs equal the generic path's (on
+    CUDA through the kernels)."""
     torch.manual_seed(3)
     H, G, d, S, W, n = 2, 2, 64, 2, 16, 40
     cfg = CacheConfig(k_type="tq3.5", v_type="tq3.5", sinks=S, window=W, block_size=16)
     args = tiny_args(3, H, d)
-    caches = [PagedCache(cfg, args, max_seqs=2, max_len=96, dtype=torch.float32, device="cpu") for _ in range(2)]
+    caches = [PagedCache(cfg, args, max_seqs=2, max_len=96, dtype=torch.float32, device=device) for _ in range(2)]
     planned, generic = caches
     for cache in caches:
         cache.write_ahead = 1
@@ -205,13 +207,13 @@ def test_a_decode_step_that_calibrates_writes_its_records_after():
     for layer in range(3):  # the same random hot rows in both (records: zero vectors)
         for name in ("k_hot", "v_hot"):
             x = getattr(planned, name)[layer]
-            x.copy_(torch.randn(x.shape) * 2)
+            x.copy_(torch.randn(x.shape) * 2)  # (CPU generator, copied to the device)
             getattr(generic, name)[layer].copy_(x)
     for step in range(3):
-        q, k, v = (torch.randn(2, heads, d) for heads in (H * G, H, H))
+        q, k, v = (torch.randn(2, heads, d).to(device) for heads in (H * G, H, H))
         outs = []
         for cache in caches:
-            ctx = StepContext.build(cache, [0, 1], [cache.lens[0], cache.lens[1]], [1, 1], "cpu")
+            ctx = StepContext.build(cache, [0, 1], [cache.lens[0], cache.lens[1]], [1, 1], device)
             if cache is generic:
                 ctx.plan = None
             outs.append([cache.attend(layer, q, k, v, ctx, d ** -0.5, None) for layer in range(3)])

@@ -128,8 +128,9 @@ class DenseCache:
         """No codecs: nothing beside the buffers that a captured step reads (see PagedCache)."""
         return []
 
-    def prepare_graph(self) -> None:
+    def prepare_graph(self) -> list:
         """Nothing to do ahead of a capture (see PagedCache)."""
+        return []
 
     def graph_ready(self, head_dim: int) -> bool:
         if not self.k[0].is_cuda:  # (and no Triton import on the CPU path)

@@ -336,13 +336,14 @@ class PagedCache:
         return [(self.k_codec[i], self.v_codec[i], self.k_hot[i], self.v_hot[i], self.k_pool[i], self.v_pool[i])
                 for i in layers]
 
-    def prepare_graph(self) -> None:
-        """Host work a decode step's capture must not do (copies to the device): the table of the
-        layers' tensors retire_window reads, for the codec layouts of now."""
+    def prepare_graph(self) -> list:
+        """Host work a decode step's capture must not do (copies to the device): the tables of the
+        layers' tensors retire_window reads, for the codec layouts of now; the graph holds them."""
         from tqinfer.kernels import dispatch
 
         if self.window > 0 and self.hot_layers:
-            dispatch.prepare_retire(self._retire_layers(self.hot_layers))
+            return dispatch.prepare_retire(self._retire_layers(self.hot_layers))
+        return []
 
     def _write_decode(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: torch.Tensor) -> None:
         """A decode step's writes after the layer's attention, where a layer has no window: the new token

@@ -101,7 +101,7 @@ class DecodeGraph:
         self.table = rotary.cos
         self.cache = cache
         self.state = cache.kernel_state()  # the codec layouts the eager warm-up step just built
-        cache.prepare_graph()  # and what the capture reads for them that it cannot copy to the device
+        self.held = cache.prepare_graph()  # what the capture reads for them and cannot copy to the device
         self.host = torch.empty(len(meta), dtype=torch.long, pin_memory=True)
         self.inputs = torch.tensor(meta, dtype=torch.long, device=engine.device)
         self.copied = torch.cuda.Event()

@@ -119,9 +119,8 @@ def retire_window(layers, seq, src_hot, rec_dst):
         layers, seq, src_hot, rec_dst)
 
 
-def prepare_retire(layers):
+def prepare_retire(layers) -> list:
     """What retire_window's kernel reads besides the layers (their address tables), made ahead of a
-    CUDA graph capture; nothing for the twin."""
+    CUDA graph capture, for the graph to hold; nothing for the twin."""
     kernel = _quantize_kernel("prepare_retire") if layers and use_triton(layers[0][2]) else None
-    if kernel is not None:
-        kernel(layers)
+    return kernel(layers) if kernel is not None else []

@@ -240,8 +240,8 @@ def _quantize_kv_kernel(xk_ptr, xv_ptr, slot_ptr, pk_ptr, pv_ptr, rk_ptr, rv_ptr
                         SC_B: tl.constexpr, BND_B: tl.constexpr,
                         M_Q: tl.constexpr, PL_Q: tl.constexpr, SC_Q: tl.constexpr, HOT: tl.constexpr,
                         LAYERS: tl.constexpr):
-    """K and V of the same record layout in one launch: programs [0, H) write K, [H, 2H) V (a decode
-    step writes one token per layer, where the launches, not the work, are the cost); a grid of H
+    """K and V of the same record layout in one launch: programs [0, H) write K, [H, 2H) V (few tokens
+    a launch at a decode step, where the launches, not the work, are the cost); a grid of H
     programs writes K alone (write_tokens, one codec's tokens). HOT: token i is row src[i] of sequence
     seq[i] in the hot buffers x[slot, h, pos, :] (strides s_t, s_h, s_pos). LAYERS: program_id(2) is a
     layer, whose ten tensors (x K / V, pool K / V, rotation K / V, tables K / V, QJL matrix K / V) are
@@ -428,11 +428,10 @@ def retire_window(layers, seq: torch.Tensor, src_hot: torch.Tensor, rec_dst: tor
                    hot=(seq, src_hot), layers=(_layer_table(group), len(group)))
 
 
-def prepare_retire(layers) -> None:
+def prepare_retire(layers) -> list[torch.Tensor]:
     """The address tables retire_window will read for these layers, built now (a host-to-device copy:
-    ahead of a CUDA graph capture, which cannot make one)."""
-    for group in _layer_groups(layers)[0]:
-        _layer_table(group, build=True)
+    ahead of a CUDA graph capture, which cannot make one); a graph captured next holds them."""
+    return [_layer_table(group) for group in _layer_groups(layers)[0]]
 
 
 def _layer_groups(layers) -> tuple[list[list], list]:
@@ -451,13 +450,13 @@ def _layer_groups(layers) -> tuple[list[list], list]:
     return list(groups.values()), others
 
 
-# tables of layer addresses, by content: never dropped, since a captured decode graph reads the one it
-# was captured with for as long as it is valid (an entry is 80 bytes a layer; new ones come only with
-# new codec layouts, i.e. a calibration or a loaded sequence)
+# tables of layer addresses, by content (new ones come with new codec layouts: a calibration, a loaded
+# sequence), the latest MAX_TABLES kept; a captured decode graph holds the ones it reads (prepare_retire)
 _TABLES: dict = {}
+MAX_TABLES = 64
 
 
-def _layer_table(group, build: bool = False) -> torch.Tensor:
+def _layer_table(group) -> torch.Tensor:
     """int64 [layers, 10] on the device: each layer's x K / V, pool K / V, rotation K / V, tables K / V,
     QJL matrix K / V addresses (_quantize_kv_kernel's LAYERS order). Built once per content, never
     while a CUDA graph is captured (prepare_retire builds it ahead)."""
@@ -468,8 +467,10 @@ def _layer_table(group, build: bool = False) -> torch.Tensor:
     device = group[0][2].device
     key = (str(device), tuple(rows))
     if key not in _TABLES:
-        if not build and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("retire_window's layer table was not built before the CUDA graph capture "
                                "(call prepare_retire with the layers first)")
+        while len(_TABLES) >= MAX_TABLES:
+            del _TABLES[next(iter(_TABLES))]
         _TABLES[key] = torch.tensor(rows, dtype=torch.int64, device=device)
     return _TABLES[key]
