@@ -8,6 +8,8 @@ Layout (the kernels read exactly this):
   S + (t - S) % W. A sequence of L tokens keeps [S, L - W) compressed in the pool, the rest hot.
 - Records of a token are written once, when it leaves the window (quantize-on-write); `compressed`
   per sequence says how many leading tokens already have records, so a rollback never re-encodes.
+  A planned decode step (CUDA) writes every layer's leaving tokens in one launch at its start
+  (_retire), and each layer's attention stores the new token into the row the leaving one held.
 - Key centering (CacheConfig.center_keys): k_center[layer] float32 [H, d] is a point per KV head
   chosen from the first prefill chunk (attention_weighted_center; calibrated with the split types'
   outlier sets and kept with the cache); "auto" (the default) keeps it only for the heads where it
