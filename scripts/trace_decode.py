@@ -74,13 +74,12 @@ PATCHES = {
          "                 D, VA_DP, VB_DP, NW, SMEM_MERGE)\n    gl.store(tr + 3, _now(b))\n"),
     ],
     "kernels/decode_attention.py": [
-        ("HOT_EARLY: tl.constexpr = False, NCS: tl.constexpr = 1,\n):",
-         "HOT_EARLY: tl.constexpr = False, NCS: tl.constexpr = 1, trace=None,\n):"),
+        ("ENTER: tl.constexpr = False,\n):", "ENTER: tl.constexpr = False, trace=None,\n):"),
         ("    g = tl.program_id(2) // NCS\n",
          "    g = tl.program_id(2) // NCS\n    tr = trace + ((b * H + h) * G * NCS + tl.program_id(2)) * 8\n"
          "    tl.store(tr, _tnow(b))\n"),
-        ("        tl.extra.cuda.gdc_wait()\n    # every load", "        tl.extra.cuda.gdc_wait()\n"
-         "    tl.store(tr + 1, _tnow(b))\n    # every load"),
+        ("        tl.extra.cuda.gdc_wait()\n    if ENTER:", "        tl.extra.cuda.gdc_wait()\n"
+         "    tl.store(tr + 1, _tnow(b))\n    if ENTER:"),
         ("    sc = tl.sum(q * k_new, axis=0)", "    tl.store(tr + 2, _tnow(b))\n    sc = tl.sum(q * k_new, axis=0)"),
         ("    o_ptr = out_ptr + b * s_ot", "    tl.store(tr + 4, _tnow(b))\n    o_ptr = out_ptr + b * s_ot"),
         ("        else:\n            o = acc\n",
