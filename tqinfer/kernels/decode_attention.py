@@ -1079,9 +1079,7 @@ def paged_decode_attention(q, k, v, cu_q, prefix_lens, view, scale: float, num_s
     if enter is not None and view.k_hot is None:
         raise ValueError("enter names hot rows of a view without hot buffers")
     if not kernel_reads(view, d):  # the twin serves what no kernel reads
-        res = reference.paged_attention(q, k, v, cu_q, prefix_lens, view, scale)
-        if enter is not None:
-            reference.enter_window(view.k_hot, view.v_hot, k, v, view.seq_slot.long(), enter)
+        res = reference.paged_attention(q, k, v, cu_q, prefix_lens, view, scale, enter=enter)
         return res if out is None else out.copy_(res)
     if prefix_lens.shape[0] != bsz:
         raise ValueError(f"decode takes one token per sequence: {bsz} queries, {prefix_lens.shape[0]} sequences")

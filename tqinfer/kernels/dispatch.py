@@ -39,10 +39,8 @@ def paged_attention(q, k, v, cu_q, prefix_lens, view, scale, window=None, prefix
             if chunk_list is not None and prefix_list is not None and 1 in chunk_list:
                 return mixed_attention(decode, prefill, q, k, v, prefix_lens, view, scale, prefix_list, chunk_list)
             return prefill(q, k, v, cu_q, prefix_lens, view, scale, prefix_list=prefix_list, chunk_list=chunk_list)
-    out = reference.paged_attention(q, k, v, cu_q, prefix_lens, view, scale, window, prefix_list, chunk_list)
-    if enter is not None:
-        reference.enter_window(view.k_hot, view.v_hot, k, v, view.seq_slot.long(), enter)
-    return out
+    return reference.paged_attention(q, k, v, cu_q, prefix_lens, view, scale, window, prefix_list, chunk_list,
+                                     enter)
 
 
 def mixed_attention(decode, prefill, q, k, v, prefix_lens, view, scale, prefix_list: list[int],

@@ -339,10 +339,13 @@ def _prefill_sdpa(q, k, v, view, row: int, slot: int, p: int, scale: float) -> t
 
 
 def paged_attention(q, k, v, cu_q, prefix_lens, view, scale: float, window: int | None = None,
-                    prefix_list: list[int] | None = None, chunk_list: list[int] | None = None) -> torch.Tensor:
+                    prefix_list: list[int] | None = None, chunk_list: list[int] | None = None,
+                    enter: torch.Tensor | None = None) -> torch.Tensor:
     """q [T, Hq, d], k/v [T, H, d] (the chunks' own tokens) -> [T, Hq, d] in q's dtype.
 
-    Each chunk attends causally to itself and to its sequence's cached prefix (LayerCacheView)."""
+    Each chunk attends causally to itself and to its sequence's cached prefix (LayerCacheView). enter
+    (decode steps, int64 [B]): afterwards the new tokens take hot rows enter of their sequences
+    (enter_window; the decode kernel's merge does it in place)."""
     T, Hq, d = q.shape
     H = k.shape[1]
     G = Hq // H
@@ -386,4 +389,6 @@ def paged_attention(q, k, v, cu_q, prefix_lens, view, scale: float, window: int 
                 lo = max(lo, p - window + 1)
             _compressed_part(qg, view, row, lo, hi, qpos, scale, window, merger)
         out[s0:s1] = merger.result().transpose(1, 2).reshape(n, Hq, d).to(q.dtype)
+    if enter is not None:
+        enter_window(view.k_hot, view.v_hot, k, v, view.seq_slot.long(), enter)
     return out
