@@ -154,3 +154,27 @@ def test_graph_captured_when_the_first_step_calibrates():
         assert err < 2e-2, f"step {step}: relative logit error {err:.3g}"
         token = int(b.argmax())
     assert graphed.cuda_graphs and set(graphed.graphs) == {1} and graphed.cache.retired
+
+
+def test_decode_projections_through_the_kernel_equal_cublas(monkeypatch):
+    """A decode step's projections take fused.linear's kernel (counted) and its logits equal the step
+    with every projection through cuBLAS (SKINNY_ROWS 0) to bf16 rounding, greedy tokens identical;
+    the prefill's projections (more than SKINNY_ROWS rows) go to cuBLAS."""
+    from tqinfer.kernels import fused, fused_triton
+
+    model, args = tiny_model()
+    rows, skinny = [], fused_triton.skinny_linear
+    monkeypatch.setattr(fused_triton, "skinny_linear", lambda x, w, b: rows.append(x.shape[0]) or skinny(x, w, b))
+    logits = []
+    for limit in (fused.SKINNY_ROWS, 0):
+        monkeypatch.setattr(fused, "SKINNY_ROWS", limit)
+        cache = build_cache(CacheConfig(k_type="tq3.5", v_type="tq3.5", sinks=4, window=32), args, max_seqs=2,
+                            max_len=256, dtype=torch.bfloat16, device="cuda")
+        engine = LLMEngine(model, cache, "cuda", cuda_graphs=False)
+        engine.forward([0, 1], [0, 0], [list(range(1, 70)), list(range(3, 40))])
+        logits.append(engine.forward([0, 1], [69, 37], [[5], [6]]))
+    # the prefill's head (each chunk's last token), then the decode step's 3 layers x (q/k/v, o, gate/up,
+    # down) and head: 14 calls of 2 rows, none with the prefill's 106 or with SKINNY_ROWS 0
+    assert rows == [2] * 14
+    torch.testing.assert_close(logits[0], logits[1], rtol=2e-2, atol=2e-2)
+    assert torch.equal(logits[0].argmax(-1), logits[1].argmax(-1))

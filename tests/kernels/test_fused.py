@@ -64,3 +64,40 @@ def test_silu_mul(t, h):
     a, b = gu.double().split([h, h], -1)
     assert not torch.isnan(got).any()
     torch.testing.assert_close(got.double(), F.silu(a) * b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("m,n,k,bias,dtype", [(1, 100, 72, False, torch.bfloat16),
+                                              (5, 64, 576, True, torch.bfloat16),
+                                              (16, 300, 1100, False, torch.float16),
+                                              (3, 2100, 96, True, torch.float16)])
+def test_skinny_linear(m, n, k, bias, dtype):
+    """fused.linear's kernel (decode rows) == float64 x . w^T + b to an ulp of the output dtype, == the
+    twin (F.linear); tiles past n and k masked (n, k no multiple of the tile), outputs finite."""
+    g = torch.Generator().manual_seed(m * n + k)
+    x = torch.randn(m, k, generator=g).to(DEV, dtype)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(DEV, dtype)
+    b = torch.randn(n, generator=g).to(DEV, dtype) if bias else None
+    got = fused.linear(x, w, b, kernel=True)
+    want = x.double() @ w.double().T + (b.double() if bias else 0)
+    assert got.shape == (m, n) and got.dtype == dtype and torch.isfinite(got).all()
+    eps = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10  # an ulp of the output (the interpreter truncates)
+    assert ((got.double() - want).abs() <= eps * want.abs() + 1e-3 * want.abs().max()).all()
+    twin = fused.linear(x, w, b, kernel=False)
+    torch.testing.assert_close(got, twin, rtol=2 * eps, atol=2e-3 * float(want.abs().max()))
+
+
+def test_linear_takes_the_kernel_for_decode_rows_only(monkeypatch):
+    """Up to SKINNY_ROWS rows of bf16 / fp16 go to the kernel; more rows, fp32, a weight of SKINNY_MAX_OUT
+    rows or more, or no kernel: F.linear."""
+    from tqinfer.kernels import fused_triton
+
+    calls = []
+    monkeypatch.setattr(fused_triton, "skinny_linear", lambda x, w, b: calls.append(x.shape[0]) or F.linear(x, w, b))
+    w = torch.randn(8, 32).to(DEV, torch.bfloat16)
+    for rows in (1, fused.SKINNY_ROWS, fused.SKINNY_ROWS + 1):
+        fused.linear(torch.randn(rows, 32).to(DEV, torch.bfloat16), w, kernel=True)
+    fused.linear(torch.randn(2, 32).to(DEV), w.float(), kernel=True)
+    fused.linear(torch.randn(2, 32).to(DEV, torch.bfloat16), w, kernel=False)
+    monkeypatch.setattr(fused, "SKINNY_MAX_OUT", 8)
+    fused.linear(torch.randn(2, 32).to(DEV, torch.bfloat16), w, kernel=True)
+    assert calls == [1, fused.SKINNY_ROWS]

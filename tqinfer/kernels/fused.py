@@ -3,7 +3,9 @@ dozens (each kernel of a CUDA graph costs its launch slot even when its work is 
 
 - `add_rms_norm`: the residual add and the next RMSNorm in one pass;
 - `rope_split`: the fused q/k/v projection's output split into q, k (rotary-embedded) and v;
-- `silu_mul`: SiLU(gate) * up from the fused gate/up projection.
+- `silu_mul`: SiLU(gate) * up from the fused gate/up projection;
+- `linear`: the projections of a decode step (at most SKINNY_ROWS rows) by a kernel that streams the
+  weight once over every SM (cuBLAS's choices for these skinny shapes leave bandwidth unused).
 
 Each has a torch twin, used off CUDA and as the tests' oracle; the twins are the model's math as
 written in models/llama.py before fusion (rotate_half RoPE, RMSNorm in fp32).
@@ -76,3 +78,25 @@ def silu_mul(gu: torch.Tensor, kernel: bool | None = None) -> torch.Tensor:
     from tqinfer.kernels import fused_triton
 
     return fused_triton.silu_mul(gu)
+
+
+# --- decode projections -----------------------------------------------------------------------------
+SKINNY_ROWS = 16  # rows (tokens of a step) up to which a bf16 / fp16 projection takes the kernel on CUDA
+SKINNY_MAX_OUT = 16384  # from this many output features on, cuBLAS streams the weight as fast or faster (H200)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           kernel: bool | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for x [T, K], weight [N, K]. On CUDA (kernel None) a decode step's
+    1 .. SKINNY_ROWS rows of bf16 / fp16 through a weight of fewer than SKINNY_MAX_OUT rows take
+    fused_triton.skinny_linear (fp32 accumulation, like cuBLAS's); other shapes, dtypes and devices
+    F.linear."""
+    if kernel is None and not x.is_cuda:
+        return F.linear(x, weight, bias)
+    if (x.dim() == 2 and 0 < x.shape[0] <= SKINNY_ROWS and weight.shape[0] < SKINNY_MAX_OUT
+            and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype and x.stride(1) == 1
+            and weight.stride(1) == 1 and use_triton(x, kernel)):
+        from tqinfer.kernels import fused_triton
+
+        return fused_triton.skinny_linear(x, weight, bias)
+    return F.linear(x, weight, bias)

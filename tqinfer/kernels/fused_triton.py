@@ -1,11 +1,16 @@
 """Triton kernels of tqinfer/kernels/fused.py (imported on first use, so the CPU path never loads
-Triton): one program per row (norm), per (token, head) (RoPE + split), per (row, 1024 columns) (SiLU)."""
+Triton): one program per row (norm), per (token, head) (RoPE + split), per (row, 1024 columns) (SiLU),
+per tile of weight rows (decode projections)."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -98,3 +103,49 @@ def silu_mul(gu):
     if t:
         _silu_mul_kernel[(t, triton.cdiv(h, block))](gu, out, h, BLOCK=block, num_warps=4)
     return out
+
+
+def skinny_config(n: int, k: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, stages) of _skinny_linear_kernel for a [n, k] weight (n < fused.SKINNY_MAX_OUT):
+    tiles of 16 rows below n = 2048 (so that small projections still spread over the SMs), else 32;
+    128 / 256 / 512 columns as k grows; four stages in flight where they fit in 128 KB of shared memory.
+    From a sweep on the H200 (docs/BENCHMARKS.md, "Decode projections by a Triton kernel")."""
+    bn = 32 if n >= 2048 else 16
+    bk = 128 if k <= 1024 else 512 if k >= 8192 else 256
+    return bn, bk, 4 if bn * bk * 2 * 4 <= 128 * 1024 else 3
+
+
+@triton.jit
+def _skinny_linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, s_xm, s_wn, s_ym, HAS_BIAS: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr):
+    """y [M, N] = x [M, K] . w [N, K]^T (+ b), M <= 16: program n streams rows n * BLOCK_N .. of w once,
+    the rows of x padded to the mma's 16, fp32 accumulation. DOT_F32: operands cast to fp32 first (the
+    interpreter, whose tl.dot mishandles bf16)."""
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = tl.arange(0, 16)
+    kk = tl.arange(0, BLOCK_K)
+    wp = w_ptr + n[:, None].to(tl.int64) * s_wn + kk[None, :]
+    xp = x_ptr + m[:, None] * s_xm + kk[None, :]
+    acc = tl.zeros([16, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        w = tl.load(wp + k0, mask=(n[:, None] < N) & (kk[None, :] < K - k0), other=0.0)
+        x = tl.load(xp + k0, mask=(m[:, None] < M) & (kk[None, :] < K - k0), other=0.0)
+        if DOT_F32:
+            x, w = x.to(tl.float32), w.to(tl.float32)
+        acc = tl.dot(x, tl.trans(w), acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + m[:, None] * s_ym + n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=(m[:, None] < M) & (n[None, :] < N))
+
+
+def skinny_linear(x, weight, bias):
+    m, k = x.shape
+    n = weight.shape[0]
+    y = x.new_empty(m, n)
+    bn, bk, stages = skinny_config(n, k)
+    _skinny_linear_kernel[(triton.cdiv(n, bn),)](x, weight, bias if bias is not None else weight, y, m, n, k,
+                                                 x.stride(0), weight.stride(0), y.stride(0), HAS_BIAS=bias is not None,
+                                                 BLOCK_N=bn, BLOCK_K=bk, DOT_F32=INTERPRET, num_warps=4,
+                                                 num_stages=stages)
+    return y

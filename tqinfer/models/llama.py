@@ -138,16 +138,24 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state-dict names) whose decode-step products on CUDA go through
+    fused.linear's kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fused.linear(x, self.weight, self.bias)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.layer = layer
         self.n_heads, self.n_kv, self.head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
         d, hd, bias = args.hidden_size, args.head_dim, args.attention_bias
-        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=bias)
-        self.k_proj = nn.Linear(d, self.n_kv * hd, bias=bias)
-        self.v_proj = nn.Linear(d, self.n_kv * hd, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=False)
+        self.q_proj = Linear(d, self.n_heads * hd, bias=bias)
+        self.k_proj = Linear(d, self.n_kv * hd, bias=bias)
+        self.v_proj = Linear(d, self.n_kv * hd, bias=bias)
+        self.o_proj = Linear(self.n_heads * hd, d, bias=False)
         if args.qk_norm:
             self.q_norm = RMSNorm(hd, args.rms_norm_eps)
             self.k_norm = RMSNorm(hd, args.rms_norm_eps)
@@ -184,9 +192,9 @@ class MLP(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         d, h, bias = args.hidden_size, args.intermediate_size, args.mlp_bias
-        self.gate_proj = nn.Linear(d, h, bias=bias)
-        self.up_proj = nn.Linear(d, h, bias=bias)
-        self.down_proj = nn.Linear(h, d, bias=bias)
+        self.gate_proj = Linear(d, h, bias=bias)
+        self.up_proj = Linear(d, h, bias=bias)
+        self.down_proj = Linear(h, d, bias=bias)
 
     def fuse(self) -> None:
         """One gate/up projection, SiLU(gate) * up in one kernel."""
@@ -261,10 +269,10 @@ class HalfGemvLinear(nn.Module):
         return F.linear(x, _bf16_copy(self.weight), self.bias)
 
 
-def fused_linear(parts) -> nn.Linear:
+def fused_linear(parts) -> Linear:
     """The linears of `parts` (same input) as one, outputs concatenated in order."""
     w = torch.cat([p.weight for p in parts])
-    out = nn.Linear(w.shape[1], w.shape[0], bias=parts[0].bias is not None, device=w.device, dtype=w.dtype)
+    out = Linear(w.shape[1], w.shape[0], bias=parts[0].bias is not None, device=w.device, dtype=w.dtype)
     out.weight = nn.Parameter(w, requires_grad=False)
     if parts[0].bias is not None:
         out.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
@@ -307,7 +315,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.args = args
         self.model = Backbone(args)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
