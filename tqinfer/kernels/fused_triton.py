@@ -11,11 +11,44 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# programmatic dependent launch (Hopper and later): each kernel may launch while the one before it runs, waits
+# for it (griddepcontrol.wait) before reading or writing anything, then lets the next one launch; the
+# projection kernel prefetches its first weight columns to L2 before its wait. None: on where the device has it.
+PDL = None
+_PDL_DEVICES: dict = {}
+# H200, 2026-12-01 17:24-17:27 (docs/BENCHMARKS.md, "Decode projections by a Triton kernel"): the projection
+# kernel releasing the next one at its end, without / with the prefetch of up to 2048 columns: the default model
+# (4k, tq3.5) 1208.8 / 1267.9-1273.0 tok/s, the 8B shape (32k) 194.8 / 188.8-189.1 (its weights: 33-117 MB);
+# releasing at the start, with the prefetch: 1295.8 / 191.2; no PDL: 1130.3-1130.6 / 193.3-193.5
+PREFETCH_BYTES = 16 << 20
+
+
+def pdl(t: torch.Tensor) -> bool:
+    """Whether this module's kernels launch early on t's device (see PDL)."""
+    if PDL is not None:
+        return PDL
+    if INTERPRET or t.device.type != "cuda" or torch.version.hip is not None:
+        return False
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    if index not in _PDL_DEVICES:
+        _PDL_DEVICES[index] = torch.cuda.get_device_capability(index) >= (9, 0)
+    return _PDL_DEVICES[index]
+
+
+@triton.jit
+def _wait_and_release(PDL: tl.constexpr):
+    """With PDL: wait for the kernel before (its writes visible), then let the next one launch."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
 
 
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, h_ptr, w_ptr, out_x_ptr, out_n_ptr, D, eps, HAS_H: tl.constexpr,
-                         BLOCK: tl.constexpr):
+                         BLOCK: tl.constexpr, PDL: tl.constexpr):
+    _wait_and_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < D
@@ -37,13 +70,15 @@ def add_rms_norm(x, h, weight, eps):
     out_n = torch.empty_like(x)
     if t:
         _add_rms_norm_kernel[(t,)](x, h.contiguous() if h is not None else x, weight, out_x, out_n, d, eps,
-                                   HAS_H=h is not None, BLOCK=triton.next_power_of_2(d), num_warps=4)
+                                   HAS_H=h is not None, BLOCK=triton.next_power_of_2(d), PDL=pdl(x), num_warps=4,
+                                   launch_pdl=pdl(x))
     return out_x, out_n
 
 
 @triton.jit
 def _rope_split_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, s_t, s_cos,
-                       NQ: tl.constexpr, NKV: tl.constexpr, HD: tl.constexpr):
+                       NQ: tl.constexpr, NKV: tl.constexpr, HD: tl.constexpr, PDL: tl.constexpr):
+    _wait_and_release(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     HALF: tl.constexpr = HD // 2
@@ -79,12 +114,14 @@ def rope_split(qkv, positions, cos_table, sin_table, nq, nkv, hd):
     v = qkv.new_empty(t, nkv, hd)
     if t:
         _rope_split_kernel[(t, nq + 2 * nkv)](qkv, positions, cos_table, sin_table, q, k, v, qkv.stride(0),
-                                              cos_table.stride(0), NQ=nq, NKV=nkv, HD=hd, num_warps=1)
+                                              cos_table.stride(0), NQ=nq, NKV=nkv, HD=hd, PDL=pdl(qkv),
+                                              num_warps=1, launch_pdl=pdl(qkv))
     return q, k, v
 
 
 @triton.jit
-def _silu_mul_kernel(gu_ptr, out_ptr, H, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gu_ptr, out_ptr, H, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    _wait_and_release(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < H
@@ -101,7 +138,8 @@ def silu_mul(gu):
     out = gu.new_empty(t, h)
     block = 1024
     if t:
-        _silu_mul_kernel[(t, triton.cdiv(h, block))](gu, out, h, BLOCK=block, num_warps=4)
+        _silu_mul_kernel[(t, triton.cdiv(h, block))](gu, out, h, BLOCK=block, PDL=pdl(gu), num_warps=4,
+                                                      launch_pdl=pdl(gu))
     return out
 
 
@@ -117,14 +155,23 @@ def skinny_config(n: int, k: int) -> tuple[int, int, int]:
 
 @triton.jit
 def _skinny_linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, s_xm, s_wn, s_ym, HAS_BIAS: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr):
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr,
+                          PREFETCH_K: tl.constexpr):
     """y [M, N] = x [M, K] . w [N, K]^T (+ b), M <= 16: program n streams rows n * BLOCK_N .. of w once,
     the rows of x padded to the mma's 16, fp32 accumulation. DOT_F32: operands cast to fp32 first (the
-    interpreter, whose tl.dot mishandles bf16)."""
+    interpreter, whose tl.dot mishandles bf16). PDL: the lines of the first PREFETCH_K weight columns (if
+    any) prefetched to L2 (weights are no kernel's output) before the wait for the kernel before."""
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     m = tl.arange(0, 16)
     kk = tl.arange(0, BLOCK_K)
     wp = w_ptr + n[:, None].to(tl.int64) * s_wn + kk[None, :]
+    if PDL and PREFETCH_K > 0:
+        PER_LINE: tl.constexpr = 1024 // w_ptr.dtype.element_ty.primitive_bitwidth  # elements a 128-byte line
+        rows = w_ptr + tl.minimum(n, N - 1)[:, None].to(tl.int64) * s_wn
+        lp = rows + tl.arange(0, PREFETCH_K // PER_LINE)[None, :] * PER_LINE
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.b32 $0, 0;", "=r,l", [lp], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+    _wait_and_release(PDL)
     xp = x_ptr + m[:, None] * s_xm + kk[None, :]
     acc = tl.zeros([16, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -144,8 +191,13 @@ def skinny_linear(x, weight, bias):
     n = weight.shape[0]
     y = x.new_empty(m, n)
     bn, bk, stages = skinny_config(n, k)
+    early = pdl(x)
+    # prefetch while the kernel before runs: small weights only (larger ones compete with it for bandwidth)
+    small = n * k * weight.element_size() <= PREFETCH_BYTES
+    ahead = min(max(triton.next_power_of_2(k) // 2, 64), 2048) if small else 0
     _skinny_linear_kernel[(triton.cdiv(n, bn),)](x, weight, bias if bias is not None else weight, y, m, n, k,
                                                  x.stride(0), weight.stride(0), y.stride(0), HAS_BIAS=bias is not None,
-                                                 BLOCK_N=bn, BLOCK_K=bk, DOT_F32=INTERPRET, num_warps=4,
-                                                 num_stages=stages)
+                                                 BLOCK_N=bn, BLOCK_K=bk, DOT_F32=INTERPRET, PDL=early,
+                                                 PREFETCH_K=ahead if early else 0, num_warps=4,
+                                                 num_stages=stages, launch_pdl=early)
     return y
