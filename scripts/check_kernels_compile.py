@@ -93,6 +93,18 @@ def with_pdl(call):
     return with_setting("DECODE_PDL", True, call)
 
 
+def fused_pdl(call):
+    """call() with fused_triton's kernels launching early (PDL), as on an H200."""
+    def run():
+        old = fused_triton.PDL
+        fused_triton.PDL = True
+        try:
+            return call()
+        finally:
+            fused_triton.PDL = old
+    return run
+
+
 def as_on_cuda(call):
     """call() with decode_attention.gluon_reads judging the records alone (gluon_layouts), as on CUDA, so
     the launch of the Gluon split kernel (compiled CUDA code only) is made and caught here on the CPU."""
@@ -237,6 +249,19 @@ def cases(quick: bool):
                                            torch.zeros(16, hd // 2), nq, nkv, hd))
     yield ("fused silu_mul", fused_triton, ["_silu_mul_kernel"],
            lambda: fused_triton.silu_mul(torch.zeros(rows, 2 * 1536, dtype=x)))
+    for n, k, bias in ((960, 576, True), (4096, 14336, False)):  # the default model's q/k/v (prefetch), 8B down
+        yield (f"fused skinny_linear {n}x{k}", fused_triton, ["_skinny_linear_kernel"],
+               fused_pdl(lambda n=n, k=k, bias=bias: fused_triton.skinny_linear(
+                   torch.zeros(rows, k, dtype=x), torch.zeros(n, k, dtype=x),
+                   torch.zeros(n, dtype=x) if bias else None)))
+    yield ("fused kernels, early launch", fused_triton,
+           ["_add_rms_norm_kernel", "_rope_split_kernel", "_silu_mul_kernel"],
+           fused_pdl(lambda: (fused_triton.add_rms_norm(torch.zeros(rows, hidden, dtype=x), None,
+                                                        torch.ones(hidden, dtype=x), 1e-5),
+                              fused_triton.rope_split(torch.zeros(rows, (nq + 2 * nkv) * hd, dtype=x),
+                                                      torch.zeros(rows, dtype=torch.int64), torch.ones(16, hd // 2),
+                                                      torch.zeros(16, hd // 2), nq, nkv, hd),
+                              fused_triton.silu_mul(torch.zeros(rows, 2 * 1536, dtype=x)))))
 
 
 def main() -> int:

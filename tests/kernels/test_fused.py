@@ -101,3 +101,18 @@ def test_linear_takes_the_kernel_for_decode_rows_only(monkeypatch):
     monkeypatch.setattr(fused, "SKINNY_MAX_OUT", 8)
     fused.linear(torch.randn(2, 32).to(DEV, torch.bfloat16), w, kernel=True)
     assert calls == [1, fused.SKINNY_ROWS]
+
+
+def test_early_launch_off_without_a_hopper_gpu(monkeypatch):
+    """fused_triton.pdl: no programmatic dependent launch on the CPU or under the interpreter (the kernels'
+    griddepcontrol is compiled CUDA code); PDL forces it either way."""
+    from tqinfer.kernels import fused_triton
+
+    t = torch.zeros(1, device=DEV)
+    if DEV == "cpu" or fused_triton.INTERPRET:
+        assert fused_triton.pdl(t) is False
+    else:
+        assert fused_triton.pdl(t) == (torch.cuda.get_device_capability() >= (9, 0))
+    for forced in (False, True):
+        monkeypatch.setattr(fused_triton, "PDL", forced)
+        assert fused_triton.pdl(t) is forced
