@@ -66,16 +66,23 @@ def test_silu_mul(t, h):
     torch.testing.assert_close(got.double(), F.silu(a) * b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("m,n,k,bias,dtype", [(1, 100, 72, False, torch.bfloat16),
-                                              (5, 64, 576, True, torch.bfloat16),
-                                              (16, 300, 1100, False, torch.float16),
-                                              (3, 2100, 96, True, torch.float16)])
-def test_skinny_linear(m, n, k, bias, dtype):
+@pytest.mark.parametrize("m,n,k,bias,dtype,views", [(1, 100, 72, False, torch.bfloat16, False),
+                                                    (5, 64, 576, True, torch.bfloat16, False),
+                                                    (16, 300, 1100, False, torch.float16, False),
+                                                    (3, 2100, 96, True, torch.float16, False),
+                                                    (4, 40, 200, True, torch.bfloat16, True)])
+def test_skinny_linear(m, n, k, bias, dtype, views):
     """fused.linear's kernel (decode rows) == float64 x . w^T + b to an ulp of the output dtype, == the
-    twin (F.linear); tiles past n and k masked (n, k no multiple of the tile), outputs finite."""
+    twin (F.linear); tiles past n and k masked (n, k no multiple of the tile), outputs finite. views: x
+    and w column slices of wider tensors and w every other row of one (row strides != k)."""
     g = torch.Generator().manual_seed(m * n + k)
-    x = torch.randn(m, k, generator=g).to(DEV, dtype)
-    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(DEV, dtype)
+    if views:  # sliced after the conversion (a conversion copies)
+        x = torch.randn(m, k + 7, generator=g).to(DEV, dtype)[:, 3:3 + k]
+        w = (torch.randn(2 * n, k + 5, generator=g) / k ** 0.5).to(DEV, dtype)[::2, 5:]
+        assert x.stride() == (k + 7, 1) and w.stride() == (2 * (k + 5), 1)
+    else:
+        x = torch.randn(m, k, generator=g).to(DEV, dtype)
+        w = (torch.randn(n, k, generator=g) / k ** 0.5).to(DEV, dtype)
     b = torch.randn(n, generator=g).to(DEV, dtype) if bias else None
     got = fused.linear(x, w, b, kernel=True)
     want = x.double() @ w.double().T + (b.double() if bias else 0)
@@ -87,32 +94,53 @@ def test_skinny_linear(m, n, k, bias, dtype):
 
 
 def test_linear_takes_the_kernel_for_decode_rows_only(monkeypatch):
-    """Up to SKINNY_ROWS rows of bf16 / fp16 go to the kernel; more rows, fp32, a weight of SKINNY_MAX_OUT
-    rows or more, or no kernel: F.linear."""
+    """Up to SKINNY_ROWS rows of bf16 / fp16 go to the kernel; more rows, fp32, mixed dtypes, a bias of
+    another dtype or stride, a transposed weight, x strided along its columns, a weight of SKINNY_MAX_OUT
+    rows or more, or no kernel: F.linear (which raises on mismatched shapes, as before)."""
     from tqinfer.kernels import fused_triton
 
     calls = []
     monkeypatch.setattr(fused_triton, "skinny_linear", lambda x, w, b: calls.append(x.shape[0]) or F.linear(x, w, b))
-    w = torch.randn(8, 32).to(DEV, torch.bfloat16)
+    bf = torch.bfloat16
+    w = torch.randn(8, 32).to(DEV, bf)
     for rows in (1, fused.SKINNY_ROWS, fused.SKINNY_ROWS + 1):
-        fused.linear(torch.randn(rows, 32).to(DEV, torch.bfloat16), w, kernel=True)
-    fused.linear(torch.randn(2, 32).to(DEV), w.float(), kernel=True)
-    fused.linear(torch.randn(2, 32).to(DEV, torch.bfloat16), w, kernel=False)
+        fused.linear(torch.randn(rows, 32).to(DEV, bf), w, kernel=True)
+    x = torch.randn(2, 32).to(DEV, bf)
+    fused.linear(x.float(), w.float(), kernel=True)
+    with pytest.raises(RuntimeError):  # mixed dtypes: F.linear's error, not the kernel's garbage
+        fused.linear(x, w.half(), kernel=True)
+    with pytest.raises(RuntimeError):  # an fp32 bias: likewise
+        fused.linear(x, w, torch.zeros(8, device=DEV), kernel=True)
+    fused.linear(x, w, torch.zeros(16, device=DEV, dtype=bf)[::2], kernel=True)  # strided bias
+    fused.linear(x, w.t().contiguous().t(), kernel=True)  # a transposed weight: stride(1) != 1
+    fused.linear(torch.randn(2, 64).to(DEV, bf)[:, ::2], w, kernel=True)  # x strided along its columns
+    fused.linear(x, w, kernel=False)
+    with pytest.raises(RuntimeError):  # K mismatch: likewise
+        fused.linear(torch.randn(2, 31).to(DEV, bf), w, kernel=True)
     monkeypatch.setattr(fused, "SKINNY_MAX_OUT", 8)
-    fused.linear(torch.randn(2, 32).to(DEV, torch.bfloat16), w, kernel=True)
+    fused.linear(x, w, kernel=True)
     assert calls == [1, fused.SKINNY_ROWS]
+
+
+def test_skinny_linear_refuses_more_rows_than_its_mma():
+    from tqinfer.kernels import fused_triton
+
+    x = torch.randn(17, 32).to(DEV, torch.bfloat16)
+    with pytest.raises(ValueError, match="1 to 16 rows"):
+        fused_triton.skinny_linear(x, torch.randn(8, 32).to(DEV, torch.bfloat16), None)
 
 
 def test_early_launch_off_without_a_hopper_gpu(monkeypatch):
     """fused_triton.pdl: no programmatic dependent launch on the CPU or under the interpreter (the kernels'
-    griddepcontrol is compiled CUDA code); PDL forces it either way."""
+    griddepcontrol is compiled CUDA code), even when PDL is set; elsewhere PDL forces it either way."""
     from tqinfer.kernels import fused_triton
 
     t = torch.zeros(1, device=DEV)
-    if DEV == "cpu" or fused_triton.INTERPRET:
-        assert fused_triton.pdl(t) is False
-    else:
-        assert fused_triton.pdl(t) == (torch.cuda.get_device_capability() >= (9, 0))
-    for forced in (False, True):
+    for forced in (None, False, True):
         monkeypatch.setattr(fused_triton, "PDL", forced)
-        assert fused_triton.pdl(t) is forced
+        if fused_triton.INTERPRET:
+            assert fused_triton.pdl(t) is False
+        elif forced is not None:
+            assert fused_triton.pdl(t) is forced
+        else:
+            assert fused_triton.pdl(t) == (DEV == "cuda" and torch.cuda.get_device_capability() >= (9, 0))

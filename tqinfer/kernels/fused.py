@@ -81,7 +81,7 @@ def silu_mul(gu: torch.Tensor, kernel: bool | None = None) -> torch.Tensor:
 
 
 # --- decode projections -----------------------------------------------------------------------------
-SKINNY_ROWS = 16  # rows (tokens of a step) up to which a bf16 / fp16 projection takes the kernel on CUDA
+SKINNY_ROWS = 16  # rows (tokens of a step) up to which a bf16 / fp16 projection takes the kernel (its limit)
 SKINNY_MAX_OUT = 16384  # from this many output features on, cuBLAS streams the weight as fast or faster (H200)
 
 
@@ -89,14 +89,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            kernel: bool | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for x [T, K], weight [N, K]. On CUDA (kernel None) a decode step's
     1 .. SKINNY_ROWS rows of bf16 / fp16 through a weight of fewer than SKINNY_MAX_OUT rows take
-    fused_triton.skinny_linear (fp32 accumulation, like cuBLAS's); other shapes, dtypes and devices
-    F.linear."""
+    fused_triton.skinny_linear (fp32 accumulation, like cuBLAS's) on the devices it was built for
+    (fused_triton.skinny_device); other shapes, dtypes, layouts and devices F.linear."""
     if kernel is None and not x.is_cuda:
         return F.linear(x, weight, bias)
-    if (x.dim() == 2 and 0 < x.shape[0] <= SKINNY_ROWS and weight.shape[0] < SKINNY_MAX_OUT
-            and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype and x.stride(1) == 1
-            and weight.stride(1) == 1 and use_triton(x, kernel)):
+    n = weight.shape[0]
+    if (x.dim() == 2 and weight.dim() == 2 and 0 < x.shape[0] <= SKINNY_ROWS and x.shape[1] == weight.shape[1]
+            and n < SKINNY_MAX_OUT and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
+            and x.stride(1) == 1 and weight.stride(1) == 1
+            and (bias is None or (bias.dtype == x.dtype and bias.shape == (n,) and bias.stride(0) == 1))
+            and use_triton(x, kernel)):
         from tqinfer.kernels import fused_triton
 
-        return fused_triton.skinny_linear(x, weight, bias)
+        if fused_triton.skinny_device(x):
+            return fused_triton.skinny_linear(x, weight, bias)
     return F.linear(x, weight, bias)

@@ -15,24 +15,43 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # for it (griddepcontrol.wait) before reading or writing anything, then lets the next one launch; the
 # projection kernel prefetches its first weight columns to L2 before its wait. None: on where the device has it.
 PDL = None
-_PDL_DEVICES: dict = {}
-# H200, 2026-12-01 17:24-17:27 (docs/BENCHMARKS.md, "Decode projections by a Triton kernel"): the projection
-# kernel releasing the next one at its end, without / with the prefetch of up to 2048 columns: the default model
-# (4k, tq3.5) 1208.8 / 1267.9-1273.0 tok/s, the 8B shape (32k) 194.8 / 188.8-189.1 (its weights: 33-117 MB);
-# releasing at the start, with the prefetch: 1295.8 / 191.2; no PDL: 1130.3-1130.6 / 193.3-193.5
+# H200, 2026-12-01 17:24-17:27 (docs/BENCHMARKS.md, "Decode projections by a Triton kernel"), tok/s of the default
+# model (4k, tq3.5) / the 8B shape (32k, tq3.5): no PDL 1130.3-1130.6 / 193.3-193.5; the projection kernel
+# releasing the next one at its end, without / with the prefetch of up to 2048 columns: 1208.8 / 1267.9-1273.0
+# and 194.8 / 188.8-189.1 (the 8B weights, 33-117 MB, compete with the kernel before); releasing at its start,
+# with the prefetch for every weight 1295.8 / 191.2; as committed (the prefetch for weights <= PREFETCH_BYTES),
+# 17:30: 1295.1 / 197.8 (no PDL in that call: 1123.5 / 193.1)
 PREFETCH_BYTES = 16 << 20
+# the projection kernel's devices: compute capability 9.0+ with shared memory for its four stages (up to 144 KB
+# a program): Hopper and data-center Blackwell; it was tuned and measured on an H200 only
+SKINNY_SHARED_BYTES = 200 << 10
+_DEVICES: dict = {}
+
+
+def _device(t: torch.Tensor) -> tuple[bool, bool]:
+    """(early launch, projection kernel) for t's CUDA device, kept per device."""
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    if index not in _DEVICES:
+        props = torch.cuda.get_device_properties(index)
+        hopper = torch.version.hip is None and (props.major, props.minor) >= (9, 0)
+        _DEVICES[index] = (hopper, hopper and props.shared_memory_per_multiprocessor >= SKINNY_SHARED_BYTES)
+    return _DEVICES[index]
 
 
 def pdl(t: torch.Tensor) -> bool:
-    """Whether this module's kernels launch early on t's device (see PDL)."""
+    """Whether this module's kernels launch early on t's device: never under the interpreter, else PDL where
+    set, else on CUDA devices of compute capability 9.0+."""
+    if INTERPRET:
+        return False
     if PDL is not None:
         return PDL
-    if INTERPRET or t.device.type != "cuda" or torch.version.hip is not None:
-        return False
-    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    if index not in _PDL_DEVICES:
-        _PDL_DEVICES[index] = torch.cuda.get_device_capability(index) >= (9, 0)
-    return _PDL_DEVICES[index]
+    return t.device.type == "cuda" and _device(t)[0]
+
+
+def skinny_device(t: torch.Tensor) -> bool:
+    """Whether fused.linear sends decode rows on t's device to the projection kernel (SKINNY_SHARED_BYTES);
+    off CUDA (the interpreter's tests) always."""
+    return t.device.type != "cuda" or _device(t)[1]
 
 
 @triton.jit
@@ -41,8 +60,6 @@ def _wait_and_release(PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-
-
 
 
 @triton.jit
@@ -69,9 +86,10 @@ def add_rms_norm(x, h, weight, eps):
     out_x = torch.empty_like(x) if h is not None else x
     out_n = torch.empty_like(x)
     if t:
+        early = pdl(x)
         _add_rms_norm_kernel[(t,)](x, h.contiguous() if h is not None else x, weight, out_x, out_n, d, eps,
-                                   HAS_H=h is not None, BLOCK=triton.next_power_of_2(d), PDL=pdl(x), num_warps=4,
-                                   launch_pdl=pdl(x))
+                                   HAS_H=h is not None, BLOCK=triton.next_power_of_2(d), PDL=early, num_warps=4,
+                                   launch_pdl=early)
     return out_x, out_n
 
 
@@ -113,9 +131,10 @@ def rope_split(qkv, positions, cos_table, sin_table, nq, nkv, hd):
     k = qkv.new_empty(t, nkv, hd)
     v = qkv.new_empty(t, nkv, hd)
     if t:
+        early = pdl(qkv)
         _rope_split_kernel[(t, nq + 2 * nkv)](qkv, positions, cos_table, sin_table, q, k, v, qkv.stride(0),
-                                              cos_table.stride(0), NQ=nq, NKV=nkv, HD=hd, PDL=pdl(qkv),
-                                              num_warps=1, launch_pdl=pdl(qkv))
+                                              cos_table.stride(0), NQ=nq, NKV=nkv, HD=hd, PDL=early,
+                                              num_warps=1, launch_pdl=early)
     return q, k, v
 
 
@@ -138,19 +157,21 @@ def silu_mul(gu):
     out = gu.new_empty(t, h)
     block = 1024
     if t:
-        _silu_mul_kernel[(t, triton.cdiv(h, block))](gu, out, h, BLOCK=block, PDL=pdl(gu), num_warps=4,
-                                                      launch_pdl=pdl(gu))
+        early = pdl(gu)
+        _silu_mul_kernel[(t, triton.cdiv(h, block))](gu, out, h, BLOCK=block, PDL=early, num_warps=4,
+                                                      launch_pdl=early)
     return out
 
 
 def skinny_config(n: int, k: int) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, stages) of _skinny_linear_kernel for a [n, k] weight (n < fused.SKINNY_MAX_OUT):
     tiles of 16 rows below n = 2048 (so that small projections still spread over the SMs), else 32;
-    128 / 256 / 512 columns as k grows; four stages in flight where they fit in 128 KB of shared memory.
-    From a sweep on the H200 (docs/BENCHMARKS.md, "Decode projections by a Triton kernel")."""
+    128 / 256 / 512 columns as k grows; four stages (at most 144 KB of shared memory: 32 x 512 tiles of w
+    and x's 16 rows, three buffered). From a sweep on the H200 (docs/BENCHMARKS.md, "Decode projections by
+    a Triton kernel")."""
     bn = 32 if n >= 2048 else 16
     bk = 128 if k <= 1024 else 512 if k >= 8192 else 256
-    return bn, bk, 4 if bn * bk * 2 * 4 <= 128 * 1024 else 3
+    return bn, bk, 4
 
 
 @triton.jit
@@ -172,7 +193,7 @@ def _skinny_linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, s_xm, s_wn, s_ym,
         tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.b32 $0, 0;", "=r,l", [lp], dtype=tl.int32,
                                   is_pure=False, pack=1)
     _wait_and_release(PDL)
-    xp = x_ptr + m[:, None] * s_xm + kk[None, :]
+    xp = x_ptr + m[:, None].to(tl.int64) * s_xm + kk[None, :]
     acc = tl.zeros([16, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         w = tl.load(wp + k0, mask=(n[:, None] < N) & (kk[None, :] < K - k0), other=0.0)
@@ -187,8 +208,12 @@ def _skinny_linear_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, s_xm, s_wn, s_ym,
 
 
 def skinny_linear(x, weight, bias):
+    """x [m, k] . weight [n, k]^T (+ bias) for 1 <= m <= 16 (the mma's rows), rows of x and weight unit-strided
+    (fused.linear checks the shapes, dtypes and strides it sends here)."""
     m, k = x.shape
     n = weight.shape[0]
+    if not 0 < m <= 16:
+        raise ValueError(f"the projection kernel takes 1 to 16 rows, not {m}")
     y = x.new_empty(m, n)
     bn, bk, stages = skinny_config(n, k)
     early = pdl(x)
