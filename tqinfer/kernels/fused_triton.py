@@ -34,7 +34,8 @@ def _device(t: torch.Tensor) -> tuple[bool, bool]:
     if index not in _DEVICES:
         props = torch.cuda.get_device_properties(index)
         hopper = torch.version.hip is None and (props.major, props.minor) >= (9, 0)
-        _DEVICES[index] = (hopper, hopper and props.shared_memory_per_multiprocessor >= SKINNY_SHARED_BYTES)
+        shared = getattr(props, "shared_memory_per_multiprocessor", 0)  # (unknown: cuBLAS, the safe side)
+        _DEVICES[index] = (hopper, hopper and shared >= SKINNY_SHARED_BYTES)
     return _DEVICES[index]
 
 
