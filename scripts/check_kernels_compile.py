@@ -76,15 +76,15 @@ def catch(module, names: list[str], call) -> list:
     return calls
 
 
-def with_setting(name: str, value, call):
-    """call() (its result returned) with decode_attention's attribute `name` set to `value`."""
+def with_setting(name: str, value, call, module=decode_attention):
+    """call() (its result returned) with `module`'s attribute `name` set to `value`."""
     def run():
-        old = getattr(decode_attention, name)
-        setattr(decode_attention, name, value)
+        old = getattr(module, name)
+        setattr(module, name, value)
         try:
             return call()
         finally:
-            setattr(decode_attention, name, old)
+            setattr(module, name, old)
     return run
 
 
@@ -95,14 +95,7 @@ def with_pdl(call):
 
 def fused_pdl(call):
     """call() with fused_triton's kernels launching early (PDL), as on an H200."""
-    def run():
-        old = fused_triton.PDL
-        fused_triton.PDL = True
-        try:
-            return call()
-        finally:
-            fused_triton.PDL = old
-    return run
+    return with_setting("PDL", True, call, fused_triton)
 
 
 def as_on_cuda(call):

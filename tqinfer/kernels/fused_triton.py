@@ -4,13 +4,12 @@ per tile of weight rows (decode projections)."""
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from tqinfer.kernels.decode_attention import INTERPRET, _capability
+
 # programmatic dependent launch (Hopper and later): each kernel may launch while the one before it runs, waits
 # for it (griddepcontrol.wait) before reading or writing anything, then lets the next one launch; the
 # projection kernel prefetches its first weight columns to L2 before its wait. None: on where the device has it.
@@ -25,18 +24,11 @@ PREFETCH_BYTES = 16 << 20
 # the projection kernel's devices: compute capability 9.0+ with shared memory for its four stages (up to 144 KB
 # a program): Hopper and data-center Blackwell; it was tuned and measured on an H200 only
 SKINNY_SHARED_BYTES = 200 << 10
-_DEVICES: dict = {}
+_SKINNY: dict = {}
 
 
-def _device(t: torch.Tensor) -> tuple[bool, bool]:
-    """(early launch, projection kernel) for t's CUDA device, kept per device."""
-    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    if index not in _DEVICES:
-        props = torch.cuda.get_device_properties(index)
-        hopper = torch.version.hip is None and (props.major, props.minor) >= (9, 0)
-        shared = getattr(props, "shared_memory_per_multiprocessor", 0)  # (unknown: cuBLAS, the safe side)
-        _DEVICES[index] = (hopper, hopper and shared >= SKINNY_SHARED_BYTES)
-    return _DEVICES[index]
+def _hopper(t: torch.Tensor) -> bool:
+    return t.device.type == "cuda" and torch.version.hip is None and _capability(t.device) >= (9, 0)
 
 
 def pdl(t: torch.Tensor) -> bool:
@@ -46,13 +38,18 @@ def pdl(t: torch.Tensor) -> bool:
         return False
     if PDL is not None:
         return PDL
-    return t.device.type == "cuda" and _device(t)[0]
+    return _hopper(t)
 
 
 def skinny_device(t: torch.Tensor) -> bool:
     """Whether fused.linear sends decode rows on t's device to the projection kernel (SKINNY_SHARED_BYTES);
     off CUDA (the interpreter's tests) always."""
-    return t.device.type != "cuda" or _device(t)[1]
+    if t.device.type != "cuda":
+        return True
+    if t.device not in _SKINNY:
+        shared = getattr(torch.cuda.get_device_properties(t.device), "shared_memory_per_multiprocessor", 0)
+        _SKINNY[t.device] = _hopper(t) and shared >= SKINNY_SHARED_BYTES  # (unknown memory: cuBLAS)
+    return _SKINNY[t.device]
 
 
 @triton.jit
@@ -220,10 +217,10 @@ def skinny_linear(x, weight, bias):
     early = pdl(x)
     # prefetch while the kernel before runs: small weights only (larger ones compete with it for bandwidth)
     small = n * k * weight.element_size() <= PREFETCH_BYTES
-    ahead = min(max(triton.next_power_of_2(k) // 2, 64), 2048) if small else 0
+    ahead = min(max(triton.next_power_of_2(k) // 2, 64), 2048) if early and small else 0
     _skinny_linear_kernel[(triton.cdiv(n, bn),)](x, weight, bias if bias is not None else weight, y, m, n, k,
                                                  x.stride(0), weight.stride(0), y.stride(0), HAS_BIAS=bias is not None,
                                                  BLOCK_N=bn, BLOCK_K=bk, DOT_F32=INTERPRET, PDL=early,
-                                                 PREFETCH_K=ahead if early else 0, num_warps=4,
+                                                 PREFETCH_K=ahead, num_warps=4,
                                                  num_stages=stages, launch_pdl=early)
     return y
